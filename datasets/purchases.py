@@ -1,0 +1,133 @@
+"""Loader for a merchant's own purchase file (CSV or parquet), with errors that name the
+file, column and row of the problem.
+
+Required columns: user, item, timestamp (unix seconds or ISO-8601). Optional: merchant
+(default: one merchant named after the file), title, description, category, price.
+Row numbers in messages count data rows from 1; a CSV's line number is one more (the header).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from fedrec.data import PurchaseLog
+from fedrec.errors import DataError
+
+REQUIRED = ("user", "item", "timestamp")
+ITEM_META = ("title", "description", "category", "price")
+ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+def _read(path: Path) -> pl.DataFrame:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(f"{path}: cannot read as {suffix[1:]} ({exc})") from exc
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
+
+
+def _first_bad_row(df: pl.DataFrame, bad: pl.Expr) -> int | None:
+    hit = df.with_row_index("_row", offset=1).filter(bad).select("_row").head(1)
+    return int(hit.item()) if hit.height else None
+
+
+def _parse_timestamp(df: pl.DataFrame, path: Path) -> pl.Series:
+    col = df["timestamp"]
+    if col.dtype.is_integer():
+        return col.cast(pl.Int64)
+    if col.dtype == pl.Datetime or col.dtype == pl.Date:
+        return col.cast(pl.Datetime("ms")).dt.epoch("s")
+    text = col.cast(pl.String).str.strip_chars()
+    as_int = text.cast(pl.Int64, strict=False)
+    as_dt = pl.select(
+        pl.coalesce(
+            [text.str.strptime(pl.Datetime("ms"), f, strict=False) for f in ISO_FORMATS]
+        ).dt.epoch("s")
+    ).to_series()
+    parsed = as_int.fill_null(as_dt)
+    bad_rows = parsed.is_null() & text.is_not_null()
+    if bad_rows.any():
+        row = int(bad_rows.arg_true()[0]) + 1
+        raise DataError(
+            f"{path}: column 'timestamp', row {row}: {text[row - 1]!r} is neither unix seconds "
+            "nor an ISO-8601 date/time"
+        )
+    return parsed
+
+
+def load(
+    path: str | Path,
+    name: str | None = None,
+    merchants: Sequence[str] | None = None,
+) -> PurchaseLog:
+    """Validate and load a purchase file. `merchants`, when given, is the list of known merchants."""
+    path = Path(path)
+    df = _read(path)
+    if df.height == 0:
+        raise DataError(f"{path}: file has a header but no rows")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
+            f"found {', '.join(map(repr, df.columns))}"
+        )
+    for c in (*REQUIRED, "merchant"):
+        if c in df.columns and df[c].null_count():
+            row = _first_bad_row(df, pl.col(c).is_null() | (pl.col(c).cast(pl.String) == ""))
+            raise DataError(f"{path}: column {c!r}, row {row}: value is empty")
+    df = df.with_columns(timestamp=_parse_timestamp(df, path))
+    if "price" in df.columns:
+        price = df["price"].cast(pl.Float64, strict=False)
+        bad = price.is_null() & df["price"].is_not_null() & (df["price"].cast(pl.String) != "")
+        if bad.any():
+            row = int(bad.arg_true()[0]) + 1
+            raise DataError(f"{path}: column 'price', row {row}: {df['price'][row - 1]!r} is not a number")
+        df = df.with_columns(price=price)
+    if "merchant" not in df.columns:
+        df = df.with_columns(merchant=pl.lit(name or path.stem))
+    df = df.with_columns(pl.col("user", "item", "merchant").cast(pl.String))
+    if merchants is not None:
+        known = set(merchants)
+        row = _first_bad_row(df, ~pl.col("merchant").is_in(list(known)))
+        if row is not None:
+            raise DataError(
+                f"{path}: column 'merchant', row {row}: unknown merchant "
+                f"{df['merchant'][row - 1]!r}; known: {', '.join(sorted(known))}"
+            )
+    key = ["merchant", "user", "item", "timestamp"]
+    dup = df.with_row_index("_row", offset=1).filter(pl.struct(key).is_duplicated())
+    if dup.height:
+        rows = dup["_row"].head(2).to_list()
+        raise DataError(
+            f"{path}: duplicate rows {rows[0]} and {rows[1]} (same merchant, user, item and "
+            f"timestamp); {dup.height} duplicated rows in all. Remove the duplicates."
+        )
+    meta_cols = [c for c in ITEM_META if c in df.columns]
+    items = (
+        df.select("item", *meta_cols)
+        .unique("item", keep="first", maintain_order=True)
+        .with_columns(
+            *[pl.lit(None, dtype=pl.Float64 if c == "price" else pl.String).alias(c)
+              for c in ITEM_META if c not in meta_cols],
+            tags=pl.lit(None, dtype=pl.String),
+        )
+        .with_columns(pl.col("title").fill_null(pl.col("item")))
+        .select("item", "title", "description", "category", "price", "tags")
+    )
+    return PurchaseLog(
+        name=name or path.stem,
+        interactions=df.select(*key),
+        items=items,
+        source=f"purchase file {path}",
+    )

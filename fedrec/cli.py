@@ -1,0 +1,127 @@
+"""The `fedrec` command line: train, evaluate, export, download.
+
+Every user-fixable problem (FedrecError) is printed as one `error:` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedrec.errors import FedrecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML run configuration.")]
+DatasetOpt = Annotated[
+    str | None, typer.Option("--dataset", "-d", help="synthetic | movielens-100k | file (overrides the config).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one setting, e.g. --set federation.rounds=20 (repeatable)."),
+]
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedrecError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _config(config: Path | None, dataset: str | None, sets: list[str] | None):
+    from fedrec.config import default_config_path, load_config
+
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise FedrecError(f"--set {item!r}: expected KEY=VALUE, e.g. federation.rounds=20")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value.strip())
+    if dataset:
+        overrides["data.dataset"] = dataset
+    if config is None:
+        config = default_config_path(dataset)
+    return load_config(config, overrides)
+
+
+@app.command()
+@_friendly
+def train(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = None) -> None:
+    """Train the two-tower model by federated learning and write a versioned export."""
+    from training.pipeline import train_and_export
+
+    cfg = _config(config, dataset, set_)
+    run, export_dir = train_and_export(cfg, console)
+    console.print(f"\nfinal test recall@20 (federated): [bold]{run.test['overall']['recall@20']:.4f}[/]")
+
+
+@app.command()
+@_friendly
+def evaluate(
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    set_: SetOpt = None,
+    quiet_rounds: Annotated[bool, typer.Option(help="Hide per-round lines.")] = False,
+) -> None:
+    """Compare federated, centralized, local-only, popularity and implicit ALS (recall/NDCG)."""
+    from training.evaluate import evaluate as run_eval
+    from training.evaluate import markdown_table, write_results
+
+    cfg = _config(config, dataset, set_)
+    res = run_eval(cfg, console, quiet_rounds=quiet_rounds)
+    paths = write_results(res, Path(cfg.output.results_dir))
+    console.print(markdown_table(res), markup=False, highlight=False)
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
+@app.command()
+@_friendly
+def export(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = None) -> None:
+    """Write a new export version from the last training checkpoint (no retraining)."""
+    from training.pipeline import export_from_checkpoint
+
+    cfg = _config(config, dataset, set_)
+    export_from_checkpoint(cfg, console)
+
+
+@app.command()
+@_friendly
+def download(
+    name: Annotated[str, typer.Argument(help="Dataset to fetch: movielens-100k.")] = "movielens-100k",
+    dest: Annotated[Path | None, typer.Option(help="Target folder (default ~/.cache/fedrec/movielens-100k).")] = None,
+    url: Annotated[str | None, typer.Option(help="Archive URL (default: the official GroupLens one).")] = None,
+) -> None:
+    """Download a public dataset (needs internet; checksums are verified)."""
+    from datasets import movielens
+
+    if name != "movielens-100k":
+        raise FedrecError(f"unknown dataset {name!r}; downloadable: movielens-100k")
+    path = movielens.download(dest, url or movielens.OFFICIAL_URL)
+    console.print(f"MovieLens-100K is in {path}; use it with --dataset movielens-100k "
+                  f"(set {movielens.ENV_VAR}={path} if it is not the default folder)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

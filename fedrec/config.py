@@ -1,0 +1,149 @@
+"""Run configuration: small frozen dataclasses, loaded from TOML or YAML.
+
+Unknown sections or keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from fedrec.errors import ConfigError
+from fedrec.federated.aggregation import AGGREGATIONS
+from fedrec.federated.local import LocalConfig
+from fedrec.federated.server_opt import SERVER_OPTIMIZERS
+from fedrec.federated.simulation import FederationConfig
+from fedrec.losses import LOSSES
+from fedrec.model import ModelConfig
+
+DATASETS = ("synthetic", "movielens-100k", "file")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"
+    path: str = ""  # purchase file, for dataset = "file"
+    movielens_dir: str = ""  # else $FEDREC_MOVIELENS_DIR, ../shared/datasets, download cache
+    merchants: list[str] = field(default_factory=list)  # known merchants (file); empty = any
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    min_positives: int = 5
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    artifacts_dir: str = "artifacts"
+    results_dir: str = "results"
+    index: str = "auto"  # flat | hnsw | auto (flat below 100k items)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    threads: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        typ = hints[name]
+        key = f"{where}.{name}" if where else name
+        if is_dataclass(typ):
+            kwargs[name] = _build(typ, value, key)
+            continue
+        base = getattr(typ, "__origin__", typ)
+        ok = (
+            isinstance(value, base)
+            or (base is float and isinstance(value, int) and not isinstance(value, bool))
+        )
+        if base is int and isinstance(value, bool):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}: expected {getattr(base, '__name__', base)}, got {value!r}")
+        kwargs[name] = float(value) if base is float else value
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    checks = [
+        (cfg.data.dataset in DATASETS, f"data.dataset must be one of {DATASETS}"),
+        (cfg.data.dataset != "file" or bool(cfg.data.path), "data.path is required when data.dataset = 'file'"),
+        (0 < cfg.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
+        (0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+        (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
+        (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
+        (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
+        (cfg.federation.aggregation in AGGREGATIONS, f"federation.aggregation must be one of {AGGREGATIONS}"),
+        (cfg.federation.server.name in SERVER_OPTIMIZERS, f"federation.server.name must be one of {SERVER_OPTIMIZERS}"),
+        (0 < cfg.federation.fraction <= 1, "federation.fraction must be in (0, 1]"),
+        (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
+        (cfg.model.dim >= 1, "model.dim must be >= 1"),
+        (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
+        (cfg.output.index in ("auto", "flat", "hnsw"), "output.index must be auto, flat or hnsw"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
+
+
+def default_config_path(dataset: str | None) -> Path | None:
+    """The shipped config tuned for a dataset, when there is one."""
+    candidate = CONFIG_DIR / f"{dataset or 'synthetic'}.toml"
+    return candidate if candidate.is_file() else None
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig saved with `to_dict()` (e.g. in a checkpoint)."""
+    return validate(_build(RunConfig, raw, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the file (TOML or YAML), then `overrides` ({"data.dataset": ...})."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            if p.suffix.lower() == ".toml":
+                raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            elif p.suffix.lower() in (".yaml", ".yml"):
+                raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            else:
+                raise ConfigError(f"{p}: config must be .toml, .yaml or .yml")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{p}: cannot parse ({exc})") from exc
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    where = str(path) if path else "config"
+    try:
+        return validate(_build(RunConfig, raw, ""))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,65 @@
+"""Offline evaluation by merchant. Each merchant reports only sums and a user count, which is
+all a coordinator needs to average metrics across merchants without seeing any user's list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedrec.data import MerchantData
+from fedrec.metrics import METRICS, eligible_users, per_user_metrics, topk_items
+
+
+@dataclass(frozen=True)
+class MetricSums:
+    """Sufficient statistics of a mean: per-metric sums over `users` eligible users."""
+
+    sums: dict[str, float]
+    users: int
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / self.users if self.users else float("nan")) for k, v in self.sums.items()}
+
+
+def merchant_metric_sums(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    exclude: sp.csr_matrix,
+    truth: sp.csr_matrix,
+    metrics: tuple[str, ...] = METRICS,
+) -> MetricSums:
+    ks = sorted({int(m.split("@")[1]) for m in metrics})
+    keep = eligible_users(exclude, truth)
+    if not keep.any():
+        return MetricSums({m: 0.0 for m in metrics}, 0)
+    idx = np.flatnonzero(keep)
+    topk = topk_items(user_vecs[torch.from_numpy(idx)], item_vecs, exclude[idx], max(ks))
+    per_user = per_user_metrics(topk, truth[idx], ks)
+    return MetricSums({m: float(np.sum(per_user[m])) for m in metrics}, int(len(idx)))
+
+
+def combine(parts: dict[str, MetricSums]) -> dict:
+    """Overall (user-weighted) and per-merchant means."""
+    total = MetricSums(
+        {m: sum(p.sums[m] for p in parts.values()) for m in next(iter(parts.values())).sums},
+        sum(p.users for p in parts.values()),
+    )
+    return {
+        "overall": total.means(),
+        "users": total.users,
+        "per_merchant": {name: {**p.means(), "users": p.users} for name, p in parts.items()},
+    }
+
+
+def evaluate_test(merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> MetricSums:
+    """Test metrics: rank the catalogue minus everything bought before the cut-off."""
+    return merchant_metric_sums(user_vecs, item_vecs, merchant.full_train, merchant.test)
+
+
+def evaluate_val(merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> MetricSums:
+    """Validation recall@20 for early stopping: train items excluded, val items as truth."""
+    return merchant_metric_sums(user_vecs, item_vecs, merchant.train, merchant.val, ("recall@20",))

@@ -1,0 +1,82 @@
+"""Item content features: hashed tokens of title/description, category, tags and price bucket.
+
+Hashing (not a vocabulary) keeps the item tower's shape fixed and identical at every merchant,
+so towers can be averaged without agreeing on a vocabulary first. Stable crc32, never Python's
+salted `hash()`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+PRICE_BUCKETS = 10
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Padded token-bucket matrix: row i holds item i's hashed feature ids, padding = n_buckets."""
+
+    tokens: torch.Tensor  # int64 [n_items, max_tokens]
+    n_buckets: int
+
+    @property
+    def n_items(self) -> int:
+        return self.tokens.shape[0]
+
+
+def item_tokens(items: pl.DataFrame) -> pl.DataFrame:
+    """One row per (item_index, token). Token kinds are prefixed so 'red' the word and the tag differ."""
+    df = items.with_row_index("item_index")
+    parts = []
+    text = pl.concat_str(
+        [pl.col(c).fill_null("") for c in ("title", "description") if c in df.columns],
+        separator=" ",
+    )
+    parts.append(
+        df.select("item_index", token=text.str.to_lowercase().str.extract_all(r"[a-z0-9]+"))
+        .explode("token")
+        .with_columns(("w:" + pl.col("token")).alias("token"))
+    )
+    if "category" in df.columns:
+        parts.append(
+            df.select("item_index", token=("c:" + pl.col("category").str.to_lowercase()))
+        )
+    if "tags" in df.columns:
+        parts.append(
+            df.select("item_index", token=pl.col("tags").str.to_lowercase().str.split(" "))
+            .explode("token")
+            .filter(pl.col("token") != "")
+            .with_columns(("t:" + pl.col("token")).alias("token"))
+        )
+    if "price" in df.columns and df["price"].null_count() < df.height:
+        log_price = pl.col("price").log1p()
+        lo, hi = df.select(log_price.min()).item(), df.select(log_price.max()).item()
+        width = max(hi - lo, 1e-9) / PRICE_BUCKETS
+        bucket = ((log_price - lo) / width).floor().clip(0, PRICE_BUCKETS - 1).cast(pl.Int64)
+        parts.append(df.select("item_index", token=("p:" + bucket.cast(pl.String))))
+    return pl.concat(parts).drop_nulls().unique(maintain_order=True)
+
+
+def build_item_features(items: pl.DataFrame, n_buckets: int) -> ItemFeatures:
+    tok = item_tokens(items)
+    vocab = tok["token"].unique()
+    # One crc32 per distinct token (vocabulary size), not per interaction.
+    buckets = np.fromiter(
+        (zlib.crc32(t.encode("utf-8")) % n_buckets for t in vocab.to_list()),
+        dtype=np.int64,
+        count=vocab.len(),
+    )
+    tok = tok.join(pl.DataFrame({"token": vocab, "bucket": buckets}), on="token")
+    tok = tok.sort("item_index").with_columns(
+        pos=pl.col("bucket").cum_count().over("item_index") - 1
+    )
+    n_items = items.height
+    width = max(int(tok["pos"].max() or 0) + 1, 1)
+    mat = np.full((n_items, width), n_buckets, dtype=np.int64)
+    mat[tok["item_index"].to_numpy(), tok["pos"].to_numpy()] = tok["bucket"].to_numpy()
+    return ItemFeatures(tokens=torch.from_numpy(mat), n_buckets=n_buckets)

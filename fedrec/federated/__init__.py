@@ -1,0 +1,1 @@
+"""Federated learning of the item tower: messages, local update, aggregation, server step, loop."""

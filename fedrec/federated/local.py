@@ -1,0 +1,112 @@
+"""The local update: what one merchant computes in a round, as a pure function.
+
+In: the received item tower, the merchant's private user embeddings and purchase matrix.
+Out: an `ItemTowerUpdate` (shared) and the new user embeddings (kept at home).
+The in-process simulation and a networked client both call exactly this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedrec.features import ItemFeatures
+from fedrec.federated.messages import ItemTowerUpdate
+from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
+from fedrec.model import ItemTower, ModelConfig
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    epochs: int = 1
+    batch_size: int = 256
+    lr: float = 0.005  # Adam, item tower
+    user_lr: float = 0.02  # Adam, user embeddings
+    weight_decay: float = 0.0  # L2 on the rows used in a batch
+    loss: str = "softmax"
+    temperature: float = 0.2
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    update: ItemTowerUpdate
+    user_embeddings: torch.Tensor
+    mean_loss: float
+
+
+def _batch_loss(
+    tower: ItemTower,
+    features: ItemFeatures,
+    u: torch.Tensor,
+    pos: torch.Tensor,
+    cfg: LocalConfig,
+    log_q: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    if cfg.loss == "softmax":
+        return softmax_loss(u, tower(features), pos, cfg.temperature)
+    if cfg.loss == "sampled_softmax":
+        return sampled_softmax_loss(u, tower(features, pos), pos, log_q, cfg.temperature)
+    if cfg.loss == "bpr":
+        neg = torch.randint(features.n_items, pos.shape, generator=gen)
+        v = tower(features, torch.cat([pos, neg]))
+        return bpr_loss(u, v[: len(pos)], v[len(pos) :])
+    raise ValueError(f"unknown loss {cfg.loss!r}")
+
+
+def local_update(
+    item_state: dict[str, torch.Tensor],
+    user_embeddings: torch.Tensor,
+    train: sp.csr_matrix,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    cfg: LocalConfig,
+    seed: int,
+) -> LocalResult:
+    """Train the received item tower and the local user table for `cfg.epochs` on `train`."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tower = ItemTower(features.n_items, model_cfg)
+    tower.load_state_dict(item_state)
+    users = torch.nn.Parameter(user_embeddings.clone())
+    opt = torch.optim.Adam(
+        [
+            {"params": tower.parameters(), "lr": cfg.lr},
+            {"params": [users], "lr": cfg.user_lr},
+        ]
+    )
+    coo = train.tocoo()
+    rows = torch.from_numpy(coo.row.astype(np.int64))
+    cols = torch.from_numpy(coo.col.astype(np.int64))
+    counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
+    log_q = torch.from_numpy(np.log(counts / counts.sum())).float()
+
+    losses = []
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(rows), generator=gen)
+        for start in range(0, len(rows), cfg.batch_size):
+            b = perm[start : start + cfg.batch_size]
+            u = users[rows[b]]
+            pos = cols[b]
+            loss = _batch_loss(tower, features, u, pos, cfg, log_q, gen)
+            if cfg.weight_decay:
+                loss = loss + cfg.weight_decay * (
+                    u.pow(2).sum(-1).mean() + tower.item_emb(pos).pow(2).sum(-1).mean()
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+    new_state = tower.state_dict()
+    delta = {k: (new_state[k] - item_state[k]).detach() for k in item_state}
+    touched = torch.from_numpy(np.asarray(train.sum(axis=0)).ravel() > 0)
+    update = ItemTowerUpdate(delta=delta, num_examples=int(train.nnz), touched_rows=touched)
+    return LocalResult(
+        update=update,
+        user_embeddings=users.detach(),
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+    )

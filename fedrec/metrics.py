@@ -1,0 +1,62 @@
+"""Full-ranking metrics (pure functions): recall@k and NDCG@k with binary gains.
+
+recall@k = hits in top k / number of the user's test items (ml100k-temporal's definition, not
+divided by min(k, n)); NDCG@k = DCG@k / ideal DCG@k. Averaged over users with at least one
+train and one test item; the user's own train items are removed from the ranking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+DEFAULT_KS = (10, 20, 50)
+METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20")
+
+
+def topk_items(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    exclude: sp.csr_matrix,
+    k: int,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """Top-k item indices per user over the whole catalogue, excluded items masked out."""
+    k = min(k, item_vecs.shape[0])
+    out = np.empty((user_vecs.shape[0], k), dtype=np.int64)
+    for start in range(0, user_vecs.shape[0], batch_size):
+        stop = min(start + batch_size, user_vecs.shape[0])
+        scores = (user_vecs[start:stop] @ item_vecs.T).float()
+        ex = exclude[start:stop].tocoo()
+        scores[torch.from_numpy(ex.row.astype(np.int64)), torch.from_numpy(ex.col.astype(np.int64))] = float("-inf")
+        out[start:stop] = torch.topk(scores, k, dim=1).indices.numpy()
+    return out
+
+
+def hit_matrix(topk: np.ndarray, truth: sp.csr_matrix) -> np.ndarray:
+    """hits[u, r] = 1 when the item ranked r for user u is in u's truth set."""
+    rows = np.repeat(np.arange(topk.shape[0]), topk.shape[1])
+    return np.asarray(truth[rows, topk.ravel()]).reshape(topk.shape) > 0
+
+
+def per_user_metrics(topk: np.ndarray, truth: sp.csr_matrix, ks=DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Per-user recall@k and ndcg@k (k in `ks`); users without truth get NaN."""
+    hits = hit_matrix(topk, truth).astype(np.float64)
+    n_true = np.asarray(truth.getnnz(axis=1), dtype=np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, topk.shape[1] + 2))
+    ideal = np.concatenate([[0.0], np.cumsum(discounts)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out: dict[str, np.ndarray] = {}
+        for k in ks:
+            kk = min(k, topk.shape[1])
+            out[f"recall@{k}"] = hits[:, :kk].sum(1) / n_true
+            dcg = (hits[:, :kk] * discounts[:kk]).sum(1)
+            out[f"ndcg@{k}"] = dcg / ideal[np.minimum(n_true, kk).astype(int)]
+    for v in out.values():
+        v[n_true == 0] = np.nan
+    return out
+
+
+def eligible_users(train: sp.csr_matrix, test: sp.csr_matrix) -> np.ndarray:
+    return (train.getnnz(axis=1) > 0) & (test.getnnz(axis=1) > 0)

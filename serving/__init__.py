@@ -1,0 +1,1 @@
+"""Serving: FAISS index building/loading and (later) the FastAPI recommendation app."""

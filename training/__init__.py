@@ -1,0 +1,1 @@
+"""Runnable entry points: federated training, export, offline evaluation."""

@@ -1,0 +1,72 @@
+"""Train -> checkpoint -> export, and export again from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from fedrec.config import RunConfig, config_from_dict
+from fedrec.errors import FedrecError
+from fedrec.features import build_item_features
+from fedrec.model import item_embeddings
+from training.data import load_dataset
+from training.export import write_export
+from training.train import TrainedRun, run_dir, save_checkpoint, train
+
+
+def _card(cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds: float, test: dict) -> dict:
+    return {
+        "dataset": dataset.name,
+        "data": dataset.summary(),
+        "protocol": dataset.protocol,
+        "rounds": len(history),
+        "best_round": best_round,
+        "train_seconds": round(seconds, 2),
+        "merchants": [m.name for m in dataset.merchants],
+        "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
+        "federation": cfg.to_dict()["federation"],
+        "privacy": {
+            "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
+            "user_embeddings": "kept by each merchant; never sent",
+            "differential_privacy": None,
+            "secure_aggregation": False,
+        },
+        "config": cfg.to_dict(),
+    }
+
+
+def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path]:
+    run = train(cfg, console)
+    root = run_dir(cfg)
+    save_checkpoint(run, root / "checkpoint.pt")
+    history = [vars(h) for h in run.result.history]
+    card = _card(cfg, run.dataset, history, run.result.best_round, run.result.seconds, run.test)
+    path = write_export(
+        root, cfg, run.dataset, run.result.item_state, run.item_vectors.numpy(), run.result.user_embeddings, card
+    )
+    console.print(
+        f"\ntrained {len(history)} rounds in {run.result.seconds:.1f}s (best round {run.result.best_round})\n"
+        f"shared export:       {path}\n"
+        f"merchant embeddings: {root / 'merchants'}/<merchant>/{path.name}\n"
+        f"checkpoint:          {root / 'checkpoint.pt'}"
+    )
+    return run, path
+
+
+def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
+    root = run_dir(cfg)
+    ckpt_path = root / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        raise FedrecError(f"{ckpt_path}: no checkpoint; run `fedrec train` for this dataset first")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    train_cfg = config_from_dict(ckpt["config"])
+    dataset = load_dataset(train_cfg.data)
+    features = build_item_features(dataset.items, train_cfg.model.hash_buckets)
+    vecs = item_embeddings(ckpt["item_state"], features, train_cfg.model).numpy()
+    export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
+    card = _card(export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"])
+    path = write_export(root, export_cfg, dataset, ckpt["item_state"], vecs, ckpt["user_embeddings"], card)
+    console.print(f"shared export: {path}")
+    return path

@@ -1,0 +1,22 @@
+"""Per-round progress display (rich): round, merchants, loss, validation recall@20, seconds."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from fedrec.federated.simulation import RoundLog
+
+
+class RoundPrinter:
+    def __init__(self, console: Console, label: str, total_merchants: int) -> None:
+        self.console, self.label, self.total = console, label, total_merchants
+        self.best = -1.0
+        console.print(f"[bold]{'round':>5}  {'merchants':>9}  {'loss':>8}  {'val recall@20':>13}  {'seconds':>7}[/]  {label}")
+
+    def __call__(self, log: RoundLog) -> None:
+        mark = " *" if log.val_recall_at_20 > self.best else ""
+        self.best = max(self.best, log.val_recall_at_20)
+        self.console.print(
+            f"{log.round:>5}  {len(log.merchants):>4}/{self.total:<4}  {log.loss:>8.4f}  "
+            f"{log.val_recall_at_20:>13.4f}  {log.seconds:>7.2f}{mark}"
+        )

@@ -1,0 +1,69 @@
+"""`fedrec train`: federated training on the configured dataset, then a versioned export."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from fedrec.atomic import write_with
+from fedrec.config import RunConfig
+from fedrec.data import FederatedDataset
+from fedrec.evaluation import combine, evaluate_test
+from fedrec.features import ItemFeatures, build_item_features
+from fedrec.federated.simulation import TrainResult, run_federated
+from fedrec.model import item_embeddings
+from training.data import load_dataset
+from training.progress import RoundPrinter
+
+
+@dataclass
+class TrainedRun:
+    cfg: RunConfig
+    dataset: FederatedDataset
+    features: ItemFeatures
+    result: TrainResult
+    test: dict
+
+    @property
+    def item_vectors(self) -> torch.Tensor:
+        return item_embeddings(self.result.item_state, self.features, self.cfg.model)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output.artifacts_dir) / cfg.data.dataset
+
+
+def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
+    console = console or Console()
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg.data)
+    features = build_item_features(dataset.items, cfg.model.hash_buckets)
+    sizes = ", ".join(f"{m.name}:{m.n_users}" for m in dataset.merchants)
+    console.print(
+        f"[bold]{dataset.name}[/]: {dataset.n_items} items, {len(dataset.merchants)} merchants "
+        f"(customers {sizes}); loaded in {time.perf_counter() - t0:.1f}s"
+    )
+    printer = RoundPrinter(console, "federated", len(dataset.merchants))
+    result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer)
+    item_vecs = item_embeddings(result.item_state, features, cfg.model)
+    test = combine({m.name: evaluate_test(m, result.user_embeddings[m.name], item_vecs) for m in dataset.merchants})
+    return TrainedRun(cfg, dataset, features, result, test)
+
+
+def save_checkpoint(run: TrainedRun, path: Path) -> None:
+    """Everything `fedrec export` needs, so exporting again needs no retraining."""
+    payload = {
+        "config": run.cfg.to_dict(),
+        "item_state": run.result.item_state,
+        "user_embeddings": run.result.user_embeddings,
+        "history": [vars(h) for h in run.result.history],
+        "best_round": run.result.best_round,
+        "seconds": run.result.seconds,
+        "test": run.test,
+    }
+    write_with(path, lambda tmp: torch.save(payload, tmp))
