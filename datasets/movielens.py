@@ -29,7 +29,27 @@ CHECKSUMS = {
     "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
     "u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
 }
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = PROJECT_ROOT.parent / "shared" / "datasets" / "movielens-100k"
 DEFAULT_DOWNLOAD_DIR = Path.home() / ".cache" / "fedrec" / "movielens-100k"
@@ -76,13 +96,9 @@ def load(directory: str | Path | None = None, min_rating: int = 4) -> PurchaseLo
     d = resolve_dir(directory)
     ratings = _read_table(d / "u.data", "\t", ["user", "item", "rating", "timestamp"])
     users = _read_table(d / "u.user", "|", ["user", "age", "gender", "occupation", "zip"])
-    raw_items = _read_table(
-        d / "u.item", "|", ["item", "title", "release", "video", "url", *GENRES], "latin-1"
-    )
+    raw_items = _read_table(d / "u.item", "|", ["item", "title", "release", "video", "url", *GENRES], "latin-1")
     try:
-        ratings = ratings.with_columns(
-            pl.col("rating").cast(pl.Int64), pl.col("timestamp").cast(pl.Int64)
-        )
+        ratings = ratings.with_columns(pl.col("rating").cast(pl.Int64), pl.col("timestamp").cast(pl.Int64))
     except pl.exceptions.PolarsError as exc:
         raise DataError(f"{d / 'u.data'}: rating and timestamp must be integers ({exc})") from exc
     merchant = (
@@ -96,19 +112,21 @@ def load(directory: str | Path | None = None, min_rating: int = 4) -> PurchaseLo
         .join(users, on="user", how="inner")
         .select("merchant", "user", "item", "timestamp")
     )
-    genre_tokens = pl.concat_str(
-        [pl.when(pl.col(g) == "1").then(pl.lit(g)).otherwise(pl.lit("")) for g in GENRES],
-        separator=" ",
-    ).str.strip_chars().str.replace_all(r"\s+", " ")
+    genre_tokens = (
+        pl.concat_str(
+            [pl.when(pl.col(g) == "1").then(pl.lit(g)).otherwise(pl.lit("")) for g in GENRES],
+            separator=" ",
+        )
+        .str.strip_chars()
+        .str.replace_all(r"\s+", " ")
+    )
     year = pl.col("release").str.extract(r"(\d{4})$")
     items = raw_items.select(
         "item",
         pl.col("title").str.replace(r"\s*\(\d{4}\)\s*$", "").alias("title"),
         pl.lit(None, dtype=pl.String).alias("category"),
         pl.lit(None, dtype=pl.Float64).alias("price"),
-        pl.concat_str([genre_tokens, pl.lit(" decade"), year.str.slice(0, 3)])
-        .fill_null(genre_tokens)
-        .alias("tags"),
+        pl.concat_str([genre_tokens, pl.lit(" decade"), year.str.slice(0, 3)]).fill_null(genre_tokens).alias("tags"),
         genre_tokens.str.replace_all(" ", "|").alias("genres"),
     )
     return PurchaseLog(
@@ -154,5 +172,3 @@ def download(dest: str | Path | None = None, url: str = OFFICIAL_URL, timeout: f
             if name.startswith("u.") or name == "README":
                 (tmp / name).write_bytes(archive.read(member))
     return dest
-
-

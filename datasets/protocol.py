@@ -64,10 +64,7 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
         .filter(pl.col("n") >= cfg.min_positives)
     )
     if inter.height == 0:
-        raise DataError(
-            f"{log.name}: no user has at least {cfg.min_positives} purchases; "
-            "nothing to train or evaluate"
-        )
+        raise DataError(f"{log.name}: no user has at least {cfg.min_positives} purchases; nothing to train or evaluate")
     n_test = _ceil_count(pl.col("n"), cfg.test_fraction)
     n_train = pl.col("n") - n_test
     n_val = pl.when(n_train >= 2).then(_ceil_count(n_train, cfg.val_fraction)).otherwise(0)
@@ -83,9 +80,7 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
     merchants: list[MerchantData] = []
     for (name,), group in inter.partition_by("merchant", as_dict=True, maintain_order=True).items():
         users = group["user"].unique().sort()
-        group = group.join(
-            pl.DataFrame({"user": users}).with_row_index("user_index"), on="user"
-        )
+        group = group.join(pl.DataFrame({"user": users}).with_row_index("user_index"), on="user")
         mats = {}
         for part in ("train", "val", "test"):
             g = group.filter(pl.col("part") == part)
@@ -96,9 +91,7 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
                 ),
                 shape=(users.len(), n_items),
             )
-        merchants.append(
-            MerchantData(name=str(name), user_ids=users.to_numpy(), **mats)
-        )
+        merchants.append(MerchantData(name=str(name), user_ids=users.to_numpy(), **mats))
     merchants.sort(key=lambda m: m.name)
     return FederatedDataset(
         name=log.name,

@@ -51,9 +51,7 @@ def _parse_timestamp(df: pl.DataFrame, path: Path) -> pl.Series:
     text = col.cast(pl.String).str.strip_chars()
     as_int = text.cast(pl.Int64, strict=False)
     as_dt = pl.select(
-        pl.coalesce(
-            [text.str.strptime(pl.Datetime("ms"), f, strict=False) for f in ISO_FORMATS]
-        ).dt.epoch("s")
+        pl.coalesce([text.str.strptime(pl.Datetime("ms"), f, strict=False) for f in ISO_FORMATS]).dt.epoch("s")
     ).to_series()
     parsed = as_int.fill_null(as_dt)
     bad_rows = parsed.is_null() & text.is_not_null()
@@ -118,8 +116,11 @@ def load(
         df.select("item", *meta_cols)
         .unique("item", keep="first", maintain_order=True)
         .with_columns(
-            *[pl.lit(None, dtype=pl.Float64 if c == "price" else pl.String).alias(c)
-              for c in ITEM_META if c not in meta_cols],
+            *[
+                pl.lit(None, dtype=pl.Float64 if c == "price" else pl.String).alias(c)
+                for c in ITEM_META
+                if c not in meta_cols
+            ],
             tags=pl.lit(None, dtype=pl.String),
         )
         .with_columns(pl.col("title").fill_null(pl.col("item")))

@@ -13,6 +13,7 @@ Generated at first use from a seed, written atomically, identical on every machi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,24 +31,89 @@ START = 1_704_067_200  # 2024-01-01 UTC
 CATEGORIES: dict[str, tuple[list[str], float]] = {
     "Electronics": (["headphones", "charger", "speaker", "cable", "mouse", "keyboard", "webcam", "power bank"], 45.0),
     "Kitchen": (["pan", "knife", "kettle", "blender", "mug", "cutting board", "toaster", "spatula"], 30.0),
-    "Books": (["novel", "cookbook", "travel guide", "biography", "comic", "atlas", "poetry collection", "thriller"], 15.0),
+    "Books": (
+        ["novel", "cookbook", "travel guide", "biography", "comic", "atlas", "poetry collection", "thriller"],
+        15.0,
+    ),
     "Toys": (["puzzle", "building blocks", "doll", "toy car", "board game", "plush bear", "kite", "yo-yo"], 20.0),
     "Garden": (["hose", "planter", "seed kit", "pruner", "watering can", "gloves", "lantern", "bird feeder"], 25.0),
-    "Sports": (["yoga mat", "dumbbell", "water bottle", "running socks", "jump rope", "tennis balls", "helmet", "backpack"], 30.0),
+    "Sports": (
+        ["yoga mat", "dumbbell", "water bottle", "running socks", "jump rope", "tennis balls", "helmet", "backpack"],
+        30.0,
+    ),
     "Beauty": (["lipstick", "face cream", "shampoo", "perfume", "nail polish", "serum", "hair brush", "soap"], 18.0),
-    "Pets": (["dog leash", "cat toy", "pet bed", "chew bone", "litter box", "aquarium filter", "bird seed", "collar"], 22.0),
+    "Pets": (
+        ["dog leash", "cat toy", "pet bed", "chew bone", "litter box", "aquarium filter", "bird seed", "collar"],
+        22.0,
+    ),
     "Fashion": (["t-shirt", "scarf", "sneakers", "belt", "hat", "jacket", "sunglasses", "wallet"], 35.0),
     "Home Decor": (["candle", "vase", "cushion", "picture frame", "rug", "mirror", "clock", "throw blanket"], 28.0),
     "Grocery": (["coffee beans", "green tea", "olive oil", "pasta", "chocolate", "honey", "granola", "spice mix"], 8.0),
-    "Office": (["notebook", "pen set", "stapler", "desk lamp", "planner", "folder", "sticky notes", "calculator"], 12.0),
+    "Office": (
+        ["notebook", "pen set", "stapler", "desk lamp", "planner", "folder", "sticky notes", "calculator"],
+        12.0,
+    ),
     "Baby": (["bottle", "pacifier", "bib", "stroller fan", "teether", "baby blanket", "rattle", "diaper bag"], 20.0),
-    "Automotive": (["phone mount", "seat cover", "air freshener", "wiper blades", "tyre gauge", "dash cam", "car charger", "floor mat"], 25.0),
-    "Outdoor": (["tent", "sleeping bag", "camping stove", "headlamp", "compass", "hammock", "cooler", "trekking poles"], 50.0),
-    "Health": (["vitamins", "thermometer", "first aid kit", "massage ball", "heating pad", "pill box", "hand sanitizer", "face masks"], 15.0),
+    "Automotive": (
+        [
+            "phone mount",
+            "seat cover",
+            "air freshener",
+            "wiper blades",
+            "tyre gauge",
+            "dash cam",
+            "car charger",
+            "floor mat",
+        ],
+        25.0,
+    ),
+    "Outdoor": (
+        ["tent", "sleeping bag", "camping stove", "headlamp", "compass", "hammock", "cooler", "trekking poles"],
+        50.0,
+    ),
+    "Health": (
+        [
+            "vitamins",
+            "thermometer",
+            "first aid kit",
+            "massage ball",
+            "heating pad",
+            "pill box",
+            "hand sanitizer",
+            "face masks",
+        ],
+        15.0,
+    ),
 }
-ADJECTIVES = ["classic", "premium", "compact", "eco", "deluxe", "smart", "vintage", "portable", "essential", "pro", "mini", "organic"]
+ADJECTIVES = [
+    "classic",
+    "premium",
+    "compact",
+    "eco",
+    "deluxe",
+    "smart",
+    "vintage",
+    "portable",
+    "essential",
+    "pro",
+    "mini",
+    "organic",
+]
 COLOURS = ["black", "white", "red", "blue", "green", "grey", "oak", "steel", "pink", "navy", "sand", "olive"]
-BRANDS = ["Acme", "Nordic", "Zenith", "Luma", "Orbit", "Pioneer", "Kestrel", "Maple", "Vega", "Tundra", "Cobalt", "Juniper"]
+BRANDS = [
+    "Acme",
+    "Nordic",
+    "Zenith",
+    "Luma",
+    "Orbit",
+    "Pioneer",
+    "Kestrel",
+    "Maple",
+    "Vega",
+    "Tundra",
+    "Cobalt",
+    "Juniper",
+]
 
 
 @dataclass(frozen=True)
@@ -55,14 +121,18 @@ class SyntheticConfig:
     n_products: int = 3000
     # One large merchant and five small ones.
     merchants: tuple[tuple[str, int], ...] = (
-        ("northwind", 2400), ("bluebird", 450), ("cedar", 380),
-        ("dune", 300), ("ember", 250), ("fjord", 200),
+        ("northwind", 2400),
+        ("bluebird", 450),
+        ("cedar", 380),
+        ("dune", 300),
+        ("ember", 250),
+        ("fjord", 200),
     )
     mean_baskets: float = 5.0
     mean_basket_size: float = 2.2
     style_dim: int = 8
-    style_weight: float = 1.5
-    popularity_exponent: float = 1.0
+    style_weight: float = 3.0
+    popularity_exponent: float = 0.7
     days: int = 365
     seed: int = 20240101
 
@@ -82,19 +152,37 @@ def _catalogue(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[pl.DataF
     release = rng.integers(-240, cfg.days - 30, cfg.n_products)
     noun = nouns[cat, noun_idx]
     a, c, b = np.array(ADJECTIVES)[adj], np.array(COLOURS)[col], np.array(BRANDS)[brand]
-    df = pl.DataFrame({
-        "item": [f"P{i:05d}" for i in range(cfg.n_products)],
-        "brand": b, "adj": a, "colour": c, "noun": noun,
-        "category": np.array(names)[cat], "price": price,
-        "release_day": release,
-    }).select(
+    df = pl.DataFrame(
+        {
+            "item": [f"P{i:05d}" for i in range(cfg.n_products)],
+            "brand": b,
+            "adj": a,
+            "colour": c,
+            "noun": noun,
+            "category": np.array(names)[cat],
+            "price": price,
+            "release_day": release,
+        }
+    ).select(
         "item",
         pl.concat_str([pl.col("brand"), pl.col("adj"), pl.col("colour"), pl.col("noun")], separator=" ").alias("title"),
-        pl.concat_str([
-            pl.lit("A"), pl.col("adj"), pl.col("noun"), pl.lit("in"), pl.col("colour"),
-            pl.lit("by"), pl.col("brand"), pl.lit("for your"), pl.col("category").str.to_lowercase(),
-        ], separator=" ").alias("description"),
-        "category", "price", "release_day",
+        pl.concat_str(
+            [
+                pl.lit("A"),
+                pl.col("adj"),
+                pl.col("noun"),
+                pl.lit("in"),
+                pl.col("colour"),
+                pl.lit("by"),
+                pl.col("brand"),
+                pl.lit("for your"),
+                pl.col("category").str.to_lowercase(),
+            ],
+            separator=" ",
+        ).alias("description"),
+        "category",
+        "price",
+        "release_day",
     )
     # Power-law popularity within each category: random rank, weight rank^-a.
     rank = rng.permutation(cfg.n_products) + 1
@@ -168,12 +256,14 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataF
         e_item[ev] = its[np.argmax(logits + gumbel, axis=1)]
 
     purchases = (
-        pl.DataFrame({
-            "merchant": np.array(m_names)[cust_m[e_cust]],
-            "user": np.char.add("C", np.char.zfill(e_cust.astype(str), 5)),
-            "item": products["item"].to_numpy()[e_item],
-            "timestamp": START + e_sec,
-        })
+        pl.DataFrame(
+            {
+                "merchant": np.array(m_names)[cust_m[e_cust]],
+                "user": np.char.add("C", np.char.zfill(e_cust.astype(str), 5)),
+                "item": products["item"].to_numpy()[e_item],
+                "timestamp": START + e_sec,
+            }
+        )
         # Two picks of one product in one basket are one purchase line.
         .unique(maintain_order=True)
         .sort("timestamp", "merchant", "user", "item")
@@ -183,7 +273,8 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataF
 
 def paths(cfg: SyntheticConfig | None = None) -> tuple[Path, Path]:
     cfg = cfg or SyntheticConfig()
-    tag = f"v{GENERATOR_VERSION}-seed{cfg.seed}"
+    digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:10]
+    tag = f"v{GENERATOR_VERSION}-{digest}"
     return CACHE_DIR / f"purchases-{tag}.parquet", CACHE_DIR / f"products-{tag}.parquet"
 
 

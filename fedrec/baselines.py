@@ -31,8 +31,11 @@ def implicit_als(
     from implicit.cpu.als import AlternatingLeastSquares
 
     model = AlternatingLeastSquares(
-        factors=factors, regularization=regularization, alpha=alpha,
-        iterations=iterations, random_state=seed,
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        iterations=iterations,
+        random_state=seed,
     )
     model.fit(train.tocsr().astype(np.float32), show_progress=False)
     return torch.from_numpy(np.asarray(model.user_factors)), torch.from_numpy(np.asarray(model.item_factors))

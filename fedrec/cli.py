@@ -119,8 +119,10 @@ def download(
     if name != "movielens-100k":
         raise FedrecError(f"unknown dataset {name!r}; downloadable: movielens-100k")
     path = movielens.download(dest, url or movielens.OFFICIAL_URL)
-    console.print(f"MovieLens-100K is in {path}; use it with --dataset movielens-100k "
-                  f"(set {movielens.ENV_VAR}={path} if it is not the default folder)")
+    console.print(
+        f"MovieLens-100K is in {path}; use it with --dataset movielens-100k "
+        f"(set {movielens.ENV_VAR}={path} if it is not the default folder)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,10 +71,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[name] = _build(typ, value, key)
             continue
         base = getattr(typ, "__origin__", typ)
-        ok = (
-            isinstance(value, base)
-            or (base is float and isinstance(value, int) and not isinstance(value, bool))
-        )
+        ok = isinstance(value, base) or (base is float and isinstance(value, int) and not isinstance(value, bool))
         if base is int and isinstance(value, bool):
             ok = False
         if not ok:

@@ -43,9 +43,7 @@ def item_tokens(items: pl.DataFrame) -> pl.DataFrame:
         .with_columns(("w:" + pl.col("token")).alias("token"))
     )
     if "category" in df.columns:
-        parts.append(
-            df.select("item_index", token=("c:" + pl.col("category").str.to_lowercase()))
-        )
+        parts.append(df.select("item_index", token=("c:" + pl.col("category").str.to_lowercase())))
     if "tags" in df.columns:
         parts.append(
             df.select("item_index", token=pl.col("tags").str.to_lowercase().str.split(" "))
@@ -72,9 +70,7 @@ def build_item_features(items: pl.DataFrame, n_buckets: int) -> ItemFeatures:
         count=vocab.len(),
     )
     tok = tok.join(pl.DataFrame({"token": vocab, "bucket": buckets}), on="token")
-    tok = tok.sort("item_index").with_columns(
-        pos=pl.col("bucket").cum_count().over("item_index") - 1
-    )
+    tok = tok.sort("item_index").with_columns(pos=pl.col("bucket").cum_count().over("item_index") - 1)
     n_items = items.height
     width = max(int(tok["pos"].max() or 0) + 1, 1)
     mat = np.full((n_items, width), n_buckets, dtype=np.int64)

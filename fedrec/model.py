@@ -34,9 +34,7 @@ class ItemTower(nn.Module):
         self.feat_emb = nn.EmbeddingBag(
             cfg.hash_buckets + 1, cfg.feature_dim, mode="mean", padding_idx=cfg.hash_buckets
         )
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
         nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
         nn.init.normal_(self.feat_emb.weight, std=cfg.init_std)
         with torch.no_grad():
@@ -68,9 +66,7 @@ def init_user_embeddings(n_users: int, cfg: ModelConfig, generator: torch.Genera
 
 
 @torch.no_grad()
-def item_embeddings(
-    state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig
-) -> torch.Tensor:
+def item_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig) -> torch.Tensor:
     tower = ItemTower(features.n_items, cfg)
     tower.load_state_dict(state)
     tower.eval()

@@ -95,7 +95,9 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
         alone = FederatedDataset(dataset.name, dataset.items, [m], dataset.protocol)
         res = run_federated(alone, features, cfg.model, cfg.local, cfg.federation)
         rounds = max(rounds, len(res.history))
-        parts[m.name] = evaluate_test(m, res.user_embeddings[m.name], item_embeddings(res.item_state, features, cfg.model))
+        parts[m.name] = evaluate_test(
+            m, res.user_embeddings[m.name], item_embeddings(res.item_state, features, cfg.model)
+        )
     entry = combine(parts)
     entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
     out["local_only"] = entry
@@ -144,9 +146,13 @@ def markdown_table(res: dict) -> str:
         for m in METHODS
     ]
     merchants = list(res["federated"]["per_merchant"])
-    pm = "\n\nrecall@20 per merchant (users):\n\n| method | " + " | ".join(
-        f"{n} ({res['federated']['per_merchant'][n]['users']})" for n in merchants
-    ) + " |\n|---|" + "---:|" * len(merchants) + "\n"
+    pm = (
+        "\n\nrecall@20 per merchant (users):\n\n| method | "
+        + " | ".join(f"{n} ({res['federated']['per_merchant'][n]['users']})" for n in merchants)
+        + " |\n|---|"
+        + "---:|" * len(merchants)
+        + "\n"
+    )
     pm += "\n".join(
         f"| {m} | " + " | ".join(f"{res[m]['per_merchant'][n]['recall@20']:.4f}" for n in merchants) + " |"
         for m in METHODS
@@ -156,9 +162,7 @@ def markdown_table(res: dict) -> str:
         f"\n\nfederated / centralized recall@20: {checks['federated_over_centralized_recall@20']}; "
         f"federated beats local-only for {len(checks['federated_beats_local_only_for'])}/{len(merchants)} merchants.\n"
     )
-    abl = "".join(
-        f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f}.\n" for k, v in res["ablations"].items()
-    )
+    abl = "".join(f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f}.\n" for k, v in res["ablations"].items())
     return f"# Evaluation: {res['dataset']}\n\n" + head + "\n".join(rows) + pm + foot + abl
 
 
@@ -172,7 +176,13 @@ def plot_curves(res: dict, path: Path) -> None:
     for name, ys in res["curves"].items():
         ax.plot(range(1, len(ys) + 1), ys, label=name)
     for name in ("popularity", "implicit_als"):
-        ax.axhline(res[name]["overall"]["recall@20"], ls="--", lw=1, label=f"{name} (test)", color="grey" if name == "popularity" else "black")
+        ax.axhline(
+            res[name]["overall"]["recall@20"],
+            ls="--",
+            lw=1,
+            label=f"{name} (test)",
+            color="grey" if name == "popularity" else "black",
+        )
     ax.set_xlabel("round (centralized: epochs of the pooled data)")
     ax.set_ylabel("recall@20")
     ax.set_title(f"{res['dataset']}: validation recall@20 per round")

@@ -11,7 +11,9 @@ class RoundPrinter:
     def __init__(self, console: Console, label: str, total_merchants: int) -> None:
         self.console, self.label, self.total = console, label, total_merchants
         self.best = -1.0
-        console.print(f"[bold]{'round':>5}  {'merchants':>9}  {'loss':>8}  {'val recall@20':>13}  {'seconds':>7}[/]  {label}")
+        console.print(
+            f"[bold]{'round':>5}  {'merchants':>9}  {'loss':>8}  {'val recall@20':>13}  {'seconds':>7}[/]  {label}"
+        )
 
     def __call__(self, log: RoundLog) -> None:
         mark = " *" if log.val_recall_at_20 > self.best else ""

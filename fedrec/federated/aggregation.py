@@ -25,8 +25,7 @@ def fedavg(updates: Sequence[ItemTowerUpdate]) -> dict[str, torch.Tensor]:
     n = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
     w = (n / n.sum()).float()
     return {
-        name: torch.einsum("k,k...->...", w, torch.stack([u.delta[name] for u in updates]))
-        for name in updates[0].delta
+        name: torch.einsum("k,k...->...", w, torch.stack([u.delta[name] for u in updates])) for name in updates[0].delta
     }
 
 

@@ -25,9 +25,9 @@ class LocalConfig:
     batch_size: int = 256
     lr: float = 0.005  # Adam, item tower
     user_lr: float = 0.02  # Adam, user embeddings
-    weight_decay: float = 0.0  # L2 on the rows used in a batch
+    weight_decay: float = 0.1  # L2 on the rows used in a batch
     loss: str = "softmax"
-    temperature: float = 0.2
+    temperature: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,7 @@ def local_update(
             pos = cols[b]
             loss = _batch_loss(tower, features, u, pos, cfg, log_q, gen)
             if cfg.weight_decay:
-                loss = loss + cfg.weight_decay * (
-                    u.pow(2).sum(-1).mean() + tower.item_emb(pos).pow(2).sum(-1).mean()
-                )
+                loss = loss + cfg.weight_decay * (u.pow(2).sum(-1).mean() + tower.item_emb(pos).pow(2).sum(-1).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

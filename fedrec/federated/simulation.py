@@ -78,15 +78,12 @@ def run_federated(
     names = [m.name for m in dataset.merchants]
     rng = np.random.default_rng(fed_cfg.seed)
     global_state = {
-        k: v.detach().clone()
-        for k, v in new_item_tower(dataset.n_items, model_cfg, fed_cfg.seed).state_dict().items()
+        k: v.detach().clone() for k, v in new_item_tower(dataset.n_items, model_cfg, fed_cfg.seed).state_dict().items()
     }
     shapes = item_tower_shapes(dataset.n_items, model_cfg)
     # Each merchant's user table: created and kept "at home" (here: a dict keyed by merchant).
     users = {
-        m.name: init_user_embeddings(
-            m.n_users, model_cfg, torch.Generator().manual_seed(fed_cfg.seed * 7919 + i)
-        )
+        m.name: init_user_embeddings(m.n_users, model_cfg, torch.Generator().manual_seed(fed_cfg.seed * 7919 + i))
         for i, m in enumerate(dataset.merchants)
     }
     server = ServerOptimizer(fed_cfg.server)

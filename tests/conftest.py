@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from datasets import movielens
+from datasets.protocol import temporal_split
+from datasets.synthetic import SyntheticConfig, generate
+from fedrec.data import PurchaseLog
+
+TINY = SyntheticConfig(
+    n_products=200,
+    merchants=(("big", 700), ("small_a", 200), ("small_b", 150)),
+    mean_baskets=8.0,
+    style_weight=4.0,
+    seed=7,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_frames() -> tuple[pl.DataFrame, pl.DataFrame]:
+    return generate(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_log(tiny_frames) -> PurchaseLog:
+    purchases, products = tiny_frames
+    items = products.with_columns(tags=pl.lit(None, dtype=pl.String))
+    return PurchaseLog("tiny", purchases, items)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_log):
+    return temporal_split(tiny_log)
+
+
+@pytest.fixture
+def tiny_csv(tiny_frames, tmp_path) -> Path:
+    """The tiny shop as a merchant would hand it over: one CSV with item metadata columns."""
+    purchases, products = tiny_frames
+    path = tmp_path / "purchases.csv"
+    purchases.join(products, on="item").write_csv(path)
+    return path
+
+
+def movielens_dir() -> Path:
+    try:
+        return movielens.resolve_dir()
+    except Exception:
+        pytest.skip("MovieLens-100K not found (../shared/datasets absent): skipped")
+
+
+@pytest.fixture(scope="session")
+def ml_dataset():
+    return temporal_split(movielens.load(movielens_dir()))

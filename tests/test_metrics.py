@@ -1,0 +1,45 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from fedrec.metrics import per_user_metrics, topk_items
+
+
+def csr(rows, n_items):
+    r, c = zip(*[(u, i) for u, items in enumerate(rows) for i in items], strict=True) if any(rows) else ((), ())
+    return sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(rows), n_items))
+
+
+def test_recall_and_ndcg_by_hand():
+    topk = np.array([[3, 1, 4, 0, 2]])
+    truth = csr([[1, 2, 7]], 8)
+    m = per_user_metrics(topk, truth, ks=(2, 5))
+    # top-2 = {3, 1}: one hit of three test items
+    assert m["recall@2"][0] == pytest.approx(1 / 3)
+    # top-5 hits at ranks 2 and 5
+    assert m["recall@5"][0] == pytest.approx(2 / 3)
+    dcg = 1 / math.log2(3) + 1 / math.log2(6)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert m["ndcg@5"][0] == pytest.approx(dcg / idcg)
+    assert m["ndcg@2"][0] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+
+
+def test_recall_divides_by_all_test_items_not_k():
+    truth = csr([list(range(10))], 20)
+    topk = np.arange(5)[None, :]
+    assert per_user_metrics(topk, truth, ks=(5,))["recall@5"][0] == pytest.approx(0.5)
+
+
+def test_users_without_test_items_are_nan():
+    m = per_user_metrics(np.array([[0, 1], [0, 1]]), csr([[0], []], 3), ks=(2,))
+    assert m["recall@2"][0] == 1.0 and np.isnan(m["recall@2"][1])
+
+
+def test_topk_excludes_train_items():
+    users = torch.tensor([[1.0, 0.0]])
+    items = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0]])
+    exclude = csr([[0, 2]], 4)
+    assert topk_items(users, items, exclude, 2).tolist() == [[1, 3]]

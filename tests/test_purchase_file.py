@@ -1,0 +1,63 @@
+import pytest
+
+from datasets.purchases import load
+from fedrec.errors import DataError
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "name, text, kwargs, message",
+    [
+        ("empty.csv", "", {}, "empty.csv: file is empty"),
+        ("header.csv", "user,item,timestamp\n", {}, "header.csv: file has a header but no rows"),
+        ("cols.csv", "user,item,when\nu,i,1\n", {}, "missing required column(s) 'timestamp'"),
+        ("ts.csv", "user,item,timestamp\nu,i,1\nu,j,yesterday\n", {}, "column 'timestamp', row 2: 'yesterday'"),
+        ("price.csv", "user,item,timestamp,price\nu,i,1,2.5\nu,j,2,cheap\n", {}, "column 'price', row 2: 'cheap'"),
+        ("nulls.csv", "user,item,timestamp\nu,i,1\n,j,2\n", {}, "column 'user', row 2: value is empty"),
+        ("dup.csv", "user,item,timestamp\nu,i,1\nv,i,1\nu,i,1\n", {}, "duplicate rows 1 and 3"),
+        (
+            "merchant.csv",
+            "user,item,timestamp,merchant\nu,i,1,a\nu,j,2,zz\n",
+            {"merchants": ["a", "b"]},
+            "column 'merchant', row 2: unknown merchant 'zz'",
+        ),
+        ("data.json", "{}", {}, "unsupported file type '.json'"),
+    ],
+)
+def test_bad_files_name_file_column_and_row(tmp_path, name, text, kwargs, message):
+    path = write(tmp_path, name, text)
+    with pytest.raises(DataError) as exc:
+        load(path, **kwargs)
+    assert message in str(exc.value)
+    assert name in str(exc.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.csv: file not found"):
+        load(tmp_path / "nope.csv")
+
+
+def test_good_file_accepts_unix_and_iso_times_and_metadata(tmp_path):
+    path = write(
+        tmp_path,
+        "ok.csv",
+        "user,item,timestamp,merchant,title,price\n"
+        "u1,i1,1700000000,a,Red mug,3.5\nu1,i2,2024-01-02T10:00:00,a,Blue pan,\nu2,i1,2024-01-03,b,Red mug,3.5\n",
+    )
+    log = load(path)
+    assert log.interactions["timestamp"].to_list() == [1700000000, 1704189600, 1704240000]
+    assert log.items.filter(log.items["item"] == "i1")["title"].item() == "Red mug"
+    assert log.interactions["merchant"].unique().sort().to_list() == ["a", "b"]
+
+
+def test_parquet_round_trip(tiny_frames, tmp_path):
+    purchases, _ = tiny_frames
+    path = tmp_path / "shop.parquet"
+    purchases.write_parquet(path)
+    log = load(path)
+    assert log.interactions.height == purchases.height
