@@ -49,7 +49,7 @@ def test_no_leakage_on_generated_shop(tiny_log, tiny_dataset):
         for u in range(m.n_users):
             user = m.user_ids[u]
 
-            def times(mat, user=user, u=u):
+            def times(mat, user=user, u=u, m=m):
                 return [ts[(m.name, user, ids[i])] for i in mat[u].indices]
 
             tr, va, te = times(m.train), times(m.val), times(m.test)
