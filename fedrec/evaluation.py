@@ -60,6 +60,11 @@ def evaluate_test(merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: to
     return merchant_metric_sums(user_vecs, item_vecs, merchant.full_train, merchant.test)
 
 
+def evaluate_test_all(merchants: list[MerchantData], users: dict[str, torch.Tensor], item_vecs: torch.Tensor) -> dict:
+    """Test metrics of every merchant (each with its own user vectors), combined."""
+    return combine({m.name: evaluate_test(m, users[m.name], item_vecs) for m in merchants})
+
+
 def evaluate_val(merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> MetricSums:
     """Validation recall@20 for early stopping: train items excluded, val items as truth."""
     return merchant_metric_sums(user_vecs, item_vecs, merchant.train, merchant.val, ("recall@20",))

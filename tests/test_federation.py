@@ -7,7 +7,7 @@ import torch
 
 from fedrec.baselines import popularity
 from fedrec.data import pooled
-from fedrec.evaluation import combine, evaluate_test
+from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.messages import ItemTowerUpdate
@@ -72,7 +72,7 @@ def test_small_federated_run_beats_popularity(ml_dataset, server):
     srv = ServerOptConfig(name=server, lr=1.0 if server == "fedavg" else 0.01)
     res = run_federated(part, feats, model, local, FederationConfig(rounds=25, patience=5, server=srv))
     items = item_embeddings(res.item_state, feats, model)
-    fed = combine({m.name: evaluate_test(m, res.user_embeddings[m.name], items) for m in part.merchants})
+    fed = evaluate_test_all(part.merchants, res.user_embeddings, items)
     u, v = popularity(pooled(part).full_train)
-    pop = combine({m.name: evaluate_test(m, u[: m.n_users], v) for m in part.merchants})
+    pop = evaluate_test_all(part.merchants, {m.name: u[: m.n_users] for m in part.merchants}, v)
     assert fed["overall"]["recall@20"] > pop["overall"]["recall@20"] + 0.02

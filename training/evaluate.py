@@ -20,7 +20,7 @@ from fedrec.atomic import write_json, write_text, write_with
 from fedrec.baselines import implicit_als, popularity
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset, pooled
-from fedrec.evaluation import MetricSums, combine, evaluate_test
+from fedrec.evaluation import MetricSums, combine, evaluate_test, evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import METRICS
@@ -35,10 +35,6 @@ def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torc
     """Pooled user rows back to merchants (pooled() stacks merchants in order)."""
     bounds = np.cumsum([0] + [m.n_users for m in dataset.merchants])
     return {m.name: vecs[bounds[i] : bounds[i + 1]] for i, m in enumerate(dataset.merchants)}
-
-
-def _score_all(dataset: FederatedDataset, users: dict[str, torch.Tensor], items) -> dict:
-    return combine({m.name: evaluate_test(m, users[m.name], items) for m in dataset.merchants})
 
 
 def _neural(dataset, features, cfg, fed_cfg, console, label) -> TrainResult:
@@ -64,7 +60,7 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
     show = quiet if quiet_rounds else console
 
     def record(name: str, users, items, seconds: float, result: TrainResult | None = None) -> None:
-        entry = _score_all(dataset, users, items)
+        entry = evaluate_test_all(dataset.merchants, users, items)
         entry["seconds"] = round(seconds, 2)
         if result is not None:
             entry["rounds"] = len(result.history)
@@ -117,7 +113,9 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
     other = "fedavg" if cfg.federation.aggregation == "rowwise" else "rowwise"
     fed_other = dataclasses.replace(cfg.federation, aggregation=other)
     res = _neural(dataset, features, cfg, fed_other, show, f"federated ({other})")
-    abl = _score_all(dataset, res.user_embeddings, item_embeddings(res.item_state, features, cfg.model))
+    abl = evaluate_test_all(
+        dataset.merchants, res.user_embeddings, item_embeddings(res.item_state, features, cfg.model)
+    )
     out["ablations"] = {
         f"aggregation={other}": {"overall": abl["overall"], "rounds": len(res.history), "best_round": res.best_round}
     }

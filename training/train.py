@@ -12,7 +12,7 @@ from rich.console import Console
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
-from fedrec.evaluation import combine, evaluate_test
+from fedrec.evaluation import evaluate_test_all
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.model import item_embeddings
@@ -51,7 +51,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
     printer = RoundPrinter(console, "federated", len(dataset.merchants))
     result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer)
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
-    test = combine({m.name: evaluate_test(m, result.user_embeddings[m.name], item_vecs) for m in dataset.merchants})
+    test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs)
     return TrainedRun(cfg, dataset, features, result, test)
 
 

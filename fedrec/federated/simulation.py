@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedrec.data import FederatedDataset
-from fedrec.evaluation import MetricSums, evaluate_val
+from fedrec.evaluation import combine, evaluate_val
 from fedrec.features import ItemFeatures
 from fedrec.federated.aggregation import aggregate
 from fedrec.federated.local import LocalConfig, local_update
@@ -108,10 +108,7 @@ def run_federated(
 
         item_vecs = item_embeddings(global_state, features, model_cfg)
         val = {m.name: evaluate_val(m, users[m.name], item_vecs) for m in dataset.merchants}
-        val_total = MetricSums(
-            {"recall@20": sum(v.sums["recall@20"] for v in val.values())},
-            sum(v.users for v in val.values()),
-        ).means()["recall@20"]
+        val_total = combine(val)["overall"]["recall@20"]
         log = RoundLog(rnd, chosen, float(np.mean(losses)), val_total, time.perf_counter() - t_round)
         history.append(log)
         if on_round is not None:
