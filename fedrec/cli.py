@@ -1,4 +1,4 @@
-"""The `fedrec` command line: train, evaluate, export, download.
+"""The `fedrec` command line: train, evaluate, export, serve, download.
 
 Every user-fixable problem (FedrecError) is printed as one `error:` line with exit code 2.
 """
@@ -104,6 +104,66 @@ def export(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = 
 
     cfg = _config(config, dataset, set_)
     export_from_checkpoint(cfg, console)
+
+
+@app.command()
+@_friendly
+def serve(
+    export: Annotated[
+        Path, typer.Option(help="Exports root (its LATEST is watched for new versions) or one version directory.")
+    ] = Path("artifacts/synthetic/exports"),
+    merchant: Annotated[str | None, typer.Option(help="Merchant whose customers this service knows.")] = None,
+    merchant_dir: Annotated[
+        Path | None, typer.Option(help="That merchant's private files (default: <export>/../merchants/<merchant>).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each holds the index in memory).")] = 1,
+    watch_interval: Annotated[float, typer.Option(help="Seconds between checks for a new export; 0: off.")] = 2.0,
+    foldin: Annotated[str, typer.Option(help="Basket fold-in rule: softmax, mean or ridge.")] = "softmax",
+    ef_search: Annotated[int | None, typer.Option(help="HNSW search depth (default: the export's).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve recommendations over HTTP (FastAPI + FAISS); docs at /docs, demo page at /.
+
+    POST /v1/admin/reload is enabled when FEDREC_ADMIN_TOKEN is set in the environment.
+    """
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from serving.export_store import load_export
+    from serving.settings import ENV_VAR, ServeSettings
+
+    settings = ServeSettings(
+        export=str(export),
+        merchant=merchant,
+        merchant_dir=str(merchant_dir) if merchant_dir else None,
+        watch_interval=watch_interval,
+        foldin_method=foldin,
+        ef_search=ef_search,
+    )
+    # Refuse a broken export here, as one clear line, before any worker starts.
+    loaded = load_export(export, merchant, merchant_dir)
+    console.print(
+        f"serving export {loaded.version} ({loaded.n_items} items, {loaded.kind} index)"
+        + (f" for merchant {merchant} ({len(loaded.merchant.user_ids)} customers)" if loaded.merchant else "")
+        + f" on http://{host}:{port}  (docs: /docs, demo: /)"
+    )
+    del loaded
+    os.environ[ENV_VAR] = settings.to_env()
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fedrec-metrics-")
+    uvicorn.run(
+        "serving.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+    )
 
 
 @app.command()

@@ -1,0 +1,54 @@
+"""Serving settings: one small dataclass, passed to worker processes as JSON in the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fedrec.errors import ConfigError
+from serving.foldin import FOLDIN_METHODS
+
+ENV_VAR = "FEDREC_SERVE_SETTINGS"
+TOKEN_ENV_VAR = "FEDREC_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    export: str  # an exports root (with LATEST, watched for new versions) or one version directory
+    merchant: str | None = None  # whose customers this service knows; None: item-only endpoints
+    merchant_dir: str | None = None  # default: <exports root>/../merchants/<merchant>
+    watch_interval: float = 2.0  # seconds between checks of LATEST; 0 turns the watcher off
+    admin_token: str | None = None  # enables POST /v1/admin/reload (Bearer token)
+    foldin_method: str = "softmax"
+    foldin_reg: float = 3.0  # measured: results/foldin-*.json
+    foldin_candidates: int = 5_000  # softmax over the whole catalogue up to this size, else the nearest this many
+    ef_search: int | None = None  # HNSW search depth; None keeps the export's
+
+    def __post_init__(self) -> None:
+        if self.foldin_method not in FOLDIN_METHODS:
+            raise ConfigError(f"fold-in method {self.foldin_method!r}: choose one of {', '.join(FOLDIN_METHODS)}")
+        if self.watch_interval < 0:
+            raise ConfigError("watch interval must be >= 0 seconds")
+        if self.foldin_candidates < 1:
+            raise ConfigError("fold-in candidates must be >= 1")
+
+    @property
+    def export_path(self) -> Path:
+        return Path(self.export)
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> ServeSettings:
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            raise ConfigError(f"{ENV_VAR} is not set: start the server with `fedrec serve`")
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        settings = cls(**{k: v for k, v in data.items() if k in known})
+        if settings.admin_token is None and os.environ.get(TOKEN_ENV_VAR):
+            settings = cls(**{**asdict(settings), "admin_token": os.environ[TOKEN_ENV_VAR]})
+        return settings
