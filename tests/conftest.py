@@ -55,3 +55,33 @@ def movielens_dir() -> Path:
 @pytest.fixture(scope="session")
 def ml_dataset():
     return temporal_split(movielens.load(movielens_dir()))
+
+
+@pytest.fixture(scope="session")
+def served_root(tmp_path_factory, tiny_frames) -> Path:
+    """artifacts/<dataset> of two tiny training runs (seeds 0 and 1): exports v0001 and v0002.
+
+    Two seeds give two genuinely different models, so a test can tell which version answered.
+    """
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    base = tmp_path_factory.mktemp("served")
+    purchases, products = tiny_frames
+    csv = base / "purchases.csv"
+    purchases.join(products, on="item").write_csv(csv)
+    for seed in (0, 1):
+        args = ["train", "--dataset", "file", "--set", f"data.path={csv}"]
+        for setting in (
+            f"output.artifacts_dir={base / 'artifacts'}",
+            f"output.results_dir={base / 'results'}",
+            "federation.rounds=3",
+            f"federation.seed={seed}",
+            "model.dim=16",
+            "model.hash_buckets=1024",
+        ):
+            args += ["--set", setting]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return base / "artifacts" / "file"

@@ -1,0 +1,55 @@
+"""Fold-in math: each rule solves the problem it claims to solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serving.foldin import fold_in
+
+
+@pytest.fixture
+def vectors():
+    return np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+
+
+def test_mean_is_the_basket_mean(vectors):
+    np.testing.assert_allclose(fold_in(vectors, [3, 7, 7], "mean"), vectors[[3, 7, 7]].mean(0), rtol=1e-6)
+
+
+def test_ridge_matches_the_normal_equations(vectors):
+    rows = [1, 2, 3, 4]
+    a = vectors[rows].astype(np.float64)
+    expected = np.linalg.solve(a.T @ a + 0.5 * np.eye(8), a.T @ np.ones(4))
+    np.testing.assert_allclose(fold_in(vectors, rows, "ridge", reg=0.5), expected, rtol=1e-5)
+
+
+def test_softmax_fold_in_is_the_map_optimum(vectors):
+    """At the optimum the gradient of the MAP objective vanishes (checked with autograd)."""
+    rows = np.array([5, 9, 12])
+    u = torch.tensor(
+        fold_in(vectors, rows, "softmax", reg=0.7, temperature=0.5), dtype=torch.float64, requires_grad=True
+    )
+    v = torch.tensor(vectors, dtype=torch.float64) / 0.5
+    objective = -torch.log_softmax(v @ u, 0)[torch.from_numpy(rows)].sum() + 0.7 * (u @ u)
+    objective.backward()
+    assert u.grad.abs().max().item() < 1e-3
+    scores = vectors @ u.detach().numpy()
+    assert (scores[rows] > np.median(scores)).all()  # the basket itself scores above most items
+
+
+def test_softmax_over_candidates_uses_only_them(vectors):
+    rows = np.array([5, 9])
+    full = fold_in(vectors, rows, "softmax", reg=1.0)
+    everything = fold_in(vectors, rows, "softmax", reg=1.0, candidates=np.arange(300))
+    np.testing.assert_allclose(full, everything, rtol=1e-4, atol=1e-5)
+    few = fold_in(vectors, rows, "softmax", reg=1.0, candidates=np.arange(20, 40))
+    assert not np.allclose(full, few)
+
+
+def test_bad_arguments(vectors):
+    with pytest.raises(ValueError, match="at least one item"):
+        fold_in(vectors, [], "mean")
+    with pytest.raises(ValueError, match="unknown fold-in method"):
+        fold_in(vectors, [1], "magic")

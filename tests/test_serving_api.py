@@ -1,0 +1,257 @@
+"""The recommendation API against a real export of a tiny training run (in-process client)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from serving.app import create_app
+from serving.settings import ServeSettings
+from serving.state import ExportHolder
+
+MERCHANT = "big"
+
+
+@pytest.fixture
+def root(served_root, tmp_path):
+    """A private copy, so tests may move LATEST or break files."""
+    return shutil.copytree(served_root, tmp_path / "artifacts")
+
+
+def make_client(root, **overrides) -> TestClient:
+    settings = ServeSettings(export=str(root / "exports"), merchant=MERCHANT, watch_interval=0, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def client(root):
+    with make_client(root, admin_token="s3cret") as c:
+        yield c
+
+
+def files(root, version="v0002"):
+    mdir = root / "merchants" / MERCHANT / version
+    users = pl.read_parquet(mdir / "users.parquet")["user"].to_list()
+    items = pl.read_parquet(root / "exports" / version / "items.parquet")["item"].to_list()
+    return {
+        "users": users,
+        "items": items,
+        "U": np.load(mdir / "user_embeddings.npy"),
+        "V": np.load(root / "exports" / version / "item_embeddings.npy"),
+        "bought": sp.load_npz(mdir / "purchased.npz").tocsr(),
+    }
+
+
+def test_customer_recommendations_are_the_exact_top_k_without_purchases(client, root):
+    f = files(root)
+    user = 3
+    r = client.get(f"/v1/merchants/{MERCHANT}/customers/{f['users'][user]}/recommendations", params={"k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == "v0002" and body["k"] == 7 and len(body["items"]) == 7
+    scores = f["V"] @ f["U"][user]
+    bought = f["bought"][user].indices
+    scores[bought] = -np.inf
+    expected = [f["items"][i] for i in np.argsort(-scores)[:7]]
+    assert [it["id"] for it in body["items"]] == expected
+    got = np.array([it["score"] for it in body["items"]])
+    np.testing.assert_allclose(got, np.sort(scores)[::-1][:7], rtol=1e-5)
+    assert {"title", "category", "price"} <= set(body["items"][0])
+    assert not {f["items"][i] for i in bought} & {it["id"] for it in body["items"]}
+
+
+def test_exclude_purchased_false_ranks_the_whole_catalogue(client, root):
+    f = files(root)
+    user = int(np.argmax(f["bought"].getnnz(axis=1)))
+    r = client.get(
+        f"/v1/merchants/{MERCHANT}/customers/{f['users'][user]}/recommendations",
+        params={"k": 20, "exclude_purchased": "false"},
+    )
+    expected = [f["items"][i] for i in np.argsort(-(f["V"] @ f["U"][user]))[:20]]
+    assert [it["id"] for it in r.json()["items"]] == expected
+
+
+def test_k_may_exceed_what_is_left_and_returns_all_of_it(client, root):
+    f = files(root)
+    n_items = len(f["items"])
+    r = client.get(f"/v1/merchants/{MERCHANT}/customers/{f['users'][0]}/recommendations", params={"k": 1000})
+    assert r.status_code == 200
+    assert len(r.json()["items"]) == n_items - f["bought"][0].nnz
+
+
+def test_basket_recommendations_leave_the_basket_out_and_follow_the_basket(client, root):
+    f = files(root)
+    basket = f["items"][:3]
+    r = client.post("/v1/recommendations", json={"items": basket, "k": 10})
+    assert r.status_code == 200, r.text
+    got = [it["id"] for it in r.json()["items"]]
+    assert len(got) == 10 and not set(got) & set(basket)
+    scores = [it["score"] for it in r.json()["items"]]
+    assert scores == sorted(scores, reverse=True)
+    kept = client.post("/v1/recommendations", json={"items": basket, "k": 10, "exclude_items": False}).json()
+    assert len(kept["items"]) == 10
+
+
+def test_similar_items_leave_the_item_itself_out(client, root):
+    f = files(root)
+    item = f["items"][5]
+    r = client.get(f"/v1/items/{item}/similar", params={"k": 5})
+    assert r.status_code == 200
+    got = [it["id"] for it in r.json()["items"]]
+    scores = f["V"] @ f["V"][5]
+    scores[5] = -np.inf
+    assert got == [f["items"][i] for i in np.argsort(-scores)[:5]]
+
+
+@pytest.mark.parametrize(
+    ("path", "names"),
+    [
+        ("/v1/merchants/nowhere/customers/x/recommendations", ["merchant", "nowhere", "big"]),
+        (f"/v1/merchants/{MERCHANT}/customers/ghost/recommendations", ["customer", "ghost", MERCHANT]),
+        ("/v1/items/NOPE/similar", ["item", "NOPE"]),
+        ("/v1/items/NOPE", ["item", "NOPE"]),
+        ("/v1/merchants/nowhere/customers", ["merchant", "nowhere"]),
+        ("/v1/no/such/route", ["/v1/no/such/route"]),
+    ],
+)
+def test_unknown_things_are_404_naming_them(client, path, names):
+    r = client.get(path)
+    assert r.status_code == 404
+    body = r.json()
+    assert body["error"].endswith("not_found")
+    for name in names:
+        assert name in body["detail"]
+
+
+def test_unknown_basket_items_are_404_naming_them(client, root):
+    known = files(root)["items"][0]
+    r = client.post("/v1/recommendations", json={"items": [known, "BOGUS-1", "BOGUS-2"]})
+    assert r.status_code == 404
+    assert "BOGUS-1" in r.json()["detail"] and "BOGUS-2" in r.json()["detail"] and known not in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "word"),
+    [
+        ("get", f"/v1/merchants/{MERCHANT}/customers/C1/recommendations", {"params": {"k": 0}}, "k"),
+        ("get", f"/v1/merchants/{MERCHANT}/customers/C1/recommendations", {"params": {"k": 1001}}, "k"),
+        ("get", f"/v1/merchants/{MERCHANT}/customers/C1/recommendations", {"params": {"k": "ten"}}, "k"),
+        ("get", "/v1/items/P1/similar", {"params": {"k": -3}}, "k"),
+        ("post", "/v1/recommendations", {"json": {"items": []}}, "items"),
+        ("post", "/v1/recommendations", {"json": {"items": ["a"], "k": 5000}}, "k"),
+        ("post", "/v1/recommendations", {"json": {"k": 5}}, "items"),
+        ("post", "/v1/recommendations", {"json": {"items": "P1"}}, "items"),
+        (
+            "post",
+            "/v1/recommendations",
+            {"content": b'{"items": [', "headers": {"content-type": "application/json"}},
+            "JSON",
+        ),
+    ],
+)
+def test_bad_requests_are_422_with_a_clear_message(client, method, path, kwargs, word):
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "invalid_request"
+    assert word in r.json()["detail"]
+
+
+def test_model_info_health_and_readiness(client):
+    info = client.get("/v1/model").json()
+    assert info["version"] == "v0002" and info["served_merchant"] == MERCHANT
+    assert set(info["merchants"]) == {"big", "small_a", "small_b"}
+    assert info["rounds"] >= 1 and "recall@20" in info["metrics"]["test"]
+    assert info["privacy"]["user_embeddings"].startswith("kept by each merchant")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["version"] == "v0002"
+
+
+def test_prometheus_metrics_count_requests_and_describe_the_index(client, root):
+    n_items = len(files(root)["items"])
+    client.get("/v1/items/NOPE/similar")
+    client.get("/v1/model")
+    text = client.get("/metrics").text
+    assert 'fedrec_requests_total{method="GET",route="/v1/items/{item_id}/similar",status="404"}' in text
+    assert 'fedrec_request_latency_seconds_bucket{le="0.005",route="/v1/model"}' in text
+    assert f"fedrec_index_items {float(n_items)}" in text
+    assert "fedrec_export_version 2.0" in text
+
+
+def test_customer_listing_pages_through_all_customers(client, root):
+    users = files(root)["users"]
+    first = client.get(f"/v1/merchants/{MERCHANT}/customers", params={"limit": 5}).json()
+    assert first["customers"] == users[:5] and first["total"] == len(users)
+    second = client.get(f"/v1/merchants/{MERCHANT}/customers", params={"offset": 5, "limit": 5}).json()
+    assert second["customers"] == users[5:10]
+
+
+def test_item_search_finds_by_title_words(client, root):
+    title = pl.read_parquet(root / "exports" / "v0002" / "items.parquet")["title"][0]
+    word = title.split()[-1].lower()
+    found = client.get("/v1/items", params={"q": word, "limit": 100}).json()
+    assert found["total"] >= 1 and all(word in it["title"].lower() for it in found["items"])
+
+
+def test_admin_reload_needs_the_token_and_swaps_versions(client, root):
+    assert client.post("/v1/admin/reload").status_code == 401
+    assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    (root / "exports" / "LATEST").write_text("v0001\n")
+    r = client.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.json() == {"previous": "v0002", "current": "v0001", "changed": True}
+    assert client.get("/readyz").json()["version"] == "v0001"
+    again = client.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"}).json()
+    assert again["changed"] is False
+
+
+def test_admin_reload_is_off_without_a_token(root):
+    with make_client(root) as c:
+        r = c.post("/v1/admin/reload", headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 403 and "FEDREC_ADMIN_TOKEN" in r.json()["detail"]
+
+
+def test_a_broken_new_export_is_refused_and_the_old_one_keeps_serving(client, root):
+    failed_before = REGISTRY.get_sample_value("fedrec_reloads_total", {"outcome": "failed"}) or 0.0
+    broken = root / "exports" / "v0003"
+    shutil.copytree(root / "exports" / "v0002", broken)
+    (broken / "index.faiss").unlink()
+    (broken / "model_card.json").write_text((broken / "model_card.json").read_text().replace("v0002", "v0003"))
+    (root / "exports" / "LATEST").write_text("v0003\n")
+    r = client.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 409
+    assert "index.faiss" in r.json()["detail"] and "still serving v0002" in r.json()["detail"]
+    assert client.get("/readyz").json()["version"] == "v0002"
+    users = files(root)["users"]
+    assert client.get(f"/v1/merchants/{MERCHANT}/customers/{users[0]}/recommendations").status_code == 200
+    assert f'fedrec_reloads_total{{outcome="failed"}} {failed_before + 1}' in client.get("/metrics").text
+
+
+def test_not_ready_is_503_not_500(tmp_path):
+    settings = ServeSettings(export=str(tmp_path / "missing"), merchant=MERCHANT, watch_interval=0)
+    holder = ExportHolder(settings)
+    with TestClient(create_app(settings, holder)) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no such directory" in r.json()["detail"]
+        assert c.get("/v1/model").status_code == 503
+
+
+def test_item_only_service_without_a_merchant(root):
+    settings = ServeSettings(export=str(root / "exports"), watch_interval=0)
+    with TestClient(create_app(settings)) as c:
+        item = files(root)["items"][0]
+        assert c.post("/v1/recommendations", json={"items": [item]}).status_code == 200
+        r = c.get(f"/v1/merchants/{MERCHANT}/customers/x/recommendations")
+        assert r.status_code == 404 and "without a merchant" in r.json()["detail"]
+
+
+def test_demo_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "<title>fedrec demo</title>" in r.text
+    assert "/v1/recommendations" in r.text
