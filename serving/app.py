@@ -98,9 +98,13 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # Starlette could not even decode the body
+            return _json({"error": "invalid_request", "detail": f"body: malformed request body ({exc.detail})"}, 422)
         names = {404: "not_found", 405: "method_not_allowed"}
         detail = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return _json({"error": names.get(exc.status_code, "http_error"), "detail": detail}, exc.status_code)
+        response = _json({"error": names.get(exc.status_code, "http_error"), "detail": detail}, exc.status_code)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:

@@ -153,6 +153,12 @@ def test_unknown_basket_items_are_404_naming_them(client, root):
             {"content": b'{"items": [', "headers": {"content-type": "application/json"}},
             "JSON",
         ),
+        (
+            "post",
+            "/v1/recommendations",
+            {"content": b"SI\xff4\x14", "headers": {"content-type": "application/json"}},
+            "body",
+        ),
     ],
 )
 def test_bad_requests_are_422_with_a_clear_message(client, method, path, kwargs, word):
