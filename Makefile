@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 DATASET ?= synthetic
 CONFIG ?=
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG),)
+# `make serve` answers for one merchant's customers (the large shop by default on synthetic data).
+MERCHANT ?= $(if $(filter synthetic,$(DATASET)),northwind,)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 1
+EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup train-federated evaluate export test lint clean
+.PHONY: setup train-federated evaluate export serve bench-serve test lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +30,19 @@ evaluate: setup
 
 export: setup
 	$(BIN)/fedrec export --dataset $(DATASET) $(CONFIG_ARG)
+
+# Serves the latest export; trains one first when there is none yet.
+serve: setup $(EXPORTS)/LATEST
+	$(BIN)/fedrec serve --export $(EXPORTS) $(if $(MERCHANT),--merchant $(MERCHANT),) --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+$(EXPORTS)/LATEST:
+	$(MAKE) train-federated DATASET=$(DATASET)
+
+# Load test (wrk) of the shipped export and a 1M-item HNSW catalogue -> results/bench-serve.json
+bench-serve: setup
+	@command -v wrk >/dev/null || { echo "error: bench-serve needs wrk: apt-get install wrk"; exit 2; }
+	test -f artifacts/synthetic/exports/LATEST || $(MAKE) train-federated DATASET=synthetic
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m serving.bench
 
 test: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q

@@ -1,0 +1,74 @@
+"""The serving benchmark's machinery on a tiny export (the real run is `make bench-serve`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.bench import BenchConfig, bench_catalogue, large_catalogue_vectors, markdown, write_large_export
+from serving.export_store import load_export
+
+REQUIRED = {"catalogue_size", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "index",
+            "recall_at_10_vs_exact", "faiss_only_qps"}  # fmt: skip
+
+
+def test_large_catalogue_keeps_the_real_vectors_first_and_is_seeded():
+    base = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)
+    a, source = large_catalogue_vectors(base, 500, 0.5, seed=3)
+    assert a.shape == (500, 8) and a.dtype == np.float32
+    np.testing.assert_array_equal(a[:50], base)
+    np.testing.assert_array_equal(source[:50], np.arange(50))
+    copies = a[50:] / np.linalg.norm(a[50:], axis=1, keepdims=True)
+    nearest = np.argmax(copies @ (base / np.linalg.norm(base, axis=1, keepdims=True)).T, axis=1)
+    assert np.mean(nearest == source[50:]) > 0.8  # each copy stays near the row it copies
+    np.testing.assert_array_equal(a, large_catalogue_vectors(base, 500, 0.5, seed=3)[0])
+    assert not np.allclose(a, large_catalogue_vectors(base, 500, 0.5, seed=4)[0])
+
+
+@pytest.fixture
+def tiny_bench(served_root, tmp_path):
+    root = shutil.copytree(served_root, tmp_path / "artifacts")
+    return BenchConfig(
+        export=str(root / "exports"),
+        merchant="big",
+        large_items=3000,
+        hnsw_m=16,
+        ef_construction=40,
+        ef_search=64,
+        concurrencies=(1, 4),
+        duration_s=1,
+        workers=1,
+        recall_queries=200,
+        cache_dir=str(tmp_path / "bench"),
+        results=str(tmp_path / "results" / "bench-serve.json"),
+    )
+
+
+def test_large_export_is_a_valid_hnsw_export_and_is_cached(tiny_bench):
+    base = load_export(tiny_bench.export, "big")
+    exports = write_large_export(base, tiny_bench)
+    large = load_export(exports, "big")
+    assert large.n_items == 3000 and large.kind == "hnsw"
+    assert large.item_ids[: base.n_items] == base.item_ids
+    assert large.merchant.purchased.shape == (len(base.merchant.user_ids), 3000)
+    stamp = (exports / "v0001" / "index.faiss").stat().st_mtime_ns
+    write_large_export(base, tiny_bench)
+    assert (exports / "v0001" / "index.faiss").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk)")
+def test_bench_drives_a_real_server_and_reports_every_field(tiny_bench):
+    runs = bench_catalogue("tiny", Path(tiny_bench.export), tiny_bench, {"command": "test"})
+    assert [r["concurrency"] for r in runs] == [1, 4]
+    for r in runs:
+        assert set(r) >= REQUIRED
+        assert r["errors"] == 0 and r["requests"] > 10 and r["rps"] > 0
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["recall_at_10_vs_exact"] == 1.0  # a flat index is exact
+    table = markdown(runs)
+    assert table.count("\n") == 2 + len(runs) and "| tiny |" in table
+    json.dumps(runs)
