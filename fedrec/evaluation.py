@@ -12,6 +12,7 @@ import torch
 
 from fedrec.data import MerchantData
 from fedrec.metrics import METRICS, eligible_users, per_user_metrics, topk_items
+from fedrec.model import scoring_vectors
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,28 @@ def combine(parts: dict[str, MetricSums]) -> dict:
     }
 
 
-def evaluate_test(merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> MetricSums:
+def evaluate_test(
+    merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_bias: torch.Tensor | None = None
+) -> MetricSums:
     """Test metrics: rank the catalogue minus everything bought before the cut-off."""
-    return merchant_metric_sums(user_vecs, item_vecs, merchant.full_train, merchant.test)
+    users, items = scoring_vectors(user_vecs, item_vecs, item_bias)
+    return merchant_metric_sums(users, items, merchant.full_train, merchant.test)
 
 
-def evaluate_test_all(merchants: list[MerchantData], users: dict[str, torch.Tensor], item_vecs: torch.Tensor) -> dict:
-    """Test metrics of every merchant (each with its own user vectors), combined."""
-    return combine({m.name: evaluate_test(m, users[m.name], item_vecs) for m in merchants})
+def evaluate_test_all(
+    merchants: list[MerchantData],
+    users: dict[str, torch.Tensor],
+    item_vecs: torch.Tensor,
+    item_biases: dict[str, torch.Tensor | None] | None = None,
+) -> dict:
+    """Test metrics of every merchant (each with its own user vectors and item bias), combined."""
+    biases = item_biases or {}
+    return combine({m.name: evaluate_test(m, users[m.name], item_vecs, biases.get(m.name)) for m in merchants})
 
 
-def evaluate_val(merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> MetricSums:
+def evaluate_val(
+    merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_bias: torch.Tensor | None = None
+) -> MetricSums:
     """Validation recall@20 for early stopping: train items excluded, val items as truth."""
-    return merchant_metric_sums(user_vecs, item_vecs, merchant.train, merchant.val, ("recall@20",))
+    users, items = scoring_vectors(user_vecs, item_vecs, item_bias)
+    return merchant_metric_sums(users, items, merchant.train, merchant.val, ("recall@20",))

@@ -13,21 +13,44 @@ import torch.nn.functional as F
 LOSSES = ("softmax", "sampled_softmax", "bpr")
 
 
-def softmax_loss(u: torch.Tensor, all_items: torch.Tensor, pos: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = u @ all_items.T / temperature
-    return F.cross_entropy(logits, pos)
+def softmax_loss(
+    u: torch.Tensor,
+    all_items: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: float,
+    item_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score = u . v (+ the merchant's own item bias), over the whole catalogue."""
+    scores = u @ all_items.T
+    if item_bias is not None:
+        scores = scores + item_bias
+    return F.cross_entropy(scores / temperature, pos)
 
 
 def sampled_softmax_loss(
-    u: torch.Tensor, v_pos: torch.Tensor, pos: torch.Tensor, log_q: torch.Tensor, temperature: float
+    u: torch.Tensor,
+    v_pos: torch.Tensor,
+    pos: torch.Tensor,
+    log_q: torch.Tensor,
+    temperature: float,
+    item_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In-batch negatives; subtracting log q(item) undoes the popularity bias of the sampler."""
-    logits = u @ v_pos.T / temperature - log_q[pos][None, :]
+    scores = u @ v_pos.T
+    if item_bias is not None:
+        scores = scores + item_bias[pos][None, :]
+    logits = scores / temperature - log_q[pos][None, :]
     same_item = pos[None, :] == pos[:, None]
     same_item.fill_diagonal_(False)  # other rows with the same item are not negatives
     logits = logits.masked_fill(same_item, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(pos)))
 
 
-def bpr_loss(u: torch.Tensor, v_pos: torch.Tensor, v_neg: torch.Tensor) -> torch.Tensor:
-    return -F.logsigmoid((u * v_pos).sum(-1) - (u * v_neg).sum(-1)).mean()
+def bpr_loss(
+    u: torch.Tensor,
+    v_pos: torch.Tensor,
+    v_neg: torch.Tensor,
+    b_pos: torch.Tensor | float = 0.0,
+    b_neg: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    return -F.logsigmoid((u * v_pos).sum(-1) + b_pos - (u * v_neg).sum(-1) - b_neg).mean()

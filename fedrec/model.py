@@ -21,6 +21,9 @@ class ModelConfig:
     use_item_id: bool = True
     use_content: bool = True
     init_std: float = 0.05
+    # A per-merchant item bias (that shop's own popularity), trained and kept at home like the
+    # user table: score = u . v + b_m. Pays off when shops differ (non-IID), see README.
+    merchant_item_bias: bool = False
 
 
 class ItemTower(nn.Module):
@@ -63,6 +66,23 @@ def item_tower_shapes(n_items: int, cfg: ModelConfig) -> dict[str, tuple[int, ..
 
 def init_user_embeddings(n_users: int, cfg: ModelConfig, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(n_users, cfg.dim, generator=generator) * cfg.init_std
+
+
+def init_item_bias(n_items: int, cfg: ModelConfig) -> torch.Tensor | None:
+    return torch.zeros(n_items) if cfg.merchant_item_bias else None
+
+
+def scoring_vectors(
+    users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors whose dot product is the model's score: [u, 1] . [v, b] = u . v + b.
+
+    The same augmentation lets a plain inner-product index (FAISS) rank with the bias.
+    """
+    if item_bias is None:
+        return users, items
+    ones = torch.ones(users.shape[0], 1, dtype=users.dtype)
+    return torch.cat([users, ones], 1), torch.cat([items, item_bias.to(items.dtype)[:, None]], 1)
 
 
 @torch.no_grad()

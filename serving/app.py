@@ -277,7 +277,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
                 404, "customer_not_found", f"customer {customer!r} is not a customer of merchant {merchant!r}"
             )
         exclude = purchased_rows(export, user_row) if exclude_purchased else None
-        rows, scores = search(export, customer_vector(export, user_row), k, exclude)
+        rows, scores = search(export, customer_vector(export, user_row), k, exclude, merchant_bias=True)
         return _json(
             {
                 "version": export.version,
@@ -302,7 +302,8 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
             )
         rows = np.array([export.item_rows[i] for i in body.items], dtype=np.int64)
         query = basket_vector(export, rows, settings.foldin_method, settings.foldin_reg, settings.foldin_candidates)
-        found, scores = search(export, query, body.k, np.unique(rows) if body.exclude_items else None)
+        exclude = np.unique(rows) if body.exclude_items else None
+        found, scores = search(export, query, body.k, exclude, merchant_bias=True)
         return _json({"version": export.version, "k": body.k, "items": results(export, found, scores)})
 
     return app

@@ -20,10 +20,11 @@ import polars as pl
 import scipy.sparse as sp
 
 from fedrec.errors import FedrecError
-from serving.index import index_kind, load_index
+from serving.index import build_index, index_kind, load_index
 
 EXPORT_FILES = ("model_card.json", "item_embeddings.npy", "index.faiss", "items.parquet")
 MERCHANT_FILES = ("user_embeddings.npy", "users.parquet", "purchased.npz")
+ITEM_BIAS_FILE = "item_bias.npy"  # optional: the merchant's own item bias (model.merchant_item_bias)
 SUPPORTED_FORMATS = (1,)
 VERSION_RE = re.compile(r"^v\d{4,}$")
 # Item metadata returned with every recommendation (whatever of these the export holds).
@@ -43,6 +44,9 @@ class MerchantFiles:
     user_rows: dict[str, int]
     user_vectors: np.ndarray  # (n_users, dim) float32
     purchased: sp.csr_matrix  # (n_users, n_items) everything bought so far
+    item_bias: np.ndarray | None = None  # (n_items,) this shop's own item bias, when trained with one
+    # Ranks with the bias: inner product of [u, 1] with [v, b], built here from the shared vectors.
+    index: faiss.Index | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,28 @@ def _check_index(index: faiss.Index, n_items: int, dim: int, path: Path) -> None
             raise ExportError(f"{path}: id map does not number the catalogue rows 0..{n_items - 1}")
 
 
-def load_merchant(merchant_dir: Path, merchant: str, version: str, n_items: int, dim: int) -> MerchantFiles:
+def _read_item_bias(path: Path, n_items: int) -> np.ndarray:
+    try:
+        bias = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: not a readable .npy array ({exc})") from None
+    if bias.shape != (n_items,) or not np.issubdtype(bias.dtype, np.floating):
+        raise ExportError(f"{path}: expected {n_items} floats (one per catalogue item), found shape {bias.shape}")
+    if not np.isfinite(bias).all():
+        raise ExportError(f"{path}: contains NaN or infinite values")
+    return bias.astype(np.float32)
+
+
+def load_merchant(
+    merchant_dir: Path,
+    merchant: str,
+    version: str,
+    n_items: int,
+    dim: int,
+    item_vectors: np.ndarray | None = None,
+    kind: str = "flat",
+) -> MerchantFiles:
+    """This merchant's private files; with an item bias, also its own index over [v, b]."""
     directory = Path(merchant_dir) / version
     if not directory.is_dir():
         raise ExportError(
@@ -207,7 +232,12 @@ def load_merchant(merchant_dir: Path, merchant: str, version: str, n_items: int,
             f"{directory / 'purchased.npz'}: shape {purchased.shape}, expected ({len(user_ids)}, {n_items})"
         )
     purchased.sort_indices()
-    return MerchantFiles(merchant, user_ids, rows, vectors, purchased)
+    bias, index = None, None
+    if (directory / ITEM_BIAS_FILE).is_file():
+        bias = _read_item_bias(directory / ITEM_BIAS_FILE, n_items)
+        if item_vectors is not None:
+            index = build_index(np.hstack([item_vectors, bias[:, None]]), kind)
+    return MerchantFiles(merchant, user_ids, rows, vectors, purchased, bias, index)
 
 
 def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | None = None) -> LoadedExport:
@@ -242,7 +272,7 @@ def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | 
     merchant_files = None
     if merchant is not None:
         mdir = merchant_dir if merchant_dir is not None else default_merchant_dir(directory, merchant)
-        merchant_files = load_merchant(mdir, merchant, directory.name, n_items, dim)
+        merchant_files = load_merchant(mdir, merchant, directory.name, n_items, dim, vectors, index_kind(index))
     return LoadedExport(
         version=version,
         path=directory,

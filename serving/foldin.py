@@ -28,23 +28,32 @@ def fold_in_ridge(basket: np.ndarray, reg: float) -> np.ndarray:
 
 
 def fold_in_softmax(
-    candidates: np.ndarray, positives: np.ndarray, temperature: float, reg: float, max_steps: int = 25
+    candidates: np.ndarray,
+    positives: np.ndarray,
+    temperature: float,
+    reg: float,
+    max_steps: int = 25,
+    offsets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Newton's method on the convex MAP objective; `positives` index rows of `candidates`."""
+    """Newton's method on the convex MAP objective; `positives` index rows of `candidates`.
+
+    `offsets` (one per candidate) add a fixed score, such as a merchant's item bias.
+    """
     c = candidates.astype(np.float64) / temperature
+    o = np.zeros(len(c)) if offsets is None else offsets.astype(np.float64) / temperature
     n_pos = len(positives)
     pos_sum = c[positives].sum(axis=0)
     eye = np.eye(c.shape[1])
 
     def objective(u: np.ndarray) -> float:
-        s = c @ u
+        s = c @ u + o
         top = s.max()
         return n_pos * (top + np.log(np.exp(s - top).sum())) - pos_sum @ u + reg * u @ u
 
     u = np.zeros(c.shape[1])
     value = objective(u)
     for _ in range(max_steps):
-        s = c @ u
+        s = c @ u + o
         p = np.exp(s - s.max())
         p /= p.sum()
         mean = c.T @ p
@@ -72,10 +81,12 @@ def fold_in(
     reg: float = 1.0,
     temperature: float = 1.0,
     candidates: np.ndarray | None = None,
+    item_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """One user vector (dim,) from the catalogue rows of a basket (pure; duplicates count twice).
 
     `candidates` (catalogue rows) limits the softmax normaliser; None means the whole catalogue.
+    `item_bias` (per catalogue row) enters the softmax rule's scores, as in training.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
@@ -87,10 +98,11 @@ def fold_in(
         u = fold_in_ridge(basket, reg)
     elif method == "softmax":
         if candidates is None:
-            u = fold_in_softmax(item_vectors, rows, temperature, reg)
+            u = fold_in_softmax(item_vectors, rows, temperature, reg, offsets=item_bias)
         else:
             pool, positives = np.unique(np.concatenate([candidates, rows]), return_inverse=True)
-            u = fold_in_softmax(item_vectors[pool], positives[len(candidates) :], temperature, reg)
+            offsets = None if item_bias is None else item_bias[pool]
+            u = fold_in_softmax(item_vectors[pool], positives[len(candidates) :], temperature, reg, offsets=offsets)
     else:
         raise ValueError(f"unknown fold-in method {method!r}; choose one of {FOLDIN_METHODS}")
     return u.astype(np.float32)

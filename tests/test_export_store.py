@@ -104,6 +104,10 @@ def _break_user_dim(v, m):
     np.save(m / "user_embeddings.npy", u[:, :-1])
 
 
+def _break_item_bias_length(v, m):
+    np.save(m / "item_bias.npy", np.zeros(3, dtype=np.float32))
+
+
 def _break_merchant_missing(v, m):
     shutil.rmtree(m)
 
@@ -124,6 +128,7 @@ def _break_merchant_missing(v, m):
         (_break_duplicate_item, "duplicate id"),
         (_break_items_column, "column(s) item missing"),
         (_break_user_dim, "user_embeddings.npy: dimension"),
+        (_break_item_bias_length, "item_bias.npy: expected"),
         (_break_merchant_missing, "no user embeddings for export v0002"),
     ],
 )

@@ -23,15 +23,17 @@ def features(tiny_dataset):
     return build_item_features(tiny_dataset.items, MODEL.hash_buckets)
 
 
-def test_messages_carry_only_the_item_tower(tiny_dataset, features):
+@pytest.mark.parametrize("bias", [False, True])
+def test_messages_carry_only_the_item_tower(tiny_dataset, features, bias):
     sent: list[tuple[str, ItemTowerUpdate]] = []
     cfg = FederationConfig(rounds=2, patience=0)
-    result = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg, on_message=lambda n, u: sent.append((n, u)))
+    model = dataclasses.replace(MODEL, merchant_item_bias=bias)
+    result = run_federated(tiny_dataset, features, model, LOCAL, cfg, on_message=lambda n, u: sent.append((n, u)))
     assert len(sent) == 2 * len(tiny_dataset.merchants)
     allowed = item_tower_shapes(tiny_dataset.n_items, MODEL)
     user_ids = {str(u) for m in tiny_dataset.merchants for u in m.user_ids}
     for name, msg in sent:
-        assert {f.name for f in dataclasses.fields(msg)} == {"delta", "num_examples", "touched_rows"}
+        assert {f.name for f in dataclasses.fields(msg)} == {"delta", "num_examples", "touched_rows", "num_steps"}
         assert set(msg.delta) == set(allowed)
         assert not any("user" in k for k in msg.delta)
         n_users = tiny_dataset.merchant(name).n_users
@@ -42,6 +44,14 @@ def test_messages_carry_only_the_item_tower(tiny_dataset, features):
             if t.ndim == 2 and t.shape[1] == users.shape[1]:
                 assert torch.cdist(users, t).min() > 1e-6
         assert not any(str(v) in user_ids for v in vars(msg).values() if isinstance(v, str))
+        own_bias = result.item_biases[name]
+        assert (own_bias is not None) == bias
+        if bias:  # the shop's own item bias trained (moved off zero) but no message carries it
+            assert own_bias.abs().max() > 1e-4
+            for t in msg.delta.values():
+                assert t.shape != own_bias.shape
+                if t.ndim == 2 and t.shape[0] == own_bias.shape[0]:  # no column of the item table is it
+                    assert not any(torch.allclose(col, own_bias, atol=1e-6) for col in t.T)
 
 
 def test_same_seed_same_model(tiny_dataset, features):
@@ -57,6 +67,30 @@ def test_fraction_samples_merchants(tiny_dataset, features):
     res = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)
     assert all(len(h.merchants) == 1 for h in res.history)
     assert len({tuple(h.merchants) for h in res.history}) >= 1
+
+
+def test_tiny_shop_federated_run_with_merchant_bias_beats_popularity(tiny_dataset, features):
+    """The CI-sized end-to-end check (no external data): three non-IID shops, the shipped recipe."""
+    model = dataclasses.replace(MODEL, use_content=False, merchant_item_bias=True)
+    local = dataclasses.replace(LOCAL, temperature=1.0)
+    res = run_federated(tiny_dataset, features, model, local, FederationConfig(rounds=30, patience=8))
+    items = item_embeddings(res.item_state, features, model)
+    fed = evaluate_test_all(tiny_dataset.merchants, res.user_embeddings, items, res.item_biases)
+    u, v = popularity(pooled(tiny_dataset).full_train)
+    pop = evaluate_test_all(
+        tiny_dataset.merchants,
+        dict(zip([m.name for m in tiny_dataset.merchants], _split(u, tiny_dataset), strict=True)),
+        v,
+    )
+    assert fed["overall"]["recall@20"] > pop["overall"]["recall@20"] + 0.02
+
+
+def _split(u, dataset):
+    out, start = [], 0
+    for m in dataset.merchants:
+        out.append(u[start : start + m.n_users])
+        start += m.n_users
+    return out
 
 
 @pytest.mark.parametrize("server", ["fedavg", "fedadam"])

@@ -39,6 +39,23 @@ def test_softmax_fold_in_is_the_map_optimum(vectors):
     assert (scores[rows] > np.median(scores)).all()  # the basket itself scores above most items
 
 
+def test_softmax_fold_in_with_a_merchant_bias_is_the_map_optimum_of_the_biased_scores(vectors):
+    rows = np.array([5, 9, 12])
+    bias = np.random.default_rng(1).normal(scale=2.0, size=300).astype(np.float32)
+    u = torch.tensor(
+        fold_in(vectors, rows, "softmax", reg=0.7, temperature=0.5, item_bias=bias),
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    v = torch.tensor(vectors, dtype=torch.float64)
+    b = torch.tensor(bias, dtype=torch.float64)
+    objective = -torch.log_softmax((v @ u + b) / 0.5, 0)[torch.from_numpy(rows)].sum() + 0.7 * (u @ u)
+    objective.backward()
+    assert u.grad.abs().max().item() < 1e-3
+    # the bias changes the answer: it explains part of the basket, so u differs from the unbiased one
+    assert not np.allclose(u.detach().numpy(), fold_in(vectors, rows, "softmax", reg=0.7, temperature=0.5), atol=1e-3)
+
+
 def test_softmax_over_candidates_uses_only_them(vectors):
     rows = np.array([5, 9])
     full = fold_in(vectors, rows, "softmax", reg=1.0)

@@ -66,6 +66,31 @@ def test_customer_recommendations_are_the_exact_top_k_without_purchases(client, 
     assert not {f["items"][i] for i in bought} & {it["id"] for it in body["items"]}
 
 
+def test_a_merchant_item_bias_enters_customer_and_basket_ranking(root):
+    """With the shop's own item bias (model.merchant_item_bias), the API ranks by u . v + b exactly."""
+    f = files(root)
+    bias = np.random.default_rng(3).normal(scale=1.0, size=len(f["items"])).astype(np.float32)
+    np.save(root / "merchants" / MERCHANT / "v0002" / "item_bias.npy", bias)
+    user = 5
+    with make_client(root) as client:
+        r = client.get(f"/v1/merchants/{MERCHANT}/customers/{f['users'][user]}/recommendations", params={"k": 9})
+        assert r.status_code == 200, r.text
+        scores = f["V"] @ f["U"][user] + bias
+        scores[f["bought"][user].indices] = -np.inf
+        assert [it["id"] for it in r.json()["items"]] == [f["items"][i] for i in np.argsort(-scores)[:9]]
+        np.testing.assert_allclose([it["score"] for it in r.json()["items"]], np.sort(scores)[::-1][:9], rtol=1e-5)
+        unbiased = f["V"] @ f["U"][user]
+        unbiased[f["bought"][user].indices] = -np.inf
+        assert [it["id"] for it in r.json()["items"]] != [f["items"][i] for i in np.argsort(-unbiased)[:9]]
+        basket = client.post("/v1/recommendations", json={"items": f["items"][:3], "k": 5})
+        assert basket.status_code == 200, basket.text and len(basket.json()["items"]) == 5
+        # similar items stay a property of the shared item vectors alone
+        sim = client.get(f"/v1/items/{f['items'][0]}/similar", params={"k": 4}).json()
+        item_scores = f["V"] @ f["V"][0]
+        item_scores[0] = -np.inf
+        assert [it["id"] for it in sim["items"]] == [f["items"][i] for i in np.argsort(-item_scores)[:4]]
+
+
 def test_exclude_purchased_false_ranks_the_whole_catalogue(client, root):
     f = files(root)
     user = int(np.argmax(f["bought"].getnnz(axis=1)))

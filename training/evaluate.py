@@ -59,8 +59,8 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
     quiet = Console(quiet=True)
     show = quiet if quiet_rounds else console
 
-    def record(name: str, users, items, seconds: float, result: TrainResult | None = None) -> None:
-        entry = evaluate_test_all(dataset.merchants, users, items)
+    def record(name: str, users, items, seconds: float, result: TrainResult | None = None, biases=None) -> None:
+        entry = evaluate_test_all(dataset.merchants, users, items, biases)
         entry["seconds"] = round(seconds, 2)
         if result is not None:
             entry["rounds"] = len(result.history)
@@ -71,7 +71,8 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
 
     # Federated, with the configured aggregation rule.
     res = _neural(dataset, features, cfg, cfg.federation, show, "federated")
-    record("federated", res.user_embeddings, item_embeddings(res.item_state, features, cfg.model), res.seconds, res)
+    items = item_embeddings(res.item_state, features, cfg.model)
+    record("federated", res.user_embeddings, items, res.seconds, res, res.item_biases)
 
     # Centralized: one client holding the pooled data; same model, loss and schedule.
     central = FederatedDataset(dataset.name, dataset.items, [pooled(dataset)], dataset.protocol)
@@ -82,6 +83,7 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
         item_embeddings(res.item_state, features, cfg.model),
         res.seconds,
         res,
+        {m.name: res.item_biases["pooled"] for m in dataset.merchants},  # one bias: the pooled shop's
     )
 
     # Local-only: every merchant trains the same model on its own customers alone.
@@ -92,7 +94,10 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
         res = run_federated(alone, features, cfg.model, cfg.local, cfg.federation)
         rounds = max(rounds, len(res.history))
         parts[m.name] = evaluate_test(
-            m, res.user_embeddings[m.name], item_embeddings(res.item_state, features, cfg.model)
+            m,
+            res.user_embeddings[m.name],
+            item_embeddings(res.item_state, features, cfg.model),
+            res.item_biases[m.name],
         )
     entry = combine(parts)
     entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
@@ -109,18 +114,37 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
     record("implicit_als", _split_rows(dataset, u), v, time.perf_counter() - t0)
     out["implicit_als"]["settings"] = {"factors": 32, "regularization": 0.1, "alpha": 5.0, "iterations": 15}
 
-    # Ablation asked for by the design: the other item-row aggregation rule.
+    # Ablations: each design choice of the federated run flipped alone.
     other = "fedavg" if cfg.federation.aggregation == "rowwise" else "rowwise"
-    fed_other = dataclasses.replace(cfg.federation, aggregation=other)
-    res = _neural(dataset, features, cfg, fed_other, show, f"federated ({other})")
-    abl = evaluate_test_all(
-        dataset.merchants, res.user_embeddings, item_embeddings(res.item_state, features, cfg.model)
-    )
-    out["ablations"] = {
-        f"aggregation={other}": {"overall": abl["overall"], "rounds": len(res.history), "best_round": res.best_round}
+    variants = {
+        f"aggregation={other}": (cfg.model, dataclasses.replace(cfg.federation, aggregation=other)),
+        f"normalize_steps={not cfg.federation.normalize_steps}": (
+            cfg.model,
+            dataclasses.replace(cfg.federation, normalize_steps=not cfg.federation.normalize_steps),
+        ),
+        f"merchant_item_bias={not cfg.model.merchant_item_bias}": (
+            dataclasses.replace(cfg.model, merchant_item_bias=not cfg.model.merchant_item_bias),
+            cfg.federation,
+        ),
     }
-    curves[f"federated ({other})"] = [h.val_recall_at_20 for h in res.history]
-    console.print(f"[bold]federated ({other})[/]: recall@20 {abl['overall']['recall@20']:.4f}")
+    out["ablations"] = {}
+    for label, (model_cfg, fed_cfg) in variants.items():
+        variant = dataclasses.replace(cfg, model=model_cfg, federation=fed_cfg)
+        res = _neural(dataset, features, variant, fed_cfg, show, f"federated ({label})")
+        abl = evaluate_test_all(
+            dataset.merchants,
+            res.user_embeddings,
+            item_embeddings(res.item_state, features, model_cfg),
+            res.item_biases,
+        )
+        out["ablations"][label] = {
+            "overall": abl["overall"],
+            "per_merchant": abl["per_merchant"],
+            "rounds": len(res.history),
+            "best_round": res.best_round,
+        }
+        curves[f"federated ({label})"] = [h.val_recall_at_20 for h in res.history]
+        console.print(f"[bold]federated ({label})[/]: recall@20 {abl['overall']['recall@20']:.4f}")
 
     fed, cen = out["federated"]["overall"]["recall@20"], out["centralized"]["overall"]["recall@20"]
     local_pm = out["local_only"]["per_merchant"]

@@ -4,7 +4,7 @@ artifacts/<dataset>/exports/vNNNN/      shared: no user data in here
     item_embeddings.npy, index.faiss, items.parquet, item_tower.pt, model_card.json
 artifacts/<dataset>/exports/LATEST      name of the newest complete version
 artifacts/<dataset>/merchants/<m>/vNNNN/ private to merchant m
-    user_embeddings.npy, users.parquet, purchased.npz
+    user_embeddings.npy, users.parquet, purchased.npz, item_bias.npy (when the model has one)
 Each version directory is built under a temporary name and renamed when complete.
 """
 
@@ -42,6 +42,7 @@ def write_export(
     item_vectors: np.ndarray,
     user_embeddings: dict[str, torch.Tensor],
     card: dict,
+    item_biases: dict[str, torch.Tensor | None] | None = None,
 ) -> Path:
     exports = root / "exports"
     version = next_version(exports)
@@ -76,5 +77,8 @@ def write_export(
             )
             # Everything the customer bought so far, for "exclude already bought".
             sp.save_npz(tmp / "purchased.npz", (m.full_train + m.test).tocsr())
+            bias = (item_biases or {}).get(m.name)
+            if bias is not None:  # this shop's own item popularity: private, like its users
+                np.save(tmp / "item_bias.npy", bias.numpy().astype(np.float32))
     write_text(exports / "LATEST", version + "\n")
     return target

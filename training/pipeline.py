@@ -30,6 +30,7 @@ def _card(cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds
         "privacy": {
             "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
             "user_embeddings": "kept by each merchant; never sent",
+            "merchant_item_bias": ("kept by each merchant; never sent" if cfg.model.merchant_item_bias else "not used"),
             "differential_privacy": None,
             "secure_aggregation": False,
         },
@@ -44,7 +45,14 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     history = [vars(h) for h in run.result.history]
     card = _card(cfg, run.dataset, history, run.result.best_round, run.result.seconds, run.test)
     path = write_export(
-        root, cfg, run.dataset, run.result.item_state, run.item_vectors.numpy(), run.result.user_embeddings, card
+        root,
+        cfg,
+        run.dataset,
+        run.result.item_state,
+        run.item_vectors.numpy(),
+        run.result.user_embeddings,
+        card,
+        run.result.item_biases,
     )
     console.print(
         f"\ntrained {len(history)} rounds in {run.result.seconds:.1f}s (best round {run.result.best_round})\n"
@@ -67,6 +75,8 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     vecs = item_embeddings(ckpt["item_state"], features, train_cfg.model).numpy()
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
     card = _card(export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"])
-    path = write_export(root, export_cfg, dataset, ckpt["item_state"], vecs, ckpt["user_embeddings"], card)
+    path = write_export(
+        root, export_cfg, dataset, ckpt["item_state"], vecs, ckpt["user_embeddings"], card, ckpt.get("item_biases")
+    )
     console.print(f"shared export: {path}")
     return path

@@ -51,7 +51,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
     printer = RoundPrinter(console, "federated", len(dataset.merchants))
     result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer)
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
-    test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs)
+    test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     return TrainedRun(cfg, dataset, features, result, test)
 
 
@@ -61,6 +61,7 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "config": run.cfg.to_dict(),
         "item_state": run.result.item_state,
         "user_embeddings": run.result.user_embeddings,
+        "item_biases": run.result.item_biases,
         "history": [vars(h) for h in run.result.history],
         "best_round": run.result.best_round,
         "seconds": run.result.seconds,

@@ -1,7 +1,8 @@
 """The local update: what one merchant computes in a round, as a pure function.
 
-In: the received item tower, the merchant's private user embeddings and purchase matrix.
-Out: an `ItemTowerUpdate` (shared) and the new user embeddings (kept at home).
+In: the received item tower, the merchant's private user embeddings (and, when the model has
+one, its private item bias) and purchase matrix.
+Out: an `ItemTowerUpdate` (shared) and the new private tensors (kept at home).
 The in-process simulation and a networked client both call exactly this.
 """
 
@@ -26,6 +27,7 @@ class LocalConfig:
     lr: float = 0.005  # Adam, item tower
     user_lr: float = 0.02  # Adam, user embeddings
     weight_decay: float = 0.1  # L2 on the rows used in a batch
+    bias_lr: float = 0.05  # Adam, the merchant's own item bias (model.merchant_item_bias)
     loss: str = "softmax"
     temperature: float = 0.5
 
@@ -35,6 +37,7 @@ class LocalResult:
     update: ItemTowerUpdate
     user_embeddings: torch.Tensor
     mean_loss: float
+    item_bias: torch.Tensor | None = None  # private, like user_embeddings
 
 
 def _batch_loss(
@@ -45,15 +48,17 @@ def _batch_loss(
     cfg: LocalConfig,
     log_q: torch.Tensor,
     gen: torch.Generator,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     if cfg.loss == "softmax":
-        return softmax_loss(u, tower(features), pos, cfg.temperature)
+        return softmax_loss(u, tower(features), pos, cfg.temperature, bias)
     if cfg.loss == "sampled_softmax":
-        return sampled_softmax_loss(u, tower(features, pos), pos, log_q, cfg.temperature)
+        return sampled_softmax_loss(u, tower(features, pos), pos, log_q, cfg.temperature, bias)
     if cfg.loss == "bpr":
         neg = torch.randint(features.n_items, pos.shape, generator=gen)
         v = tower(features, torch.cat([pos, neg]))
-        return bpr_loss(u, v[: len(pos)], v[len(pos) :])
+        b_pos, b_neg = (bias[pos], bias[neg]) if bias is not None else (0.0, 0.0)
+        return bpr_loss(u, v[: len(pos)], v[len(pos) :], b_pos, b_neg)
     raise ValueError(f"unknown loss {cfg.loss!r}")
 
 
@@ -65,19 +70,20 @@ def local_update(
     model_cfg: ModelConfig,
     cfg: LocalConfig,
     seed: int,
+    item_bias: torch.Tensor | None = None,
 ) -> LocalResult:
-    """Train the received item tower and the local user table for `cfg.epochs` on `train`."""
+    """Train the received item tower, the local user table (and item bias) for `cfg.epochs` on `train`."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tower = ItemTower(features.n_items, model_cfg)
     tower.load_state_dict(item_state)
     users = torch.nn.Parameter(user_embeddings.clone())
-    opt = torch.optim.Adam(
-        [
-            {"params": tower.parameters(), "lr": cfg.lr},
-            {"params": [users], "lr": cfg.user_lr},
-        ]
-    )
+    groups = [{"params": tower.parameters(), "lr": cfg.lr}, {"params": [users], "lr": cfg.user_lr}]
+    bias = None
+    if item_bias is not None:
+        bias = torch.nn.Parameter(item_bias.clone())
+        groups.append({"params": [bias], "lr": cfg.bias_lr})
+    opt = torch.optim.Adam(groups)
     coo = train.tocoo()
     rows = torch.from_numpy(coo.row.astype(np.int64))
     cols = torch.from_numpy(coo.col.astype(np.int64))
@@ -91,7 +97,7 @@ def local_update(
             b = perm[start : start + cfg.batch_size]
             u = users[rows[b]]
             pos = cols[b]
-            loss = _batch_loss(tower, features, u, pos, cfg, log_q, gen)
+            loss = _batch_loss(tower, features, u, pos, cfg, log_q, gen, bias)
             if cfg.weight_decay:
                 loss = loss + cfg.weight_decay * (u.pow(2).sum(-1).mean() + tower.item_emb(pos).pow(2).sum(-1).mean())
             opt.zero_grad(set_to_none=True)
@@ -102,9 +108,12 @@ def local_update(
     new_state = tower.state_dict()
     delta = {k: (new_state[k] - item_state[k]).detach() for k in item_state}
     touched = torch.from_numpy(np.asarray(train.sum(axis=0)).ravel() > 0)
-    update = ItemTowerUpdate(delta=delta, num_examples=int(train.nnz), touched_rows=touched)
+    update = ItemTowerUpdate(
+        delta=delta, num_examples=int(train.nnz), touched_rows=touched, num_steps=max(1, len(losses))
+    )
     return LocalResult(
         update=update,
         user_embeddings=users.detach(),
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        item_bias=None if bias is None else bias.detach(),
     )

@@ -20,11 +20,13 @@ class ItemTowerUpdate:
     num_examples: training positives used (n_k in FedAvg).
     touched_rows: bool per catalogue item, True where the merchant had a training positive:
     row-wise averaging of the item-id table only averages over merchants that saw the item.
+    num_steps: local optimiser steps behind `delta` (tau_k, for FedNova's normalisation).
     """
 
     delta: Mapping[str, torch.Tensor]
     num_examples: int
     touched_rows: torch.Tensor
+    num_steps: int = 1
 
     def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         if set(self.delta) != set(shapes):
@@ -39,3 +41,5 @@ class ItemTowerUpdate:
             raise ValueError("touched_rows must be a bool tensor with one entry per catalogue item")
         if self.num_examples <= 0:
             raise ValueError("num_examples must be positive")
+        if self.num_steps <= 0:
+            raise ValueError("num_steps must be positive")

@@ -3,6 +3,8 @@
 Per round: sample merchants, send each the item tower, run `local_update`, aggregate the
 returned `ItemTowerUpdate`s, apply the server optimiser, then each merchant reports its
 validation metric sums. The best round (validation recall@20) is kept (early stopping).
+Each merchant's private tensors (user table, optional item bias) live in dicts keyed by
+merchant that only that merchant's `local_update` call reads or writes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedrec.federated.messages import ItemTowerUpdate
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
 from fedrec.model import (
     ModelConfig,
+    init_item_bias,
     init_user_embeddings,
     item_embeddings,
     item_tower_shapes,
@@ -35,7 +38,8 @@ class FederationConfig:
     rounds: int = 60
     fraction: float = 1.0  # share of merchants sampled each round
     min_merchants: int = 1
-    aggregation: str = "rowwise"
+    aggregation: str = "fedavg"
+    normalize_steps: bool = True  # FedNova: see fedrec/federated/aggregation.py
     server: ServerOptConfig = field(default_factory=ServerOptConfig)
     patience: int = 10  # rounds without validation gain before stopping; 0 = never stop early
     seed: int = 0
@@ -54,6 +58,7 @@ class RoundLog:
 class TrainResult:
     item_state: dict[str, torch.Tensor]
     user_embeddings: dict[str, torch.Tensor]
+    item_biases: dict[str, torch.Tensor | None]
     history: list[RoundLog]
     best_round: int
     seconds: float
@@ -86,9 +91,10 @@ def run_federated(
         m.name: init_user_embeddings(m.n_users, model_cfg, torch.Generator().manual_seed(fed_cfg.seed * 7919 + i))
         for i, m in enumerate(dataset.merchants)
     }
+    biases = {m.name: init_item_bias(dataset.n_items, model_cfg) for m in dataset.merchants}
     server = ServerOptimizer(fed_cfg.server)
     history: list[RoundLog] = []
-    best = (-1.0, 0, global_state, dict(users))
+    best = (-1.0, 0, global_state, dict(users), dict(biases))
     for rnd in range(1, fed_cfg.rounds + 1):
         t_round = time.perf_counter()
         chosen = sample_merchants(names, fed_cfg, rng)
@@ -96,26 +102,28 @@ def run_federated(
         for name in chosen:
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
-            result = local_update(global_state, users[name], m.train, features, model_cfg, local_cfg, seed)
-            users[name] = result.user_embeddings
+            result = local_update(
+                global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name]
+            )
+            users[name], biases[name] = result.user_embeddings, result.item_bias
             result.update.validate(shapes)
             if on_message is not None:
                 on_message(name, result.update)
             updates.append(result.update)
             losses.append(result.mean_loss)
-        delta = aggregate(updates, fed_cfg.aggregation)
+        delta = aggregate(updates, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)
 
         item_vecs = item_embeddings(global_state, features, model_cfg)
-        val = {m.name: evaluate_val(m, users[m.name], item_vecs) for m in dataset.merchants}
+        val = {m.name: evaluate_val(m, users[m.name], item_vecs, biases[m.name]) for m in dataset.merchants}
         val_total = combine(val)["overall"]["recall@20"]
         log = RoundLog(rnd, chosen, float(np.mean(losses)), val_total, time.perf_counter() - t_round)
         history.append(log)
         if on_round is not None:
             on_round(log)
         if val_total > best[0]:
-            best = (val_total, rnd, global_state, dict(users))
+            best = (val_total, rnd, global_state, dict(users), dict(biases))
         elif fed_cfg.patience and rnd - best[1] >= fed_cfg.patience:
             break
-    _, best_round, best_state, best_users = best
-    return TrainResult(best_state, best_users, history, best_round, time.perf_counter() - t0)
+    _, best_round, best_state, best_users, best_biases = best
+    return TrainResult(best_state, best_users, best_biases, history, best_round, time.perf_counter() - t0)
