@@ -12,7 +12,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup train-federated evaluate export serve bench-serve test lint clean
+.PHONY: setup train-federated evaluate evaluate-foldin export serve bench-serve test lint clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ train-federated: setup
 
 evaluate: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) $(CONFIG_ARG)
+
+evaluate-foldin: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)
 
 export: setup
 	$(BIN)/fedrec export --dataset $(DATASET) $(CONFIG_ARG)

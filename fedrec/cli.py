@@ -1,4 +1,4 @@
-"""The `fedrec` command line: train, evaluate, export, serve, download.
+"""The `fedrec` command line: train, evaluate, evaluate-foldin, export, serve, download.
 
 Every user-fixable problem (FedrecError) is printed as one `error:` line with exit code 2.
 """
@@ -94,6 +94,24 @@ def evaluate(
     console.print(markdown_table(res), markup=False, highlight=False)
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
+
+
+@app.command("evaluate-foldin")
+@_friendly
+def evaluate_foldin(
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    set_: SetOpt = None,
+    users: Annotated[int, typer.Option(min=1, help="Test customers sampled per merchant.")] = 300,
+) -> None:
+    """Measure the basket fold-in rules (anonymous customers) against learned user vectors."""
+    from training.evaluate_foldin import evaluate_foldin as run_foldin
+    from training.evaluate_foldin import write_foldin_results
+
+    cfg = _config(config, dataset, set_)
+    res = run_foldin(cfg, console, users)
+    path = write_foldin_results(res, Path(cfg.output.results_dir))
+    console.print(f"best fold-in rule: {res['best']}\nresults: {path}")
 
 
 @app.command()
