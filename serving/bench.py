@@ -48,7 +48,8 @@ class BenchConfig:
     noise: float = 0.5  # perturbation of the copies, in units of each dimension's std
     hnsw_m: int = 48
     ef_construction: int = 200
-    ef_search: int = 128
+    ef_search: int = 128  # stored in the index
+    ef_searches: tuple[int, ...] = (128, 256, 512)  # search depths measured on the HNSW catalogue
     concurrencies: tuple[int, ...] = (1, 16, 64)
     duration_s: int = 10
     workers: int = 2
@@ -131,23 +132,35 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig) -> Path:
 # ---- FAISS alone ---------------------------------------------------------------------------------
 
 
-def recall_vs_exact(export: LoadedExport, queries: np.ndarray, k: int = K) -> float:
+def served_index(export: LoadedExport, queries: np.ndarray) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+    """The index customer requests go to, its vectors, and the queries as the server sends them.
+
+    With a merchant item bias that is the merchant's own [v, b] index, queried with [u, 1].
+    """
+    m = export.merchant
+    if m is None or m.index is None:
+        return export.index, export.item_vectors, queries
+    items = np.hstack([export.item_vectors, m.item_bias[:, None]])
+    return m.index, items, np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+
+
+def recall_vs_exact(index: faiss.Index, items: np.ndarray, queries: np.ndarray, k: int = K) -> float:
     """Mean overlap of the served index's top-k with exact inner-product top-k."""
-    exact = faiss.IndexFlatIP(export.dim)
-    exact.add(export.item_vectors)
+    exact = faiss.IndexFlatIP(items.shape[1])
+    exact.add(np.ascontiguousarray(items, dtype=np.float32))
     _, truth = exact.search(queries, k)
-    _, found = export.index.search(queries, k)
+    _, found = index.search(queries, k)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found, strict=True)]))
 
 
-def faiss_only_qps(export: LoadedExport, queries: np.ndarray, fetch: np.ndarray) -> float:
+def faiss_only_qps(index: faiss.Index, queries: np.ndarray, fetch: np.ndarray) -> float:
     """One query per call on one thread, as a worker does, with the same over-fetch for exclusions."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
         start = time.perf_counter()
         for q, n in zip(queries, fetch, strict=True):
-            export.index.search(q.reshape(1, -1), int(n))
+            index.search(q.reshape(1, -1), int(n))
         return len(queries) / (time.perf_counter() - start)
     finally:
         faiss.omp_set_num_threads(threads)
@@ -178,11 +191,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(exports: Path, merchant: str, workers: int, port: int) -> subprocess.Popen:
+def start_server(exports: Path, merchant: str, workers: int, port: int, ef_search: int | None) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "fedrec.cli", "serve", "--export", str(exports), "--merchant", merchant,
         "--port", str(port), "--workers", str(workers), "--watch-interval", "0", "--log-level", "warning",
     ]  # fmt: skip
+    if ef_search is not None:
+        cmd += ["--ef-search", str(ef_search)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -225,25 +240,30 @@ def run_wrk(base_url: str, paths: list[str], concurrency: int, duration_s: int) 
 # ---- one catalogue, all concurrencies --------------------------------------------------------------
 
 
-def bench_catalogue(name: str, exports: Path, cfg: BenchConfig, meta: dict) -> list[dict]:
+def bench_catalogue(name: str, exports: Path, cfg: BenchConfig, meta: dict, ef_search: int | None = None) -> list[dict]:
+    """Recall and FAISS-only speed, then wrk at each concurrency against a fresh server."""
     export = load_export(exports, cfg.merchant)
+    if ef_search is not None and export.kind == "hnsw":
+        faiss.downcast_index(export.index.index).hnsw.efSearch = ef_search
     m = export.merchant
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(m.user_ids))
     queries = m.user_vectors[order[: cfg.recall_queries]]
     fetch = np.minimum(K + m.purchased.getnnz(axis=1)[order[: cfg.recall_queries]], export.n_items)
-    recall = recall_vs_exact(export, queries)
-    qps = faiss_only_qps(export, queries, fetch)
-    print(f"{name}: {export.n_items:,} items, {export.kind} index, recall@10 vs exact {recall:.4f}, "
-          f"FAISS alone {qps:,.0f} queries/s", flush=True)  # fmt: skip
+    index, items, served_queries = served_index(export, queries)
+    recall = recall_vs_exact(index, items, served_queries)
+    qps = faiss_only_qps(index, served_queries, fetch)
+    print(f"{name}: {export.n_items:,} items, {export.kind} index (ef_search {ef_search}), "
+          f"recall@10 vs exact {recall:.4f}, FAISS alone {qps:,.0f} queries/s", flush=True)  # fmt: skip
     paths = [f"/v1/merchants/{m.name}/customers/{m.user_ids[u]}/recommendations?k={K}" for u in order]
     info = {"catalogue": name, "catalogue_size": export.n_items, "index": export.kind, "export_version": export.version}
     if export.kind == "hnsw":
         hnsw = faiss.downcast_index(export.index.index).hnsw
         info.update(hnsw_m=cfg.hnsw_m, ef_search=int(hnsw.efSearch))
+    export_kind = export.kind
     del export
     port = free_port()
-    proc = start_server(exports, cfg.merchant, cfg.workers, port)
+    proc = start_server(exports, cfg.merchant, cfg.workers, port, ef_search if export_kind == "hnsw" else None)
     runs = []
     try:
         base_url = f"http://127.0.0.1:{port}"
@@ -282,7 +302,9 @@ def markdown(runs: list[dict]) -> str:
         "| recall@10 vs exact | FAISS alone q/s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = [
-        f"| {r['catalogue']} | {r['catalogue_size']:,} | {r['index']} | {r['concurrency']} | {r['rps']:,.0f} "
+        f"| {r['catalogue']} | {r['catalogue_size']:,} "
+        f"| {r['index']}{' ef ' + str(r['ef_search']) if 'ef_search' in r else ''} "
+        f"| {r['concurrency']} | {r['rps']:,.0f} "
         f"| {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
         f"| {r['recall_at_10_vs_exact']:.4f} | {r['faiss_only_qps']:,.0f} |"
         for r in runs
@@ -306,7 +328,8 @@ def main(cfg: BenchConfig | None = None) -> list[dict]:
     large = write_large_export(base, cfg)
     del base
     runs = bench_catalogue("shipped export", Path(cfg.export), cfg, meta)
-    runs += bench_catalogue(f"synthetic {cfg.large_items // 1_000_000}M", large, cfg, meta)
+    for ef in cfg.ef_searches:
+        runs += bench_catalogue(f"synthetic {cfg.large_items // 1_000_000}M", large, cfg, meta, ef)
     results = Path(cfg.results)
     write_json(results, runs)
     write_text(results.with_suffix(".md"), markdown(runs))
