@@ -139,6 +139,7 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each holds the index in memory).")] = 1,
     watch_interval: Annotated[float, typer.Option(help="Seconds between checks for a new export; 0: off.")] = 2.0,
     foldin: Annotated[str, typer.Option(help="Basket fold-in rule: softmax, mean or ridge.")] = "softmax",
+    foldin_reg: Annotated[float, typer.Option(help="Fold-in L2 regularisation (see make evaluate-foldin).")] = 1.0,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search depth (default: the export's).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -160,6 +161,7 @@ def serve(
         merchant_dir=str(merchant_dir) if merchant_dir else None,
         watch_interval=watch_interval,
         foldin_method=foldin,
+        foldin_reg=foldin_reg,
         ef_search=ef_search,
     )
     # Refuse a broken export here, as one clear line, before any worker starts.
