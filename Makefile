@@ -41,7 +41,7 @@ serve: setup $(EXPORTS)/LATEST
 $(EXPORTS)/LATEST:
 	$(MAKE) train-federated DATASET=$(DATASET)
 
-# Load test (wrk) of the shipped export and a 1M-item HNSW catalogue -> results/bench-serve.json
+# Load test (wrk) of the shipped export and two synthetic 1M-item HNSW catalogues -> results/bench-serve.json
 bench-serve: setup
 	@command -v wrk >/dev/null || { echo "error: bench-serve needs wrk: apt-get install wrk"; exit 2; }
 	test -f artifacts/synthetic/exports/LATEST || $(MAKE) train-federated DATASET=synthetic

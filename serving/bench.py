@@ -6,8 +6,11 @@ For each catalogue (the shipped export, and a synthetic 1,000,000-item catalogue
 2. starts the server as a separate process on loopback and drives it with wrk at each
    concurrency, cycling through the merchant's customers (top-10, already-bought excluded);
 3. writes results/bench-serve.json (a list of runs) and results/bench-serve.md.
-The 1M catalogue is the shipped item vectors plus perturbed copies of them (so it has the
-shape of real item embeddings, not uniform noise); it is cached under artifacts/bench/.
+The 1M catalogue is the shipped item vectors plus generated ones, of two kinds (cached under
+artifacts/bench/): "copies", perturbed and rescaled copies of the real vectors (tight clusters of
+near-ties, hard for HNSW), and "gaussian", draws from a normal distribution with the real vectors'
+mean and covariance (a spread-out catalogue of distinct products). Neither is real data, so the
+benchmark reports both.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class BenchConfig:
     merchant: str = "northwind"
     large_items: int = 1_000_000
     noise: float = 0.5  # perturbation of the copies, in units of each dimension's std
+    large_kinds: tuple[str, ...] = ("copies", "gaussian")
     hnsw_m: int = 48
     ef_construction: int = 200
     ef_search: int = 128  # stored in the index
@@ -62,32 +66,45 @@ class BenchConfig:
 # ---- the synthetic large catalogue --------------------------------------------------------------
 
 
-def large_catalogue_vectors(base: np.ndarray, n_items: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The base vectors, then perturbed, rescaled copies of random base rows (pure).
+def large_catalogue_vectors(
+    base: np.ndarray, n_items: int, noise: float, seed: int, kind: str = "copies"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The base vectors, then generated rows (pure): "copies" perturbs and rescales random base
+    rows; "gaussian" draws from N(mean, covariance) of the base rows.
 
-    Returns the vectors and, for each row, the base row it copies (for its title and category).
+    Returns the vectors and, for each row, a base row whose title and category it borrows.
     """
     rng = np.random.default_rng(seed)
     extra = n_items - base.shape[0]
     pick = rng.integers(0, base.shape[0], extra)
-    scale = rng.uniform(0.8, 1.2, (extra, 1)).astype(np.float32)
-    jitter = rng.standard_normal((extra, base.shape[1]), dtype=np.float32) * (noise * base.std(axis=0))
-    vectors = np.vstack([base, base[pick] * scale + jitter]).astype(np.float32)
+    if kind == "copies":
+        scale = rng.uniform(0.8, 1.2, (extra, 1)).astype(np.float32)
+        jitter = rng.standard_normal((extra, base.shape[1]), dtype=np.float32) * (noise * base.std(axis=0))
+        new = base[pick] * scale + jitter
+    elif kind == "gaussian":
+        cov = np.cov(base.astype(np.float64), rowvar=False) + 1e-6 * np.eye(base.shape[1])
+        new = base.mean(axis=0) + rng.standard_normal((extra, base.shape[1])) @ np.linalg.cholesky(cov).T
+    else:
+        raise ValueError(f"unknown catalogue kind {kind!r}; choose copies or gaussian")
+    vectors = np.vstack([base, new]).astype(np.float32)
     return vectors, np.concatenate([np.arange(base.shape[0]), pick])
 
 
-def write_large_export(base: LoadedExport, cfg: BenchConfig) -> Path:
+def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies") -> Path:
     """A complete export (plus the merchant's files) for the large catalogue; reused when cached."""
     params = {k: getattr(cfg, k) for k in ("large_items", "noise", "hnsw_m", "ef_construction", "ef_search", "seed")}
     params["base_version"] = base.version
-    root = Path(cfg.cache_dir) / f"catalogue-{cfg.large_items}"
+    suffix = "" if kind == "copies" else f"-{kind}"  # "copies" keeps the cache name it always had
+    if kind != "copies":
+        params["kind"] = kind
+    root = Path(cfg.cache_dir) / f"catalogue{suffix}-{cfg.large_items}"
     exports = root / "exports"
     card_path = exports / "v0001" / "model_card.json"
     if card_path.exists() and json.loads(card_path.read_text()).get("bench") == params:
         return exports
     shutil.rmtree(root, ignore_errors=True)
     print(f"building the {cfg.large_items:,}-item catalogue and its HNSW index (cached afterwards)...", flush=True)
-    vectors, source = large_catalogue_vectors(base.item_vectors, cfg.large_items, cfg.noise, cfg.seed)
+    vectors, source = large_catalogue_vectors(base.item_vectors, cfg.large_items, cfg.noise, cfg.seed, kind)
     n_base = base.n_items
     titles = base.metadata.get("title") or base.item_ids
     items = pl.DataFrame(
@@ -111,7 +128,7 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig) -> Path:
             "items": cfg.large_items,
             "dim": int(vectors.shape[1]),
             "index": index_kind(index),
-            "dataset": f"synthetic {cfg.large_items:,}-item benchmark catalogue from export {base.version}",
+            "dataset": f"synthetic {cfg.large_items:,}-item benchmark catalogue ({kind}) from export {base.version}",
             "index_build_seconds": round(build_s, 1),
             "bench": params,
             "config": base.card.get("config", {}),
@@ -325,11 +342,12 @@ def main(cfg: BenchConfig | None = None) -> list[dict]:
         "command": "make bench-serve",
     }
     base = load_export(Path(cfg.export), cfg.merchant)
-    large = write_large_export(base, cfg)
+    large = {kind: write_large_export(base, cfg, kind) for kind in cfg.large_kinds}
     del base
     runs = bench_catalogue("shipped export", Path(cfg.export), cfg, meta)
-    for ef in cfg.ef_searches:
-        runs += bench_catalogue(f"synthetic {cfg.large_items // 1_000_000}M", large, cfg, meta, ef)
+    for kind, exports in large.items():
+        for ef in cfg.ef_searches:
+            runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, ef)
     results = Path(cfg.results)
     write_json(results, runs)
     write_text(results.with_suffix(".md"), markdown(runs))

@@ -29,6 +29,20 @@ def test_large_catalogue_keeps_the_real_vectors_first_and_is_seeded():
     assert not np.allclose(a, large_catalogue_vectors(base, 500, 0.5, seed=4)[0])
 
 
+def test_gaussian_catalogue_has_the_base_mean_and_covariance():
+    rng = np.random.default_rng(2)
+    base = (rng.normal(size=(400, 4)) @ np.array([[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0.5, 0], [0, 0, 0, 1.0]])).astype(
+        np.float32
+    ) + 3.0
+    a, _ = large_catalogue_vectors(base, 40_400, 0.5, seed=1, kind="gaussian")
+    np.testing.assert_array_equal(a[:400], base)
+    new = a[400:].astype(np.float64)
+    np.testing.assert_allclose(new.mean(axis=0), base.mean(axis=0), atol=0.05)
+    np.testing.assert_allclose(np.cov(new, rowvar=False), np.cov(base, rowvar=False), atol=0.08)
+    with pytest.raises(ValueError, match="unknown catalogue kind"):
+        large_catalogue_vectors(base, 500, 0.5, seed=1, kind="uniform")
+
+
 @pytest.fixture
 def tiny_bench(served_root, tmp_path):
     root = shutil.copytree(served_root, tmp_path / "artifacts")
