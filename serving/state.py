@@ -40,7 +40,10 @@ class ExportHolder:
         s = self.settings
         export = load_export(s.export_path, s.merchant, Path(s.merchant_dir) if s.merchant_dir else None)
         if s.ef_search is not None and export.kind == "hnsw":
-            faiss.downcast_index(export.index.index).hnsw.efSearch = s.ef_search
+            own = export.merchant.index if export.merchant is not None else None  # the [v, b] index
+            for index in (export.index, own):
+                if index is not None:
+                    faiss.downcast_index(index.index).hnsw.efSearch = s.ef_search
         return export
 
     def reload(self, only_if_changed: bool = True) -> ReloadOutcome:
