@@ -27,10 +27,11 @@ def choose_kind(n_items: int, kind: str = "auto") -> str:
 def build_index(
     vectors: np.ndarray,
     kind: str = "auto",
-    hnsw_m: int = 32,
-    ef_construction: int = 200,
-    ef_search: int = 128,
+    hnsw_m: int = 48,
+    ef_construction: int = 500,
+    ef_search: int = 320,
 ) -> faiss.Index:
+    """HNSW defaults: recall@10 >= 0.95 at the serving target on the 1M benchmark (README)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     kind = choose_kind(n, kind)
