@@ -80,3 +80,30 @@ def test_update_type_rejects_anything_but_the_item_tower():
     )
     with pytest.raises(ValueError, match="shape"):
         wrong_shape.validate(shapes)
+
+
+def test_fednova_averages_per_step_deltas_and_rescales_by_mean_steps():
+    # A: n=1, tau=1; B: n=3, tau=6. Weights 1/4, 3/4; tau_eff = 1/4 * 1 + 3/4 * 6 = 4.75
+    a = ItemTowerUpdate(A.delta, 1, A.touched_rows, num_steps=1)
+    b = ItemTowerUpdate(B.delta, 3, B.touched_rows, num_steps=6)
+    out = fedavg([a, b], normalize_steps=True)
+    # dense: (1/4 * 3/1 + 3/4 * 0/6) * 4.75
+    assert torch.allclose(out["mlp.0.bias"], torch.tensor([0.75 * 4.75]))
+    # row 0: (1/4 * 1/1 + 3/4 * 4/6) * 4.75
+    assert torch.allclose(out["item_emb.weight"][0], torch.full((2,), (0.25 + 0.5) * 4.75))
+    # equal step counts: identical to plain fedavg
+    same = [ItemTowerUpdate(u.delta, u.num_examples, u.touched_rows, num_steps=5) for u in (A, B)]
+    for name, t in fedavg(same, normalize_steps=True).items():
+        assert torch.allclose(t, fedavg([A, B])[name])
+
+
+def test_fednova_rowwise_uses_the_step_count_of_the_merchants_that_touched_each_row():
+    a = ItemTowerUpdate(A.delta, 1, A.touched_rows, num_steps=2)
+    b = ItemTowerUpdate(B.delta, 3, B.touched_rows, num_steps=4)
+    out = rowwise_fedavg([a, b], normalize_steps=True)
+    # row 1: only A touched it -> A's per-step delta times A's steps = A's delta
+    assert torch.allclose(out["item_emb.weight"][1], torch.tensor([2.0, 2.0]))
+    # row 0: both; tau_eff = 1/4*2 + 3/4*4 = 3.5; (1/4 * 1/2 + 3/4 * 4/4) * 3.5
+    assert torch.allclose(out["item_emb.weight"][0], torch.full((2,), (0.125 + 0.75) * 3.5))
+    # row 2: nobody touched it -> fedavg weights; (1/4 * 0/2 + 3/4 * 6/4) * 3.5
+    assert torch.allclose(out["item_emb.weight"][2], torch.full((2,), 0.75 * 1.5 * 3.5))

@@ -37,10 +37,9 @@ def row_weights(updates: Sequence[ItemTowerUpdate]) -> torch.Tensor:
     n = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
     w = torch.stack([u.touched_rows for u in updates]).double() * n[:, None]
     denom = w.sum(0)
-    w = w / denom.clamp_min(1e-12)
-    untouched = denom == 0
-    w[:, untouched] = (n / n.sum())[:, None]
-    return w.float()
+    w = (w / denom.clamp_min(1e-12)).float()
+    w[:, denom == 0] = example_weights(updates)[:, None]
+    return w
 
 
 def weighted_sum(
