@@ -5,7 +5,8 @@ Here every test customer is treated as anonymous: their purchases before the tes
 the basket, each fold-in rule (and regularisation) solves a user vector against the trained
 item vectors (with the merchant's item bias where the model has one), and full-ranking
 recall@20/NDCG@20 on the test purchases is compared with the learned user vectors.
-Writes results/foldin-<dataset>.json; `fedrec serve` uses the best rule and reg as defaults.
+Writes results/foldin-<dataset>.json, from which `fedrec serve`'s fold-in default was chosen
+(serving/settings.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.console import Console
 
 from fedrec.atomic import write_json
 from fedrec.config import RunConfig
+from fedrec.data import MerchantData
 from fedrec.evaluation import MetricSums, combine, evaluate_test
 from fedrec.metrics import eligible_users
 from serving.foldin import fold_in
@@ -50,7 +52,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     for m in run.dataset.merchants:
         keep = np.flatnonzero(eligible_users(m.full_train, m.test))
         pick = np.sort(rng.choice(keep, size=min(users_per_merchant, len(keep)), replace=False))
-        sub = type(m)(m.name, m.user_ids[pick], m.train[pick], m.val[pick], m.test[pick])
+        sub = MerchantData(m.name, m.user_ids[pick], m.train[pick], m.val[pick], m.test[pick])
         bias = run.result.item_biases.get(m.name)
         learned = run.result.user_embeddings[m.name][torch.from_numpy(pick)]
         parts["learned"][m.name] = evaluate_test(sub, learned, items, bias)
