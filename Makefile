@@ -1,7 +1,11 @@
-# Each target sets itself up: the venv is (re)built when missing or when pyproject.toml changes.
+# Each target sets itself up: the venv is (re)built when missing or when pyproject.toml or the
+# lock file changes, and installs exactly the versions in requirements.lock (hash-checked).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
+# Evaluated only when a recipe needs it, so `make clean` works without Python 3.11.
+PYTHON_VERSION = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 DATASET ?= synthetic
 CONFIG ?=
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG),)
@@ -12,15 +16,23 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup train-federated evaluate evaluate-foldin export serve bench-serve test lint clean
+.PHONY: setup lock train-federated evaluate evaluate-foldin export serve bench-serve test lint clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(if $(filter 3.11,$(PYTHON_VERSION)),,$(error $(PYTHON) $(if $(PYTHON_VERSION),is Python $(PYTHON_VERSION),not found): fedrec needs Python 3.11 (apt-get install python3.11 python3.11-venv, or pyenv install 3.11), or run make PYTHON=/path/to/python3.11))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
+
+# Re-resolve every dependency (after editing pyproject.toml): writes requirements.lock with hashes.
+lock:
+	$(if $(filter 3.11,$(PYTHON_VERSION)),,$(error $(PYTHON) $(if $(PYTHON_VERSION),is Python $(PYTHON_VERSION),not found): fedrec needs Python 3.11))
+	test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q pip-tools==7.6.2; }
+	.venv-lock/bin/pip-compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
 
 train-federated: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec train --dataset $(DATASET) $(CONFIG_ARG)
@@ -45,7 +57,7 @@ $(EXPORTS)/LATEST:
 bench-serve: setup
 	@command -v wrk >/dev/null || { echo "error: bench-serve needs wrk: apt-get install wrk"; exit 2; }
 	test -f artifacts/synthetic/exports/LATEST || $(MAKE) train-federated DATASET=synthetic
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m serving.bench
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.serving.bench
 
 test: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q

@@ -19,6 +19,7 @@ import polars as pl
 
 from fedrec.atomic import atomic_dir
 from fedrec.data import PurchaseLog
+from fedrec.datasets import cache_dir
 from fedrec.errors import DataError
 
 ENV_VAR = "FEDREC_MOVIELENS_DIR"
@@ -52,7 +53,10 @@ GENRES = [
 ]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = PROJECT_ROOT.parent / "shared" / "datasets" / "movielens-100k"
-DEFAULT_DOWNLOAD_DIR = Path.home() / ".cache" / "fedrec" / "movielens-100k"
+
+
+def default_download_dir() -> Path:
+    return cache_dir() / "movielens-100k"
 
 
 def resolve_dir(configured: str | Path | None = None) -> Path:
@@ -61,7 +65,7 @@ def resolve_dir(configured: str | Path | None = None) -> Path:
         Path(configured) if configured else None,
         Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None,
         SHARED_DIR,
-        DEFAULT_DOWNLOAD_DIR,
+        default_download_dir(),
     ]
     for c in candidates:
         if c is not None and (c / "u.data").is_file():
@@ -143,7 +147,7 @@ def _sha256(data: bytes) -> str:
 
 def download(dest: str | Path | None = None, url: str = OFFICIAL_URL, timeout: float = 60.0) -> Path:
     """Fetch the official archive, verify every file's sha256, and unpack it atomically."""
-    dest = Path(dest) if dest else DEFAULT_DOWNLOAD_DIR
+    dest = Path(dest) if dest else default_download_dir()
     if (dest / "u.data").is_file():
         return dest
     try:

@@ -22,9 +22,9 @@ import polars as pl
 
 from fedrec.atomic import write_with
 from fedrec.data import PurchaseLog
+from fedrec.datasets import cache_dir
 
 GENERATOR_VERSION = 1
-CACHE_DIR = Path(__file__).resolve().parent / "generated"
 DAY = 86_400
 START = 1_704_067_200  # 2024-01-01 UTC
 
@@ -275,7 +275,8 @@ def paths(cfg: SyntheticConfig | None = None) -> tuple[Path, Path]:
     cfg = cfg or SyntheticConfig()
     digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:10]
     tag = f"v{GENERATOR_VERSION}-{digest}"
-    return CACHE_DIR / f"purchases-{tag}.parquet", CACHE_DIR / f"products-{tag}.parquet"
+    folder = cache_dir() / "synthetic"
+    return folder / f"purchases-{tag}.parquet", folder / f"products-{tag}.parquet"
 
 
 def load(cfg: SyntheticConfig | None = None) -> PurchaseLog:

@@ -103,15 +103,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
-
-
-def default_config_path(dataset: str | None) -> Path | None:
-    """The shipped config tuned for a dataset, when there is one."""
-    candidate = CONFIG_DIR / f"{dataset or 'synthetic'}.toml"
-    return candidate if candidate.is_file() else None
-
-
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig saved with `to_dict()` (e.g. in a checkpoint)."""
     return validate(_build(RunConfig, raw, ""))

@@ -22,10 +22,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import metrics
-from serving.export_store import LoadedExport
-from serving.recommend import basket_vector, customer_vector, purchased_rows, results, search
-from serving.schemas import (
+from fedrec.serving import metrics
+from fedrec.serving.export_store import LoadedExport
+from fedrec.serving.recommend import basket_vector, customer_vector, purchased_rows, results, search
+from fedrec.serving.schemas import (
     MAX_K,
     BasketRequest,
     CustomerList,
@@ -37,8 +37,8 @@ from serving.schemas import (
     ReloadResult,
     SimilarItems,
 )
-from serving.settings import ServeSettings
-from serving.state import ExportHolder
+from fedrec.serving.settings import ServeSettings
+from fedrec.serving.state import ExportHolder
 
 log = logging.getLogger("fedrec.serving")
 ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
@@ -140,7 +140,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo() -> HTMLResponse:
-        return HTMLResponse(resources.files("serving").joinpath("static/index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(resources.files("fedrec.serving").joinpath("static/index.html").read_text(encoding="utf-8"))
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict:

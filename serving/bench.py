@@ -37,8 +37,8 @@ import scipy.sparse as sp
 
 from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.errors import FedrecError
-from serving.export_store import LoadedExport, load_export
-from serving.index import build_index, index_kind, save_index
+from fedrec.serving.export_store import LoadedExport, load_export
+from fedrec.serving.index import build_index, index_kind, save_index
 
 K = 10
 
@@ -210,7 +210,7 @@ def free_port() -> int:
 
 def start_server(exports: Path, merchant: str, workers: int, port: int, ef_search: int | None) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "fedrec.cli", "serve", "--export", str(exports), "--merchant", merchant,
+        sys.executable, "-m", "fedrec.training.cli", "serve", "--export", str(exports), "--merchant", merchant,
         "--port", str(port), "--workers", str(workers), "--watch-interval", "0", "--log-level", "warning",
     ]  # fmt: skip
     if ef_search is not None:

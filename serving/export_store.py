@@ -20,7 +20,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from fedrec.errors import FedrecError
-from serving.index import build_index, index_kind, load_index
+from fedrec.serving.index import build_index, index_kind, load_index
 
 EXPORT_FILES = ("model_card.json", "item_embeddings.npy", "index.faiss", "items.parquet")
 MERCHANT_FILES = ("user_embeddings.npy", "users.parquet", "purchased.npz")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.export_store import LoadedExport
-from serving.foldin import fold_in
+from fedrec.serving.export_store import LoadedExport
+from fedrec.serving.foldin import fold_in
 
 
 def search(

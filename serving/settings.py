@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedrec.errors import ConfigError
-from serving.foldin import FOLDIN_METHODS
+from fedrec.serving.foldin import FOLDIN_METHODS
 
 ENV_VAR = "FEDREC_SERVE_SETTINGS"
 TOKEN_ENV_VAR = "FEDREC_ADMIN_TOKEN"

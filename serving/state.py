@@ -14,9 +14,9 @@ from pathlib import Path
 import faiss
 
 from fedrec.errors import FedrecError
-from serving import metrics
-from serving.export_store import LoadedExport, latest_version_name, load_export
-from serving.settings import ServeSettings
+from fedrec.serving import metrics
+from fedrec.serving.export_store import LoadedExport, latest_version_name, load_export
+from fedrec.serving.settings import ServeSettings
 
 log = logging.getLogger("fedrec.serving")
 

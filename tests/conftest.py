@@ -5,10 +5,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from datasets import movielens
-from datasets.protocol import temporal_split
-from datasets.synthetic import SyntheticConfig, generate
 from fedrec.data import PurchaseLog
+from fedrec.datasets import movielens
+from fedrec.datasets.protocol import temporal_split
+from fedrec.datasets.synthetic import SyntheticConfig, generate
 
 TINY = SyntheticConfig(
     n_products=200,
@@ -65,7 +65,7 @@ def served_root(tmp_path_factory, tiny_frames) -> Path:
     """
     from typer.testing import CliRunner
 
-    from fedrec.cli import app
+    from fedrec.training.cli import app
 
     base = tmp_path_factory.mktemp("served")
     purchases, products = tiny_frames

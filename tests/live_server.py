@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from serving.app import create_app
-from serving.settings import ServeSettings
+from fedrec.serving.app import create_app
+from fedrec.serving.settings import ServeSettings
 
 
 @contextmanager

@@ -10,8 +10,8 @@ import faiss
 import numpy as np
 import pytest
 
-from serving.bench import BenchConfig, bench_catalogue, large_catalogue_vectors, markdown, write_large_export
-from serving.export_store import load_export
+from fedrec.serving.bench import BenchConfig, bench_catalogue, large_catalogue_vectors, markdown, write_large_export
+from fedrec.serving.export_store import load_export
 
 REQUIRED = {"catalogue_size", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "index",
             "recall_at_10_vs_exact", "faiss_only_qps"}  # fmt: skip
@@ -91,9 +91,9 @@ def test_bench_drives_a_real_server_and_reports_every_field(tiny_bench):
 
 def test_ef_search_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_bench):
     """An HNSW catalogue with a merchant bias: both indexes honour --ef-search; bias ranks exactly."""
-    from serving.recommend import search
-    from serving.settings import ServeSettings
-    from serving.state import ExportHolder
+    from fedrec.serving.recommend import search
+    from fedrec.serving.settings import ServeSettings
+    from fedrec.serving.state import ExportHolder
 
     base = load_export(tiny_bench.export, "big")
     exports = write_large_export(base, tiny_bench)

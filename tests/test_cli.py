@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 from typer.testing import CliRunner
 
-from fedrec.cli import app
-from serving.index import load_index
+from fedrec.serving.index import load_index
+from fedrec.training.cli import app
 
 runner = CliRunner()
 

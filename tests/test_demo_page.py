@@ -11,7 +11,7 @@ import httpx
 import polars as pl
 import pytest
 
-from serving.settings import ServeSettings
+from fedrec.serving.settings import ServeSettings
 from tests.live_server import live_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from datasets import movielens
+from fedrec.datasets import movielens
 from fedrec.errors import DataError
 from tests.conftest import movielens_dir
 

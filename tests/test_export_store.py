@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from serving.export_store import ExportError, load_export, resolve_version_dir
-from serving.index import build_index, save_index
+from fedrec.serving.export_store import ExportError, load_export, resolve_version_dir
+from fedrec.serving.index import build_index, save_index
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.foldin import fold_in
+from fedrec.serving.foldin import fold_in
 
 
 @pytest.fixture

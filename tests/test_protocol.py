@@ -1,8 +1,8 @@
 import numpy as np
 import polars as pl
 
-from datasets.protocol import SplitConfig, temporal_split
 from fedrec.data import PurchaseLog
+from fedrec.datasets.protocol import SplitConfig, temporal_split
 
 
 def _log(rows):

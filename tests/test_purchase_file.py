@@ -1,6 +1,6 @@
 import pytest
 
-from datasets.purchases import load
+from fedrec.datasets.purchases import load
 from fedrec.errors import DataError
 
 

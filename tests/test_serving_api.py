@@ -11,9 +11,9 @@ import scipy.sparse as sp
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from serving.app import create_app
-from serving.settings import ServeSettings
-from serving.state import ExportHolder
+from fedrec.serving.app import create_app
+from fedrec.serving.settings import ServeSettings
+from fedrec.serving.state import ExportHolder
 
 MERCHANT = "big"
 

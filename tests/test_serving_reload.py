@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import polars as pl
 
-from serving.settings import ServeSettings
+from fedrec.serving.settings import ServeSettings
 from tests.live_server import live_server
 
 MERCHANT = "big"

@@ -12,9 +12,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from serving.app import create_app
-from serving.settings import ServeSettings
-from serving.state import ExportHolder
+from fedrec.serving.app import create_app
+from fedrec.serving.settings import ServeSettings
+from fedrec.serving.state import ExportHolder
 
 # The schema does not depend on the export, so the app exists at import time; the fixture below
 # points its holder at a real tiny export before any case runs.

@@ -1,7 +1,7 @@
 import numpy as np
 import polars as pl
 
-from datasets import synthetic
+from fedrec.datasets import synthetic
 from tests.conftest import TINY
 
 

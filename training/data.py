@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datasets import movielens, purchases, synthetic
-from datasets.protocol import SplitConfig, temporal_split
 from fedrec.config import DataConfig
 from fedrec.data import FederatedDataset, PurchaseLog
+from fedrec.datasets import movielens, purchases, synthetic
+from fedrec.datasets.protocol import SplitConfig, temporal_split
 
 
 def load_log(cfg: DataConfig) -> PurchaseLog:

@@ -25,8 +25,8 @@ from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import METRICS
 from fedrec.model import item_embeddings
-from training.data import load_dataset
-from training.progress import RoundPrinter
+from fedrec.training.data import load_dataset
+from fedrec.training.progress import RoundPrinter
 
 METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als")
 

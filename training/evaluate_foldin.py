@@ -24,8 +24,8 @@ from fedrec.config import RunConfig
 from fedrec.data import MerchantData
 from fedrec.evaluation import MetricSums, combine, evaluate_test
 from fedrec.metrics import eligible_users
-from serving.foldin import fold_in
-from training.train import train
+from fedrec.serving.foldin import fold_in
+from fedrec.training.train import train
 
 RULES: tuple[tuple[str, float], ...] = (
     ("mean", 0.0),

@@ -23,7 +23,7 @@ from fedrec import __version__
 from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
-from serving.index import build_index, index_kind, save_index
+from fedrec.serving.index import build_index, index_kind, save_index
 
 EXPORT_FORMAT = 1
 VERSION_RE = re.compile(r"^v(\d{4,})$")

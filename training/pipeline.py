@@ -11,9 +11,9 @@ from fedrec.config import RunConfig, config_from_dict
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.model import item_embeddings
-from training.data import load_dataset
-from training.export import write_export
-from training.train import TrainedRun, run_dir, save_checkpoint, train
+from fedrec.training.data import load_dataset
+from fedrec.training.export import write_export
+from fedrec.training.train import TrainedRun, run_dir, save_checkpoint, train
 
 
 def _card(cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds: float, test: dict) -> dict:

@@ -16,8 +16,8 @@ from fedrec.evaluation import evaluate_test_all
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.model import item_embeddings
-from training.data import load_dataset
-from training.progress import RoundPrinter
+from fedrec.training.data import load_dataset
+from fedrec.training.progress import RoundPrinter
 
 
 @dataclass

@@ -42,6 +42,15 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def default_config_path(dataset: str | None) -> Path | None:
+    """The shipped config tuned for a dataset, when there is one (installed as package data)."""
+    candidate = CONFIG_DIR / f"{dataset or 'synthetic'}.toml"
+    return candidate if candidate.is_file() else None
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -50,7 +59,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _config(config: Path | None, dataset: str | None, sets: list[str] | None):
-    from fedrec.config import default_config_path, load_config
+    from fedrec.config import load_config
 
     overrides: dict[str, Any] = {}
     for item in sets or []:
@@ -69,7 +78,7 @@ def _config(config: Path | None, dataset: str | None, sets: list[str] | None):
 @_friendly
 def train(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = None) -> None:
     """Train the two-tower model by federated learning and write a versioned export."""
-    from training.pipeline import train_and_export
+    from fedrec.training.pipeline import train_and_export
 
     cfg = _config(config, dataset, set_)
     run, export_dir = train_and_export(cfg, console)
@@ -85,8 +94,8 @@ def evaluate(
     quiet_rounds: Annotated[bool, typer.Option(help="Hide per-round lines.")] = False,
 ) -> None:
     """Compare federated, centralized, local-only, popularity and implicit ALS (recall/NDCG)."""
-    from training.evaluate import evaluate as run_eval
-    from training.evaluate import markdown_table, write_results
+    from fedrec.training.evaluate import evaluate as run_eval
+    from fedrec.training.evaluate import markdown_table, write_results
 
     cfg = _config(config, dataset, set_)
     res = run_eval(cfg, console, quiet_rounds=quiet_rounds)
@@ -105,8 +114,8 @@ def evaluate_foldin(
     users: Annotated[int, typer.Option(min=1, help="Test customers sampled per merchant.")] = 300,
 ) -> None:
     """Measure the basket fold-in rules (anonymous customers) against learned user vectors."""
-    from training.evaluate_foldin import evaluate_foldin as run_foldin
-    from training.evaluate_foldin import write_foldin_results
+    from fedrec.training.evaluate_foldin import evaluate_foldin as run_foldin
+    from fedrec.training.evaluate_foldin import write_foldin_results
 
     cfg = _config(config, dataset, set_)
     res = run_foldin(cfg, console, users)
@@ -118,7 +127,7 @@ def evaluate_foldin(
 @_friendly
 def export(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = None) -> None:
     """Write a new export version from the last training checkpoint (no retraining)."""
-    from training.pipeline import export_from_checkpoint
+    from fedrec.training.pipeline import export_from_checkpoint
 
     cfg = _config(config, dataset, set_)
     export_from_checkpoint(cfg, console)
@@ -152,8 +161,8 @@ def serve(
 
     import uvicorn
 
-    from serving.export_store import load_export
-    from serving.settings import ENV_VAR, ServeSettings
+    from fedrec.serving.export_store import load_export
+    from fedrec.serving.settings import ENV_VAR, ServeSettings
 
     settings = ServeSettings(
         export=str(export),
@@ -176,7 +185,7 @@ def serve(
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fedrec-metrics-")
     uvicorn.run(
-        "serving.app:create_app_from_env",
+        "fedrec.serving.app:create_app_from_env",
         factory=True,
         host=host,
         port=port,
@@ -194,7 +203,7 @@ def download(
     url: Annotated[str | None, typer.Option(help="Archive URL (default: the official GroupLens one).")] = None,
 ) -> None:
     """Download a public dataset (needs internet; checksums are verified)."""
-    from datasets import movielens
+    from fedrec.datasets import movielens
 
     if name != "movielens-100k":
         raise FedrecError(f"unknown dataset {name!r}; downloadable: movielens-100k")
