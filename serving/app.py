@@ -11,20 +11,26 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
 
+import faiss
 import numpy as np
 import orjson
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from threadpoolctl import threadpool_limits
 
 from fedrec.serving import metrics
+from fedrec.serving.batcher import BasketQuery, FoldInBatcher, FoldInSettings
 from fedrec.serving.export_store import LoadedExport
-from fedrec.serving.recommend import basket_vector, customer_vector, purchased_rows, results, search
+from fedrec.serving.limits import RequestLimits, shown
+from fedrec.serving.recommend import customer_vector, purchased_rows, results, search
 from fedrec.serving.schemas import (
     MAX_K,
     BasketRequest,
@@ -41,7 +47,13 @@ from fedrec.serving.settings import ServeSettings
 from fedrec.serving.state import ExportHolder
 
 log = logging.getLogger("fedrec.serving")
-ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+ERRORS = {
+    404: {"model": ErrorBody},
+    413: {"model": ErrorBody},
+    414: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+    503: {"model": ErrorBody},
+}
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of items to return")]
 
 
@@ -65,27 +77,49 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def limit_threads(threads: int) -> None:
+    """One BLAS/OpenMP thread per worker by default: with several workers (or the fold-in thread
+    beside the event loop) more threads only oversubscribe the cores."""
+    threadpool_limits(threads)
+    faiss.omp_set_num_threads(threads)
+
+
 def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> FastAPI:
     holder = holder or ExportHolder(settings)
+    batcher = FoldInBatcher(
+        FoldInSettings(settings.foldin_method, settings.foldin_reg, settings.foldin_candidates),
+        settings.foldin_batch,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limit_threads(settings.threads)
         if holder.current is None:
             await asyncio.to_thread(holder.reload, False)
         watcher = None
         if settings.watch_interval > 0 and (settings.export_path / "LATEST").exists():
             watcher = asyncio.create_task(_watch(holder, settings.watch_interval))
+        await batcher.start()
         yield
+        await batcher.stop()
         if watcher:
             watcher.cancel()
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI and ReDoc from the assets its package ships: /docs works on
+    # a serving host without internet access.
+    app = FastAPIOffline(
         title="fedrec recommendation API",
         version="1",
         description="Recommendations from the federated item tower and this merchant's own user vectors.",
         lifespan=lifespan,
     )
     app.state.holder = holder
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        max_path_bytes=settings.max_path_bytes,
+        max_query_bytes=settings.max_query_bytes,
+    )
     app.add_middleware(metrics.MetricsMiddleware)
 
     @app.exception_handler(ApiError)
@@ -100,16 +134,22 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400:  # Starlette could not even decode the body
             return _json({"error": "invalid_request", "detail": f"body: malformed request body ({exc.detail})"}, 422)
-        names = {404: "not_found", 405: "method_not_allowed"}
+        names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 414: "uri_too_long"}
         detail = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         response = _json({"error": names.get(exc.status_code, "http_error"), "detail": detail}, exc.status_code)
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unexpected error")
-        return _json({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}, 500)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        """The client learns only that it failed and a request id; the detail goes to the log."""
+        request_id = uuid.uuid4().hex[:16]
+        log.error(
+            "request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=(type(exc), exc, None)
+        )
+        response = _json({"error": "internal", "detail": "internal error", "request_id": request_id}, 500)
+        response.headers["X-Request-ID"] = request_id
+        return response
 
     def ready() -> LoadedExport:
         export = holder.current
@@ -120,19 +160,21 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
     def item_row(export: LoadedExport, item: str) -> int:
         row = export.item_rows.get(item)
         if row is None:
-            raise ApiError(404, "item_not_found", f"item {item!r} is not in the catalogue of export {export.version}")
+            raise ApiError(
+                404, "item_not_found", f"item {shown(item)} is not in the catalogue of export {export.version}"
+            )
         return row
 
     def merchant_of(export: LoadedExport, merchant: str):
         if export.merchant is None:
             raise ApiError(
-                404, "merchant_not_found", f"merchant {merchant!r}: this service was started without a merchant"
+                404, "merchant_not_found", f"merchant {shown(merchant)}: this service was started without a merchant"
             )
         if merchant != export.merchant.name:
             raise ApiError(
                 404,
                 "merchant_not_found",
-                f"merchant {merchant!r} is not served here (this service serves {export.merchant.name!r})",
+                f"merchant {shown(merchant)} is not served here (this service serves {export.merchant.name!r})",
             )
         return export.merchant
 
@@ -170,8 +212,10 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         """Load the export LATEST names now (beside the current one) and swap it in."""
         if not settings.admin_token:
             raise ApiError(403, "admin_disabled", "admin reload is off: start the server with FEDREC_ADMIN_TOKEN set")
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        # RFC 9110: the scheme is case-insensitive; the token is compared in constant time.
+        token_ok = hmac.compare_digest(given.strip().encode(), settings.admin_token.encode())
+        if scheme.lower() != "bearer" or not token_ok:
             raise ApiError(401, "unauthorized", "missing or wrong admin token (Authorization: Bearer <token>)")
         outcome = await asyncio.to_thread(holder.reload, True)
         if outcome.error:
@@ -274,7 +318,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         user_row = files.user_rows.get(customer)
         if user_row is None:
             raise ApiError(
-                404, "customer_not_found", f"customer {customer!r} is not a customer of merchant {merchant!r}"
+                404, "customer_not_found", f"customer {shown(customer)} is not a customer of merchant {merchant!r}"
             )
         exclude = purchased_rows(export, user_row) if exclude_purchased else None
         rows, scores = search(export, customer_vector(export, user_row), k, exclude, merchant_bias=True)
@@ -289,21 +333,22 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         )
 
     @app.post("/v1/recommendations", tags=["recommendations"], response_model=Recommendations, responses=ERRORS)
-    def recommend_basket(body: BasketRequest) -> Response:
-        """Top-k items for an anonymous basket: a user vector is folded in from the items."""
+    async def recommend_basket(body: BasketRequest) -> Response:
+        """Top-k items for an anonymous basket: a user vector is folded in from the items.
+
+        Concurrent baskets are solved together in micro-batches (serving/batcher.py).
+        """
         export = ready()
         unknown = [i for i in body.items if i not in export.item_rows]
         if unknown:
-            shown = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            listed = ", ".join(shown(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             raise ApiError(
                 404,
                 "item_not_found",
-                f"{len(unknown)} item(s) not in the catalogue of export {export.version}: {shown}",
+                f"{len(unknown)} item(s) not in the catalogue of export {export.version}: {listed}",
             )
         rows = np.array([export.item_rows[i] for i in body.items], dtype=np.int64)
-        query = basket_vector(export, rows, settings.foldin_method, settings.foldin_reg, settings.foldin_candidates)
-        exclude = np.unique(rows) if body.exclude_items else None
-        found, scores = search(export, query, body.k, exclude, merchant_bias=True)
+        found, scores = await batcher.submit(export, BasketQuery(rows, body.k, body.exclude_items))
         return _json({"version": export.version, "k": body.k, "items": results(export, found, scores)})
 
     return app

@@ -61,6 +61,12 @@ class BenchConfig:
     seed: int = 0
     cache_dir: str = "artifacts/bench"
     results: str = "results/bench-serve.json"
+    basket_ef_search: int = 320  # the export default: the basket rows run at the serving setting
+    soak_s: int = 300  # the mixed-load soak (CI runs a 20 s variant)
+    soak_warmup_s: int = 10
+
+
+PARTS = ("customer", "basket", "soak")
 
 
 # ---- the synthetic large catalogue --------------------------------------------------------------
@@ -185,21 +191,54 @@ def faiss_only_qps(index: faiss.Index, queries: np.ndarray, fetch: np.ndarray) -
 
 # ---- HTTP load -------------------------------------------------------------------------------------
 
+# Each request is {method, path, body}; wrk cycles through them. Status classes are counted per
+# thread (wrk's `done` runs in another Lua state, so it reads them back through `thread:get`).
 WRK_SCRIPT = """
-local paths = {%s}
-local counter = 0
+local reqs = {%s}
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) counter = 0; s2 = 0; s4 = 0; s5 = 0; bad = 0 end
 request = function()
   counter = counter + 1
-  return wrk.format("GET", paths[(counter %% #paths) + 1])
+  local r = reqs[(counter %% #reqs) + 1]
+  if r.bad then bad = bad + 1 end
+  if r.body then
+    return wrk.format(r.method, r.path, {["Content-Type"] = "application/json"}, r.body)
+  end
+  return wrk.format(r.method, r.path)
+end
+response = function(status, headers, body)
+  if status >= 500 then s5 = s5 + 1 elseif status >= 400 then s4 = s4 + 1 else s2 = s2 + 1 end
 end
 done = function(summary, latency, requests)
+  local c2, c4, c5, b = 0, 0, 0, 0
+  for _, t in ipairs(threads) do
+    c2 = c2 + t:get("s2"); c4 = c4 + t:get("s4"); c5 = c5 + t:get("s5"); b = b + t:get("bad")
+  end
   local e = summary.errors
-  io.write(string.format('WRK_JSON {"requests": %%d, "duration_us": %%d, "errors": %%d, "p50_us": %%f, ' ..
+  io.write(string.format('WRK_JSON {"requests": %%d, "duration_us": %%d, "errors": %%d, "socket_errors": %%d, ' ..
+    '"http_2xx": %%d, "http_4xx": %%d, "http_5xx": %%d, "bad_sent": %%d, "p50_us": %%f, ' ..
     '"p95_us": %%f, "p99_us": %%f, "mean_us": %%f}\\n', summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.status + e.timeout,
+    e.connect + e.read + e.write + e.status + e.timeout, e.connect + e.read + e.write + e.timeout, c2, c4, c5, b,
     latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.mean))
 end
 """
+
+
+@dataclass(frozen=True)
+class Req:
+    method: str
+    path: str
+    body: dict | None = None
+    bad: bool = False  # sent on purpose to get a 4xx
+
+    def lua(self) -> str:
+        fields = [f"method = {json.dumps(self.method)}", f"path = {json.dumps(self.path)}"]
+        if self.body is not None:
+            fields.append(f"body = {json.dumps(json.dumps(self.body))}")
+        if self.bad:
+            fields.append("bad = true")
+        return "{" + ", ".join(fields) + "}"
 
 
 def free_port() -> int:
@@ -208,10 +247,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(exports: Path, merchant: str, workers: int, port: int, ef_search: int | None) -> subprocess.Popen:
+def start_server(
+    exports: Path, merchant: str, workers: int, port: int, ef_search: int | None, watch_interval: float = 0
+) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "fedrec.training.cli", "serve", "--export", str(exports), "--merchant", merchant,
-        "--port", str(port), "--workers", str(workers), "--watch-interval", "0", "--log-level", "warning",
+        "--port", str(port), "--workers", str(workers), "--watch-interval", str(watch_interval),
+        "--log-level", "warning",
     ]  # fmt: skip
     if ef_search is not None:
         cmd += ["--ef-search", str(ef_search)]
@@ -241,9 +283,9 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_wrk(base_url: str, paths: list[str], concurrency: int, duration_s: int) -> dict:
+def run_wrk(base_url: str, requests: list[Req], concurrency: int, duration_s: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
+        f.write(WRK_SCRIPT % ", ".join(r.lua() for r in requests))
         script = f.name
     try:
         cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--timeout", "5s", "-s", script, base_url]
@@ -254,26 +296,71 @@ def run_wrk(base_url: str, paths: list[str], concurrency: int, duration_s: int) 
     return json.loads(line.removeprefix("WRK_JSON "))
 
 
+def customer_requests(export: LoadedExport, order: np.ndarray) -> list[Req]:
+    m = export.merchant
+    return [Req("GET", f"/v1/merchants/{m.name}/customers/{m.user_ids[u]}/recommendations?k={K}") for u in order]
+
+
+def basket_requests(export: LoadedExport, order: np.ndarray, seed: int) -> list[Req]:
+    """Anonymous baskets as a shop sees them: 1 to 5 items a customer bought (drawn, seeded)."""
+    rng = np.random.default_rng(seed)
+    p = export.merchant.purchased
+    out = []
+    for u in order:
+        bought = p.indices[p.indptr[u] : p.indptr[u + 1]]
+        if len(bought):
+            pick = rng.choice(bought, size=min(len(bought), int(rng.integers(1, 6))), replace=False)
+            out.append(Req("POST", "/v1/recommendations", {"items": [export.item_ids[i] for i in pick], "k": K}))
+    return out
+
+
+ENDPOINTS = {
+    "customer": "GET /v1/merchants/{merchant}/customers/{customer}/recommendations?k=10",
+    "basket": "POST /v1/recommendations (1-5 items a customer bought, k=10)",
+}
+
+
 # ---- one catalogue, all concurrencies --------------------------------------------------------------
 
 
-def bench_catalogue(name: str, exports: Path, cfg: BenchConfig, meta: dict, ef_search: int | None = None) -> list[dict]:
-    """Recall and FAISS-only speed, then wrk at each concurrency against a fresh server."""
+def bench_catalogue(
+    name: str,
+    exports: Path,
+    cfg: BenchConfig,
+    meta: dict,
+    ef_search: int | None = None,
+    endpoint: str = "customer",
+) -> list[dict]:
+    """Recall and FAISS-only speed (customer queries), then wrk at each concurrency against a
+    fresh server, on one endpoint: "customer" (known customers) or "basket" (anonymous baskets)."""
     export = load_export(exports, cfg.merchant)
     if ef_search is not None and export.kind == "hnsw":
         faiss.downcast_index(export.index.index).hnsw.efSearch = ef_search
     m = export.merchant
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(m.user_ids))
-    queries = m.user_vectors[order[: cfg.recall_queries]]
-    fetch = np.minimum(K + m.purchased.getnnz(axis=1)[order[: cfg.recall_queries]], export.n_items)
-    index, items, served_queries = served_index(export, queries)
-    recall = recall_vs_exact(index, items, served_queries)
-    qps = faiss_only_qps(index, served_queries, fetch)
-    print(f"{name}: {export.n_items:,} items, {export.kind} index (ef_search {ef_search}), "
-          f"recall@10 vs exact {recall:.4f}, FAISS alone {qps:,.0f} queries/s", flush=True)  # fmt: skip
-    paths = [f"/v1/merchants/{m.name}/customers/{m.user_ids[u]}/recommendations?k={K}" for u in order]
-    info = {"catalogue": name, "catalogue_size": export.n_items, "index": export.kind, "export_version": export.version}
+    recall = qps = None
+    if endpoint == "customer":
+        queries = m.user_vectors[order[: cfg.recall_queries]]
+        fetch = np.minimum(K + m.purchased.getnnz(axis=1)[order[: cfg.recall_queries]], export.n_items)
+        index, items, served_queries = served_index(export, queries)
+        recall = recall_vs_exact(index, items, served_queries)
+        qps = faiss_only_qps(index, served_queries, fetch)
+        print(f"{name}: {export.n_items:,} items, {export.kind} index (ef_search {ef_search}), "
+              f"recall@10 vs exact {recall:.4f}, FAISS alone {qps:,.0f} queries/s", flush=True)  # fmt: skip
+        requests = customer_requests(export, order)
+    elif endpoint == "basket":
+        requests = basket_requests(export, order, cfg.seed)
+    else:
+        raise ValueError(f"unknown endpoint {endpoint!r}; choose one of {sorted(ENDPOINTS)}")
+    info = {
+        "endpoint": endpoint,
+        "request": ENDPOINTS[endpoint],
+        "catalogue": name,
+        "catalogue_size": export.n_items,
+        "index": export.kind,
+        "export_version": export.version,
+    }
     if export.kind == "hnsw":
         hnsw = faiss.downcast_index(export.index.index).hnsw
         info.update(hnsw_m=cfg.hnsw_m, ef_search=int(hnsw.efSearch))
@@ -284,9 +371,9 @@ def bench_catalogue(name: str, exports: Path, cfg: BenchConfig, meta: dict, ef_s
     runs = []
     try:
         base_url = f"http://127.0.0.1:{port}"
-        run_wrk(base_url, paths, 16, 2)  # warm-up
+        run_wrk(base_url, requests, 16, 2)  # warm-up
         for c in cfg.concurrencies:
-            r = run_wrk(base_url, paths, c, cfg.duration_s)
+            r = run_wrk(base_url, requests, c, cfg.duration_s)
             seconds = r["duration_us"] / 1e6
             run = {
                 **info,
@@ -300,55 +387,266 @@ def bench_catalogue(name: str, exports: Path, cfg: BenchConfig, meta: dict, ef_s
                 "p99_ms": round(r["p99_us"] / 1000, 3),
                 "mean_ms": round(r["mean_us"] / 1000, 3),
                 "errors": r["errors"],
-                "recall_at_10_vs_exact": round(recall, 4),
-                "faiss_only_qps": round(qps, 1),
-                "faiss_only_ms": round(1000 / qps, 4),
+                "http_5xx": r["http_5xx"],
+                "recall_at_10_vs_exact": None if recall is None else round(recall, 4),
+                "faiss_only_qps": None if qps is None else round(qps, 1),
+                "faiss_only_ms": None if qps is None else round(1000 / qps, 4),
                 **meta,
             }
-            print(f"  c={c:>3}: {run['rps']:>8,.0f} req/s  p50 {run['p50_ms']:.2f} ms  p95 {run['p95_ms']:.2f} ms  "
-                  f"p99 {run['p99_ms']:.2f} ms  errors {run['errors']}", flush=True)  # fmt: skip
+            print(f"  {endpoint} c={c:>3}: {run['rps']:>8,.0f} req/s  p50 {run['p50_ms']:.2f} ms  "
+                  f"p95 {run['p95_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms  errors {run['errors']}",
+                  flush=True)  # fmt: skip
             runs.append(run)
     finally:
         stop_server(proc)
     return runs
 
 
-def markdown(runs: list[dict]) -> str:
-    head = (
-        "| catalogue | items | index | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors "
-        "| recall@10 vs exact | FAISS alone q/s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    rows = [
-        f"| {r['catalogue']} | {r['catalogue_size']:,} "
-        f"| {r['index']}{' ef ' + str(r['ef_search']) if 'ef_search' in r else ''} "
-        f"| {r['concurrency']} | {r['rps']:,.0f} "
-        f"| {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
-        f"| {r['recall_at_10_vs_exact']:.4f} | {r['faiss_only_qps']:,.0f} |"
-        for r in runs
+# ---- soak: a long mixed load with a hot reload in the middle ----------------------------------------
+
+
+def mixed_requests(export: LoadedExport, order: np.ndarray, seed: int, n: int = 5000, bad_every: int = 50) -> list[Req]:
+    """Known customers 40%, baskets 30%, similar items 15%, catalogue search 15%; every
+    `bad_every`-th request is a bad one (unknown item or customer, k out of range, broken JSON)."""
+    rng = np.random.default_rng(seed)
+    customers = customer_requests(export, order)
+    baskets = basket_requests(export, order, seed)
+    titles = export.metadata.get("title") or export.item_ids
+    bad = [
+        Req("GET", "/v1/items/NO-SUCH-ITEM/similar?k=10", bad=True),
+        Req("GET", f"/v1/merchants/{export.merchant.name}/customers/NO-SUCH-CUSTOMER/recommendations", bad=True),
+        Req("GET", f"/v1/items/{export.item_ids[0]}/similar?k=0", bad=True),
+        Req("POST", "/v1/recommendations", {"items": [], "k": 10}, bad=True),
+        Req("POST", "/v1/recommendations", {"items": ["NO-SUCH-ITEM"], "k": 10}, bad=True),
     ]
-    return head + "\n".join(rows) + "\n"
+    out = []
+    for i in range(n):
+        if (i + 1) % bad_every == 0:
+            out.append(bad[(i // bad_every) % len(bad)])
+            continue
+        kind = rng.choice(4, p=[0.4, 0.3, 0.15, 0.15])
+        if kind == 0:
+            out.append(customers[i % len(customers)])
+        elif kind == 1:
+            out.append(baskets[i % len(baskets)])
+        elif kind == 2:
+            out.append(Req("GET", f"/v1/items/{export.item_ids[rng.integers(export.n_items)]}/similar?k={K}"))
+        else:
+            word = str(titles[rng.integers(len(titles))]).split()[-1].lower()
+            out.append(Req("GET", f"/v1/items?q={word}&limit=20"))
+    return out
 
 
-def main(cfg: BenchConfig | None = None) -> list[dict]:
+def process_group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group (the server and its workers)."""
+    total_kb = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+def publish_copy_of_latest(exports: Path, merchant: str) -> str:
+    """A new export version (a copy of the newest, renamed) and the merchant's files for it, then
+    LATEST: what a training run does, so the server's watcher hot-reloads mid-load."""
+    current = (exports / "LATEST").read_text().strip()
+    version = next_version_name(exports)
+    mroot = exports.parent / "merchants" / merchant
+    with atomic_dir(mroot / version) as tmp:
+        for f in (mroot / current).iterdir():
+            shutil.copy2(f, tmp / f.name)
+    with atomic_dir(exports / version) as tmp:
+        for f in (exports / current).iterdir():
+            shutil.copy2(f, tmp / f.name)
+        card = json.loads((tmp / "model_card.json").read_text())
+        card["version"] = version
+        write_json(tmp / "model_card.json", card)
+    write_text(exports / "LATEST", version + "\n")
+    return version
+
+
+def next_version_name(exports: Path) -> str:
+    taken = [int(p.name[1:]) for p in exports.glob("v[0-9]*") if p.name[1:].isdigit()]
+    return f"v{max(taken, default=0) + 1:04d}"
+
+
+def soak(cfg: BenchConfig, meta: dict) -> dict:
+    """`cfg.soak_s` seconds of mixed load at concurrency 16 on a copy of the shipped export, a new
+    export published halfway; RSS of the server's processes after warm-up and at the end."""
+    source = Path(cfg.export)
+    current = (source / "LATEST").read_text().strip()
+    with tempfile.TemporaryDirectory(prefix="fedrec-soak-") as tmp:
+        exports = Path(tmp) / "exports"
+        shutil.copytree(source / current, exports / current)
+        shutil.copytree(
+            source.parent / "merchants" / cfg.merchant / current, Path(tmp) / "merchants" / cfg.merchant / current
+        )
+        write_text(exports / "LATEST", current + "\n")
+        export = load_export(exports, cfg.merchant)
+        order = np.random.default_rng(cfg.seed).permutation(len(export.merchant.user_ids))
+        requests = mixed_requests(export, order, cfg.seed)
+        del export
+        port = free_port()
+        proc = start_server(exports, cfg.merchant, cfg.workers, port, None, watch_interval=1.0)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            run_wrk(base_url, requests, 16, cfg.soak_warmup_s)
+            rss_start = process_group_rss_mb(proc.pid)
+            samples: list[float] = []
+            published: dict = {}
+
+            def background() -> None:
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < cfg.soak_s:
+                    if not published and time.monotonic() - t0 >= cfg.soak_s / 2:
+                        published["version"] = publish_copy_of_latest(exports, cfg.merchant)
+                        published["at_s"] = round(time.monotonic() - t0, 1)
+                    samples.append(process_group_rss_mb(proc.pid))
+                    time.sleep(1.0)
+
+            import threading
+
+            watcher = threading.Thread(target=background, daemon=True)
+            watcher.start()
+            r = run_wrk(base_url, requests, 16, cfg.soak_s)
+            watcher.join(timeout=10)
+            rss_end = process_group_rss_mb(proc.pid)
+            served = {httpx.get(f"{base_url}/readyz", timeout=5).json().get("version") for _ in range(8)}
+        finally:
+            stop_server(proc)
+    seconds = r["duration_us"] / 1e6
+    row = {
+        "endpoint": "mixed",
+        "request": "40% customers, 30% baskets, 15% similar items, 15% catalogue search; every 50th a bad request",
+        "catalogue": "shipped export",
+        "concurrency": 16,
+        "workers": cfg.workers,
+        "duration_s": round(seconds, 2),
+        "warmup_s": cfg.soak_warmup_s,
+        "requests": r["requests"],
+        "rps": round(r["requests"] / seconds, 1),
+        "p50_ms": round(r["p50_us"] / 1000, 3),
+        "p99_ms": round(r["p99_us"] / 1000, 3),
+        "http_2xx": r["http_2xx"],
+        "http_4xx": r["http_4xx"],
+        "http_5xx": r["http_5xx"],
+        "bad_requests_sent": r["bad_sent"],
+        "socket_errors": r["socket_errors"],
+        "reload": {
+            "from": current,
+            "to": published.get("version"),
+            "at_s": published.get("at_s"),
+            "served_after": sorted(v for v in served if v),
+        },  # fmt: skip
+        "rss_start_mb": round(rss_start, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_max_mb": round(max(samples, default=rss_end), 1),
+        "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2) if rss_start else None,
+        **{k: v for k, v in meta.items() if k != "load_generator"},
+        "load_generator": meta.get("load_generator", "").split(",")[0] + f", 1 thread, {cfg.soak_s} s",
+    }
+    print(f"soak: {row['rps']:,.0f} req/s, p99 {row['p99_ms']:.1f} ms, 4xx {row['http_4xx']} "
+          f"(bad sent {row['bad_requests_sent']}), 5xx {row['http_5xx']}, socket errors {row['socket_errors']}, "
+          f"reload {current} -> {row['reload']['to']} at {row['reload']['at_s']} s, RSS {row['rss_start_mb']} -> "
+          f"{row['rss_end_mb']} MB ({row['rss_growth_pct']}%)", flush=True)  # fmt: skip
+    return row
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+
+def markdown(runs: list[dict]) -> str:
+    out = []
+    for endpoint in ("customer", "basket"):
+        rows = [r for r in runs if r.get("endpoint", "customer") == endpoint]
+        if not rows:
+            continue
+        out.append(
+            f"{ENDPOINTS[endpoint]}\n\n"
+            "| catalogue | items | index | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors "
+            "| recall@10 vs exact | FAISS alone q/s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            + "\n".join(
+                f"| {r['catalogue']} | {r['catalogue_size']:,} "
+                f"| {r['index']}{' ef ' + str(r['ef_search']) if 'ef_search' in r else ''} "
+                f"| {r['concurrency']} | {r['rps']:,.0f} "
+                f"| {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
+                f"| {_num(r.get('recall_at_10_vs_exact'), '.4f')} | {_num(r.get('faiss_only_qps'), ',.0f')} |"
+                for r in rows
+            )
+            + "\n"
+        )
+    for r in (r for r in runs if r.get("endpoint") == "mixed"):
+        out.append(
+            f"Soak ({r['request']}), concurrency {r['concurrency']}, {r['workers']} workers, "
+            f"{r['duration_s']:.0f} s after {r['warmup_s']} s warm-up: {r['rps']:,.0f} req/s, "
+            f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; "
+            f"{r['http_2xx']} 2xx, {r['http_4xx']} 4xx ({r['bad_requests_sent']} bad requests sent), "
+            f"{r['http_5xx']} 5xx, {r['socket_errors']} socket errors; hot reload {r['reload']['from']} -> "
+            f"{r['reload']['to']} at {r['reload']['at_s']} s (serving {', '.join(r['reload']['served_after'])} after); "
+            f"RSS {r['rss_start_mb']} MB after warm-up, {r['rss_end_mb']} MB at the end "
+            f"({r['rss_growth_pct']:+.2f}%), at most {r['rss_max_mb']} MB.\n"
+        )
+    return "\n".join(out)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of a partial run replace the rows they re-measure; the others stay, each with its date."""
+
+    def key(r: dict) -> tuple:
+        return (r.get("endpoint", "customer"), r.get("catalogue"), r.get("ef_search"), r.get("concurrency"))
+
+    fresh = {key(r) for r in new}
+    kept = [{**r, "endpoint": r.get("endpoint", "customer")} for r in old if key(r) not in fresh]
+    return kept + new
+
+
+def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list[dict]:
     cfg = cfg or BenchConfig()
     if shutil.which("wrk") is None:
         raise FedrecError("wrk is not installed: `apt-get install wrk` (Debian) or `brew install wrk`")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise FedrecError(f"unknown bench part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_generator": f"{wrk_version.split(' [')[0]}, 1 thread, {cfg.duration_s} s per run",
-        "endpoint": "GET /v1/merchants/{merchant}/customers/{customer}/recommendations?k=10",
-        "command": "make bench-serve",
+        "command": "make bench-serve" + ("" if parts == PARTS else f" PARTS={','.join(parts)}"),
     }
     base = load_export(Path(cfg.export), cfg.merchant)
-    large = {kind: write_large_export(base, cfg, kind) for kind in cfg.large_kinds}
+    kinds = cfg.large_kinds if "customer" in parts else cfg.large_kinds[:1] if "basket" in parts else ()
+    large = {kind: write_large_export(base, cfg, kind) for kind in kinds}
     del base
-    runs = bench_catalogue("shipped export", Path(cfg.export), cfg, meta)
-    for kind, exports in large.items():
-        for ef in cfg.ef_searches:
-            runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, ef)
+    runs: list[dict] = []
+    if "customer" in parts:
+        runs += bench_catalogue("shipped export", Path(cfg.export), cfg, meta)
+        for kind, exports in large.items():
+            for ef in cfg.ef_searches:
+                runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, ef)
+    if "basket" in parts:
+        runs += bench_catalogue("shipped export", Path(cfg.export), cfg, meta, endpoint="basket")
+        kind = cfg.large_kinds[0]
+        runs += bench_catalogue(
+            f"{cfg.large_items // 1_000_000}M {kind}", large[kind], cfg, meta, cfg.basket_ef_search, "basket"
+        )
+    if "soak" in parts:
+        runs.append(soak(cfg, meta))
     results = Path(cfg.results)
+    old = json.loads(results.read_text()) if results.is_file() else []
+    runs = merge_runs(old, runs)
     write_json(results, runs)
     write_text(results.with_suffix(".md"), markdown(runs))
     print(f"\n{markdown(runs)}\nwritten: {results} and {results.with_suffix('.md')}  (config: {asdict(cfg)})")
@@ -357,7 +655,9 @@ def main(cfg: BenchConfig | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     try:
-        main()
+        chosen = tuple(p for p in os.environ.get("PARTS", ",".join(PARTS)).split(",") if p)
+        config = BenchConfig(soak_s=int(os.environ.get("SOAK_S", BenchConfig.soak_s)))
+        main(config, chosen)
     except FedrecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

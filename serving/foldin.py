@@ -16,6 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 FOLDIN_METHODS = ("softmax", "mean", "ridge")
+EXACT_TOL = 1e-9
+# The serving solve: stop at a relative decrease of 1e-6 and build each Newton step's Hessian from
+# the 256 most probable candidates (the gradient stays exact, so it converges to the same optimum).
+# On the synthetic export it is 4-6x faster than the exact solve, with the same top-20 for every
+# one of 128 customers' baskets; `make evaluate-foldin` measures both (results/foldin-*.json).
+FAST_TOL = 1e-6
+FAST_HESSIAN_ITEMS = 256
 
 
 def fold_in_mean(basket: np.ndarray) -> np.ndarray:
@@ -27,6 +34,87 @@ def fold_in_ridge(basket: np.ndarray, reg: float) -> np.ndarray:
     return np.linalg.solve(gram, basket.sum(axis=0))
 
 
+def _softmax_objective(
+    c: np.ndarray, o: np.ndarray, u: np.ndarray, n_pos: np.ndarray, pos_sum: np.ndarray, reg: float
+) -> np.ndarray:
+    """Per basket: n log sum_i exp(c_i . u + o_i) - sum_S c_s . u + reg |u|^2 (rows of u: baskets)."""
+    s = u @ c.T + o
+    top = s.max(axis=1)
+    lse = top + np.log(np.exp(s - top[:, None]).sum(axis=1))
+    return n_pos * lse - (pos_sum * u).sum(axis=1) + reg * (u * u).sum(axis=1)
+
+
+def _covariance(c: np.ndarray, p: np.ndarray, mean: np.ndarray, top: int | None) -> np.ndarray:
+    """Per basket, the covariance of the candidates under its softmax p: the Hessian's data term.
+
+    With `top`, only the `top` most probable candidates enter (a PSD lower bound of the full
+    covariance): the gradient stays exact, so Newton still converges to the same optimum, with
+    steps that cost top x dim^2 instead of catalogue x dim^2.
+    """
+    if top is None or top >= c.shape[0]:
+        centred = c[None, :, :] - mean[:, None, :]
+        weights = p[:, :, None]
+    else:
+        idx = np.argpartition(p, -top, axis=1)[:, -top:]
+        centred = c[idx] - mean[:, None, :]
+        weights = np.take_along_axis(p, idx, axis=1)[:, :, None]
+    return np.matmul((centred * weights).transpose(0, 2, 1), centred)
+
+
+def fold_in_softmax_batch(
+    candidates: np.ndarray,
+    baskets: list[np.ndarray],
+    temperature: float,
+    reg: float,
+    max_steps: int = 25,
+    offsets: np.ndarray | None = None,
+    tol: float = EXACT_TOL,
+    hessian_items: int | None = None,
+) -> np.ndarray:
+    """Newton's method on the convex MAP objective of several baskets at once -> (baskets, dim).
+
+    Each basket is an array of rows of `candidates` (its positives; duplicates count twice).
+    Solving a batch together turns each Newton step into matrix-matrix products, which is what
+    makes the serving path's micro-batches cheap; every basket still has its own step size and
+    stopping test, so the answer is the same as solving it alone.
+    `offsets` (one per candidate) add a fixed score, such as a merchant's item bias.
+    """
+    c = candidates.astype(np.float64) / temperature
+    o = np.zeros(len(c)) if offsets is None else offsets.astype(np.float64) / temperature
+    n_baskets, dim = len(baskets), c.shape[1]
+    n_pos = np.array([len(b) for b in baskets], dtype=np.float64)
+    pos_sum = np.stack([c[np.asarray(b, dtype=np.int64)].sum(axis=0) for b in baskets])
+    eye = np.eye(dim)
+    u = np.zeros((n_baskets, dim))
+    value = _softmax_objective(c, o, u, n_pos, pos_sum, reg)
+    active = np.arange(n_baskets)
+    for _ in range(max_steps):
+        if active.size == 0:
+            break
+        ua, na, sa = u[active], n_pos[active], pos_sum[active]
+        s = ua @ c.T + o
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        mean = p @ c
+        grad = na[:, None] * mean - sa + 2 * reg * ua
+        hess = na[:, None, None] * _covariance(c, p, mean, hessian_items) + 2 * reg * eye
+        step = np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
+        t = np.ones(len(active))
+        old = value[active]
+        new_value = _softmax_objective(c, o, ua - step, na, sa, reg)
+        worse = new_value > old
+        while worse.any() and t.min() > 1e-4:  # backtracking keeps each Newton step a descent step
+            t[worse] *= 0.5
+            idx = np.flatnonzero(worse)
+            new_value[idx] = _softmax_objective(c, o, ua[idx] - t[idx, None] * step[idx], na[idx], sa[idx], reg)
+            worse = new_value > old
+        u[active] = ua - t[:, None] * step
+        value[active] = new_value
+        converged = old - new_value < tol * np.maximum(1.0, np.abs(old))
+        active = active[~converged]
+    return u
+
+
 def fold_in_softmax(
     candidates: np.ndarray,
     positives: np.ndarray,
@@ -35,43 +123,52 @@ def fold_in_softmax(
     max_steps: int = 25,
     offsets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Newton's method on the convex MAP objective; `positives` index rows of `candidates`.
+    """One basket: `fold_in_softmax_batch` with a batch of one."""
+    return fold_in_softmax_batch(candidates, [positives], temperature, reg, max_steps, offsets)[0]
 
-    `offsets` (one per candidate) add a fixed score, such as a merchant's item bias.
+
+def fold_in_many(
+    item_vectors: np.ndarray,
+    baskets: list[np.ndarray],
+    method: str = "softmax",
+    reg: float = 1.0,
+    temperature: float = 1.0,
+    candidates: np.ndarray | None = None,
+    item_bias: np.ndarray | None = None,
+    tol: float = FAST_TOL,
+    hessian_items: int | None = FAST_HESSIAN_ITEMS,
+) -> np.ndarray:
+    """One user vector per basket, (baskets, dim), from catalogue rows (pure; duplicates count twice).
+
+    `candidates` (catalogue rows) limits the softmax normaliser; None means the whole catalogue.
+    `item_bias` (per catalogue row) enters the softmax rule's scores, as in training.
+    `tol` and `hessian_items` trade exactness for speed (see FAST_TOL); `tol=EXACT_TOL,
+    hessian_items=None` is the exact solve.
     """
-    c = candidates.astype(np.float64) / temperature
-    o = np.zeros(len(c)) if offsets is None else offsets.astype(np.float64) / temperature
-    n_pos = len(positives)
-    pos_sum = c[positives].sum(axis=0)
-    eye = np.eye(c.shape[1])
-
-    def objective(u: np.ndarray) -> float:
-        s = c @ u + o
-        top = s.max()
-        return n_pos * (top + np.log(np.exp(s - top).sum())) - pos_sum @ u + reg * u @ u
-
-    u = np.zeros(c.shape[1])
-    value = objective(u)
-    for _ in range(max_steps):
-        s = c @ u + o
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        mean = c.T @ p
-        grad = n_pos * mean - pos_sum + 2 * reg * u
-        hess = n_pos * ((c * p[:, None]).T @ c - np.outer(mean, mean)) + 2 * reg * eye
-        step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-4:  # backtracking keeps each Newton step a descent step
-            new_value = objective(u - t * step)
-            if new_value <= value:
-                break
-            t *= 0.5
-        u = u - t * step
-        converged = value - new_value < 1e-9 * max(1.0, abs(value))
-        value = new_value
-        if converged:
-            break
-    return u
+    baskets = [np.asarray(rows, dtype=np.int64) for rows in baskets]
+    if not baskets or any(rows.size == 0 for rows in baskets):
+        raise ValueError("fold_in needs at least one item in every basket")
+    if method == "mean":
+        u = np.stack([fold_in_mean(item_vectors[rows].astype(np.float64)) for rows in baskets])
+    elif method == "ridge":
+        u = np.stack([fold_in_ridge(item_vectors[rows].astype(np.float64), reg) for rows in baskets])
+    elif method == "softmax":
+        if candidates is None:
+            pool, positives = item_vectors, baskets
+            offsets = item_bias
+        else:
+            rows_all = np.concatenate([candidates, *baskets])
+            index, inverse = np.unique(rows_all, return_inverse=True)
+            pool = item_vectors[index]
+            offsets = None if item_bias is None else item_bias[index]
+            splits = np.cumsum([len(b) for b in baskets])[:-1]
+            positives = np.split(inverse[len(candidates) :], splits)
+        u = fold_in_softmax_batch(
+            pool, positives, temperature, reg, offsets=offsets, tol=tol, hessian_items=hessian_items
+        )
+    else:
+        raise ValueError(f"unknown fold-in method {method!r}; choose one of {FOLDIN_METHODS}")
+    return u.astype(np.float32)
 
 
 def fold_in(
@@ -82,27 +179,8 @@ def fold_in(
     temperature: float = 1.0,
     candidates: np.ndarray | None = None,
     item_bias: np.ndarray | None = None,
+    tol: float = EXACT_TOL,
+    hessian_items: int | None = None,
 ) -> np.ndarray:
-    """One user vector (dim,) from the catalogue rows of a basket (pure; duplicates count twice).
-
-    `candidates` (catalogue rows) limits the softmax normaliser; None means the whole catalogue.
-    `item_bias` (per catalogue row) enters the softmax rule's scores, as in training.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size == 0:
-        raise ValueError("fold_in needs at least one item")
-    basket = item_vectors[rows].astype(np.float64)
-    if method == "mean":
-        u = fold_in_mean(basket)
-    elif method == "ridge":
-        u = fold_in_ridge(basket, reg)
-    elif method == "softmax":
-        if candidates is None:
-            u = fold_in_softmax(item_vectors, rows, temperature, reg, offsets=item_bias)
-        else:
-            pool, positives = np.unique(np.concatenate([candidates, rows]), return_inverse=True)
-            offsets = None if item_bias is None else item_bias[pool]
-            u = fold_in_softmax(item_vectors[pool], positives[len(candidates) :], temperature, reg, offsets=offsets)
-    else:
-        raise ValueError(f"unknown fold-in method {method!r}; choose one of {FOLDIN_METHODS}")
-    return u.astype(np.float32)
+    """One basket's user vector (dim,); the exact solve unless told otherwise."""
+    return fold_in_many(item_vectors, [rows], method, reg, temperature, candidates, item_bias, tol, hessian_items)[0]

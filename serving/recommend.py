@@ -9,7 +9,45 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.serving.export_store import LoadedExport
-from fedrec.serving.foldin import fold_in
+from fedrec.serving.foldin import fold_in_many
+
+
+def _served_index(export: LoadedExport, queries: np.ndarray, merchant_bias: bool):
+    """The index and query vectors for a search: with a merchant item bias, its own [v, b] index
+    queried with [u, 1]."""
+    merchant = export.merchant
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if merchant_bias and merchant is not None and merchant.index is not None:
+        ones = np.ones((queries.shape[0], 1), dtype=np.float32)
+        return merchant.index, np.ascontiguousarray(np.hstack([queries, ones]))
+    return export.index, queries
+
+
+def search_many(
+    export: LoadedExport,
+    queries: np.ndarray,
+    ks: list[int],
+    excludes: list[np.ndarray | None],
+    merchant_bias: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Top-k rows and scores for each query vector (one FAISS call for the batch), each with its
+    `exclude` rows removed.
+
+    Over-fetches by the number of excluded rows so that k results remain whenever the
+    catalogue has them (HNSW widens its search to at least the number asked for).
+    merchant_bias: score u . v + b with this merchant's item bias when it has one (customer and
+    basket recommendations).
+    """
+    index, vectors = _served_index(export, queries, merchant_bias)
+    want = min(max(k + (0 if ex is None else len(ex)) for k, ex in zip(ks, excludes, strict=True)), export.n_items)
+    scores, rows = index.search(vectors, want)
+    out = []
+    for r, s, k, ex in zip(rows, scores, ks, excludes, strict=True):
+        keep = r >= 0
+        if ex is not None and len(ex):
+            keep &= ~np.isin(r, ex)
+        out.append((r[keep][:k], s[keep][:k]))
+    return out
 
 
 def search(
@@ -19,25 +57,8 @@ def search(
     exclude: np.ndarray | None = None,
     merchant_bias: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows and scores for one query vector, with `exclude` rows removed.
-
-    Over-fetches by the number of excluded rows so that k results remain whenever the
-    catalogue has them (HNSW widens its search to at least the number asked for).
-    merchant_bias: score u . v + b with this merchant's item bias when it has one (customer and
-    basket recommendations), through its own index over [v, b] queried with [u, 1].
-    """
-    index = export.index
-    merchant = export.merchant
-    if merchant_bias and merchant is not None and merchant.index is not None:
-        index, query = merchant.index, np.append(query, np.float32(1.0))
-    n_exclude = 0 if exclude is None else len(exclude)
-    want = min(k + n_exclude, export.n_items)
-    scores, rows = index.search(np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1), want)
-    scores, rows = scores[0], rows[0]
-    keep = rows >= 0
-    if n_exclude:
-        keep &= ~np.isin(rows, exclude)
-    return rows[keep][:k], scores[keep][:k]
+    """Top-k rows and scores for one query vector (see `search_many`)."""
+    return search_many(export, np.reshape(query, (1, -1)), [k], [exclude], merchant_bias)[0]
 
 
 def customer_vector(export: LoadedExport, user_row: int) -> np.ndarray:
@@ -49,18 +70,26 @@ def purchased_rows(export: LoadedExport, user_row: int) -> np.ndarray:
     return p.indices[p.indptr[user_row] : p.indptr[user_row + 1]]
 
 
-def basket_vector(export: LoadedExport, rows: np.ndarray, method: str, reg: float, max_candidates: int) -> np.ndarray:
-    """Fold a user vector in from a basket; large catalogues restrict the softmax to candidates.
+def basket_vectors(
+    export: LoadedExport, baskets: list[np.ndarray], method: str, reg: float, max_candidates: int
+) -> np.ndarray:
+    """Fold a user vector in from each basket (batched); large catalogues restrict the softmax to
+    candidates, the nearest `max_candidates` items to each basket's mean.
 
     With a merchant item bias the softmax fold-in scores u . v + b, as training did.
     """
     temperature = float(export.card.get("config", {}).get("local", {}).get("temperature", 1.0))
     bias = export.merchant.item_bias if export.merchant is not None else None
-    candidates = None
-    if method == "softmax" and export.n_items > max_candidates:
-        mean = export.item_vectors[rows].mean(axis=0)
-        candidates, _ = search(export, mean, max_candidates)
-    return fold_in(export.item_vectors, rows, method, reg, temperature, candidates, bias)
+    if method != "softmax" or export.n_items <= max_candidates:
+        return fold_in_many(export.item_vectors, baskets, method, reg, temperature, item_bias=bias)
+    means = np.stack([export.item_vectors[rows].mean(axis=0) for rows in baskets])
+    found = search_many(export, means, [max_candidates] * len(baskets), [None] * len(baskets))
+    return np.stack(
+        [
+            fold_in_many(export.item_vectors, [rows], method, reg, temperature, candidates, bias)[0]
+            for rows, (candidates, _) in zip(baskets, found, strict=True)
+        ]
+    )
 
 
 def results(export: LoadedExport, rows: np.ndarray, scores: np.ndarray) -> list[dict]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
 MAX_K = 1000
+MAX_BASKET = 500  # items in one anonymous basket
 
 
 class Item(BaseModel):
@@ -37,13 +40,24 @@ class SimilarItems(Recommendations):
     item: str
 
 
+def _integer_only(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise ValueError(f"expected an integer, got a {'boolean' if isinstance(value, bool) else 'string'}")
+    return value
+
+
 class BasketRequest(BaseModel):
+    # Typed strictly: `"k": true`, `"k": "5"` or `"exclude_items": "yes"` is a 422, never coerced.
+    # (Not pydantic's strict mode as a whole: JSON Schema counts 5.0 as an integer, and so do we.)
     model_config = ConfigDict(extra="forbid")
-    items: list[str] = Field(
-        min_length=1, max_length=MAX_K, description="item ids of a basket or recent views", examples=[["P00001"]]
+    items: list[StrictStr] = Field(
+        min_length=1,
+        max_length=MAX_BASKET,
+        description="item ids of a basket or recent views",
+        examples=[["P00001"]],
     )
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_items: bool = Field(True, description="leave the given items out of the answer")
+    k: Annotated[int, BeforeValidator(_integer_only)] = Field(10, ge=1, le=MAX_K)
+    exclude_items: StrictBool = Field(True, description="leave the given items out of the answer")
 
 
 class ItemList(BaseModel):
@@ -68,3 +82,4 @@ class ReloadResult(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     detail: str
+    request_id: str | None = Field(None, description="on a 500 only: find the detail in the server log by it")

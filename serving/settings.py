@@ -27,6 +27,11 @@ class ServeSettings:
     foldin_reg: float = 1.0
     foldin_candidates: int = 5_000  # softmax over the whole catalogue up to this size, else the nearest this many
     ef_search: int | None = None  # HNSW search depth; None keeps the export's
+    foldin_batch: int = 32  # most baskets one micro-batch solves together (serving/batcher.py)
+    threads: int = 1  # BLAS/OpenMP threads per worker process
+    max_body_bytes: int = 1_000_000  # larger request bodies get a 413 before they are parsed
+    max_path_bytes: int = 2048  # longer paths get a 414
+    max_query_bytes: int = 2048  # longer query strings get a 414
 
     def __post_init__(self) -> None:
         if self.foldin_method not in FOLDIN_METHODS:
@@ -35,8 +40,16 @@ class ServeSettings:
             raise ConfigError("watch interval must be >= 0 seconds")
         if self.foldin_reg < 0:
             raise ConfigError("fold-in regularisation must be >= 0")
-        if self.foldin_candidates < 1:
-            raise ConfigError("fold-in candidates must be >= 1")
+        for name in (
+            "foldin_candidates",
+            "foldin_batch",
+            "threads",
+            "max_body_bytes",
+            "max_path_bytes",
+            "max_query_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
 
     @property
     def export_path(self) -> Path:

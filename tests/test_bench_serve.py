@@ -10,11 +10,20 @@ import faiss
 import numpy as np
 import pytest
 
-from fedrec.serving.bench import BenchConfig, bench_catalogue, large_catalogue_vectors, markdown, write_large_export
+from fedrec.serving.bench import (
+    BenchConfig,
+    bench_catalogue,
+    large_catalogue_vectors,
+    markdown,
+    merge_runs,
+    soak,
+    write_large_export,
+)
 from fedrec.serving.export_store import load_export
 
-REQUIRED = {"catalogue_size", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "index",
-            "recall_at_10_vs_exact", "faiss_only_qps"}  # fmt: skip
+REQUIRED = {"endpoint", "catalogue_size", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "index",
+            "http_5xx", "recall_at_10_vs_exact", "faiss_only_qps"}  # fmt: skip
+WRK = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk)")
 
 
 def test_large_catalogue_keeps_the_real_vectors_first_and_is_seeded():
@@ -75,7 +84,7 @@ def test_large_export_is_a_valid_hnsw_export_and_is_cached(tiny_bench):
     assert (exports / "v0001" / "index.faiss").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk)")
+@WRK
 def test_bench_drives_a_real_server_and_reports_every_field(tiny_bench):
     runs = bench_catalogue("tiny", Path(tiny_bench.export), tiny_bench, {"command": "test"})
     assert [r["concurrency"] for r in runs] == [1, 4]
@@ -85,8 +94,47 @@ def test_bench_drives_a_real_server_and_reports_every_field(tiny_bench):
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["recall_at_10_vs_exact"] == 1.0  # a flat index is exact
     table = markdown(runs)
-    assert table.count("\n") == 2 + len(runs) and "| tiny |" in table
+    assert table.count("| tiny |") == len(runs) and "GET /v1/merchants" in table
     json.dumps(runs)
+
+
+@WRK
+def test_bench_drives_the_basket_endpoint_without_errors(tiny_bench):
+    runs = bench_catalogue("tiny", Path(tiny_bench.export), tiny_bench, {"command": "test"}, endpoint="basket")
+    assert [r["endpoint"] for r in runs] == ["basket", "basket"]
+    for r in runs:
+        assert set(r) >= REQUIRED
+        assert r["errors"] == 0 and r["http_5xx"] == 0 and r["requests"] > 10
+        assert r["recall_at_10_vs_exact"] is None  # not a customer-vector measurement
+    assert "POST /v1/recommendations" in markdown(runs)
+
+
+@WRK
+def test_soak_variant_reloads_mid_load_without_a_failed_request(tiny_bench):
+    """The 20-second CI variant of the 5-minute soak: mixed load, bad requests, a hot reload."""
+    cfg = BenchConfig(**{**tiny_bench.__dict__, "soak_s": 20, "soak_warmup_s": 2})
+    row = soak(cfg, {"command": "test", "load_generator": "wrk"})
+    assert row["endpoint"] == "mixed" and row["requests"] > 100
+    assert row["http_5xx"] == 0 and row["socket_errors"] == 0
+    assert row["bad_requests_sent"] >= row["requests"] // 60  # every 50th request is a bad one
+    # every bad request got its 4xx and nothing else did (a few may be in flight when wrk stops)
+    assert abs(row["http_4xx"] - row["bad_requests_sent"]) <= 16
+    assert row["http_2xx"] + row["http_4xx"] <= row["requests"]
+    assert row["reload"]["from"] == "v0002" and row["reload"]["to"] == "v0003"
+    assert row["reload"]["served_after"] == ["v0003"]
+    assert row["rss_start_mb"] > 0 and row["rss_end_mb"] > 0
+    assert "Soak" in markdown([row])
+    assert (Path(tiny_bench.export) / "LATEST").read_text().strip() == "v0002"  # the soak works on a copy
+
+
+def test_a_partial_run_replaces_only_the_rows_it_measures():
+    old = [
+        {"catalogue": "a", "concurrency": 1, "rps": 1.0},  # written before rows had an endpoint
+        {"endpoint": "basket", "catalogue": "a", "concurrency": 1, "rps": 2.0},
+    ]
+    new = [{"endpoint": "basket", "catalogue": "a", "concurrency": 1, "rps": 3.0}]
+    merged = merge_runs(old, new)
+    assert {(r["endpoint"], r["rps"]) for r in merged} == {("customer", 1.0), ("basket", 3.0)}
 
 
 def test_ef_search_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_bench):

@@ -86,3 +86,31 @@ def test_an_empty_basket_shows_the_api_message(site, page):
     page.click("#recommend-basket")
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert "items" in page.inner_text("#error")
+
+
+def test_api_docs_load_with_every_non_loopback_request_blocked(site, page):
+    """/docs must work on a serving host without internet: Swagger UI comes from the package."""
+    from urllib.parse import urlparse
+
+    base, _ = site
+    blocked: list[str] = []
+
+    def only_loopback(route):
+        host = urlparse(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost", "::1"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    try:
+        page.goto(base + "/docs")
+        page.wait_for_selector(".opblock", timeout=15_000)
+        listed = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+    finally:
+        page.unroute("**/*")
+    assert "/v1/recommendations" in listed
+    assert "/v1/merchants/{merchant}/customers/{customer}/recommendations" in listed
+    assert "/v1/items/{item_id}/similar" in listed
+    assert blocked == []  # nothing was even asked of a CDN

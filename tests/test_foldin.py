@@ -70,3 +70,61 @@ def test_bad_arguments(vectors):
         fold_in(vectors, [], "mean")
     with pytest.raises(ValueError, match="unknown fold-in method"):
         fold_in(vectors, [1], "magic")
+
+
+def test_a_batch_of_baskets_solves_each_basket_as_if_alone(vectors):
+    from fedrec.serving.foldin import EXACT_TOL, fold_in_many
+
+    baskets = [np.array([5, 9, 12]), np.array([1]), np.array([7, 7, 40, 41, 42])]
+    bias = np.random.default_rng(2).normal(size=300).astype(np.float32)
+    batch = fold_in_many(vectors, baskets, "softmax", 0.7, 0.5, item_bias=bias, tol=EXACT_TOL, hessian_items=None)
+    for rows, u in zip(baskets, batch, strict=True):
+        np.testing.assert_allclose(u, fold_in(vectors, rows, "softmax", 0.7, 0.5, item_bias=bias), atol=1e-5)
+    # the serving solve (truncated Hessian, looser stop) lands on the same optimum
+    fast = fold_in_many(vectors, baskets, "softmax", 0.7, 0.5, item_bias=bias, hessian_items=20)
+    np.testing.assert_allclose(fast, batch, atol=1e-2)  # stops at a 1e-6 relative decrease: close, not equal
+    # candidate pools are shared by the batch, positives still map to each basket's own rows
+    pooled = fold_in_many(vectors, baskets, "softmax", 0.7, 0.5, candidates=np.arange(300), tol=EXACT_TOL,
+                          hessian_items=None)  # fmt: skip
+    plain = fold_in_many(vectors, baskets, "softmax", 0.7, 0.5, tol=EXACT_TOL, hessian_items=None)
+    np.testing.assert_allclose(pooled, plain, atol=1e-5)
+
+
+def test_the_batcher_groups_waiting_requests_and_routes_each_answer_back(monkeypatch):
+    """While one batch is solved, the next requests queue; they are taken together as one batch."""
+    import asyncio
+    import threading
+
+    import fedrec.serving.batcher as batcher_module
+    from fedrec.serving.batcher import BasketQuery, FoldInBatcher, FoldInSettings
+
+    sizes: list[int] = []
+    calls: list[tuple[object, list[int]]] = []
+    first = threading.Event()
+
+    def fake_answer(export, queries, settings):
+        sizes.append(len(queries))
+        calls.append((export, [int(q.rows[0]) for q in queries]))
+        if not first.is_set():
+            first.set()
+            threading.Event().wait(0.2)  # the first batch is slow: the others pile up meanwhile
+        return [(q.rows * 10, q.rows.astype(np.float32)) for q in queries]
+
+    monkeypatch.setattr(batcher_module, "answer_baskets", fake_answer)
+
+    async def scenario():
+        b = FoldInBatcher(FoldInSettings("softmax", 1.0, 100), max_batch=8)
+        await b.start()
+        export_a, export_b = object(), object()
+        queries = [BasketQuery(np.array([i]), 5, True) for i in range(12)]
+        exports = [export_a if i % 3 else export_b for i in range(12)]
+        answers = await asyncio.gather(*(b.submit(e, q) for e, q in zip(exports, queries, strict=True)))
+        await b.stop()
+        return answers, exports
+
+    answers, exports = asyncio.run(scenario())
+    assert [int(rows[0]) for rows, _ in answers] == [10 * i for i in range(12)]
+    assert max(sizes) > 1 and sum(sizes) == 12  # requests were solved together, each once
+    assert all(len(batch) <= 8 for _, batch in calls)
+    for export, batch in calls:  # a batch never mixes two export versions
+        assert all(exports[i] is export for i in batch)
