@@ -53,11 +53,14 @@ serve: setup $(EXPORTS)/LATEST
 $(EXPORTS)/LATEST:
 	$(MAKE) train-federated DATASET=$(DATASET)
 
-# Load test (wrk) of the shipped export and two synthetic 1M-item HNSW catalogues -> results/bench-serve.json
+# Load test (wrk) of the shipped export and two synthetic 1M-item HNSW catalogues -> results/bench-serve.json:
+# known customers, anonymous baskets, and a 5-minute mixed soak with a hot reload (PARTS picks some).
+PARTS ?= customer,basket,soak
+SOAK_S ?= 300
 bench-serve: setup
 	@command -v wrk >/dev/null || { echo "error: bench-serve needs wrk: apt-get install wrk"; exit 2; }
 	test -f artifacts/synthetic/exports/LATEST || $(MAKE) train-federated DATASET=synthetic
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.serving.bench
+	PARTS=$(PARTS) SOAK_S=$(SOAK_S) OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.serving.bench
 
 test: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q

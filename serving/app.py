@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
 from fedrec.serving import metrics
-from fedrec.serving.batcher import BasketQuery, FoldInBatcher, FoldInSettings
+from fedrec.serving.batcher import BasketQuery, FoldInBatcher
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.limits import RequestLimits, shown
 from fedrec.serving.recommend import customer_vector, purchased_rows, results, search
@@ -87,7 +87,7 @@ def limit_threads(threads: int) -> None:
 def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> FastAPI:
     holder = holder or ExportHolder(settings)
     batcher = FoldInBatcher(
-        FoldInSettings(settings.foldin_method, settings.foldin_reg, settings.foldin_candidates),
+        settings.foldin_config(),
         settings.foldin_batch,
     )
 

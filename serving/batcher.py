@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrec.serving.export_store import LoadedExport
+from fedrec.serving.foldin import FoldInConfig
 from fedrec.serving.recommend import basket_vectors, search_many
 
 log = logging.getLogger("fedrec.serving")
@@ -36,24 +37,17 @@ class BasketQuery:
     exclude_items: bool
 
 
-@dataclass(frozen=True)
-class FoldInSettings:
-    method: str
-    reg: float
-    max_candidates: int
-
-
 def answer_baskets(
-    export: LoadedExport, queries: list[BasketQuery], settings: FoldInSettings
+    export: LoadedExport, queries: list[BasketQuery], settings: FoldInConfig
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Fold in every basket, then one batched search (pure apart from FAISS; runs on the solver thread)."""
-    vectors = basket_vectors(export, [q.rows for q in queries], settings.method, settings.reg, settings.max_candidates)
+    """Fold in every basket, then one batched search (runs on the solver thread)."""
+    vectors = basket_vectors(export, [q.rows for q in queries], settings)
     excludes = [np.unique(q.rows) if q.exclude_items else None for q in queries]
     return search_many(export, vectors, [q.k for q in queries], excludes, merchant_bias=True)
 
 
 class FoldInBatcher:
-    def __init__(self, settings: FoldInSettings, max_batch: int = 32) -> None:
+    def __init__(self, settings: FoldInConfig, max_batch: int = 32) -> None:
         self.settings = settings
         self.max_batch = max_batch
         self._queue: asyncio.Queue | None = None

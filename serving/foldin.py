@@ -13,6 +13,8 @@ best explains the basket can be solved for. Three rules, measured against each o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 FOLDIN_METHODS = ("softmax", "mean", "ridge")
@@ -25,6 +27,17 @@ FAST_TOL = 1e-6
 FAST_HESSIAN_ITEMS = 256
 
 
+@dataclass(frozen=True)
+class FoldInConfig:
+    """How the serving path folds in a basket (ServeSettings passes its values)."""
+
+    method: str = "softmax"
+    reg: float = 1.0
+    full_items: int = 5_000  # the softmax runs over the whole catalogue up to this many items
+    candidates: int = 1_000  # else over this many items nearest to the basket ...
+    sample: int = 1_000  # ... plus this many drawn uniformly (importance-weighted)
+
+
 def fold_in_mean(basket: np.ndarray) -> np.ndarray:
     return basket.mean(axis=0)
 
@@ -34,14 +47,17 @@ def fold_in_ridge(basket: np.ndarray, reg: float) -> np.ndarray:
     return np.linalg.solve(gram, basket.sum(axis=0))
 
 
-def _softmax_objective(
+def _objective_and_softmax(
     c: np.ndarray, o: np.ndarray, u: np.ndarray, n_pos: np.ndarray, pos_sum: np.ndarray, reg: float
-) -> np.ndarray:
-    """Per basket: n log sum_i exp(c_i . u + o_i) - sum_S c_s . u + reg |u|^2 (rows of u: baskets)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per basket (rows of u): the objective n log sum_i exp(c_i . u + o_i) - sum_S c_s . u + reg |u|^2,
+    and the softmax p over the candidates at u (one pass over the candidates serves both)."""
     s = u @ c.T + o
-    top = s.max(axis=1)
-    lse = top + np.log(np.exp(s - top[:, None]).sum(axis=1))
-    return n_pos * lse - (pos_sum * u).sum(axis=1) + reg * (u * u).sum(axis=1)
+    top = s.max(axis=1, keepdims=True)
+    e = np.exp(s - top)
+    z = e.sum(axis=1)
+    value = n_pos * (top[:, 0] + np.log(z)) - (pos_sum * u).sum(axis=1) + reg * (u * u).sum(axis=1)
+    return value, e / z[:, None]
 
 
 def _covariance(c: np.ndarray, p: np.ndarray, mean: np.ndarray, top: int | None) -> np.ndarray:
@@ -86,30 +102,29 @@ def fold_in_softmax_batch(
     pos_sum = np.stack([c[np.asarray(b, dtype=np.int64)].sum(axis=0) for b in baskets])
     eye = np.eye(dim)
     u = np.zeros((n_baskets, dim))
-    value = _softmax_objective(c, o, u, n_pos, pos_sum, reg)
+    value, p = _objective_and_softmax(c, o, u, n_pos, pos_sum, reg)
     active = np.arange(n_baskets)
     for _ in range(max_steps):
         if active.size == 0:
             break
-        ua, na, sa = u[active], n_pos[active], pos_sum[active]
-        s = ua @ c.T + o
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        mean = p @ c
+        ua, na, sa, pa = u[active], n_pos[active], pos_sum[active], p[active]
+        mean = pa @ c
         grad = na[:, None] * mean - sa + 2 * reg * ua
-        hess = na[:, None, None] * _covariance(c, p, mean, hessian_items) + 2 * reg * eye
+        hess = na[:, None, None] * _covariance(c, pa, mean, hessian_items) + 2 * reg * eye
         step = np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
         t = np.ones(len(active))
         old = value[active]
-        new_value = _softmax_objective(c, o, ua - step, na, sa, reg)
+        new_value, new_p = _objective_and_softmax(c, o, ua - step, na, sa, reg)
         worse = new_value > old
         while worse.any() and t.min() > 1e-4:  # backtracking keeps each Newton step a descent step
             t[worse] *= 0.5
             idx = np.flatnonzero(worse)
-            new_value[idx] = _softmax_objective(c, o, ua[idx] - t[idx, None] * step[idx], na[idx], sa[idx], reg)
+            new_value[idx], new_p[idx] = _objective_and_softmax(
+                c, o, ua[idx] - t[idx, None] * step[idx], na[idx], sa[idx], reg
+            )
             worse = new_value > old
         u[active] = ua - t[:, None] * step
-        value[active] = new_value
+        value[active], p[active] = new_value, new_p
         converged = old - new_value < tol * np.maximum(1.0, np.abs(old))
         active = active[~converged]
     return u
@@ -169,6 +184,39 @@ def fold_in_many(
     else:
         raise ValueError(f"unknown fold-in method {method!r}; choose one of {FOLDIN_METHODS}")
     return u.astype(np.float32)
+
+
+def fold_in_sampled(
+    item_vectors: np.ndarray,
+    rows: np.ndarray,
+    near: np.ndarray,
+    sample: np.ndarray,
+    reg: float,
+    temperature: float,
+    item_bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """The softmax fold-in over a large catalogue, from a pool instead of every item.
+
+    The softmax normaliser sum_i exp(s_i) runs over the items `near` the basket (where most of its
+    mass is) exactly, and estimates the rest from `sample`, items drawn uniformly from the others,
+    each standing in for (others / len(sample)) items: an importance weight that enters as a score
+    offset of T log w. Why not `near` alone: on the 1M benchmark catalogue, 5,000 nearest items put
+    the top-10 of only 40% of baskets in line with the full-catalogue solve; 1,000 nearest plus
+    1,000 sampled put 97.5% (README, serving).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    close = np.union1d(near, rows)
+    far = np.setdiff1d(sample, close)
+    pool = np.concatenate([close, far])
+    offsets = np.zeros(len(pool)) if item_bias is None else item_bias[pool].astype(np.float64)
+    if len(far):
+        offsets[len(close) :] += temperature * np.log((len(item_vectors) - len(close)) / len(far))
+    positives = np.searchsorted(close, rows)
+    u = fold_in_softmax_batch(
+        item_vectors[pool], [positives], temperature, reg, offsets=offsets, tol=FAST_TOL,
+        hessian_items=FAST_HESSIAN_ITEMS,
+    )  # fmt: skip
+    return u[0].astype(np.float32)
 
 
 def fold_in(

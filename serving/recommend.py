@@ -6,10 +6,12 @@ that started before a reload finishes on the version it started with.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from fedrec.serving.export_store import LoadedExport
-from fedrec.serving.foldin import fold_in_many
+from fedrec.serving.foldin import FoldInConfig, fold_in_many, fold_in_sampled
 
 
 def _served_index(export: LoadedExport, queries: np.ndarray, merchant_bias: bool):
@@ -70,26 +72,25 @@ def purchased_rows(export: LoadedExport, user_row: int) -> np.ndarray:
     return p.indices[p.indptr[user_row] : p.indptr[user_row + 1]]
 
 
-def basket_vectors(
-    export: LoadedExport, baskets: list[np.ndarray], method: str, reg: float, max_candidates: int
-) -> np.ndarray:
-    """Fold a user vector in from each basket (batched); large catalogues restrict the softmax to
-    candidates, the nearest `max_candidates` items to each basket's mean.
+def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInConfig) -> np.ndarray:
+    """Fold a user vector in from each basket (batched). Catalogues over `cfg.full_items` run the
+    softmax over the `cfg.candidates` items nearest to each basket's mean plus `cfg.sample` items
+    drawn uniformly (seeded by the basket, so an answer is repeatable); see `fold_in_sampled`.
 
     With a merchant item bias the softmax fold-in scores u . v + b, as training did.
     """
     temperature = float(export.card.get("config", {}).get("local", {}).get("temperature", 1.0))
     bias = export.merchant.item_bias if export.merchant is not None else None
-    if method != "softmax" or export.n_items <= max_candidates:
-        return fold_in_many(export.item_vectors, baskets, method, reg, temperature, item_bias=bias)
+    if cfg.method != "softmax" or export.n_items <= cfg.full_items:
+        return fold_in_many(export.item_vectors, baskets, cfg.method, cfg.reg, temperature, item_bias=bias)
     means = np.stack([export.item_vectors[rows].mean(axis=0) for rows in baskets])
-    found = search_many(export, means, [max_candidates] * len(baskets), [None] * len(baskets))
-    return np.stack(
-        [
-            fold_in_many(export.item_vectors, [rows], method, reg, temperature, candidates, bias)[0]
-            for rows, (candidates, _) in zip(baskets, found, strict=True)
-        ]
-    )
+    found = search_many(export, means, [cfg.candidates] * len(baskets), [None] * len(baskets))
+    out = []
+    for rows, (near, _) in zip(baskets, found, strict=True):
+        rng = np.random.default_rng(zlib.crc32(np.sort(rows).tobytes()))
+        sample = rng.integers(0, export.n_items, cfg.sample)
+        out.append(fold_in_sampled(export.item_vectors, rows, near, sample, cfg.reg, temperature, bias))
+    return np.stack(out)
 
 
 def results(export: LoadedExport, rows: np.ndarray, scores: np.ndarray) -> list[dict]:

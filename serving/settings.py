@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedrec.errors import ConfigError
-from fedrec.serving.foldin import FOLDIN_METHODS
+from fedrec.serving.foldin import FOLDIN_METHODS, FoldInConfig
 
 ENV_VAR = "FEDREC_SERVE_SETTINGS"
 TOKEN_ENV_VAR = "FEDREC_ADMIN_TOKEN"
@@ -25,7 +25,9 @@ class ServeSettings:
     # measured (make evaluate-foldin, results/foldin-*.json): best at 0.3 on the synthetic shop and
     # 10 on MovieLens; 1.0 is within 0.008 recall@20 of the best on both
     foldin_reg: float = 1.0
-    foldin_candidates: int = 5_000  # softmax over the whole catalogue up to this size, else the nearest this many
+    foldin_full_items: int = 5_000  # softmax over the whole catalogue up to this size, else over ...
+    foldin_candidates: int = 1_000  # ... the items nearest to the basket ...
+    foldin_sample: int = 1_000  # ... plus a uniform sample standing in for the rest (serving/foldin.py)
     ef_search: int | None = None  # HNSW search depth; None keeps the export's
     foldin_batch: int = 32  # most baskets one micro-batch solves together (serving/batcher.py)
     threads: int = 1  # BLAS/OpenMP threads per worker process
@@ -41,7 +43,9 @@ class ServeSettings:
         if self.foldin_reg < 0:
             raise ConfigError("fold-in regularisation must be >= 0")
         for name in (
+            "foldin_full_items",
             "foldin_candidates",
+            "foldin_sample",
             "foldin_batch",
             "threads",
             "max_body_bytes",
@@ -50,6 +54,11 @@ class ServeSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
+
+    def foldin_config(self) -> FoldInConfig:
+        return FoldInConfig(
+            self.foldin_method, self.foldin_reg, self.foldin_full_items, self.foldin_candidates, self.foldin_sample
+        )
 
     @property
     def export_path(self) -> Path:

@@ -96,7 +96,8 @@ def test_the_batcher_groups_waiting_requests_and_routes_each_answer_back(monkeyp
     import threading
 
     import fedrec.serving.batcher as batcher_module
-    from fedrec.serving.batcher import BasketQuery, FoldInBatcher, FoldInSettings
+    from fedrec.serving.batcher import BasketQuery, FoldInBatcher
+    from fedrec.serving.foldin import FoldInConfig
 
     sizes: list[int] = []
     calls: list[tuple[object, list[int]]] = []
@@ -113,7 +114,7 @@ def test_the_batcher_groups_waiting_requests_and_routes_each_answer_back(monkeyp
     monkeypatch.setattr(batcher_module, "answer_baskets", fake_answer)
 
     async def scenario():
-        b = FoldInBatcher(FoldInSettings("softmax", 1.0, 100), max_batch=8)
+        b = FoldInBatcher(FoldInConfig(), max_batch=8)
         await b.start()
         export_a, export_b = object(), object()
         queries = [BasketQuery(np.array([i]), 5, True) for i in range(12)]
@@ -128,3 +129,22 @@ def test_the_batcher_groups_waiting_requests_and_routes_each_answer_back(monkeyp
     assert all(len(batch) <= 8 for _, batch in calls)
     for export, batch in calls:  # a batch never mixes two export versions
         assert all(exports[i] is export for i in batch)
+
+
+def test_a_sampled_normaliser_tracks_the_full_catalogue_solve_where_nearest_items_alone_do_not():
+    """Large catalogues: softmax over the nearest items plus an importance-weighted uniform sample."""
+    from fedrec.serving.foldin import fold_in_sampled
+
+    rng = np.random.default_rng(5)
+    items = rng.normal(size=(20_000, 8)).astype(np.float32)
+    rows = np.array([3, 17, 250])
+    full = fold_in(items, rows, "softmax", reg=1.0, temperature=1.0)
+    near = np.argsort(-(items @ items[rows].mean(0)))[:300]
+    near_only = fold_in(items, rows, "softmax", reg=1.0, temperature=1.0, candidates=near)
+    sampled = fold_in_sampled(items, rows, near, rng.integers(0, 20_000, 3000), reg=1.0, temperature=1.0)
+    err_near = np.linalg.norm(near_only - full) / np.linalg.norm(full)
+    err_sampled = np.linalg.norm(sampled - full) / np.linalg.norm(full)
+    assert err_sampled < 0.1 < err_near
+    # everything "near" and nothing sampled is the exact solve over the catalogue
+    everything = fold_in_sampled(items[:500], rows, np.arange(500), np.array([], dtype=np.int64), 1.0, 1.0)
+    np.testing.assert_allclose(everything, fold_in(items[:500], rows, "softmax", 1.0, 1.0), atol=1e-3)

@@ -150,6 +150,10 @@ def serve(
     foldin: Annotated[str, typer.Option(help="Basket fold-in rule: softmax, mean or ridge.")] = "softmax",
     foldin_reg: Annotated[float, typer.Option(help="Fold-in L2 regularisation (see make evaluate-foldin).")] = 1.0,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search depth (default: the export's).")] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Larger request bodies get a 413 before they are read.")
+    ] = 1_000_000,
+    threads: Annotated[int, typer.Option(min=1, help="BLAS/OpenMP threads per worker.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + FAISS); docs at /docs, demo page at /.
@@ -172,6 +176,8 @@ def serve(
         foldin_method=foldin,
         foldin_reg=foldin_reg,
         ef_search=ef_search,
+        max_body_bytes=max_body_bytes,
+        threads=threads,
     )
     # Refuse a broken export here, as one clear line, before any worker starts.
     loaded = load_export(export, merchant, merchant_dir)

@@ -79,7 +79,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     out: dict = {
         "dataset": run.dataset.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": f"make evaluate-foldin DATASET={run.dataset.name}",
+        "command": f"fedrec evaluate-foldin --dataset {run.dataset.name} --users {users_per_merchant}",
         "users_per_merchant": users_per_merchant,
         "rules": {},
     }
