@@ -43,12 +43,14 @@ def merchant_metric_sums(
     return MetricSums({m: float(np.sum(per_user[m])) for m in metrics}, int(len(idx)))
 
 
+def combine_sums(parts: list[MetricSums]) -> MetricSums:
+    """The sum over merchants: all a coordinator needs for the overall mean (no merchant's own)."""
+    return MetricSums({m: sum(p.sums[m] for p in parts) for m in parts[0].sums}, sum(p.users for p in parts))
+
+
 def combine(parts: dict[str, MetricSums]) -> dict:
-    """Overall (user-weighted) and per-merchant means."""
-    total = MetricSums(
-        {m: sum(p.sums[m] for p in parts.values()) for m in next(iter(parts.values())).sums},
-        sum(p.users for p in parts.values()),
-    )
+    """Overall (user-weighted) and per-merchant means (offline evaluation, where both are wanted)."""
+    total = combine_sums(list(parts.values()))
     return {
         "overall": total.means(),
         "users": total.users,

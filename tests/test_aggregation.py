@@ -1,25 +1,92 @@
+"""Aggregation from sums: exact results on toy tensors, and equality with the per-merchant rules
+the project used before the sum form (kept here as the reference)."""
+
 import pytest
 import torch
 
-from fedrec.federated.aggregation import aggregate, fedavg, rowwise_fedavg
-from fedrec.federated.messages import ItemTowerUpdate
+from fedrec.federated.aggregation import aggregate_sums, merchant_sums, sum_all, sum_names
+from fedrec.federated.messages import MerchantSums
 from fedrec.federated.server_opt import ServerOptConfig, fedopt_step
 
 
-def upd(emb, dense, n, touched):
-    return ItemTowerUpdate(
-        delta={"item_emb.weight": torch.tensor(emb), "mlp.0.bias": torch.tensor(dense)},
-        num_examples=n,
-        touched_rows=torch.tensor(touched),
-    )
+def merchant(emb, dense, n, touched, steps=1, loss=0.5):
+    return {
+        "delta": {"item_emb.weight": torch.tensor(emb), "mlp.0.bias": torch.tensor(dense)},
+        "n": n,
+        "touched": torch.tensor(touched),
+        "steps": steps,
+        "loss": loss,
+    }
 
 
-A = upd([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]], [3.0], 1, [True, True, False])
-B = upd([[4.0, 4.0], [-1.0, -1.0], [6.0, 6.0]], [0.0], 3, [True, False, False])
+A = merchant([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]], [3.0], 1, [True, True, False])
+B = merchant([[4.0, 4.0], [-1.0, -1.0], [6.0, 6.0]], [0.0], 3, [True, False, False])
+SHAPES = {"item_emb.weight": (3, 2), "mlp.0.bias": (1,)}
+
+
+def sums(m, rule, normalize):
+    return merchant_sums(m["delta"], m["n"], m["steps"], m["touched"], m["loss"], rule, normalize)
+
+
+def aggregate(ms, rule="fedavg", normalize=False):
+    return aggregate_sums(sum_all(sums(m, rule, normalize) for m in ms), rule, normalize)
+
+
+def with_steps(m, steps):
+    return {**m, "steps": steps}
+
+
+# ---- the per-merchant rules of the previous release, as the reference ---------------------------
+
+
+def reference(ms, rule, normalize):
+    n = torch.tensor([float(m["n"]) for m in ms])
+    tau = torch.tensor([float(m["steps"]) for m in ms])
+    dense = n / n.sum()
+    out = {}
+    for name in ms[0]["delta"]:
+        stacked = torch.stack([m["delta"][name] for m in ms])
+        w = dense
+        if rule == "rowwise" and name == "item_emb.weight":
+            raw = torch.stack([m["touched"] for m in ms]).float() * n[:, None]
+            denom = raw.sum(0)
+            w = raw / denom.clamp_min(1e-12)
+            w[:, denom == 0] = dense[:, None]
+        extra = (1,) * (stacked.dim() - w.dim())
+        if normalize:
+            tau_eff = (w * tau.reshape(-1, *(1,) * (w.dim() - 1))).sum(0)
+            per_step = stacked / tau.reshape(-1, *(1,) * (stacked.dim() - 1))
+            out[name] = (w.reshape(*w.shape, *extra) * per_step).sum(0) * tau_eff.reshape(*tau_eff.shape, *extra)
+        else:
+            out[name] = (w.reshape(*w.shape, *extra) * stacked).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "rowwise"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_sum_form_equals_the_per_merchant_rules(rule, normalize):
+    gen = torch.Generator().manual_seed(0)
+    ms = [
+        merchant(
+            torch.randn(6, 3, generator=gen).tolist(),
+            torch.randn(2, generator=gen).tolist(),
+            int(n),
+            (torch.rand(6, generator=gen) > 0.5).tolist(),
+            steps=int(s),
+        )
+        for n, s in ((5, 2), (40, 9), (1, 1), (12, 4))
+    ]
+    for m in ms:
+        m["touched"][-1] = False  # a row nobody touched: rowwise falls back to fedavg there
+    got = aggregate(ms, rule, normalize)
+    want = reference(ms, rule, normalize)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
 def test_fedavg_weights_by_examples():
-    out = fedavg([A, B])
+    out = aggregate([A, B])
     # weights 1/4 and 3/4
     assert torch.allclose(out["mlp.0.bias"], torch.tensor([0.75]))
     assert torch.allclose(out["item_emb.weight"][0], torch.tensor([3.25, 3.25]))
@@ -27,7 +94,7 @@ def test_fedavg_weights_by_examples():
 
 
 def test_rowwise_averages_each_row_over_merchants_that_touched_it():
-    out = rowwise_fedavg([A, B])
+    out = aggregate([A, B], "rowwise")
     # row 0: both touched -> (1*1 + 3*4)/4 ; row 1: only A touched -> A's value
     assert torch.allclose(out["item_emb.weight"][0], torch.tensor([3.25, 3.25]))
     assert torch.allclose(out["item_emb.weight"][1], torch.tensor([2.0, 2.0]))
@@ -37,9 +104,26 @@ def test_rowwise_averages_each_row_over_merchants_that_touched_it():
     assert torch.allclose(out["mlp.0.bias"], torch.tensor([0.75]))
 
 
-def test_aggregate_rejects_unknown_rule():
+def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate([A], "median")
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        sum_names(SHAPES, "median")
+
+
+def test_fedavg_messages_carry_no_per_row_weights():
+    """Under fedavg nothing in a message says which items the merchant sold."""
+    names = set(sums(A, "fedavg", True))
+    assert names == set(sum_names(SHAPES, "fedavg")) == {"n", "n_tau", "n_loss", "delta/item_emb.weight",
+                                                          "delta/mlp.0.bias"}  # fmt: skip
+    assert "rows/n" in sums(A, "rowwise", True)
+
+
+def test_the_round_loss_is_weighted_by_examples():
+    from fedrec.federated.aggregation import mean_loss
+
+    total = sum_all([sums({**A, "loss": 2.0}, "fedavg", False), sums({**B, "loss": 1.0}, "fedavg", False)])
+    assert mean_loss(total) == pytest.approx((1 * 2.0 + 3 * 1.0) / 4)
 
 
 def test_fedavg_server_step_is_plain_addition():
@@ -65,42 +149,39 @@ def test_adaptive_server_steps_match_reddi_et_al(name, v_expected):
     assert p["w"].item() == pytest.approx(1.0 + 0.5 * m_expected / (v_expected**0.5 + 0.1))
 
 
-def test_update_type_rejects_anything_but_the_item_tower():
-    shapes = {"item_emb.weight": (3, 2), "mlp.0.bias": (1,)}
-    A.validate(shapes)
-    leaky = ItemTowerUpdate(
-        delta={**A.delta, "user_emb.weight": torch.zeros(5, 2)}, num_examples=1, touched_rows=A.touched_rows
-    )
+def test_message_type_rejects_anything_but_the_round_sums():
+    expected = sum_names(SHAPES, "fedavg")
+    MerchantSums(sums(A, "fedavg", False)).validate(expected)
+    leaky = MerchantSums({**sums(A, "fedavg", False), "user_emb.weight": torch.zeros(5, 2)})
     with pytest.raises(ValueError, match="user_emb.weight"):
-        leaky.validate(shapes)
-    wrong_shape = ItemTowerUpdate(
-        delta={"item_emb.weight": torch.zeros(5, 2), "mlp.0.bias": torch.zeros(1)},
-        num_examples=1,
-        touched_rows=A.touched_rows,
-    )
+        leaky.validate(expected)
+    wrong_shape = MerchantSums({**sums(A, "fedavg", False), "delta/item_emb.weight": torch.zeros(5, 2)})
     with pytest.raises(ValueError, match="shape"):
-        wrong_shape.validate(shapes)
+        wrong_shape.validate(expected)
+    bad = sums(A, "fedavg", False)
+    bad["delta/mlp.0.bias"] = torch.tensor([float("nan")])
+    with pytest.raises(ValueError, match="NaN"):
+        MerchantSums(bad).validate(expected)
+    wrong_dtype = {**sums(A, "fedavg", False), "n": torch.tensor(1.0, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="float32"):
+        MerchantSums(wrong_dtype).validate(expected)
 
 
 def test_fednova_averages_per_step_deltas_and_rescales_by_mean_steps():
     # A: n=1, tau=1; B: n=3, tau=6. Weights 1/4, 3/4; tau_eff = 1/4 * 1 + 3/4 * 6 = 4.75
-    a = ItemTowerUpdate(A.delta, 1, A.touched_rows, num_steps=1)
-    b = ItemTowerUpdate(B.delta, 3, B.touched_rows, num_steps=6)
-    out = fedavg([a, b], normalize_steps=True)
+    out = aggregate([with_steps(A, 1), with_steps(B, 6)], normalize=True)
     # dense: (1/4 * 3/1 + 3/4 * 0/6) * 4.75
     assert torch.allclose(out["mlp.0.bias"], torch.tensor([0.75 * 4.75]))
     # row 0: (1/4 * 1/1 + 3/4 * 4/6) * 4.75
     assert torch.allclose(out["item_emb.weight"][0], torch.full((2,), (0.25 + 0.5) * 4.75))
     # equal step counts: identical to plain fedavg
-    same = [ItemTowerUpdate(u.delta, u.num_examples, u.touched_rows, num_steps=5) for u in (A, B)]
-    for name, t in fedavg(same, normalize_steps=True).items():
-        assert torch.allclose(t, fedavg([A, B])[name])
+    same = [with_steps(m, 5) for m in (A, B)]
+    for name, t in aggregate(same, normalize=True).items():
+        assert torch.allclose(t, aggregate([A, B])[name])
 
 
 def test_fednova_rowwise_uses_the_step_count_of_the_merchants_that_touched_each_row():
-    a = ItemTowerUpdate(A.delta, 1, A.touched_rows, num_steps=2)
-    b = ItemTowerUpdate(B.delta, 3, B.touched_rows, num_steps=4)
-    out = rowwise_fedavg([a, b], normalize_steps=True)
+    out = aggregate([with_steps(A, 2), with_steps(B, 4)], "rowwise", normalize=True)
     # row 1: only A touched it -> A's per-step delta times A's steps = A's delta
     assert torch.allclose(out["item_emb.weight"][1], torch.tensor([2.0, 2.0]))
     # row 0: both; tau_eff = 1/4*2 + 3/4*4 = 3.5; (1/4 * 1/2 + 3/4 * 4/4) * 3.5

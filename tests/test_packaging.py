@@ -7,6 +7,7 @@ privacy) < `fedrec.datasets` < `fedrec.serving` < `fedrec.training` (which holds
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -92,8 +93,15 @@ def violations_in_tests() -> list[str]:
 
 def test_wheel_holds_one_top_level_package(tmp_path):
     """Build the wheel as a user would (`pip wheel .`), read its file list, and run it installed."""
+    # Built from a copy of the sources: setuptools leaves build/ behind in the tree it builds.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("fedrec", "datasets", "serving", "training"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "generated"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), src],
         check=True,
         capture_output=True,
     )

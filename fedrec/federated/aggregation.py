@@ -1,81 +1,123 @@
-"""Aggregation rules: combine merchants' item-tower deltas into one pseudo-gradient.
+"""Aggregation from sums only: the coordinator divides sums by sums, never reads one merchant.
 
-fedavg: sum_k (n_k / n) * delta_k for every tensor (McMahan et al., 2017).
-rowwise: the same for dense tensors; for the item-id table, row i is averaged only over the
-merchants that touched item i (weights n_k restricted to them), so a merchant that never
-sold an item does not drag that item's row towards zero. Rows no sampled merchant touched
-fall back to plain fedavg.
-normalize_steps (FedNova, Wang et al., 2020): a merchant with more data takes more local steps
-and so returns a longer delta; weighting that delta by n_k again counts it twice (weight ~ n_k^2),
-and small merchants all but vanish. FedNova averages the per-step deltas delta_k / tau_k with the
-same weights and rescales by the weighted mean step count tau_eff = sum_k w_k tau_k, which makes
-each merchant's pull proportional to n_k, as in centralized training.
+Each merchant turns its local result into pre-weighted tensors (`merchant_sums`); the coordinator
+adds them up (`add_sums`, a running sum: under secure aggregation the same sum is computed without
+anyone seeing its terms) and turns the total into the pseudo-gradient (`aggregate_sums`). The
+in-process and the networked runtime both go through these three functions.
+
+With n_k the merchant's training positives, tau_k its local steps, delta_k its item-tower delta
+and S[x] the sum of x over the merchants of a round:
+fedavg (McMahan et al., 2017): S[n delta] / S[n].
+normalize_steps (FedNova, Wang et al., 2020): a merchant with more data takes more local steps and
+so returns a longer delta; weighting it by n_k again counts it twice (weight ~ n_k^2), and small
+merchants all but vanish. FedNova averages per-step deltas and rescales by the mean step count:
+S[n delta / tau] / S[n] * S[n tau] / S[n], so each merchant's pull is proportional to n_k.
+rowwise: the same for dense tensors; row i of the item-id table is averaged only over merchants
+that had a purchase of item i, so a merchant that never sold an item does not drag that row to
+zero: S[n 1_i delta_i] / S[n 1_i] (with the FedNova terms likewise). Rows no merchant of the round
+touched fall back to fedavg. Only this rule sends the per-row weights n 1_i, which tell who sold
+what unless secure aggregation hides the terms; fedavg never sends them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from fedrec.federated.messages import ItemTowerUpdate
-
 AGGREGATIONS = ("fedavg", "rowwise")
 ROW_TENSORS = ("item_emb.weight",)
+WEIGHT, STEPS, LOSS = "n", "n_tau", "n_loss"
+ROW_WEIGHT, ROW_STEPS = "rows/n", "rows/n_tau"
+DELTA, ROW_DELTA = "delta/", "rows/delta/"
 
 
-def example_weights(updates: Sequence[ItemTowerUpdate]) -> torch.Tensor:
-    """n_k / n, shape [K]."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    n = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
-    return (n / n.sum()).float()
+def sum_names(shapes: Mapping[str, tuple[int, ...]], rule: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor a merchant's message holds under `rule`, with its shape (the message whitelist)."""
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
+    names = {WEIGHT: (), STEPS: (), LOSS: ()}
+    names.update({DELTA + k: tuple(v) for k, v in shapes.items()})
+    if rule == "rowwise":
+        n_items = shapes[ROW_TENSORS[0]][0]
+        names.update({ROW_WEIGHT: (n_items,), ROW_STEPS: (n_items,)})
+        names.update({ROW_DELTA + k: tuple(shapes[k]) for k in ROW_TENSORS})
+    return names
 
 
-def row_weights(updates: Sequence[ItemTowerUpdate]) -> torch.Tensor:
-    """Per-row weights [K, items]: n_k over the merchants that touched the row (fedavg where none did)."""
-    n = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
-    w = torch.stack([u.touched_rows for u in updates]).double() * n[:, None]
-    denom = w.sum(0)
-    w = (w / denom.clamp_min(1e-12)).float()
-    w[:, denom == 0] = example_weights(updates)[:, None]
-    return w
-
-
-def weighted_sum(
-    updates: Sequence[ItemTowerUpdate], weights: dict[str, torch.Tensor], normalize_steps: bool = False
+def merchant_sums(
+    delta: Mapping[str, torch.Tensor],
+    num_examples: int,
+    num_steps: int,
+    touched_rows: torch.Tensor,
+    mean_loss: float,
+    rule: str,
+    normalize_steps: bool,
 ) -> dict[str, torch.Tensor]:
-    """sum_k w_k delta_k per tensor; w_k is [K] (whole tensor) or [K, rows] (per leading row)."""
-    dense = example_weights(updates)
-    tau = torch.tensor([u.num_steps for u in updates], dtype=torch.float32)
-    out = {}
-    for name in updates[0].delta:
-        stacked = torch.stack([u.delta[name] for u in updates])  # [K, ...]
-        w = weights.get(name, dense)
-        extra = (1,) * (stacked.dim() - w.dim())
-        if normalize_steps:
-            tau_eff = (w * tau.reshape(-1, *(1,) * (w.dim() - 1))).sum(0)  # [] or [rows]
-            per_step = stacked / tau.reshape(-1, *(1,) * (stacked.dim() - 1))
-            out[name] = (w.reshape(*w.shape, *extra) * per_step).sum(0) * tau_eff.reshape(*tau_eff.shape, *extra)
-        else:
-            out[name] = (w.reshape(*w.shape, *extra) * stacked).sum(0)
+    """One merchant's terms of the round's sums (pure). n_k and tau_k only appear multiplied in."""
+    if num_examples <= 0 or num_steps <= 0:
+        raise ValueError("num_examples and num_steps must be positive")
+    n = torch.tensor(float(num_examples))
+    tau = torch.tensor(float(num_steps))
+    scale = n / tau if normalize_steps else n
+    out = {WEIGHT: n, STEPS: n * tau, LOSS: n * float(mean_loss)}
+    out.update({DELTA + k: (scale * v).float() for k, v in delta.items()})
+    if rule == "rowwise":
+        touched = touched_rows.float()
+        out[ROW_WEIGHT] = n * touched
+        out[ROW_STEPS] = n * tau * touched
+        for k in ROW_TENSORS:
+            t = delta[k]
+            out[ROW_DELTA + k] = (scale * touched.reshape(-1, *(1,) * (t.dim() - 1)) * t).float()
+    elif rule not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
     return out
 
 
-def fedavg(updates: Sequence[ItemTowerUpdate], normalize_steps: bool = False) -> dict[str, torch.Tensor]:
-    return weighted_sum(updates, {}, normalize_steps)
+def add_sums(total: dict[str, torch.Tensor] | None, terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Running sum: memory is one message whatever the number of merchants."""
+    if total is None:
+        return {k: v.clone() for k, v in terms.items()}
+    if set(total) != set(terms):
+        raise ValueError(f"cannot add sums with different tensors: {sorted(set(total) ^ set(terms))}")
+    for k, v in terms.items():
+        total[k] += v
+    return total
 
 
-def rowwise_fedavg(
-    updates: Sequence[ItemTowerUpdate], row_tensors: Sequence[str] = ROW_TENSORS, normalize_steps: bool = False
+def sum_all(messages: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    total = None
+    for m in messages:
+        total = add_sums(total, m)
+    if total is None:
+        raise ValueError("no updates to aggregate")
+    return total
+
+
+def aggregate_sums(
+    total: Mapping[str, torch.Tensor], rule: str, normalize_steps: bool = False
 ) -> dict[str, torch.Tensor]:
-    rows = row_weights(updates)
-    return weighted_sum(updates, {name: rows for name in row_tensors}, normalize_steps)
-
-
-def aggregate(updates: Sequence[ItemTowerUpdate], rule: str, normalize_steps: bool = False) -> dict[str, torch.Tensor]:
-    if rule == "fedavg":
-        return fedavg(updates, normalize_steps)
+    """The pseudo-gradient from the round's sums: sums divided by sums (pure)."""
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
+    n = total[WEIGHT]
+    if n <= 0:
+        raise ValueError("no updates to aggregate")
+    rescale = total[STEPS] / n if normalize_steps else 1.0
+    out = {k[len(DELTA) :]: v / n * rescale for k, v in total.items() if k.startswith(DELTA)}
     if rule == "rowwise":
-        return rowwise_fedavg(updates, normalize_steps=normalize_steps)
-    raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
+        rows_n = total[ROW_WEIGHT]
+        touched = rows_n > 0
+        safe = rows_n.clamp_min(1e-12)
+        row_rescale = total[ROW_STEPS] / safe if normalize_steps else torch.ones_like(rows_n)
+        for k in ROW_TENSORS:
+            t = total[ROW_DELTA + k]
+            shape = (-1, *(1,) * (t.dim() - 1))
+            by_row = t / safe.reshape(shape) * row_rescale.reshape(shape)
+            out[k] = torch.where(touched.reshape(shape), by_row, out[k])
+    return out
+
+
+def mean_loss(total: Mapping[str, torch.Tensor]) -> float:
+    """The round's training loss, weighted by training positives (a sum over a sum too)."""
+    return float(total[LOSS] / total[WEIGHT])

@@ -2,7 +2,8 @@
 
 In: the received item tower, the merchant's private user embeddings (and, when the model has
 one, its private item bias) and purchase matrix.
-Out: an `ItemTowerUpdate` (shared) and the new private tensors (kept at home).
+Out: the item-tower delta with its weights (n_k, steps, which rows had purchases), from which
+`aggregation.merchant_sums` makes the message, and the new private tensors (kept at home).
 The in-process simulation and a networked client both call exactly this.
 """
 
@@ -15,7 +16,6 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.features import ItemFeatures
-from fedrec.federated.messages import ItemTowerUpdate
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig
 
@@ -34,7 +34,12 @@ class LocalConfig:
 
 @dataclass(frozen=True)
 class LocalResult:
-    update: ItemTowerUpdate
+    """Everything here stays at the merchant; only `aggregation.merchant_sums` of it is sent."""
+
+    delta: dict[str, torch.Tensor]  # new minus received value of every item-tower tensor
+    num_examples: int  # training positives used (n_k)
+    num_steps: int  # local optimiser steps behind `delta` (tau_k, for FedNova)
+    touched_rows: torch.Tensor  # bool per catalogue item: the merchant had a training positive
     user_embeddings: torch.Tensor
     mean_loss: float
     item_bias: torch.Tensor | None = None  # private, like user_embeddings
@@ -108,11 +113,11 @@ def local_update(
     new_state = tower.state_dict()
     delta = {k: (new_state[k] - item_state[k]).detach() for k in item_state}
     touched = torch.from_numpy(np.asarray(train.sum(axis=0)).ravel() > 0)
-    update = ItemTowerUpdate(
-        delta=delta, num_examples=int(train.nnz), touched_rows=touched, num_steps=max(1, len(losses))
-    )
     return LocalResult(
-        update=update,
+        delta=delta,
+        num_examples=int(train.nnz),
+        num_steps=max(1, len(losses)),
+        touched_rows=touched,
         user_embeddings=users.detach(),
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         item_bias=None if bias is None else bias.detach(),

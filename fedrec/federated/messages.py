@@ -1,7 +1,10 @@
-"""The only thing a merchant sends: an item-tower update.
+"""The only thing a merchant sends: its terms of the round's sums (`MerchantSums`).
 
-The type has no field that could carry user embeddings or user ids, and its constructor
-rejects any tensor name or shape outside the item tower, so a leak is a type error.
+Every tensor is pre-weighted (see fedrec/federated/aggregation.py), so the coordinator needs only
+the sum over merchants, which secure aggregation can compute without showing any one term. The type
+has no field that could carry user embeddings or user ids, and `validate` rejects any name or shape
+outside the whitelist of the round's rule, and any NaN or infinite value, before the message
+enters a sum.
 """
 
 from __future__ import annotations
@@ -13,33 +16,20 @@ import torch
 
 
 @dataclass(frozen=True)
-class ItemTowerUpdate:
-    """A merchant's contribution to one round.
+class MerchantSums:
+    """tensors: name -> float32 tensor; names and shapes as `aggregation.sum_names` lists them."""
 
-    delta: new minus received value of every item-tower tensor.
-    num_examples: training positives used (n_k in FedAvg).
-    touched_rows: bool per catalogue item, True where the merchant had a training positive:
-    row-wise averaging of the item-id table only averages over merchants that saw the item.
-    num_steps: local optimiser steps behind `delta` (tau_k, for FedNova's normalisation).
-    """
+    tensors: Mapping[str, torch.Tensor]
 
-    delta: Mapping[str, torch.Tensor]
-    num_examples: int
-    touched_rows: torch.Tensor
-    num_steps: int = 1
-
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        if set(self.delta) != set(shapes):
-            extra = sorted(set(self.delta) - set(shapes))
-            missing = sorted(set(shapes) - set(self.delta))
-            raise ValueError(f"update must carry exactly the item tower: extra={extra} missing={missing}")
-        for name, t in self.delta.items():
-            if tuple(t.shape) != tuple(shapes[name]):
-                raise ValueError(f"update tensor {name} has shape {tuple(t.shape)}, want {shapes[name]}")
-        n_items = shapes["item_emb.weight"][0]
-        if self.touched_rows.dtype != torch.bool or tuple(self.touched_rows.shape) != (n_items,):
-            raise ValueError("touched_rows must be a bool tensor with one entry per catalogue item")
-        if self.num_examples <= 0:
-            raise ValueError("num_examples must be positive")
-        if self.num_steps <= 0:
-            raise ValueError("num_steps must be positive")
+    def validate(self, expected: Mapping[str, tuple[int, ...]]) -> None:
+        if set(self.tensors) != set(expected):
+            extra = sorted(set(self.tensors) - set(expected))
+            missing = sorted(set(expected) - set(self.tensors))
+            raise ValueError(f"message must carry exactly the round's sums: extra={extra} missing={missing}")
+        for name, t in self.tensors.items():
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                raise ValueError(f"message tensor {name} must be a float32 tensor, got {getattr(t, 'dtype', type(t))}")
+            if tuple(t.shape) != tuple(expected[name]):
+                raise ValueError(f"message tensor {name} has shape {tuple(t.shape)}, want {tuple(expected[name])}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"message tensor {name} holds NaN or infinite values")

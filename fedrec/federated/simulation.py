@@ -1,8 +1,10 @@
 """The federated loop, in-process runtime: every merchant runs in this process, in turn.
 
-Per round: sample merchants, send each the item tower, run `local_update`, aggregate the
-returned `ItemTowerUpdate`s, apply the server optimiser, then each merchant reports its
-validation metric sums. The best round (validation recall@20) is kept (early stopping).
+Per round: sample merchants, send each the item tower, run `local_update`; each merchant turns
+its result into its terms of the round's sums (`merchant_sums`), which are added up as they
+arrive (a running sum, as secure aggregation would compute it); the coordinator divides sums by
+sums (`aggregate_sums`) and applies the server optimiser; then the merchants' validation metric
+sums are added up the same way. The best round (validation recall@20) is kept (early stopping).
 Each merchant's private tensors (user table, optional item bias) live in dicts keyed by
 merchant that only that merchant's `local_update` call reads or writes.
 """
@@ -17,11 +19,11 @@ import numpy as np
 import torch
 
 from fedrec.data import FederatedDataset
-from fedrec.evaluation import combine, evaluate_val
+from fedrec.evaluation import combine_sums, evaluate_val
 from fedrec.features import ItemFeatures
-from fedrec.federated.aggregation import aggregate
+from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, sum_names
 from fedrec.federated.local import LocalConfig, local_update
-from fedrec.federated.messages import ItemTowerUpdate
+from fedrec.federated.messages import MerchantSums
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
 from fedrec.model import (
     ModelConfig,
@@ -77,7 +79,7 @@ def run_federated(
     local_cfg: LocalConfig,
     fed_cfg: FederationConfig,
     on_round: Callable[[RoundLog], None] | None = None,
-    on_message: Callable[[str, ItemTowerUpdate], None] | None = None,
+    on_message: Callable[[str, MerchantSums], None] | None = None,
 ) -> TrainResult:
     t0 = time.perf_counter()
     names = [m.name for m in dataset.merchants]
@@ -85,7 +87,7 @@ def run_federated(
     global_state = {
         k: v.detach().clone() for k, v in new_item_tower(dataset.n_items, model_cfg, fed_cfg.seed).state_dict().items()
     }
-    shapes = item_tower_shapes(dataset.n_items, model_cfg)
+    expected = sum_names(item_tower_shapes(dataset.n_items, model_cfg), fed_cfg.aggregation)
     # Each merchant's user table: created and kept "at home" (here: a dict keyed by merchant).
     users = {
         m.name: init_user_embeddings(m.n_users, model_cfg, torch.Generator().manual_seed(fed_cfg.seed * 7919 + i))
@@ -98,7 +100,7 @@ def run_federated(
     for rnd in range(1, fed_cfg.rounds + 1):
         t_round = time.perf_counter()
         chosen = sample_merchants(names, fed_cfg, rng)
-        updates, losses = [], []
+        total = None
         for name in chosen:
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
@@ -106,18 +108,28 @@ def run_federated(
                 global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name]
             )
             users[name], biases[name] = result.user_embeddings, result.item_bias
-            result.update.validate(shapes)
+            message = MerchantSums(
+                merchant_sums(
+                    result.delta,
+                    result.num_examples,
+                    result.num_steps,
+                    result.touched_rows,
+                    result.mean_loss,
+                    fed_cfg.aggregation,
+                    fed_cfg.normalize_steps,
+                )
+            )
+            message.validate(expected)
             if on_message is not None:
-                on_message(name, result.update)
-            updates.append(result.update)
-            losses.append(result.mean_loss)
-        delta = aggregate(updates, fed_cfg.aggregation, fed_cfg.normalize_steps)
+                on_message(name, message)
+            total = add_sums(total, message.tensors)
+        delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)
 
         item_vecs = item_embeddings(global_state, features, model_cfg)
-        val = {m.name: evaluate_val(m, users[m.name], item_vecs, biases[m.name]) for m in dataset.merchants}
-        val_total = combine(val)["overall"]["recall@20"]
-        log = RoundLog(rnd, chosen, float(np.mean(losses)), val_total, time.perf_counter() - t_round)
+        val = [evaluate_val(m, users[m.name], item_vecs, biases[m.name]) for m in dataset.merchants]
+        val_total = combine_sums(val).means()["recall@20"]
+        log = RoundLog(rnd, chosen, mean_loss(total), val_total, time.perf_counter() - t_round)
         history.append(log)
         if on_round is not None:
             on_round(log)
