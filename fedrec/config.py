@@ -22,6 +22,7 @@ from fedrec.losses import LOSSES
 from fedrec.model import ModelConfig
 
 DATASETS = ("synthetic", "movielens-100k", "file")
+PARTITIONS = ("natural", "dirichlet", "quantity")  # datasets/partition.py (the core may not import it)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class DataConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     min_positives: int = 5
+    # Who is whose customer (datasets/partition.py): natural | dirichlet (category skew) | quantity
+    partition: str = "natural"
+    partition_merchants: int = 10  # dirichlet and quantity: number of merchants, 2 to 1000
+    partition_alpha: float = 0.5  # Dirichlet concentration: small = strong skew
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.data.dataset != "file" or bool(cfg.data.path), "data.path is required when data.dataset = 'file'"),
         (0 < cfg.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
         (0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+        (cfg.data.partition in PARTITIONS, f"data.partition must be one of {PARTITIONS}"),
+        (2 <= cfg.data.partition_merchants <= 1000, "data.partition_merchants must be between 2 and 1000"),
+        (cfg.data.partition_alpha > 0, "data.partition_alpha must be > 0"),
+        (cfg.local.prox_mu >= 0, "local.prox_mu must be >= 0"),
         (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),

@@ -638,11 +638,19 @@ def _num(value: float | None, fmt: str) -> str:
 def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
     """Rows of a partial run replace the rows they re-measure; the others stay, each with its date."""
 
+    def normalised(r: dict) -> dict:
+        endpoint = r.get("endpoint", "customer")
+        if endpoint in (*ENDPOINTS, "mixed"):
+            return {**r, "endpoint": endpoint}
+        # rows from before basket rows existed: only known customers were measured, and their
+        # `endpoint` held the request line
+        return {**r, "endpoint": "customer", "request": endpoint}
+
     def key(r: dict) -> tuple:
-        return (r.get("endpoint", "customer"), r.get("catalogue"), r.get("ef_search"), r.get("concurrency"))
+        return (r["endpoint"], r.get("catalogue"), r.get("ef_search"), r.get("concurrency"))
 
     fresh = {key(r) for r in new}
-    kept = [{**r, "endpoint": r.get("endpoint", "customer")} for r in old if key(r) not in fresh]
+    kept = [r for r in map(normalised, old) if key(r) not in fresh]
     return kept + new
 
 

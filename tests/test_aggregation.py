@@ -188,3 +188,49 @@ def test_fednova_rowwise_uses_the_step_count_of_the_merchants_that_touched_each_
     assert torch.allclose(out["item_emb.weight"][0], torch.full((2,), (0.125 + 0.75) * 3.5))
     # row 2: nobody touched it -> fedavg weights; (1/4 * 0/2 + 3/4 * 6/4) * 3.5
     assert torch.allclose(out["item_emb.weight"][2], torch.full((2,), 0.75 * 1.5 * 3.5))
+
+
+@pytest.mark.parametrize(
+    ("name", "v1", "v2"),
+    [
+        # v0 = tau^2 = 0.01; d1 = 2 (d1^2 = 4), d2 = -1 (d2^2 = 1); beta2 = 0.99
+        ("fedadagrad", 0.01 + 4.0, 0.01 + 4.0 + 1.0),
+        ("fedadam", 0.99 * 0.01 + 0.01 * 4.0, 0.99 * (0.99 * 0.01 + 0.01 * 4.0) + 0.01 * 1.0),
+        ("fedyogi", 0.01 + 0.01 * 4.0, 0.01 + 0.01 * 4.0 + 0.01 * 1.0),  # sign(v - d^2) = -1 both times
+    ],
+)
+def test_adaptive_server_optimisers_over_two_rounds_by_hand(name, v1, v2):
+    from fedrec.federated.server_opt import ServerOptimizer
+
+    cfg = ServerOptConfig(name=name, lr=0.5, beta1=0.9, beta2=0.99, tau=0.1)
+    opt = ServerOptimizer(cfg)
+    x = opt.step({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])})
+    m1 = 0.1 * 2.0
+    x1 = 1.0 + 0.5 * m1 / (v1**0.5 + 0.1)
+    assert x["w"].item() == pytest.approx(x1, rel=1e-6)
+    x = opt.step(x, {"w": torch.tensor([-1.0])})
+    m2 = 0.9 * m1 + 0.1 * -1.0
+    assert opt.m["w"].item() == pytest.approx(m2, rel=1e-6)
+    assert opt.v["w"].item() == pytest.approx(v2, rel=1e-6)
+    assert x["w"].item() == pytest.approx(x1 + 0.5 * m2 / (v2**0.5 + 0.1), rel=1e-6)
+
+
+def test_plain_server_step_over_two_rounds_is_the_sum_of_scaled_deltas():
+    from fedrec.federated.server_opt import ServerOptimizer
+
+    opt = ServerOptimizer(ServerOptConfig(name="fedavg", lr=0.5))
+    x = opt.step(opt.step({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}), {"w": torch.tensor([-1.0])})
+    assert x["w"].item() == pytest.approx(1.0 + 0.5 * 2.0 - 0.5 * 1.0)
+
+
+def test_the_running_sum_equals_the_stacked_sum():
+    gen = torch.Generator().manual_seed(1)
+    messages = [
+        sums(merchant(torch.randn(3, 2, generator=gen).tolist(), [float(i)], i + 1, [True, i % 2 == 0, False]),
+             "rowwise", True)
+        for i in range(7)
+    ]  # fmt: skip
+    running = sum_all(messages)
+    for name in running:
+        torch.testing.assert_close(running[name], torch.stack([m[name] for m in messages]).sum(0))
+    assert messages[0]["n"].item() == 1.0  # the first term was copied, not added into

@@ -130,11 +130,14 @@ def test_soak_variant_reloads_mid_load_without_a_failed_request(tiny_bench):
 def test_a_partial_run_replaces_only_the_rows_it_measures():
     old = [
         {"catalogue": "a", "concurrency": 1, "rps": 1.0},  # written before rows had an endpoint
+        {"endpoint": "GET /v1/merchants/{merchant}/customers/{customer}/recommendations?k=10", "catalogue": "b",
+         "concurrency": 1, "rps": 0.5},  # written when `endpoint` held the request line
         {"endpoint": "basket", "catalogue": "a", "concurrency": 1, "rps": 2.0},
-    ]
+    ]  # fmt: skip
     new = [{"endpoint": "basket", "catalogue": "a", "concurrency": 1, "rps": 3.0}]
     merged = merge_runs(old, new)
-    assert {(r["endpoint"], r["rps"]) for r in merged} == {("customer", 1.0), ("basket", 3.0)}
+    assert {(r["endpoint"], r["rps"]) for r in merged} == {("customer", 1.0), ("customer", 0.5), ("basket", 3.0)}
+    assert next(r for r in merged if r["rps"] == 0.5)["request"].startswith("GET /v1/merchants")
 
 
 def test_ef_search_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_bench):

@@ -84,6 +84,36 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     result = runner.invoke(app, ["export", "--set", f"output.artifacts_dir={tmp_path / 'none'}"])
     assert result.exit_code == 2 and "no checkpoint" in result.output
 
+    for setting, message in (
+        ("data.partition=random", "data.partition must be one of"),
+        ("data.partition_merchants=5000", "data.partition_merchants must be between 2 and 1000"),
+        ("data.partition_alpha=0", "data.partition_alpha must be > 0"),
+        ("local.prox_mu=-1", "local.prox_mu must be >= 0"),
+    ):
+        result = runner.invoke(app, ["train", "--set", setting])
+        assert result.exit_code == 2, setting
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_dirichlet_partition_trains_end_to_end(tmp_path, tiny_csv):
+    """Customers regrouped into 4 category-skewed merchants (m000..m003), trained and exported."""
+    args = ["train", "--dataset", "file", "--set", f"data.path={tiny_csv}"]
+    for setting in (
+        f"output.artifacts_dir={tmp_path / 'a'}",
+        "data.partition=dirichlet",
+        "data.partition_merchants=4",
+        "data.partition_alpha=0.3",
+        "federation.rounds=2",
+        "local.prox_mu=0.1",
+        "model.dim=8",
+        "model.hash_buckets=256",
+    ):
+        args += ["--set", setting]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    merchants = sorted(p.name for p in (tmp_path / "a" / "file" / "merchants").iterdir())
+    assert merchants and set(merchants) <= {"m000", "m001", "m002", "m003"}
+
 
 def test_yaml_config(tmp_path, tiny_csv):
     cfg = tmp_path / "run.yaml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fedrec.config import DataConfig
 from fedrec.data import FederatedDataset, PurchaseLog
 from fedrec.datasets import movielens, purchases, synthetic
+from fedrec.datasets.partition import PartitionConfig, partition
 from fedrec.datasets.protocol import SplitConfig, temporal_split
 
 
@@ -16,6 +17,7 @@ def load_log(cfg: DataConfig) -> PurchaseLog:
     return purchases.load(cfg.path, merchants=cfg.merchants or None)
 
 
-def load_dataset(cfg: DataConfig) -> FederatedDataset:
+def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
     split = SplitConfig(cfg.test_fraction, cfg.val_fraction, cfg.min_positives)
-    return temporal_split(load_log(cfg), split)
+    parts = PartitionConfig(cfg.partition, cfg.partition_merchants, cfg.partition_alpha, seed)
+    return temporal_split(partition(load_log(cfg), parts), split)

@@ -45,7 +45,7 @@ def _neural(dataset, features, cfg, fed_cfg, console, label) -> TrainResult:
 def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool = False) -> dict:
     console = console or Console()
     torch.set_num_threads(cfg.threads)
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     out: dict = {
         "dataset": dataset.name,

@@ -70,7 +70,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
         raise FedrecError(f"{ckpt_path}: no checkpoint; run `fedrec train` for this dataset first")
     ckpt = torch.load(ckpt_path, weights_only=False)
     train_cfg = config_from_dict(ckpt["config"])
-    dataset = load_dataset(train_cfg.data)
+    dataset = load_dataset(train_cfg.data, train_cfg.federation.seed)
     features = build_item_features(dataset.items, train_cfg.model.hash_buckets)
     vecs = item_embeddings(ckpt["item_state"], features, train_cfg.model).numpy()
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})

@@ -41,7 +41,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
     console = console or Console()
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     sizes = ", ".join(f"{m.name}:{m.n_users}" for m in dataset.merchants)
     console.print(
