@@ -86,10 +86,7 @@ def limit_threads(threads: int) -> None:
 
 def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> FastAPI:
     holder = holder or ExportHolder(settings)
-    batcher = FoldInBatcher(
-        settings.foldin_config(),
-        settings.foldin_batch,
-    )
+    batcher = FoldInBatcher(settings.foldin_config(), settings.foldin_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -145,7 +142,11 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         """The client learns only that it failed and a request id; the detail goes to the log."""
         request_id = uuid.uuid4().hex[:16]
         log.error(
-            "request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=(type(exc), exc, None)
+            "request %s: %s %s failed",
+            request_id,
+            request.method,
+            request.url.path,
+            exc_info=(type(exc), exc, exc.__traceback__),
         )
         response = _json({"error": "internal", "detail": "internal error", "request_id": request_id}, 500)
         response.headers["X-Request-ID"] = request_id
@@ -262,16 +263,12 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
     ) -> Response:
         """Find catalogue items by id or title (for the demo page's product picker)."""
         export = ready()
-        needle = q.strip().lower()
-        titles = export.metadata.get("title")
-        found: list[int] = []
-        total = 0
-        for row, item in enumerate(export.item_ids):
-            if not needle or needle in item.lower() or (titles and titles[row] and needle in titles[row].lower()):
-                total += 1
-                if len(found) < limit:
-                    found.append(row)
-        return _json({"version": export.version, "total": total, "items": [export.item_record(r) for r in found]})
+        needle = q.strip().lower().replace("\x00", "")
+        # one vectorised scan (polars) of "id NUL title", never a Python loop over the catalogue
+        hits = export.search_text.str.contains(needle, literal=True).to_numpy() if needle else None
+        rows = np.arange(export.n_items) if hits is None else np.flatnonzero(hits)
+        found = rows[:limit].tolist()
+        return _json({"version": export.version, "total": len(rows), "items": [export.item_record(r) for r in found]})
 
     @app.get("/v1/items/{item_id}", tags=["catalogue"], response_model=Item, responses=ERRORS)
     async def get_item(item_id: Annotated[str, Path(description="catalogue item id")]) -> Response:

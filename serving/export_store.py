@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,13 @@ class LoadedExport:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @cached_property
+    def search_text(self) -> pl.Series:
+        """Lower-case "id NUL title" per catalogue row, built on first use, for catalogue search."""
+        ids = pl.Series(self.item_ids, dtype=pl.String)
+        titles = pl.Series(self.metadata.get("title") or [None] * len(ids), dtype=pl.String).fill_null("")
+        return (ids + "\x00" + titles).str.to_lowercase()
 
     @property
     def dim(self) -> int:

@@ -287,3 +287,17 @@ def test_demo_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<title>fedrec demo</title>" in r.text
     assert "/v1/recommendations" in r.text
+
+
+def test_item_search_matches_ids_case_insensitively_and_counts_every_hit(client, root):
+    items = pl.read_parquet(root / "exports" / "v0002" / "items.parquet")
+    item = items["item"][7]
+    found = client.get("/v1/items", params={"q": item.lower(), "limit": 1}).json()
+    assert found["items"][0]["id"] == item
+    expected = sum(
+        item.lower() in i.lower() or item.lower() in (t or "").lower()
+        for i, t in zip(items["item"], items["title"], strict=True)
+    )
+    assert found["total"] == expected
+    everything = client.get("/v1/items", params={"limit": 5}).json()
+    assert everything["total"] == items.height and len(everything["items"]) == 5
