@@ -39,3 +39,24 @@ def implicit_als(
     )
     model.fit(train.tocsr().astype(np.float32), show_progress=False)
     return torch.from_numpy(np.asarray(model.user_factors)), torch.from_numpy(np.asarray(model.item_factors))
+
+
+EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+
+
+def ease_weights(train: sp.csr_matrix, lam: float) -> np.ndarray:
+    """EASE (Steck, 2019), closed form: P = (X'X + lam I)^-1, B = I - P / diag(P), diag(B) = 0."""
+    gram = (train.T @ train).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += lam
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def ease(train: sp.csr_matrix, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores X B as (user vectors, item vectors): a user's vector is its purchase row, an item's
+    is its column of B, so every method is ranked by the same dot-product code."""
+    b = ease_weights(train, lam)
+    users = torch.from_numpy(train.toarray().astype(np.float32))
+    return users, torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))

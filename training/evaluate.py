@@ -17,10 +17,10 @@ import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json, write_text, write_with
-from fedrec.baselines import implicit_als, popularity
+from fedrec.baselines import EASE_LAMBDAS, ease, implicit_als, popularity
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset, pooled
-from fedrec.evaluation import MetricSums, combine, evaluate_test, evaluate_test_all
+from fedrec.evaluation import MetricSums, combine, evaluate_test, evaluate_test_all, merchant_metric_sums
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import METRICS
@@ -28,7 +28,8 @@ from fedrec.model import item_embeddings
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
 
-METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als")
+METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als", "ease")
+TRAINED = ("federated", "centralized", "local_only", "implicit_als")
 
 
 def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -42,11 +43,51 @@ def _neural(dataset, features, cfg, fed_cfg, console, label) -> TrainResult:
     return run_federated(dataset, features, cfg.model, cfg.local, fed_cfg, on_round=printer)
 
 
-def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool = False) -> dict:
+def summarise(entries: list[dict], seeds: list[int]) -> dict:
+    """Mean over seeds of every metric (overall and per merchant), with recall@20's spread."""
+    first = entries[0]
+    recalls = [e["overall"]["recall@20"] for e in entries]
+    out = {
+        "overall": {m: float(np.mean([e["overall"][m] for e in entries])) for m in first["overall"]},
+        "users": first["users"],
+        "per_merchant": {
+            name: {
+                **{m: float(np.mean([e["per_merchant"][name][m] for e in entries])) for m in METRICS},
+                "users": stats["users"],
+            }
+            for name, stats in first["per_merchant"].items()
+        },
+        "recall@20_std": float(np.std(recalls, ddof=1)) if len(recalls) > 1 else 0.0,
+        "recall@20_per_seed": [round(r, 4) for r in recalls],
+        "seeds": list(seeds),
+    }
+    for key in ("seconds", "rounds", "best_round"):
+        if key in first:
+            out[key] = round(float(np.mean([e[key] for e in entries])), 2)
+    return out
+
+
+def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:
+    """EASE's lambda by validation recall@20: fit on train minus the validation slice, rank with
+    train purchases excluded, score the validation slice (test is never looked at)."""
+    pool = pooled(dataset)
+    scores = {}
+    for lam in lambdas:
+        u, v = ease(pool.train, lam)
+        scores[str(lam)] = merchant_metric_sums(u, v, pool.train, pool.val, ("recall@20",)).means()["recall@20"]
+    best = max(lambdas, key=lambda lam: scores[str(lam)])
+    return best, scores
+
+
+def evaluate(
+    cfg: RunConfig, console: Console | None = None, quiet_rounds: bool = False, seeds: tuple[int, ...] = (0, 1, 2)
+) -> dict:
+    """Every trained method once per seed (federation.seed = seed), reported as mean and spread."""
     console = console or Console()
     torch.set_num_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
+    seeds = tuple(seeds)
     out: dict = {
         "dataset": dataset.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -54,69 +95,123 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
         "data": dataset.summary(),
         "protocol": dataset.protocol,
         "metrics": list(METRICS),
+        "seeds": list(seeds),
     }
     curves: dict[str, list[float]] = {}
     quiet = Console(quiet=True)
     show = quiet if quiet_rounds else console
+    per_seed: dict[str, list[dict]] = {}
+    full = pooled(dataset).full_train
 
-    def record(name: str, users, items, seconds: float, result: TrainResult | None = None, biases=None) -> None:
+    def scored(users, items, seconds: float, result: TrainResult | None = None, biases=None) -> dict:
         entry = evaluate_test_all(dataset.merchants, users, items, biases)
         entry["seconds"] = round(seconds, 2)
         if result is not None:
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
-            curves[name] = [h.val_recall_at_20 for h in result.history]
-        out[name] = entry
-        console.print(f"[bold]{name}[/]: recall@20 {entry['overall']['recall@20']:.4f}  ({seconds:.1f}s)")
+        return entry
 
-    # Federated, with the configured aggregation rule.
-    res = _neural(dataset, features, cfg, cfg.federation, show, "federated")
-    items = item_embeddings(res.item_state, features, cfg.model)
-    record("federated", res.user_embeddings, items, res.seconds, res, res.item_biases)
+    def keep(name: str, entry: dict, seed: int, result: TrainResult | None = None, curve: str | None = None) -> None:
+        per_seed.setdefault(name, []).append(entry)
+        if result is not None and seed == seeds[0]:  # the plot shows the first seed's curves
+            curves[curve or name] = [h.val_recall_at_20 for h in result.history]
+        console.print(f"[bold]{name}[/] (seed {seed}): recall@20 {entry['overall']['recall@20']:.4f}")
 
-    # Centralized: one client holding the pooled data; same model, loss and schedule.
-    central = FederatedDataset(dataset.name, dataset.items, [pooled(dataset)], dataset.protocol)
-    res = _neural(central, features, cfg, cfg.federation, show, "centralized")
-    record(
-        "centralized",
-        _split_rows(dataset, res.user_embeddings["pooled"]),
-        item_embeddings(res.item_state, features, cfg.model),
-        res.seconds,
-        res,
-        {m.name: res.item_biases["pooled"] for m in dataset.merchants},  # one bias: the pooled shop's
-    )
+    for seed in seeds:
+        run_cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, seed=seed))
+        fed_cfg = run_cfg.federation
 
-    # Local-only: every merchant trains the same model on its own customers alone.
-    parts: dict[str, MetricSums] = {}
-    t0, rounds = time.perf_counter(), 0
-    for m in dataset.merchants:
-        alone = FederatedDataset(dataset.name, dataset.items, [m], dataset.protocol)
-        res = run_federated(alone, features, cfg.model, cfg.local, cfg.federation)
-        rounds = max(rounds, len(res.history))
-        parts[m.name] = evaluate_test(
-            m,
-            res.user_embeddings[m.name],
+        # Federated, with the configured aggregation rule.
+        res = _neural(dataset, features, run_cfg, fed_cfg, show, f"federated, seed {seed}")
+        items = item_embeddings(res.item_state, features, cfg.model)
+        keep("federated", scored(res.user_embeddings, items, res.seconds, res, res.item_biases), seed, res)
+
+        # Centralized: one client holding the pooled data; same model, loss and schedule.
+        central = FederatedDataset(dataset.name, dataset.items, [pooled(dataset)], dataset.protocol)
+        res = _neural(central, features, run_cfg, fed_cfg, show, f"centralized, seed {seed}")
+        entry = scored(
+            _split_rows(dataset, res.user_embeddings["pooled"]),
             item_embeddings(res.item_state, features, cfg.model),
-            res.item_biases[m.name],
+            res.seconds,
+            res,
+            {m.name: res.item_biases["pooled"] for m in dataset.merchants},  # one bias: the pooled shop's
         )
-    entry = combine(parts)
-    entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
-    out["local_only"] = entry
-    console.print(f"[bold]local_only[/]: recall@20 {entry['overall']['recall@20']:.4f}")
+        keep("centralized", entry, seed, res)
 
-    # Baselines on everything before the test cut-off (they need no validation slice).
-    full = pooled(dataset).full_train
+        # Local-only: every merchant trains the same model on its own customers alone.
+        parts: dict[str, MetricSums] = {}
+        t0, rounds = time.perf_counter(), 0
+        for m in dataset.merchants:
+            alone = FederatedDataset(dataset.name, dataset.items, [m], dataset.protocol)
+            res = run_federated(alone, features, cfg.model, cfg.local, fed_cfg)
+            rounds = max(rounds, len(res.history))
+            parts[m.name] = evaluate_test(
+                m,
+                res.user_embeddings[m.name],
+                item_embeddings(res.item_state, features, cfg.model),
+                res.item_biases[m.name],
+            )
+        entry = combine(parts)
+        entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
+        keep("local_only", entry, seed)
+
+        # implicit's ALS (random initialisation: seeded too), on everything before the cut-off.
+        t0 = time.perf_counter()
+        u, v = implicit_als(full, seed=seed)
+        keep("implicit_als", scored(_split_rows(dataset, u), v, time.perf_counter() - t0), seed)
+
+        # Ablations: each design choice of the federated run flipped alone.
+        for label, (model_cfg, variant_fed) in _variants(run_cfg).items():
+            variant = dataclasses.replace(run_cfg, model=model_cfg, federation=variant_fed)
+            res = _neural(dataset, features, variant, variant_fed, show, f"federated ({label}), seed {seed}")
+            items = item_embeddings(res.item_state, features, model_cfg)
+            entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
+            keep(f"ablation {label}", entry, seed, res, curve=f"federated ({label})")
+
+    for name in TRAINED:
+        out[name] = summarise(per_seed[name], list(seeds))
+    out["implicit_als"]["settings"] = {"factors": 32, "regularization": 0.1, "alpha": 5.0, "iterations": 15}
+    out["ablations"] = {
+        name.removeprefix("ablation "): summarise(entries, list(seeds))
+        for name, entries in per_seed.items()
+        if name.startswith("ablation ")
+    }
+
+    # Deterministic references on everything before the test cut-off.
     t0 = time.perf_counter()
     u, v = popularity(full)
-    record("popularity", _split_rows(dataset, u), v, time.perf_counter() - t0)
+    out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    u, v = implicit_als(full, seed=cfg.federation.seed)
-    record("implicit_als", _split_rows(dataset, u), v, time.perf_counter() - t0)
-    out["implicit_als"]["settings"] = {"factors": 32, "regularization": 0.1, "alpha": 5.0, "iterations": 15}
+    lam, val_scores = choose_ease_lambda(dataset)
+    u, v = ease(full, lam)
+    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0)
+    out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
+    for name in ("popularity", "ease"):
+        console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
 
-    # Ablations: each design choice of the federated run flipped alone.
+    fed, cen = out["federated"], out["centralized"]
+    local = out["local_only"]
+    gap = fed["overall"]["recall@20"] - cen["overall"]["recall@20"]
+    spread = max(fed["recall@20_std"], cen["recall@20_std"])
+    out["checks"] = {
+        "federated_over_centralized_recall@20": round(fed["overall"]["recall@20"] / cen["overall"]["recall@20"], 4),
+        "federated_minus_centralized_recall@20": round(gap, 4),
+        "gap_exceeds_seed_spread": abs(gap) > spread,
+        "federated_beats_local_only_for": sorted(
+            n
+            for n in fed["per_merchant"]
+            if fed["per_merchant"][n]["recall@20"] > local["per_merchant"][n]["recall@20"]
+        ),
+        "federated_beats_local_only_overall": fed["overall"]["recall@20"] > local["overall"]["recall@20"],
+    }
+    out["config"] = cfg.to_dict()
+    out["curves"] = curves
+    return out
+
+
+def _variants(cfg: RunConfig) -> dict:
     other = "fedavg" if cfg.federation.aggregation == "rowwise" else "rowwise"
-    variants = {
+    return {
         f"aggregation={other}": (cfg.model, dataclasses.replace(cfg.federation, aggregation=other)),
         f"normalize_steps={not cfg.federation.normalize_steps}": (
             cfg.model,
@@ -127,49 +222,21 @@ def evaluate(cfg: RunConfig, console: Console | None = None, quiet_rounds: bool 
             cfg.federation,
         ),
     }
-    out["ablations"] = {}
-    for label, (model_cfg, fed_cfg) in variants.items():
-        variant = dataclasses.replace(cfg, model=model_cfg, federation=fed_cfg)
-        res = _neural(dataset, features, variant, fed_cfg, show, f"federated ({label})")
-        abl = evaluate_test_all(
-            dataset.merchants,
-            res.user_embeddings,
-            item_embeddings(res.item_state, features, model_cfg),
-            res.item_biases,
-        )
-        out["ablations"][label] = {
-            "overall": abl["overall"],
-            "per_merchant": abl["per_merchant"],
-            "rounds": len(res.history),
-            "best_round": res.best_round,
-        }
-        curves[f"federated ({label})"] = [h.val_recall_at_20 for h in res.history]
-        console.print(f"[bold]federated ({label})[/]: recall@20 {abl['overall']['recall@20']:.4f}")
 
-    fed, cen = out["federated"]["overall"]["recall@20"], out["centralized"]["overall"]["recall@20"]
-    local_pm = out["local_only"]["per_merchant"]
-    fed_pm = out["federated"]["per_merchant"]
-    out["checks"] = {
-        "federated_over_centralized_recall@20": round(fed / cen, 4) if cen else None,
-        "federated_beats_local_only_for": sorted(
-            n for n in fed_pm if fed_pm[n]["recall@20"] > local_pm[n]["recall@20"]
-        ),
-        "federated_beats_local_only_overall": fed > out["local_only"]["overall"]["recall@20"],
-    }
-    out["config"] = cfg.to_dict()
-    out["curves"] = curves
-    return out
+
+def _cell(entry: dict, metric: str) -> str:
+    value = f"{entry['overall'][metric]:.4f}"
+    if metric == "recall@20" and "recall@20_std" in entry:
+        value += f" ± {entry['recall@20_std']:.4f}"
+    return value
 
 
 def markdown_table(res: dict) -> str:
     head = "| method | " + " | ".join(METRICS) + " | seconds |\n|---|" + "---:|" * (len(METRICS) + 1) + "\n"
-    rows = [
-        f"| {m} | " + " | ".join(f"{res[m]['overall'][k]:.4f}" for k in METRICS) + f" | {res[m]['seconds']} |"
-        for m in METHODS
-    ]
+    rows = [f"| {m} | " + " | ".join(_cell(res[m], k) for k in METRICS) + f" | {res[m]['seconds']} |" for m in METHODS]
     merchants = list(res["federated"]["per_merchant"])
     pm = (
-        "\n\nrecall@20 per merchant (users):\n\n| method | "
+        "\n\nrecall@20 per merchant (users), mean over seeds:\n\n| method | "
         + " | ".join(f"{n} ({res['federated']['per_merchant'][n]['users']})" for n in merchants)
         + " |\n|---|"
         + "---:|" * len(merchants)
@@ -180,11 +247,18 @@ def markdown_table(res: dict) -> str:
         for m in METHODS
     )
     checks = res["checks"]
+    seeds = ", ".join(str(s) for s in res["seeds"])
     foot = (
-        f"\n\nfederated / centralized recall@20: {checks['federated_over_centralized_recall@20']}; "
+        f"\n\nTrained methods: mean ± standard deviation of recall@20 over seeds {seeds}; popularity and EASE "
+        f"(lambda {res['ease']['settings']['lambda']:g}, chosen on validation) are deterministic.\n"
+        f"federated - centralized recall@20: {checks['federated_minus_centralized_recall@20']:+.4f} "
+        f"({'more' if checks['gap_exceeds_seed_spread'] else 'less'} than the seed spread); "
         f"federated beats local-only for {len(checks['federated_beats_local_only_for'])}/{len(merchants)} merchants.\n"
     )
-    abl = "".join(f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f}.\n" for k, v in res["ablations"].items())
+    abl = "".join(
+        f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f} ± {v['recall@20_std']:.4f}.\n"
+        for k, v in res["ablations"].items()
+    )
     return f"# Evaluation: {res['dataset']}\n\n" + head + "\n".join(rows) + pm + foot + abl
 
 
@@ -197,17 +271,11 @@ def plot_curves(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, ys in res["curves"].items():
         ax.plot(range(1, len(ys) + 1), ys, label=name)
-    for name in ("popularity", "implicit_als"):
-        ax.axhline(
-            res[name]["overall"]["recall@20"],
-            ls="--",
-            lw=1,
-            label=f"{name} (test)",
-            color="grey" if name == "popularity" else "black",
-        )
+    for name, colour in (("popularity", "grey"), ("implicit_als", "black"), ("ease", "brown")):
+        ax.axhline(res[name]["overall"]["recall@20"], ls="--", lw=1, label=f"{name} (test)", color=colour)
     ax.set_xlabel("round (centralized: epochs of the pooled data)")
     ax.set_ylabel("recall@20")
-    ax.set_title(f"{res['dataset']}: validation recall@20 per round")
+    ax.set_title(f"{res['dataset']}: validation recall@20 per round (seed {res['seeds'][0]})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,81 @@
+"""`fedrec evaluate`'s comparison code: the wiring of every method, seeds, and EASE on validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedrec.baselines import ease_weights
+from fedrec.config import load_config
+from fedrec.training.evaluate import METHODS, TRAINED, _split_rows, choose_ease_lambda, evaluate, markdown_table
+
+
+def test_pooled_rows_go_back_to_their_own_merchants(tiny_dataset):
+    total = sum(m.n_users for m in tiny_dataset.merchants)
+    vecs = torch.arange(total, dtype=torch.float32)[:, None]
+    parts = _split_rows(tiny_dataset, vecs)
+    start = 0
+    for m in tiny_dataset.merchants:
+        assert parts[m.name].shape == (m.n_users, 1)
+        assert parts[m.name][0, 0].item() == start  # pooled() stacks merchants in dataset order
+        start += m.n_users
+
+
+def test_ease_is_the_constrained_ridge_regression_of_each_item_on_the_others():
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix((rng.random((40, 6)) < 0.3).astype(np.float32))
+    lam = 3.0
+    b = ease_weights(x, lam)
+    dense = x.toarray().astype(np.float64)
+    assert np.allclose(np.diag(b), 0.0)
+    for j in range(6):
+        others = [i for i in range(6) if i != j]
+        xo = dense[:, others]
+        expected = np.linalg.solve(xo.T @ xo + lam * np.eye(5), xo.T @ dense[:, j])
+        np.testing.assert_allclose(b[others, j], expected, rtol=1e-6, atol=1e-8)
+
+
+def test_ease_lambda_is_chosen_on_validation_and_ignores_test(tiny_dataset):
+    lam, scores = choose_ease_lambda(tiny_dataset, (1.0, 10.0, 100.0))
+    assert lam == max((1.0, 10.0, 100.0), key=lambda v: scores[str(v)])
+    scrambled = dataclasses.replace(
+        tiny_dataset,
+        merchants=[dataclasses.replace(m, test=sp.csr_matrix(m.test.shape, dtype=m.test.dtype))
+                   for m in tiny_dataset.merchants],
+    )  # fmt: skip
+    assert choose_ease_lambda(scrambled, (1.0, 10.0, 100.0)) == (lam, scores)
+
+
+def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv):
+    cfg = load_config(
+        None,
+        {
+            "data.dataset": "file",
+            "data.path": str(tiny_csv),
+            "federation.rounds": 2,
+            "model.dim": 8,
+            "model.hash_buckets": 256,
+        },
+    )
+    from rich.console import Console
+
+    res = evaluate(cfg, Console(quiet=True), quiet_rounds=True, seeds=(0, 1))
+    for name in METHODS:
+        # one exclusion rule and one population: every method is ranked for the same customers
+        assert res[name]["users"] == res["popularity"]["users"]
+        assert {n: v["users"] for n, v in res[name]["per_merchant"].items()} == {
+            n: v["users"] for n, v in res["popularity"]["per_merchant"].items()
+        }
+    for name in TRAINED:
+        per_seed = res[name]["recall@20_per_seed"]
+        assert res[name]["seeds"] == [0, 1] and len(per_seed) == 2
+        assert abs(res[name]["overall"]["recall@20"] - np.mean(per_seed)) < 1e-4
+        assert abs(res[name]["recall@20_std"] - np.std(per_seed, ddof=1)) < 1e-4
+    assert res["federated"]["recall@20_per_seed"][0] != res["federated"]["recall@20_per_seed"][1]  # seeds differ
+    assert "seeds" not in res["popularity"] and res["ease"]["settings"]["chosen_on"] == "validation recall@20"
+    assert set(res["ablations"]) == {"aggregation=rowwise", "normalize_steps=False", "merchant_item_bias=True"}
+    table = markdown_table(res)
+    assert "| ease |" in table and "±" in table and "seeds 0, 1" in table
