@@ -83,3 +83,20 @@ def evaluate_val(
     """Validation recall@20 for early stopping: train items excluded, val items as truth."""
     users, items = scoring_vectors(user_vecs, item_vecs, item_bias)
     return merchant_metric_sums(users, items, merchant.train, merchant.val, ("recall@20",))
+
+
+def recommendation_lists(
+    merchants: list[MerchantData],
+    users: dict[str, torch.Tensor],
+    item_vecs: torch.Tensor,
+    item_biases: dict[str, torch.Tensor | None] | None = None,
+    k: int = 10,
+) -> np.ndarray:
+    """Every test customer's top-k (purchases before the cut-off excluded), stacked over merchants."""
+    biases = item_biases or {}
+    lists = []
+    for m in merchants:
+        idx = np.flatnonzero(eligible_users(m.full_train, m.test))
+        u, v = scoring_vectors(users[m.name], item_vecs, biases.get(m.name))
+        lists.append(topk_items(u[torch.from_numpy(idx)], v, m.full_train[idx], k))
+    return np.vstack(lists)

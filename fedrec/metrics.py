@@ -60,3 +60,39 @@ def per_user_metrics(topk: np.ndarray, truth: sp.csr_matrix, ks=DEFAULT_KS) -> d
 
 def eligible_users(train: sp.csr_matrix, test: sp.csr_matrix) -> np.ndarray:
     return (train.getnnz(axis=1) > 0) & (test.getnnz(axis=1) > 0)
+
+
+# ---- beyond accuracy: how concentrated the lists are, how coherent "similar items" are -------------
+
+
+def catalogue_coverage(topk: np.ndarray, n_items: int) -> float:
+    """Share of the catalogue that appears in at least one list."""
+    return float(len(np.unique(topk)) / n_items)
+
+
+def top1_share(topk: np.ndarray) -> float:
+    """Share of users whose first item is the single most common first item (1/users is ideal)."""
+    if topk.shape[0] == 0:
+        return float("nan")
+    return float(np.bincount(topk[:, 0]).max() / topk.shape[0])
+
+
+def same_label_rate(similarity: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """For each item with a label, the share of its k most similar items (itself left out) that
+    share a label with it: a category (synthetic shop) or a genre (MovieLens).
+
+    similarity: [items, items], row i scores every item as a neighbour of i.
+    labels: [items, labels] 0/1 matrix; items without any label are left out of the mean.
+    """
+    sim = np.array(similarity, dtype=np.float64, copy=True)
+    np.fill_diagonal(sim, -np.inf)
+    k = min(k, sim.shape[0] - 1)
+    neighbours = np.argpartition(-sim, k, axis=1)[:, :k]
+    labelled = labels.sum(axis=1) > 0
+    shared = (labels[:, None, :] * labels[neighbours]).sum(axis=2) > 0  # [items, k]
+    return float(shared[labelled].mean()) if labelled.any() else float("nan")
+
+
+def cosine(vectors: np.ndarray) -> np.ndarray:
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return unit @ unit.T

@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.errors import FedrecError
-from fedrec.serving.export_store import LoadedExport, load_export
+from fedrec.serving.export_store import LoadedExport, load_export, next_version
 from fedrec.serving.foldin import FoldInConfig, fold_in_many
 from fedrec.serving.index import build_index, index_kind, save_index
 from fedrec.serving.recommend import basket_vectors
@@ -492,7 +492,7 @@ def publish_copy_of_latest(exports: Path, merchant: str) -> str:
     """A new export version (a copy of the newest, renamed) and the merchant's files for it, then
     LATEST: what a training run does, so the server's watcher hot-reloads mid-load."""
     current = (exports / "LATEST").read_text().strip()
-    version = next_version_name(exports)
+    version = next_version(exports)
     mroot = exports.parent / "merchants" / merchant
     with atomic_dir(mroot / version) as tmp:
         for f in (mroot / current).iterdir():
@@ -505,11 +505,6 @@ def publish_copy_of_latest(exports: Path, merchant: str) -> str:
         write_json(tmp / "model_card.json", card)
     write_text(exports / "LATEST", version + "\n")
     return version
-
-
-def next_version_name(exports: Path) -> str:
-    taken = [int(p.name[1:]) for p in exports.glob("v[0-9]*") if p.name[1:].isdigit()]
-    return f"v{max(taken, default=0) + 1:04d}"
 
 
 def soak(cfg: BenchConfig, meta: dict) -> dict:

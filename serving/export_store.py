@@ -106,6 +106,12 @@ def resolve_version_dir(export: Path) -> Path:
     raise ExportError(f"export {export}: neither a version directory (model_card.json) nor an exports root (LATEST)")
 
 
+def next_version(exports_dir: Path) -> str:
+    """The name the next export version gets: one past the highest vNNNN in the folder."""
+    taken = [int(p.name[1:]) for p in Path(exports_dir).glob("v*") if VERSION_RE.match(p.name)]
+    return f"v{max(taken, default=0) + 1:04d}"
+
+
 def latest_version_name(export: Path) -> str:
     """The version a watcher should be serving now (cheap: reads one small file)."""
     return resolve_version_dir(export).name

@@ -77,5 +77,10 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
     assert res["federated"]["recall@20_per_seed"][0] != res["federated"]["recall@20_per_seed"][1]  # seeds differ
     assert "seeds" not in res["popularity"] and res["ease"]["settings"]["chosen_on"] == "validation recall@20"
     assert set(res["ablations"]) == {"aggregation=rowwise", "normalize_steps=False", "merchant_item_bias=True"}
+    for name in METHODS:
+        div = res[name]["diversity"]
+        assert 0 < div["coverage@10"] <= 1 and 0 < div["top1_share"] <= 1
+    assert "similar_same_label@10_cosine" in res["federated"]["diversity"]  # the tiny shop has categories
+    assert "similar_same_label@10_ip" not in res["popularity"]["diversity"]  # no item-item meaning there
     table = markdown_table(res)
     assert "| ease |" in table and "±" in table and "seeds 0, 1" in table

@@ -43,3 +43,31 @@ def test_topk_excludes_train_items():
     items = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0]])
     exclude = csr([[0, 2]], 4)
     assert topk_items(users, items, exclude, 2).tolist() == [[1, 3]]
+
+
+def test_coverage_and_top1_share_by_hand():
+    from fedrec.metrics import catalogue_coverage, top1_share
+
+    topk = np.array([[0, 1], [0, 2], [3, 1], [0, 1]])
+    assert catalogue_coverage(topk, n_items=8) == 4 / 8
+    assert top1_share(topk) == 3 / 4  # item 0 is first for 3 of 4 users
+
+
+def test_same_label_rate_counts_neighbours_sharing_a_label_and_skips_unlabelled_items():
+    from fedrec.metrics import cosine, same_label_rate
+
+    # items 0,1 share label A; item 2 has B; item 3 has no label
+    labels = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=float)
+    sim = np.array(
+        [
+            [9, 5, 1, 0],  # 0's nearest (self left out): 1 (A) -> shares
+            [5, 9, 6, 0],  # 1's nearest: 2 (B) -> does not
+            [1, 2, 9, 3],  # 2's nearest: 3 (none) -> does not
+            [0, 0, 0, 9],  # unlabelled: left out
+        ],
+        dtype=float,
+    )
+    assert same_label_rate(sim, labels, k=1) == 1 / 3
+    vecs = np.array([[1.0, 0.0], [10.0, 0.1], [0.0, 1.0]])
+    c = cosine(vecs)
+    assert np.allclose(np.diag(c), 1.0) and c[0, 1] > 0.99 and abs(c[0, 2]) < 1e-9

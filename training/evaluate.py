@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from rich.console import Console
 
@@ -20,10 +21,17 @@ from fedrec.atomic import write_json, write_text, write_with
 from fedrec.baselines import EASE_LAMBDAS, ease, implicit_als, popularity
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset, pooled
-from fedrec.evaluation import MetricSums, combine, evaluate_test, evaluate_test_all, merchant_metric_sums
+from fedrec.evaluation import (
+    MetricSums,
+    combine,
+    evaluate_test,
+    evaluate_test_all,
+    merchant_metric_sums,
+    recommendation_lists,
+)
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
-from fedrec.metrics import METRICS
+from fedrec.metrics import METRICS, catalogue_coverage, cosine, same_label_rate, top1_share
 from fedrec.model import item_embeddings
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
@@ -64,6 +72,40 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
     for key in ("seconds", "rounds", "best_round"):
         if key in first:
             out[key] = round(float(np.mean([e[key] for e in entries])), 2)
+    if "diversity" in first:
+        out["diversity"] = {k: float(np.mean([e["diversity"][k] for e in entries])) for k in first["diversity"]}
+    return out
+
+
+def item_labels(items: pl.DataFrame) -> np.ndarray:
+    """[items, labels] 0/1: the product category where the catalogue has one, else the genres."""
+    if "category" in items.columns and items["category"].null_count() < items.height:
+        values = [[c] if c else [] for c in items["category"].to_list()]
+    elif "genres" in items.columns:
+        values = [g.split("|") if g else [] for g in items["genres"].to_list()]
+    else:
+        return np.zeros((items.height, 0))
+    names = sorted({v for row in values for v in row})
+    col = {n: i for i, n in enumerate(names)}
+    out = np.zeros((items.height, len(names)))
+    rows = np.repeat(np.arange(items.height), [len(r) for r in values])
+    out[rows, [col[v] for r in values for v in r]] = 1.0
+    return out
+
+
+def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None) -> dict:
+    """How concentrated the top-10 lists are, and how category-coherent "similar items" are.
+
+    similar: None ranks neighbours by the item vectors (inner product, as the API does, and cosine);
+    an array gives a method's own item-item scores (EASE); False skips it (popularity).
+    """
+    lists = recommendation_lists(dataset.merchants, users, items, biases, 10)
+    out = {"coverage@10": catalogue_coverage(lists, dataset.n_items), "top1_share": top1_share(lists)}
+    if similar is False or labels.shape[1] == 0:
+        return out
+    vecs = items.numpy() if similar is None else similar
+    out["similar_same_label@10_ip"] = same_label_rate(vecs @ vecs.T if similar is None else vecs, labels)
+    out["similar_same_label@10_cosine"] = same_label_rate(cosine(vecs), labels)
     return out
 
 
@@ -103,9 +145,12 @@ def evaluate(
     per_seed: dict[str, list[dict]] = {}
     full = pooled(dataset).full_train
 
-    def scored(users, items, seconds: float, result: TrainResult | None = None, biases=None) -> dict:
+    labels = item_labels(dataset.items)
+
+    def scored(users, items, seconds: float, result: TrainResult | None = None, biases=None, similar=None) -> dict:
         entry = evaluate_test_all(dataset.merchants, users, items, biases)
         entry["seconds"] = round(seconds, 2)
+        entry["diversity"] = diversity(dataset, users, items, biases, labels, similar)
         if result is not None:
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
@@ -140,19 +185,23 @@ def evaluate(
 
         # Local-only: every merchant trains the same model on its own customers alone.
         parts: dict[str, MetricSums] = {}
+        lists = []
         t0, rounds = time.perf_counter(), 0
         for m in dataset.merchants:
             alone = FederatedDataset(dataset.name, dataset.items, [m], dataset.protocol)
             res = run_federated(alone, features, cfg.model, cfg.local, fed_cfg)
             rounds = max(rounds, len(res.history))
-            parts[m.name] = evaluate_test(
-                m,
-                res.user_embeddings[m.name],
-                item_embeddings(res.item_state, features, cfg.model),
-                res.item_biases[m.name],
-            )
+            own = item_embeddings(res.item_state, features, cfg.model)
+            parts[m.name] = evaluate_test(m, res.user_embeddings[m.name], own, res.item_biases[m.name])
+            lists.append(recommendation_lists([m], res.user_embeddings, own, res.item_biases))
         entry = combine(parts)
         entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
+        # each shop has its own item vectors, so "similar items" has no single answer here
+        lists = np.vstack(lists)
+        entry["diversity"] = {
+            "coverage@10": catalogue_coverage(lists, dataset.n_items),
+            "top1_share": top1_share(lists),
+        }
         keep("local_only", entry, seed)
 
         # implicit's ALS (random initialisation: seeded too), on everything before the cut-off.
@@ -180,11 +229,12 @@ def evaluate(
     # Deterministic references on everything before the test cut-off.
     t0 = time.perf_counter()
     u, v = popularity(full)
-    out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0)
+    out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=False)
     t0 = time.perf_counter()
     lam, val_scores = choose_ease_lambda(dataset)
     u, v = ease(full, lam)
-    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0)
+    # EASE's "similar items" of i: the items i's purchase predicts most, row i of B (= v.T)
+    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=v.numpy().T)
     out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
     for name in ("popularity", "ease"):
         console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
@@ -259,7 +309,21 @@ def markdown_table(res: dict) -> str:
         f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f} ± {v['recall@20_std']:.4f}.\n"
         for k, v in res["ablations"].items()
     )
-    return f"# Evaluation: {res['dataset']}\n\n" + head + "\n".join(rows) + pm + foot + abl
+    keys = ("coverage@10", "top1_share", "similar_same_label@10_ip", "similar_same_label@10_cosine")
+    div = (
+        "\nBeyond accuracy (top-10 lists of every test customer; similar items: the 10 nearest items, "
+        "sharing a category or genre):\n\n| method | catalogue coverage@10 | top-1 share | similar items same "
+        "label (inner product) | similar items same label (cosine) |\n|---|---:|---:|---:|---:|\n"
+        + "\n".join(
+            f"| {m} | " + " | ".join(_num(res[m].get("diversity", {}).get(k)) for k in keys) + " |" for m in METHODS
+        )
+        + "\n"
+    )
+    return f"# Evaluation: {res['dataset']}\n\n" + head + "\n".join(rows) + pm + foot + abl + div
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def plot_curves(res: dict, path: Path) -> None:

@@ -11,7 +11,6 @@ Each version directory is built under a temporary name and renamed when complete
 from __future__ import annotations
 
 import datetime as dt
-import re
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,10 @@ from fedrec import __version__
 from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
+from fedrec.serving.export_store import next_version
 from fedrec.serving.index import build_index, index_kind, save_index
 
 EXPORT_FORMAT = 1
-VERSION_RE = re.compile(r"^v(\d{4,})$")
-
-
-def next_version(exports_dir: Path) -> str:
-    taken = [int(m.group(1)) for p in exports_dir.glob("v*") if (m := VERSION_RE.match(p.name))]
-    return f"v{max(taken, default=0) + 1:04d}"
 
 
 def write_export(
