@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,8 +23,6 @@ import numpy as np
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.foldin import FoldInConfig
 from fedrec.serving.recommend import basket_vectors, search_many
-
-log = logging.getLogger("fedrec.serving")
 
 
 @dataclass(frozen=True)

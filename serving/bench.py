@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -540,8 +541,6 @@ def soak(cfg: BenchConfig, meta: dict) -> dict:
                         published["at_s"] = round(time.monotonic() - t0, 1)
                     samples.append(process_group_rss_mb(proc.pid))
                     time.sleep(1.0)
-
-            import threading
 
             watcher = threading.Thread(target=background, daemon=True)
             watcher.start()
