@@ -5,8 +5,6 @@ Both return (user vectors, item vectors) so every method is scored by the same r
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -27,8 +25,8 @@ def implicit_als(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """implicit's ALS with the shared README's tuned settings (32 factors, reg 0.1, alpha 5)."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
 
     model = AlternatingLeastSquares(
         factors=factors,
@@ -37,7 +35,8 @@ def implicit_als(
         iterations=iterations,
         random_state=seed,
     )
-    model.fit(train.tocsr().astype(np.float32), show_progress=False)
+    with threadpool_limits(1, "blas"):  # implicit parallelises itself; a BLAS pool on top only contends
+        model.fit(train.tocsr().astype(np.float32), show_progress=False)
     return torch.from_numpy(np.asarray(model.user_factors)), torch.from_numpy(np.asarray(model.item_factors))
 
 
