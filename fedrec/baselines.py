@@ -28,14 +28,14 @@ def implicit_als(
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(
-        factors=factors,
-        regularization=regularization,
-        alpha=alpha,
-        iterations=iterations,
-        random_state=seed,
-    )
     with threadpool_limits(1, "blas"):  # implicit parallelises itself; a BLAS pool on top only contends
+        model = AlternatingLeastSquares(
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+            random_state=seed,
+        )
         model.fit(train.tocsr().astype(np.float32), show_progress=False)
     return torch.from_numpy(np.asarray(model.user_factors)), torch.from_numpy(np.asarray(model.item_factors))
 
