@@ -31,6 +31,7 @@ from fedrec.serving.batcher import BasketQuery, FoldInBatcher
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.limits import RequestLimits, shown
 from fedrec.serving.recommend import customer_vector, purchased_rows, results, search
+from fedrec.serving.recommend import similar_items as similar_items_of
 from fedrec.serving.schemas import (
     MAX_K,
     BasketRequest,
@@ -277,10 +278,11 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
 
     @app.get("/v1/items/{item_id}/similar", tags=["recommendations"], response_model=SimilarItems, responses=ERRORS)
     async def similar_items(item_id: str, k: K = 10) -> Response:
-        """Items whose vectors score highest against this item's vector (the item itself left out)."""
+        """Items closest to this item by cosine of the item vectors (the item itself left out);
+        `score` is the cosine."""
         export = ready()
         row = item_row(export, item_id)
-        rows, scores = search(export, export.item_vectors[row], k, np.array([row]))
+        rows, scores = similar_items_of(export, row, k)
         return _json({"version": export.version, "item": item_id, "k": k, "items": results(export, rows, scores)})
 
     # ---- recommendations ----------------------------------------------------------------------

@@ -68,6 +68,12 @@ class LoadedExport:
         return len(self.item_ids)
 
     @cached_property
+    def unit_vectors(self) -> np.ndarray:
+        """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""
+        norms = np.linalg.norm(self.item_vectors, axis=1, keepdims=True)
+        return (self.item_vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    @cached_property
     def search_text(self) -> pl.Series:
         """Lower-case "id NUL title" per catalogue row, built on first use, for catalogue search."""
         ids = pl.Series(self.item_ids, dtype=pl.String)

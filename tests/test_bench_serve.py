@@ -162,3 +162,25 @@ def test_ef_search_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_b
     exact = export.item_vectors @ u + bias
     np.testing.assert_allclose(scores, exact[rows], rtol=1e-4, atol=1e-4)
     assert len(set(rows) & set(np.argsort(-exact)[:5])) >= 4  # HNSW: near-exact on a tiny catalogue
+
+
+def test_similar_items_on_an_hnsw_catalogue_are_by_inner_product_because_reranking_misses(tiny_bench):
+    """Why HNSW catalogues keep inner product for similar items: re-ranking the inner-product
+    graph's candidates by cosine finds few of the true cosine neighbours."""
+    from fedrec.serving.recommend import search, similar_items
+
+    base = load_export(tiny_bench.export, "big")
+    large = load_export(write_large_export(base, tiny_bench), "big")
+    assert large.kind == "hnsw"
+    unit = large.unit_vectors
+    overlaps = []
+    for row in (0, 7, 100, 2500):
+        rows, scores = similar_items(large, row, 10)
+        ip_rows, ip_scores = search(large, large.item_vectors[row], 10, np.array([row]))
+        assert list(rows) == list(ip_rows) and row not in rows
+        candidates, _ = search(large, large.item_vectors[row], 200, np.array([row]))
+        reranked = candidates[np.argsort(-(unit[candidates] @ unit[row]))[:10]]
+        exact = unit @ unit[row]
+        exact[row] = -np.inf
+        overlaps.append(len(set(reranked) & set(np.argsort(-exact)[:10])) / 10)
+    assert np.mean(overlaps) < 0.6
