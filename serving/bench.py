@@ -41,7 +41,7 @@ from fedrec.errors import FedrecError
 from fedrec.serving.export_store import LoadedExport, load_export, next_version
 from fedrec.serving.foldin import FoldInConfig, fold_in_many
 from fedrec.serving.index import build_index, index_kind, save_index
-from fedrec.serving.recommend import basket_vectors
+from fedrec.serving.recommend import basket_vectors, served_index
 
 K = 10
 
@@ -159,16 +159,16 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies
 # ---- FAISS alone ---------------------------------------------------------------------------------
 
 
-def served_index(export: LoadedExport, queries: np.ndarray) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
-    """The index customer requests go to, its vectors, and the queries as the server sends them.
+def served_index_and_items(export: LoadedExport, queries: np.ndarray) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+    """The index customer requests go to (the server's own rule, `recommend.served_index`), the
+    vectors it holds, and the queries as the server sends them.
 
     With a merchant item bias that is the merchant's own [v, b] index, queried with [u, 1].
     """
+    index, served_queries = served_index(export, queries)
     m = export.merchant
-    if m is None or m.index is None:
-        return export.index, export.item_vectors, queries
-    items = np.hstack([export.item_vectors, m.item_bias[:, None]])
-    return m.index, items, np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+    items = export.item_vectors if index is export.index else np.hstack([export.item_vectors, m.item_bias[:, None]])
+    return index, items, served_queries
 
 
 def recall_vs_exact(index: faiss.Index, items: np.ndarray, queries: np.ndarray, k: int = K) -> float:
@@ -321,7 +321,7 @@ def basket_requests(export: LoadedExport, order: np.ndarray, seed: int) -> list[
 def foldin_agreement(export: LoadedExport, baskets: list[Req], cfg: FoldInConfig, k: int = K) -> float:
     """For baskets on a large catalogue: mean overlap of the top-k (basket left out) from the served
     fold-in with the top-k from the exact solve over the whole catalogue (about 0.25 s a basket)."""
-    temperature = float(export.card.get("config", {}).get("local", {}).get("temperature", 1.0))
+    temperature = export.temperature
     bias = export.merchant.item_bias if export.merchant is not None else None
     rows = [np.array([export.item_rows[i] for i in r.body["items"]]) for r in baskets]
     served = basket_vectors(export, rows, cfg)
@@ -368,7 +368,7 @@ def bench_catalogue(
     if endpoint == "customer":
         queries = m.user_vectors[order[: cfg.recall_queries]]
         fetch = np.minimum(K + m.purchased.getnnz(axis=1)[order[: cfg.recall_queries]], export.n_items)
-        index, items, served_queries = served_index(export, queries)
+        index, items, served_queries = served_index_and_items(export, queries)
         recall = recall_vs_exact(index, items, served_queries)
         qps = faiss_only_qps(index, served_queries, fetch)
         print(f"{name}: {export.n_items:,} items, {export.kind} index (ef_search {ef_search}), "

@@ -67,6 +67,11 @@ class LoadedExport:
     def n_items(self) -> int:
         return len(self.item_ids)
 
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature the model was trained with (the fold-in solves the same loss)."""
+        return float(self.card.get("config", {}).get("local", {}).get("temperature", 1.0))
+
     @cached_property
     def unit_vectors(self) -> np.ndarray:
         """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""

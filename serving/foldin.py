@@ -131,18 +131,6 @@ def fold_in_softmax_batch(
     return u
 
 
-def fold_in_softmax(
-    candidates: np.ndarray,
-    positives: np.ndarray,
-    temperature: float,
-    reg: float,
-    max_steps: int = 25,
-    offsets: np.ndarray | None = None,
-) -> np.ndarray:
-    """One basket: `fold_in_softmax_batch` with a batch of one."""
-    return fold_in_softmax_batch(candidates, [positives], temperature, reg, max_steps, offsets)[0]
-
-
 def fold_in_many(
     item_vectors: np.ndarray,
     baskets: list[np.ndarray],

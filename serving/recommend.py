@@ -14,7 +14,7 @@ from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.foldin import FoldInConfig, fold_in_many, fold_in_sampled
 
 
-def _served_index(export: LoadedExport, queries: np.ndarray, merchant_bias: bool):
+def served_index(export: LoadedExport, queries: np.ndarray, merchant_bias: bool = True):
     """The index and query vectors for a search: with a merchant item bias, its own [v, b] index
     queried with [u, 1]."""
     merchant = export.merchant
@@ -40,7 +40,7 @@ def search_many(
     merchant_bias: score u . v + b with this merchant's item bias when it has one (customer and
     basket recommendations).
     """
-    index, vectors = _served_index(export, queries, merchant_bias)
+    index, vectors = served_index(export, queries, merchant_bias)
     want = min(max(k + (0 if ex is None else len(ex)) for k, ex in zip(ks, excludes, strict=True)), export.n_items)
     scores, rows = index.search(vectors, want)
     out = []
@@ -101,7 +101,7 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
 
     With a merchant item bias the softmax fold-in scores u . v + b, as training did.
     """
-    temperature = float(export.card.get("config", {}).get("local", {}).get("temperature", 1.0))
+    temperature = export.temperature
     bias = export.merchant.item_bias if export.merchant is not None else None
     if cfg.method != "softmax" or export.n_items <= cfg.full_items:
         return fold_in_many(export.item_vectors, baskets, cfg.method, cfg.reg, temperature, item_bias=bias)
