@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate evaluate-foldin export serve bench-serve test lint clean
+.PHONY: setup lock train-federated evaluate evaluate-foldin export serve bench-serve federation-demo federation-credentials bench-federation test lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 # Re-resolve every dependency (after editing pyproject.toml): writes requirements.lock with hashes.
 lock:
 	$(if $(filter 3.11,$(PYTHON_VERSION)),,$(error $(PYTHON) $(if $(PYTHON_VERSION),is Python $(PYTHON_VERSION),not found): fedrec needs Python 3.11))
-	test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q pip-tools==7.6.2; }
+	test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q pip==25.1.1 pip-tools==7.6.2; }
 	.venv-lock/bin/pip-compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
 
@@ -61,6 +61,23 @@ bench-serve: setup
 	@command -v wrk >/dev/null || { echo "error: bench-serve needs wrk: apt-get install wrk"; exit 2; }
 	test -f artifacts/synthetic/exports/LATEST || $(MAKE) train-federated DATASET=synthetic
 	PARTS=$(PARTS) SOAK_S=$(SOAK_S) OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.serving.bench
+
+# The networked runtime on loopback: a coordinator and one node per merchant of the embedded shop,
+# TLS, node authentication and SecAgg+ on; trains, exports, prints recall@20, stops what it started.
+# ROUNDS=0 keeps the config's number of rounds (60, early stopping); PLAINTEXT=1 turns SecAgg+ off.
+ROUNDS ?= 5
+federation-demo: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.federation_demo --rounds $(ROUNDS) $(if $(PLAINTEXT),--plaintext,)
+
+# Demo CA, the coordinator's TLS certificate and node key pairs (production: your own PKI; see README).
+CREDENTIALS ?= artifacts/federation/credentials
+NODES ?= bluebird,cedar,dune,ember,fjord,northwind
+federation-credentials: setup
+	$(BIN)/fedrec federation credentials --out $(CREDENTIALS) --nodes $(NODES)
+
+# inprocess vs flower vs flower_secagg at 3, 6, 12 merchants -> results/bench-federation.json (+ .md)
+bench-federation: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_federation
 
 test: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
