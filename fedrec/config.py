@@ -48,12 +48,30 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """The networked runtime (Flower): secure aggregation and its public bounds (fedrec/federated/wire.py)."""
+
+    secagg: bool = True  # SecAgg+: the coordinator can decode only the sum over merchants
+    min_merchants: int = 3  # fewer in a round: the round is refused, never sent in the clear
+    # Public bound on one merchant's training purchases (n_k): every sum is divided by it before
+    # quantisation, so it must not be exceeded (a merchant above it refuses to send).
+    max_weight: float = 100_000.0
+    clipping_range: float = 8.0  # SecAgg+ clips each scaled value to +-this
+    quantization_range: int = 2**24  # levels per value; times the merchants must stay < 2**32
+    num_shares: float = 1.0  # share of the round's merchants each secret is split between
+    reconstruction_threshold: float = 0.6  # share of those shares needed to unmask a dropout
+    round_timeout: float = 120.0  # seconds to wait for replies in each exchange
+    max_failed_rounds: int = 3  # rounds in a row that may fail (too few replies) before the run stops
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     threads: int = 2
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +123,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.model.dim >= 1, "model.dim must be >= 1"),
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
         (cfg.output.index in ("auto", "flat", "hnsw"), "output.index must be auto, flat or hnsw"),
+        (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
+        (
+            not cfg.network.secagg or cfg.network.min_merchants >= 3,
+            "network.min_merchants must be >= 3 with secagg on (with 2, each learns the other's update from the sum)",
+        ),
+        (cfg.network.max_weight > 0, "network.max_weight must be > 0"),
+        (cfg.network.clipping_range > 0, "network.clipping_range must be > 0"),
+        (0 < cfg.network.quantization_range < 2**31, "network.quantization_range must be in (0, 2**31)"),
+        (0 < cfg.network.num_shares <= 1, "network.num_shares must be in (0, 1]"),
+        (0 < cfg.network.reconstruction_threshold <= 1, "network.reconstruction_threshold must be in (0, 1]"),
+        (cfg.network.round_timeout > 0, "network.round_timeout must be > 0"),
     ]
     for ok, msg in checks:
         if not ok:

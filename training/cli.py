@@ -1,4 +1,4 @@
-"""The `fedrec` command line: train, evaluate, evaluate-foldin, export, serve, download.
+"""The `fedrec` command line: train, evaluate, evaluate-foldin, export, serve, download, federation.
 
 Every user-fixable problem (FedrecError) is printed as one `error:` line with exit code 2.
 """
@@ -15,8 +15,10 @@ import typer
 from rich.console import Console
 
 from fedrec.errors import FedrecError
+from fedrec.training.federation import app as federation_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app.add_typer(federation_app, name="federation")
 console = Console()
 err_console = Console(stderr=True)
 

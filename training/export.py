@@ -15,39 +15,36 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 import torch
 
 from fedrec import __version__
 from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
+from fedrec.federated.merchant_node import write_merchant_export
 from fedrec.serving.export_store import next_version
 from fedrec.serving.index import build_index, index_kind, save_index
 
 EXPORT_FORMAT = 1
 
 
-def write_export(
-    root: Path,
+def write_shared_export(
+    exports: Path,
+    version: str,
     cfg: RunConfig,
-    dataset: FederatedDataset,
+    items: pl.DataFrame,
     item_state: dict[str, torch.Tensor],
     item_vectors: np.ndarray,
-    user_embeddings: dict[str, torch.Tensor],
     card: dict,
-    item_biases: dict[str, torch.Tensor | None] | None = None,
 ) -> Path:
-    exports = root / "exports"
-    version = next_version(exports)
+    """The coordinator's half of an export version: no user data in here."""
     target = exports / version
     with atomic_dir(target) as tmp:
         np.save(tmp / "item_embeddings.npy", item_vectors.astype(np.float32))
         index = build_index(item_vectors, cfg.output.index)
         save_index(index, tmp / "index.faiss")
-        dataset.items.with_row_index("item_index").write_parquet(tmp / "items.parquet")
+        items.with_row_index("item_index").write_parquet(tmp / "items.parquet")
         torch.save({"state_dict": item_state, "model_config": cfg.to_dict()["model"]}, tmp / "item_tower.pt")
-
         write_json(
             tmp / "model_card.json",
             {
@@ -62,17 +59,30 @@ def write_export(
                 **card,
             },
         )
-    for m in dataset.merchants:
-        mdir = root / "merchants" / m.name / version
-        with atomic_dir(mdir) as tmp:
-            np.save(tmp / "user_embeddings.npy", user_embeddings[m.name].numpy().astype(np.float32))
-            pl.DataFrame({"user": m.user_ids.astype(str)}).with_row_index("user_index").write_parquet(
-                tmp / "users.parquet"
-            )
-            # Everything the customer bought so far, for "exclude already bought".
-            sp.save_npz(tmp / "purchased.npz", (m.full_train + m.test).tocsr())
-            bias = (item_biases or {}).get(m.name)
-            if bias is not None:  # this shop's own item popularity: private, like its users
-                np.save(tmp / "item_bias.npy", bias.numpy().astype(np.float32))
+    return target
+
+
+def publish(exports: Path, version: str) -> None:
+    """Point LATEST at a version once both halves are written (servers reload on this)."""
     write_text(exports / "LATEST", version + "\n")
+
+
+def write_export(
+    root: Path,
+    cfg: RunConfig,
+    dataset: FederatedDataset,
+    item_state: dict[str, torch.Tensor],
+    item_vectors: np.ndarray,
+    user_embeddings: dict[str, torch.Tensor],
+    card: dict,
+    item_biases: dict[str, torch.Tensor | None] | None = None,
+) -> Path:
+    """In-process runtime: the shared export and every merchant's private half, in one place."""
+    exports = root / "exports"
+    version = next_version(exports)
+    target = write_shared_export(exports, version, cfg, dataset.items, item_state, item_vectors, card)
+    for m in dataset.merchants:
+        bias = (item_biases or {}).get(m.name)
+        write_merchant_export(root / "merchants" / m.name / version, m, user_embeddings[m.name], bias)
+    publish(exports, version)
     return target

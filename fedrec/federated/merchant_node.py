@@ -1,0 +1,198 @@
+"""One merchant in the networked runtime: its data bundle, its private state on disk, its stages.
+
+A merchant's node holds a bundle (its purchase matrices and the shared catalogue) and a state
+directory. Its user table and item bias live in that directory, under the run's key (so a new
+run never picks up an old run's tables), one file per completed round (`round-NNNN.pt`): they
+survive a node restart, and a round that the coordinator repeats after a crash starts from the
+state before it, never from a half-applied one. Only `wire.to_wire` of the
+round's sums leaves the node. The math is the shared pure functions: `local_update`,
+`merchant_sums`, `merchant_metric_sums`; nothing here is specific to Flower.
+
+Stages, each answering with sums only:
+  train     validation sums of the received model, then local_update -> the round's sums
+  validate  validation sums of the received model (the last round's, for the best-round choice)
+  finish    test sums of the chosen round's model, and the merchant's own export files
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+
+from fedrec.atomic import atomic_dir, write_with
+from fedrec.config import RunConfig
+from fedrec.data import FederatedDataset, MerchantData
+from fedrec.errors import FedrecError
+from fedrec.evaluation import evaluate_test, evaluate_val
+from fedrec.features import ItemFeatures, build_item_features
+from fedrec.federated.aggregation import merchant_sums
+from fedrec.federated.local import local_update
+from fedrec.federated.messages import MerchantSums
+from fedrec.metrics import METRICS
+from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings
+
+BUNDLE_FORMAT = 1
+CATALOGUE = "catalogue.parquet"
+_STATE = re.compile(r"^round-(\d{4,})\.pt$")
+
+
+@dataclass(frozen=True)
+class MerchantBundle:
+    """What one merchant's node loads: its own purchases and the shared catalogue."""
+
+    merchant: MerchantData
+    index: int  # position in the federation's merchant list (seeds, as in the in-process runtime)
+    items: pl.DataFrame
+
+
+def write_bundles(dataset: FederatedDataset, out: Path) -> list[Path]:
+    """Split a dataset into one directory per merchant (what each merchant would hold at home)."""
+    paths = []
+    for i, m in enumerate(dataset.merchants):
+        target = out / m.name
+        with atomic_dir(target) as tmp:
+            dataset.items.write_parquet(tmp / CATALOGUE)
+            sp.save_npz(tmp / "train.npz", m.train)
+            sp.save_npz(tmp / "val.npz", m.val)
+            sp.save_npz(tmp / "test.npz", m.test)
+            pl.DataFrame({"user": m.user_ids.astype(str)}).write_parquet(tmp / "users.parquet")
+            meta = {"format": BUNDLE_FORMAT, "merchant": m.name, "index": i, "dataset": dataset.name}
+            (tmp / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        paths.append(target)
+    return paths
+
+
+def load_bundle(path: Path) -> MerchantBundle:
+    """Read a bundle; any problem is a FedrecError naming the file and what is wrong."""
+    path = Path(path)
+    meta_path = path / "bundle.json"
+    if not meta_path.is_file():
+        raise FedrecError(f"{meta_path}: not found (a merchant bundle is made by `fedrec federation prepare`)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        name, index = str(meta["merchant"]), int(meta["index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FedrecError(f"{meta_path}: unreadable bundle metadata ({exc})") from None
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise FedrecError(f"{meta_path}: bundle format {meta.get('format')!r}, want {BUNDLE_FORMAT}")
+    mats = {}
+    for part in ("train", "val", "test"):
+        f = path / f"{part}.npz"
+        try:
+            mats[part] = sp.load_npz(f).tocsr().astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise FedrecError(f"{f}: cannot read the {part} purchase matrix ({exc})") from None
+    try:
+        items = pl.read_parquet(path / CATALOGUE)
+        users = pl.read_parquet(path / "users.parquet")["user"].to_numpy()
+    except Exception as exc:  # polars raises several types for a bad file
+        raise FedrecError(f"{path}: cannot read the catalogue or user list ({exc})") from None
+    shapes = {k: v.shape for k, v in mats.items()}
+    if len({s for s in shapes.values()}) != 1 or shapes["train"] != (len(users), items.height):
+        raise FedrecError(
+            f"{path}: matrix shapes {shapes} do not match {len(users)} users x {items.height} catalogue items"
+        )
+    return MerchantBundle(MerchantData(name, users, mats["train"], mats["val"], mats["test"]), index, items)
+
+
+def write_merchant_export(target: Path, m: MerchantData, users: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """A merchant's private half of an export version: its user table, ids, purchases, bias.
+
+    A retried `finish` (after a coordinator restart) asks for the same version again: the old
+    half is replaced, since the coordinator publishes LATEST only after every half is written.
+    """
+    if target.exists():
+        shutil.rmtree(target)
+    with atomic_dir(target) as tmp:
+        np.save(tmp / "user_embeddings.npy", users.numpy().astype(np.float32))
+        pl.DataFrame({"user": m.user_ids.astype(str)}).with_row_index("user_index").write_parquet(tmp / "users.parquet")
+        # Everything the customer bought so far, for "exclude already bought".
+        sp.save_npz(tmp / "purchased.npz", (m.full_train + m.test).tocsr())
+        if bias is not None:  # this shop's own item popularity: private, like its users
+            np.save(tmp / "item_bias.npy", bias.numpy().astype(np.float32))
+
+
+class MerchantNode:
+    """A merchant's node: the bundle in memory, the private state in `state_dir`."""
+
+    def __init__(self, bundle: MerchantBundle, state_dir: Path, cfg: RunConfig) -> None:
+        self.bundle, self.cfg = bundle, cfg
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.features: ItemFeatures = build_item_features(bundle.items, cfg.model.hash_buckets)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.merchant.name
+
+    # -- private state -------------------------------------------------------------------------
+    def _rounds(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name)))
+
+    def load_state(self, before: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The user table and item bias after the latest completed round < `before` (or fresh)."""
+        done = [r for r in self._rounds() if r < before]
+        if done:
+            st = torch.load(self.state_dir / f"round-{done[-1]:04d}.pt", weights_only=True)
+            return st["users"], st.get("bias")
+        seed = self.cfg.federation.seed * 7919 + self.bundle.index
+        m = self.bundle.merchant
+        users = init_user_embeddings(m.n_users, self.cfg.model, torch.Generator().manual_seed(seed))
+        return users, init_item_bias(self.features.n_items, self.cfg.model)
+
+    def state_at(self, rnd: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.load_state(before=rnd + 1)
+
+    def save_state(self, rnd: int, users: torch.Tensor, bias: torch.Tensor | None, keep: set[int]) -> None:
+        payload = {"users": users, **({"bias": bias} if bias is not None else {})}
+        write_with(self.state_dir / f"round-{rnd:04d}.pt", lambda tmp: torch.save(payload, tmp))
+        for r in self._rounds():  # keep this round, the one before and the coordinator's best so far
+            if r < rnd - 1 and r not in keep:
+                (self.state_dir / f"round-{r:04d}.pt").unlink(missing_ok=True)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _val_sums(self, item_state: dict[str, torch.Tensor], users, bias) -> dict[str, torch.Tensor]:
+        vecs = item_embeddings(item_state, self.features, self.cfg.model)
+        val = evaluate_val(self.bundle.merchant, users, vecs, bias)
+        return {"val/recall@20": torch.tensor(val.sums["recall@20"]), "val/users": torch.tensor(float(val.users))}
+
+    def train(
+        self, item_state: dict[str, torch.Tensor], rnd: int, best_round: int, expected: dict
+    ) -> dict[str, torch.Tensor]:
+        users, bias = self.load_state(before=rnd)
+        out = self._val_sums(item_state, users, bias)
+        fed = self.cfg.federation
+        seed = fed.seed * 1_000_003 + rnd * 1009 + self.bundle.index
+        m = self.bundle.merchant
+        res = local_update(item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias)
+        sums = merchant_sums(
+            res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss,
+            fed.aggregation, fed.normalize_steps,
+        )  # fmt: skip
+        out.update(sums)
+        MerchantSums(out).validate(expected)  # the node's own check, before anything is sent
+        self.save_state(rnd, res.user_embeddings, res.item_bias, keep={best_round})
+        return out
+
+    def validate(self, item_state: dict[str, torch.Tensor], rnd: int) -> dict[str, torch.Tensor]:
+        users, bias = self.load_state(before=rnd)
+        return self._val_sums(item_state, users, bias)
+
+    def finish(self, item_state: dict[str, torch.Tensor], best_round: int, version: str, out_root: Path) -> dict:
+        """Test sums of the chosen model; writes this merchant's export under out_root."""
+        users, bias = self.state_at(best_round)
+        vecs = item_embeddings(item_state, self.features, self.cfg.model)
+        m = self.bundle.merchant
+        test = evaluate_test(m, users, vecs, bias)
+        write_merchant_export(Path(out_root) / "merchants" / m.name / version, m, users, bias)
+        out = {f"test/{k}": torch.tensor(float(test.sums[k])) for k in METRICS}
+        out["test/users"] = torch.tensor(float(test.users))
+        return out

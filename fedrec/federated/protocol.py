@@ -1,0 +1,52 @@
+"""What travels in the networked runtime, derived from the run config alone (both sides agree).
+
+Coordinator -> merchant: the item tower as arrays in `item_tower_shapes` order, the stage and
+the round. Merchant -> coordinator: the stage's sums in the `wire.WireFormat` of `stage_format`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedrec.config import RunConfig
+from fedrec.federated.aggregation import sum_names
+from fedrec.federated.wire import WireFormat, max_local_steps, metric_names, validation_names, wire_format
+from fedrec.metrics import METRICS
+from fedrec.model import ModelConfig, item_tower_shapes
+
+STAGES = ("train", "validate", "finish")
+
+
+def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
+    """The names, shapes and public scales of a merchant's reply in `stage`."""
+    if stage == "train":
+        expected = sum_names(item_tower_shapes(n_items, cfg.model), cfg.federation.aggregation)
+        expected.update(validation_names())
+    elif stage == "validate":
+        expected = validation_names()
+    elif stage == "finish":
+        expected = metric_names(METRICS)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    steps = max_local_steps(cfg.network.max_weight, cfg.local.batch_size, cfg.local.epochs)
+    return wire_format(expected, cfg.network.max_weight, steps)
+
+
+def state_to_arrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    return [state[k].detach().numpy().astype(np.float32) for k in state]
+
+
+def state_from_arrays(arrays: Sequence[np.ndarray], n_items: int, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The received item tower; refuses arrays that do not match the configured model."""
+    shapes = item_tower_shapes(n_items, model)
+    if len(arrays) != len(shapes):
+        raise ValueError(f"received {len(arrays)} item-tower arrays, the model has {len(shapes)}")
+    out = {}
+    for (name, shape), arr in zip(shapes.items(), arrays, strict=True):
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"received {name} with shape {tuple(arr.shape)}, want {tuple(shape)}")
+        out[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
+    return out

@@ -1,0 +1,450 @@
+"""The coordinator's ServerApp for Flower: the federated loop over the network, from sums only.
+
+Each exchange sends the item tower and a stage to the round's merchants and gets back one total:
+under SecAgg+ (`SecAggPlusWorkflow`) Flower unmasks only the sum of the merchants' replies; with
+it off the coordinator adds the replies itself after checking each one. Either way the loop then
+does what the in-process runtime does, with the same pure functions: `aggregate_sums`, the
+server optimiser, best-round tracking on the validation sums. The merchants' validation sums for
+the model of round r arrive with the replies of round r + 1 (one exchange per round, no extra
+trip); a last `validate` exchange scores the final model, and `finish` collects the test sums and
+has every merchant write its private half of the export.
+
+After every completed round the coordinator writes `checkpoint.pt` atomically, so a restarted
+coordinator resumes after the last completed round: none is lost and none is applied twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import resource
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from flwr.app import ConfigRecord
+from flwr.common import Code, Context, FitIns, FitRes, Message, MessageType, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays as to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerApp, ServerConfig, SimpleClientManager
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+from fedrec.atomic import write_with
+from fedrec.config import RunConfig, load_config
+from fedrec.errors import FedrecError
+from fedrec.features import build_item_features
+from fedrec.federated.aggregation import aggregate_sums, mean_loss
+from fedrec.federated.protocol import stage_format, state_to_arrays
+from fedrec.federated.server_opt import ServerOptimizer
+from fedrec.federated.wire import WireFormat, check_arrays, from_wire, sum_arrays
+from fedrec.metrics import METRICS
+from fedrec.model import item_embeddings, new_item_tower
+from fedrec.serving.export_store import next_version
+from fedrec.training.export import publish, write_shared_export
+
+log = logging.getLogger("flwr").getChild("fedrec")  # shown in the run's log stream (flwr run --stream)
+
+
+class SumsStrategy(Strategy):
+    """Thin shell: picks the round's merchants and hands back the round's total, nothing else."""
+
+    def __init__(self, fraction: float, min_merchants: int, secagg: bool, wait_s: float) -> None:
+        self.fraction, self.min_merchants, self.secagg, self.wait_s = fraction, min_merchants, secagg, wait_s
+        self.config: dict = {}
+        self.fmt: WireFormat | None = None
+        self.total: list[np.ndarray] | None = None
+        self.contributors = 0
+        self.rng = random.Random(0)
+
+    def initialize_parameters(self, client_manager):  # noqa: ANN001, ANN201
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        if not client_manager.wait_for(self.min_merchants, timeout=int(self.wait_s)):
+            log.error(
+                "round refused: %d merchant(s) connected, at least %d needed (network.min_merchants)%s",
+                client_manager.num_available(),
+                self.min_merchants,
+                "; SecAgg+ never falls back to sending updates in the clear" if self.secagg else "",
+            )
+            return []
+        available = client_manager.num_available()
+        k = min(available, max(self.min_merchants, math.ceil(self.fraction * available)))
+        clients = client_manager.sample(k, min_num_clients=self.min_merchants)
+        return [(c, FitIns(parameters, dict(self.config))) for c in clients]
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        for f in failures:
+            log.warning("round %s: a merchant failed: %s", server_round, _describe(f))
+        assert self.fmt is not None
+        if self.secagg:
+            # SecAgg+ hands every result the same unmasked vector: the mean of the masked replies
+            # (each with weight 1). Times their number it is the sum; no single reply is visible.
+            if not results:
+                return None, {}
+            mean = to_ndarrays(results[0][1].parameters)
+            total = [np.asarray(a, dtype=np.float64) * len(results) for a in mean]
+            if not all(np.isfinite(a).all() for a in total):
+                log.error("round %s: the secure sum holds NaN/Inf; round rejected", server_round)
+                return None, {}
+            self.total, self.contributors = total, len(results)
+            return None, {}
+        good = []
+        for proxy, res in results:
+            arrays = to_ndarrays(res.parameters)
+            try:
+                check_arrays(arrays, self.fmt)
+            except ValueError as exc:
+                log.warning("round %s: rejected the update of node %s: %s", server_round, proxy.node_id, exc)
+                continue
+            good.append(arrays)
+        if len(good) < self.min_merchants:
+            log.error("round %s: %d valid update(s), at least %d needed", server_round, len(good), self.min_merchants)
+            return None, {}
+        self.total, self.contributors = sum_arrays(good), len(good)
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        return None, {}
+
+    def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201
+        return None
+
+
+def _describe(failure: object) -> str:
+    if isinstance(failure, tuple) and len(failure) == 2:
+        proxy, res = failure
+        return f"node {proxy.node_id}: {getattr(res, 'status', res)}"
+    return str(failure)
+
+
+def plaintext_fit(timeout: float):  # noqa: ANN201
+    """One exchange without SecAgg: send, wait up to `timeout`, hand every reply to the strategy."""
+
+    def workflow(grid, context: LegacyContext) -> None:  # noqa: ANN001
+        rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        params = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+        instructions = context.strategy.configure_fit(rnd, params, context.client_manager)
+        if not instructions:
+            return
+        proxies = {p.node_id: p for p, _ in instructions}
+        out = [
+            Message(
+                compat.fitins_to_recorddict(ins, True),
+                dst_node_id=p.node_id,
+                message_type=MessageType.TRAIN,
+                group_id=str(rnd),
+            )
+            for p, ins in instructions
+        ]
+        replies = list(grid.send_and_receive(out, timeout=timeout))
+        results: list[tuple] = []
+        failures: list = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failures.append(Exception(f"node {node}: {msg.error.reason}"))
+                continue
+            res: FitRes = compat.recorddict_to_fitres(msg.content, keep_input=False)
+            (results if res.status.code == Code.OK else failures).append((proxies[node], res))
+        missing = len(out) - len(replies)
+        if missing:
+            failures.append(Exception(f"{missing} merchant(s) did not answer within {timeout:.0f}s"))
+        context.strategy.aggregate_fit(rnd, results, failures)
+
+    return workflow
+
+
+def payload_bytes(content) -> int:  # noqa: ANN001
+    """Bytes of a message's arrays and config values (the payload; HTTP/protobuf framing excluded)."""
+    total = 0
+    for rec in content.array_records.values():
+        total += sum(len(arr.data) for arr in rec.values())
+    for rec in content.config_records.values():
+        for value in rec.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in items)
+    return total
+
+
+class AuditGrid:
+    """Counts what the coordinator sends and receives; in audit mode also keeps every reply.
+
+    Recording plays an honest-but-curious coordinator for the leakage test: it keeps exactly what
+    Flower's ServerApp receives from each node (under SecAgg+, key shares, ciphertexts and masked
+    vectors; without it, the plain sums).
+    """
+
+    def __init__(self, grid, record: Path | None = None) -> None:  # noqa: ANN001
+        self.grid, self.record = grid, record
+        self.sent = self.received = 0
+        if record is not None:
+            record.mkdir(parents=True, exist_ok=True)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        self.sent += sum(payload_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for msg in replies:
+            if msg.has_error():
+                continue
+            self.received += payload_bytes(msg.content)
+            if self.record is not None:
+                self._keep(msg)
+        return replies
+
+    def _keep(self, msg) -> None:  # noqa: ANN001
+        arrays = {}
+        for rec_name, rec in msg.content.array_records.items():
+            for key, arr in rec.items():
+                arrays[f"array/{rec_name}/{key}"] = arr.numpy()
+        for rec_name, rec in msg.content.config_records.items():
+            for key, value in rec.items():
+                if isinstance(value, list) and value and isinstance(value[0], bytes):
+                    arrays[f"config/{rec_name}/{key}"] = np.array(value, dtype=object)
+        seq = len(list(self.record.iterdir()))
+        np.savez(self.record / f"node{msg.metadata.src_node_id}-round{msg.metadata.group_id}-{seq}.npz", **arrays)
+
+
+@dataclass
+class Checkpoint:
+    """The coordinator's state after the last completed round (written atomically)."""
+
+    config_hash: str
+    run_key: str  # names the merchants' state directories for this run (kept across restarts)
+    round: int = 0
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    m: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_val: float = -1.0
+    best_round: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    stopped: bool = False
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Resuming is only allowed with the config the checkpoint was made with."""
+    d = cfg.to_dict()
+    d.pop("network", None)  # timeouts and SecAgg settings may change across a restart
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_checkpoint(path: Path, cfg: RunConfig) -> Checkpoint | None:
+    if not path.is_file():
+        return None
+    ck = Checkpoint(**torch.load(path, weights_only=False))
+    if ck.config_hash != config_hash(cfg):
+        raise FedrecError(f"{path}: made with another config; move it away to start a new run")
+    return ck
+
+
+def save_checkpoint(path: Path, ck: Checkpoint) -> None:
+    write_with(path, lambda tmp: torch.save(vars(ck), tmp))
+
+
+@dataclass
+class Coordinator:
+    grid: object
+    context: LegacyContext
+    strategy: SumsStrategy
+    fit_workflow: object
+    cfg: RunConfig
+    n_items: int
+    run_key: str
+
+    def exchange(self, stage: str, rnd: int, state: dict[str, torch.Tensor], **extra: object) -> dict | None:
+        """Send `state` and the stage to the round's merchants; the total of their replies, or None."""
+        fmt = stage_format(stage, self.n_items, self.cfg)
+        self.strategy.fmt, self.strategy.total, self.strategy.contributors = fmt, None, 0
+        self.strategy.config = {
+            "stage": stage,
+            "round": rnd,
+            "fedrec-config": json.dumps(self.cfg.to_dict()),
+            "run-key": self.run_key,
+            **{k.replace("_", "-"): v for k, v in extra.items()},
+        }
+        self.context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = rnd
+        self.context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(state_to_arrays(state)), keep_input=True
+        )
+        self.fit_workflow(self.grid, self.context)
+        if self.strategy.total is None:
+            return None
+        return from_wire(self.strategy.total, fmt)
+
+
+def _val(total: dict) -> float:
+    users = float(total["val/users"])
+    return float(total["val/recall@20"]) / users if users > 0 else float("nan")
+
+
+def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
+    """The whole networked run; returns the model card's summary (also printed to the log)."""
+    torch.set_num_threads(cfg.threads)
+    items = pl.read_parquet(catalogue)
+    features = build_item_features(items, cfg.model.hash_buckets)
+    net, fed = cfg.network, cfg.federation
+    strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout)
+    legacy = LegacyContext(context, ServerConfig(num_rounds=fed.rounds), strategy, SimpleClientManager())
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 0, Key.START_TIME: time.time()})
+    if net.secagg:
+        fit = SecAggPlusWorkflow(
+            num_shares=float(net.num_shares),
+            reconstruction_threshold=float(net.reconstruction_threshold),
+            max_weight=1.0,
+            clipping_range=net.clipping_range,
+            quantization_range=net.quantization_range,
+            timeout=net.round_timeout,
+        )
+    else:
+        fit = plaintext_fit(net.round_timeout)
+    thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
+    ready.wait()
+    ck_path = workdir / "checkpoint.pt"
+    ck = load_checkpoint(ck_path, cfg)
+    if ck is None:
+        init = {
+            k: v.detach().clone() for k, v in new_item_tower(features.n_items, cfg.model, fed.seed).state_dict().items()
+        }
+        ck = Checkpoint(config_hash(cfg), secrets.token_hex(8), state=init, best_state=init)
+    else:
+        log.info("resuming after round %d (best round %d)", ck.round, ck.best_round)
+    coord = Coordinator(grid, legacy, strategy, fit, cfg, features.n_items, ck.run_key)
+    server = ServerOptimizer(fed.server, ck.m, ck.v)
+    try:
+        failed = 0
+        while not ck.stopped and ck.round < fed.rounds:
+            rnd = ck.round + 1
+            t0 = time.perf_counter()
+            total = coord.exchange("train", rnd, ck.state, best_round=ck.best_round)
+            if total is None:
+                failed += 1
+                if failed >= net.max_failed_rounds:
+                    raise FedrecError(f"round {rnd} failed {failed} times in a row; stopping (see the log above)")
+                continue
+            failed = 0
+            val_prev = _val(total)  # the received model's, i.e. round rnd - 1's
+            if rnd > 1 and val_prev > ck.best_val:
+                ck.best_val, ck.best_round, ck.best_state = val_prev, rnd - 1, ck.state
+            delta = aggregate_sums(total, fed.aggregation, fed.normalize_steps)
+            ck.state = server.step(ck.state, delta)
+            ck.m, ck.v, ck.round = server.m, server.v, rnd
+            entry = {
+                "round": rnd,
+                "merchants": strategy.contributors,
+                "loss": mean_loss(total),
+                "val_recall_at_20_previous_round": val_prev,
+                "seconds": time.perf_counter() - t0,
+            }
+            ck.history.append(entry)
+            if fed.patience and rnd - 1 - ck.best_round >= fed.patience and ck.best_round > 0:
+                ck.stopped = True
+            save_checkpoint(ck_path, ck)
+            log.info(
+                "round %d: %d merchants, loss %.4f, val recall@20 of round %d %.4f, %.2fs",
+                rnd,
+                strategy.contributors,
+                entry["loss"],
+                rnd - 1,
+                val_prev,
+                entry["seconds"],
+            )
+        last = coord.exchange("validate", ck.round + 1, ck.state)
+        if last is not None and _val(last) > ck.best_val:
+            ck.best_val, ck.best_round, ck.best_state = _val(last), ck.round, ck.state
+        save_checkpoint(ck_path, ck)
+        exports = workdir / "exports"
+        version = next_version(exports)
+        test = coord.exchange("finish", ck.round + 2, ck.best_state, best_round=ck.best_round, version=version)
+        if test is None:
+            raise FedrecError("the finish exchange failed: no test sums, no merchant exports; rerun to retry it")
+        users = float(test["test/users"])
+        overall = {m: float(test[f"test/{m}"]) / users for m in METRICS}
+        card = {
+            "dataset": "federation",
+            "runtime": "flower_secagg" if net.secagg else "flower",
+            "rounds": ck.round,
+            "best_round": ck.best_round,
+            "best_val_recall@20": ck.best_val,
+            "metrics": {"test": overall, "users": users},
+            "history": ck.history,
+            "federation": cfg.to_dict()["federation"],
+            "network": cfg.to_dict()["network"],
+            "privacy": {
+                "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
+                "user_embeddings": "kept by each merchant on its own node; never sent",
+                "coordinator_sees": "only sums over a round's merchants"
+                if net.secagg
+                else "each merchant's update (no secure aggregation)",
+                "secure_aggregation": (
+                    {
+                        "protocol": "SecAgg+ (Flower)",
+                        "min_merchants": net.min_merchants,
+                        "clipping_range": net.clipping_range,
+                        "quantization_range": net.quantization_range,
+                    }
+                    if net.secagg
+                    else False
+                ),
+                "differential_privacy": None,
+            },
+            "config": cfg.to_dict(),
+        }
+        vecs = item_embeddings(ck.best_state, features, cfg.model).numpy()
+        write_shared_export(exports, version, cfg, items, ck.best_state, vecs, card)
+        publish(exports, version)
+        log.info(
+            "final test recall@20 %.4f (best round %d); export %s",
+            overall["recall@20"],
+            ck.best_round,
+            exports / version,
+        )
+        return {
+            "version": version,
+            "test": overall,
+            "best_round": ck.best_round,
+            "rounds": ck.round,
+            "runtime": card["runtime"],
+            "history": ck.history,
+        }
+    finally:
+        stop.set()
+        thread.join()
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context: Context) -> None:  # noqa: ANN001
+    """Run config (from `flwr run --run-config`): fedrec-config, overrides (JSON), workdir, catalogue."""
+    rc = context.run_config
+    overrides = json.loads(str(rc.get("overrides", "") or "{}"))
+    cfg = load_config(str(rc.get("fedrec-config", "")) or None, overrides)
+    workdir = Path(str(rc["workdir"]))
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = str(rc.get("record-dir", ""))
+    audit = AuditGrid(grid, Path(record) if record else None)
+    summary = run_coordinator(audit, context, cfg, workdir, Path(str(rc["catalogue"])))
+    train_rounds = [h for h in summary["history"] if h["round"] > 0]
+    summary["bytes_sent"], summary["bytes_received"] = audit.sent, audit.received
+    summary["exchanges"] = len(train_rounds) + 2  # the train rounds, validate, finish
+    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (workdir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
