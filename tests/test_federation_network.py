@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 from flwr.common import bytes_to_ndarray
 
 from fedrec.config import load_config
 from fedrec.data import FederatedDataset
+from fedrec.evaluation import evaluate_test_all
+from fedrec.features import build_item_features
 from fedrec.federated.credentials import make_node_key, make_tls
 from fedrec.federated.merchant_node import load_bundle, write_bundles
+from fedrec.federated.simulation import run_federated
+from fedrec.model import item_embeddings
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
 from fedrec.training.federation import CONNECTION, flower_bin, flower_env, write_flwr_config
 from fedrec.training.federation_demo import FEDREC, Processes, free_port, wait_for_port
 
 pytestmark = pytest.mark.network
-MERCHANTS = 3
+MERCHANTS = 3  # started with the federation; a 4th bundle is for tests that add a node
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +40,15 @@ def federation(tmp_path_factory):
     work = tmp_path_factory.mktemp("federation")
     cfg = load_config(default_config_path("synthetic"))
     ds = load_dataset(cfg.data, cfg.federation.seed)
-    small = sorted(ds.merchants, key=lambda m: m.train.nnz)[:MERCHANTS]
+    small = sorted(ds.merchants, key=lambda m: m.train.nnz)[: MERCHANTS + 1]
     sub = FederatedDataset(ds.name, ds.items, [m for m in ds.merchants if m in small], ds.protocol)
-    bundles = write_bundles(sub, work / "bundles")
+    *bundles, spare = write_bundles(sub, work / "bundles")
     creds = work / "creds"
     make_tls(creds)
     for b in bundles:
         make_node_key(creds / "keys", b.name)
     make_node_key(creds / "keys", "intruder")
+    make_node_key(creds / "keys", spare.name)
     procs = Processes()
     try:
         port = free_port()
@@ -72,22 +79,49 @@ def federation(tmp_path_factory):
                 ],
                 work / "logs" / f"node-{name}.log",
             )  # fmt: skip
-        yield {"work": work, "superlink": superlink, "creds": creds, "bundles": bundles, "procs": procs, "nodes": nodes}
+        yield {
+            "work": work, "superlink": superlink, "port": port, "db": db, "creds": creds,
+            "bundles": bundles, "spare": spare, "procs": procs, "nodes": nodes, "link": link, "env": env,
+            "cfg": cfg, "dataset": FederatedDataset(ds.name, ds.items, sub.merchants[:MERCHANTS], ds.protocol),
+        }  # fmt: skip
     finally:
         procs.stop_all()
 
 
-def _run(fed: dict, name: str, *sets: str, timeout: float = 240) -> dict:
+def _start_node(fed: dict, bundle: Path, env: dict | None = None, register: bool = False):  # noqa: ANN202
+    name, work, creds = bundle.name, fed["work"], fed["creds"]
+    if register:
+        key = creds / "keys" / f"{name}.pub"
+        subprocess.run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION], env=fed["env"], check=True)
+    return fed["procs"].start(
+        f"node {name}",
+        [
+            *FEDREC, "node", "--bundle", str(bundle), "--state-dir", str(work / "nodes" / name / "state"),
+            "--artifacts", str(work / "nodes" / name / "artifacts"), "--key", str(creds / "keys" / name),
+            "--ca", str(creds / "ca.crt"), "--superlink", fed["superlink"], "--port", str(free_port()),
+        ],
+        work / "logs" / f"node-{name}.log",
+        env=env,
+    )  # fmt: skip
+
+
+def _start_run(fed: dict, name: str, *sets: str):  # noqa: ANN202
     workdir = fed["work"] / name
     cmd = [
         *FEDREC, "run", "--workdir", str(workdir), "--catalogue", str(fed["bundles"][0] / "catalogue.parquet"),
         "--ca", str(fed["creds"] / "ca.crt"), "--superlink", fed["superlink"],
         "--record-dir", str(workdir / "received"),
-        "--set", "federation.rounds=1", "--set", "threads=1",
+        "--set", "threads=1",
     ]  # fmt: skip
+    if not any(x.startswith("federation.rounds=") for x in sets):
+        cmd += ["--set", "federation.rounds=1"]
     for s in sets:
         cmd += ["--set", s]
-    proc = fed["procs"].start(name, cmd, fed["work"] / "logs" / f"{name}.log")
+    return fed["procs"].start(name, cmd, fed["work"] / "logs" / f"{name}.log"), workdir
+
+
+def _run(fed: dict, name: str, *sets: str, timeout: float = 240) -> dict:
+    proc, workdir = _start_run(fed, name, *sets)
     proc.wait(timeout)
     log = (fed["work"] / "logs" / f"{name}.log").read_text(errors="replace")
     assert proc.returncode == 0 and (workdir / "last_run.json").is_file(), log[-3000:]
@@ -165,5 +199,118 @@ def test_plaintext_run_leaks_what_secagg_hides(federation) -> None:
     assert auc > 0.9, auc  # the merchant's sold set stands out by row norm
     card = json.loads((out["workdir"] / "exports" / out["summary"]["version"] / "model_card.json").read_text())
     assert card["privacy"]["secure_aggregation"] is False
+    # The same training in-process (same seeds, config and merchants, no dropouts) gives the same
+    # model: only float summation order differs, so the tolerance is 1e-3 of recall@20.
+    ds = federation["dataset"]
+    cfg = load_config(default_config_path("synthetic"), {"federation.rounds": 1, "threads": 1})
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
+    vecs = item_embeddings(res.item_state, features, cfg.model)
+    inproc = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)["overall"]["recall@20"]
+    assert abs(out["summary"]["test"]["recall@20"] - inproc) < 1e-3, (out["summary"]["test"], inproc)
     if "secagg_recall" in federation:  # quantisation noise only: the same model within noise
         assert abs(out["summary"]["test"]["recall@20"] - federation["secagg_recall"]) < 0.01
+
+
+def _wait_for(path: Path, text: str, timeout: float, proc=None) -> bool:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.3)
+    return False
+
+
+def test_bad_update_from_a_node_is_rejected_and_the_round_goes_on(federation) -> None:
+    """A 4th node sends NaN in its train reply (bypassing its own checks, as a broken node would).
+
+    Plaintext: the coordinator sees each reply, drops that one with the node's id in the log, and
+    the round goes on with the 3 valid ones. (Under SecAgg+ it would see only a non-finite sum.)
+    """
+    fed = federation
+    env = {**flower_env(), "FEDREC_TEST_FAULT": "nan"}
+    bad = _start_node(fed, fed["spare"], env=env, register=True)
+    try:
+        assert _wait_for(fed["work"] / "logs" / f"node-{fed['spare'].name}.log", "SuperNode ID", 30, bad)
+        out = _run(fed, "nan-fault", "network.secagg=false")
+        bad_id = _node_id(fed, fed["spare"].name)
+        assert f"rejected the update of node {bad_id}" in out["log"] and "NaN" in out["log"]
+        assert out["summary"]["history"][0]["merchants"] == 3  # the 3 valid replies made the round
+        assert out["summary"]["test"]["recall@20"] > 0.05
+    finally:
+        fed["procs"].stop(bad)
+
+
+def test_merchant_killed_mid_round_then_rejoins_with_its_state(federation) -> None:
+    """SecAgg+ with 4 merchants: one is killed right after sending its masked vector in round 1.
+
+    The round completes from the other nodes' key shares; the killed merchant restarts (same key,
+    same state directory) and answers the next exchange from the state it saved in round 1.
+    """
+    fed = federation
+    spare = fed["spare"]
+    log = fed["work"] / "logs" / f"node-{spare.name}.log"
+    node = _start_node(fed, spare)
+    assert _wait_for(log, "SuperNode ID", 30, node)
+    proc, workdir = _start_run(fed, "kill-merchant", "network.secagg=true", "network.round_timeout=45")
+    assert _wait_for(log, f"merchant {spare.name}: train round 1 answered", 150, proc)
+    time.sleep(1.0)  # its masked vector is on its way; the unmask stage follows without it
+    fed["procs"].stop(node, grace=1)
+    state_root = fed["work"] / "nodes" / spare.name / "state"
+    saved = sorted(state_root.glob("run-*/round-0001.pt"))
+    assert saved, "the merchant saved its round-1 state before answering"
+    before = torch.load(saved[0], weights_only=True)["users"]
+    node = _start_node(fed, spare)  # rejoins: same key, same state directory
+    try:
+        proc.wait(300)
+        run_log = (fed["work"] / "logs" / "kill-merchant.log").read_text(errors="replace")
+        assert proc.returncode == 0 and (workdir / "last_run.json").is_file(), run_log[-3000:]
+        summary = json.loads((workdir / "last_run.json").read_text())
+        assert summary["history"][0]["round"] == 1 and summary["history"][0]["merchants"] >= 3
+        assert summary["test"]["recall@20"] > 0.05
+        torch.testing.assert_close(torch.load(saved[0], weights_only=True)["users"], before)
+        node_log = log.read_text(errors="replace")
+        assert "answered" in node_log.rsplit("SuperNode ID", 1)[1], "the restarted node took part again"
+    finally:
+        fed["procs"].stop(node)
+
+
+def _checkpoint_round(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=False)["round"])
+    except (OSError, EOFError, RuntimeError, KeyError):
+        return 0
+
+
+def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federation) -> None:
+    """Kill the coordinator (SuperLink, with its ServerApp) after round 1; restart it; run again."""
+    fed = federation
+    proc, workdir = _start_run(fed, "restart", "network.secagg=false", "federation.rounds=3")
+    ck = workdir / "checkpoint.pt"
+    end = time.monotonic() + 150
+    while _checkpoint_round(ck) < 1 and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.5)
+    assert _checkpoint_round(ck) >= 1, (fed["work"] / "logs" / "restart.log").read_text(errors="replace")[-3000:]
+    fed["procs"].stop(fed["link"], grace=5)  # the coordinator dies mid-run (SIGTERM to its group)
+    fed["procs"].stop(proc, grace=5)
+    before = torch.load(ck, weights_only=False)
+    assert not (workdir / "last_run.json").exists()
+
+    link = fed["procs"].start(
+        "coordinator (restarted)",
+        [*FEDREC, "coordinator", "--certs", str(fed["creds"]), "--state", str(fed["db"]), "--port", str(fed["port"])],
+        fed["work"] / "logs" / "coordinator-restarted.log",
+    )
+    wait_for_port(fed["port"], link)
+    out = _run(fed, "restart", "network.secagg=false", "federation.rounds=3", timeout=300)
+    after = torch.load(ck, weights_only=False)
+    rounds = [h["round"] for h in after["history"]]
+    assert rounds == [1, 2, 3], rounds  # none lost, none repeated
+    assert after["run_key"] == before["run_key"]  # the merchants kept their private state
+    assert after["history"][: before["round"]] == before["history"]
+    assert "resuming after round" in out["log"]
+    export = out["workdir"] / "exports" / out["summary"]["version"]
+    assert (export / "index.faiss").is_file() and (out["workdir"] / "exports" / "LATEST").is_file()
+    assert out["summary"]["test"]["recall@20"] > 0.05

@@ -181,3 +181,26 @@ def test_stage_formats_of_both_sides_agree() -> None:
     assert set(stage_format("finish", 30, cfg).names) >= {"test/recall@20", "test/users"}
     with pytest.raises(ValueError, match="stage"):
         stage_format("nope", 30, cfg)
+
+
+def test_round_is_refused_below_the_minimum_and_never_sent_in_the_clear(caplog) -> None:
+    from flwr.server import SimpleClientManager
+
+    from fedrec.training.flower_server import SumsStrategy
+
+    class Proxy:
+        def __init__(self, cid: str) -> None:
+            self.cid, self.node_id = cid, int(cid)
+
+    cm = SimpleClientManager()
+    for i in (1, 2):
+        cm.register(Proxy(str(i)))
+    strategy = SumsStrategy(1.0, 3, secagg=True, wait_s=0)
+    with caplog.at_level("ERROR"):
+        assert strategy.configure_fit(1, None, cm) == []
+    assert "at least 3 needed" in caplog.text and "never falls back" in caplog.text
+    cm.register(Proxy("3"))
+    cm.register(Proxy("4"))
+    assert len(strategy.configure_fit(1, None, cm)) == 4
+    capped = SumsStrategy(1.0, 3, secagg=True, wait_s=0, max_merchants=3)  # SecAgg+ overflow bound
+    assert len(capped.configure_fit(1, None, cm)) == 3

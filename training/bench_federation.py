@@ -28,7 +28,7 @@ from fedrec.federated.simulation import run_federated
 from fedrec.model import item_embeddings
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
-from fedrec.training.federation_demo import run_demo
+from fedrec.training.federation_demo import run_demo, stop_on_sigterm
 
 RESULTS = Path("results")
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runtimes", default="inprocess,flower,flower_secagg")
     ap.add_argument("--workdir", type=Path, default=Path("artifacts/bench-federation"))
     args = ap.parse_args(argv)
+    stop_on_sigterm()
     rows = []
     for n in (int(x) for x in args.merchants.split(",")):
         for runtime in args.runtimes.split(","):

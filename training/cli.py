@@ -5,9 +5,7 @@ Every user-fixable problem (FedrecError) is printed as one `error:` line with ex
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,11 +14,11 @@ from rich.console import Console
 
 from fedrec.errors import FedrecError
 from fedrec.training.federation import app as federation_app
+from fedrec.training.friendly import friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 app.add_typer(federation_app, name="federation")
 console = Console()
-err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or YAML run configuration.")]
 DatasetOpt = Annotated[
@@ -30,18 +28,6 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one setting, e.g. --set federation.rounds=20 (repeatable)."),
 ]
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FedrecError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -77,7 +63,7 @@ def _config(config: Path | None, dataset: str | None, sets: list[str] | None):
 
 
 @app.command()
-@_friendly
+@friendly
 def train(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = None) -> None:
     """Train the two-tower model by federated learning and write a versioned export."""
     from fedrec.training.pipeline import train_and_export
@@ -88,7 +74,7 @@ def train(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = N
 
 
 @app.command()
-@_friendly
+@friendly
 def evaluate(
     config: ConfigOpt = None,
     dataset: DatasetOpt = None,
@@ -109,7 +95,7 @@ def evaluate(
 
 
 @app.command("evaluate-foldin")
-@_friendly
+@friendly
 def evaluate_foldin(
     config: ConfigOpt = None,
     dataset: DatasetOpt = None,
@@ -127,7 +113,7 @@ def evaluate_foldin(
 
 
 @app.command()
-@_friendly
+@friendly
 def export(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = None) -> None:
     """Write a new export version from the last training checkpoint (no retraining)."""
     from fedrec.training.pipeline import export_from_checkpoint
@@ -137,7 +123,7 @@ def export(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = 
 
 
 @app.command()
-@_friendly
+@friendly
 def serve(
     export: Annotated[
         Path, typer.Option(help="Exports root (its LATEST is watched for new versions) or one version directory.")
@@ -205,7 +191,7 @@ def serve(
 
 
 @app.command()
-@_friendly
+@friendly
 def download(
     name: Annotated[str, typer.Argument(help="Dataset to fetch: movielens-100k.")] = "movielens-100k",
     dest: Annotated[Path | None, typer.Option(help="Target folder (default ~/.cache/fedrec/movielens-100k).")] = None,

@@ -21,6 +21,7 @@ from typing import Annotated
 import typer
 
 from fedrec.errors import FedrecError
+from fedrec.training.friendly import friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The networked runtime on Flower (issue 12).")
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
@@ -108,6 +109,7 @@ Dry = Annotated[bool, typer.Option("--dry-run", help="Print the Flower command i
 
 
 @app.command()
+@friendly
 def prepare(
     out: Annotated[Path, typer.Option(help="Directory for one bundle per merchant.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "synthetic",
@@ -126,6 +128,7 @@ def prepare(
 
 
 @app.command()
+@friendly
 def credentials(
     out: Annotated[Path, typer.Option(help="Directory for ca.crt, server.pem/key and keys/<node>[.pub].")],
     nodes: Annotated[str, typer.Option(help="Comma-separated node names to make key pairs for.")] = "",
@@ -143,6 +146,7 @@ def credentials(
 
 
 @app.command()
+@friendly
 def coordinator(
     certs: Annotated[Path, typer.Option(help="Directory with ca.crt, server.pem, server.key.")],
     state: Annotated[Path, typer.Option(help="The coordinator's Flower state (a SQLite file).")],
@@ -156,6 +160,7 @@ def coordinator(
 
 
 @app.command()
+@friendly
 def register(
     public_key: Annotated[Path, typer.Argument(help="A merchant node's public key (.pub).")],
     superlink: str = "127.0.0.1:9092",
@@ -170,6 +175,7 @@ def register(
 
 
 @app.command()
+@friendly
 def node(
     bundle: Annotated[Path, typer.Option(help="This merchant's data bundle (fedrec federation prepare).")],
     state_dir: Annotated[Path, typer.Option(help="Where this merchant's private state lives between rounds.")],
@@ -190,6 +196,7 @@ def node(
 
 
 @app.command()
+@friendly
 def run(
     workdir: Annotated[Path, typer.Option(help="The coordinator's run directory: checkpoint.pt, exports/.")],
     catalogue: Annotated[Path, typer.Option(help="The shared catalogue (catalogue.parquet of any bundle).")],

@@ -162,6 +162,17 @@ def run_demo(work: Path, dataset: str, sets: list[str], timeout: float, prepare_
         procs.stop_all()
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (and SIGINT, which a shell's background job ignores) unwind through `finally`,
+    so the processes the demo started are stopped rather than orphaned."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("artifacts/federation-demo"))
@@ -176,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         sets.append(f"federation.rounds={args.rounds}")
     if args.plaintext:
         sets.append("network.secagg=false")
+    stop_on_sigterm()
     try:
         summary = run_demo(args.workdir.resolve(), args.dataset, sets, args.timeout)
     except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class MerchantClient(NumPyClient):
         self.node_config = node_config
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        t0 = time.perf_counter()
         import torch
 
         from fedrec.config import config_from_dict
@@ -40,6 +42,7 @@ class MerchantClient(NumPyClient):
         from fedrec.federated.protocol import stage_format, state_from_arrays
         from fedrec.federated.wire import to_wire
 
+        t_imports = time.perf_counter() - t0
         cfg = config_from_dict(json.loads(str(config["fedrec-config"])))
         torch.set_num_threads(cfg.threads)
         stage, rnd = str(config["stage"]), int(config["round"])
@@ -60,7 +63,10 @@ class MerchantClient(NumPyClient):
         fault = os.environ.get("FEDREC_TEST_FAULT", "")  # tests only: a node that sends a bad update
         if fault and stage == "train":
             arrays = _inject(arrays, fault)
-        log.info("merchant %s: %s round %d answered (%d arrays)", node.name, stage, rnd, len(arrays))
+        log.info(
+            "merchant %s: %s round %d answered (%d arrays; imports %.2fs, work %.2fs)",
+            node.name, stage, rnd, len(arrays), t_imports, time.perf_counter() - t0 - t_imports,
+        )  # fmt: skip
         _note_peak_rss(Path(str(self.node_config["state-dir"])) / "rss.json")
         return arrays, 1, {}
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import resource
 import secrets
 import time
@@ -58,13 +57,15 @@ log = logging.getLogger("flwr").getChild("fedrec")  # shown in the run's log str
 class SumsStrategy(Strategy):
     """Thin shell: picks the round's merchants and hands back the round's total, nothing else."""
 
-    def __init__(self, fraction: float, min_merchants: int, secagg: bool, wait_s: float) -> None:
+    def __init__(
+        self, fraction: float, min_merchants: int, secagg: bool, wait_s: float, max_merchants: int = 10**9
+    ) -> None:
         self.fraction, self.min_merchants, self.secagg, self.wait_s = fraction, min_merchants, secagg, wait_s
+        self.max_merchants = max_merchants  # SecAgg+: quantization_range x merchants must stay below 2**32
         self.config: dict = {}
         self.fmt: WireFormat | None = None
         self.total: list[np.ndarray] | None = None
         self.contributors = 0
-        self.rng = random.Random(0)
 
     def initialize_parameters(self, client_manager):  # noqa: ANN001, ANN201
         return None
@@ -79,7 +80,7 @@ class SumsStrategy(Strategy):
             )
             return []
         available = client_manager.num_available()
-        k = min(available, max(self.min_merchants, math.ceil(self.fraction * available)))
+        k = min(available, self.max_merchants, max(self.min_merchants, math.ceil(self.fraction * available)))
         clients = client_manager.sample(k, min_num_clients=self.min_merchants)
         return [(c, FitIns(parameters, dict(self.config))) for c in clients]
 
@@ -301,7 +302,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     items = pl.read_parquet(catalogue)
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
-    strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout)
+    # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
+    cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
+    strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)
     legacy = LegacyContext(context, ServerConfig(num_rounds=fed.rounds), strategy, SimpleClientManager())
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 0, Key.START_TIME: time.time()})
     if net.secagg:

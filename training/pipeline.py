@@ -27,10 +27,12 @@ def _card(cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds
         "merchants": [m.name for m in dataset.merchants],
         "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
         "federation": cfg.to_dict()["federation"],
+        "runtime": "inprocess",
         "privacy": {
             "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
             "user_embeddings": "kept by each merchant; never sent",
             "merchant_item_bias": ("kept by each merchant; never sent" if cfg.model.merchant_item_bias else "not used"),
+            "coordinator_sees": "each merchant's sums (in-process runtime: every merchant in one process)",
             "differential_privacy": None,
             "secure_aggregation": False,
         },

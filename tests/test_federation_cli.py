@@ -1,0 +1,51 @@
+"""`fedrec federation ...`: the wrappers build Flower's command lines and fail cleanly on bad input."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from fedrec.training.cli import app
+
+runner = CliRunner()
+
+
+def test_coordinator_runs_with_tls_and_node_authentication(tmp_path) -> None:
+    res = runner.invoke(
+        app, ["federation", "coordinator", "--certs", str(tmp_path), "--state", str(tmp_path / "s.db"), "--dry-run"]
+    )
+    assert res.exit_code == 0, res.output
+    cmd = res.output.split()
+    assert cmd[0].endswith("flower-superlink")
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
+        assert flag in cmd
+    assert "--insecure" not in cmd
+    assert "--disable-runtime-dependency-installation" in cmd  # nothing downloads at run time
+
+
+def test_node_refuses_a_bad_bundle_before_joining(tmp_path) -> None:
+    bundle = tmp_path / "shop"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"format": 1, "merchant": "shop", "index": 0}))
+    args = ["federation", "node", "--bundle", str(bundle), "--state-dir", str(tmp_path / "st")]
+    args += [
+        "--artifacts",
+        str(tmp_path / "a"),
+        "--key",
+        str(tmp_path / "k"),
+        "--ca",
+        str(tmp_path / "ca"),
+        "--dry-run",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert "train.npz" in res.output and "Traceback" not in res.output
+
+
+def test_run_refuses_a_bad_setting_before_launching(tmp_path) -> None:
+    args = ["federation", "run", "--workdir", str(tmp_path), "--catalogue", str(tmp_path / "c.parquet")]
+    args += ["--ca", str(tmp_path / "ca"), "--set", "network.min_merchants=2", "--dry-run"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert "min_merchants" in res.output
