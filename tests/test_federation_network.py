@@ -29,7 +29,7 @@ from fedrec.model import item_embeddings
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
 from fedrec.training.federation import CONNECTION, flower_bin, flower_env, write_flwr_config
-from fedrec.training.federation_demo import FEDREC, Processes, free_port, wait_for_port
+from fedrec.training.federation_demo import FEDREC, Processes, free_port, wait_for_port, wait_for_run
 
 pytestmark = pytest.mark.network
 MERCHANTS = 3  # started with the federation; a 4th bundle is for tests that add a node
@@ -122,10 +122,15 @@ def _start_run(fed: dict, name: str, *sets: str):  # noqa: ANN202
 
 def _run(fed: dict, name: str, *sets: str, timeout: float = 240) -> dict:
     proc, workdir = _start_run(fed, name, *sets)
-    proc.wait(timeout)
-    log = (fed["work"] / "logs" / f"{name}.log").read_text(errors="replace")
-    assert proc.returncode == 0 and (workdir / "last_run.json").is_file(), log[-3000:]
-    return {"summary": json.loads((workdir / "last_run.json").read_text()), "workdir": workdir, "log": log}
+    log_path = fed["work"] / "logs" / f"{name}.log"
+    try:
+        summary = wait_for_run(
+            proc, log_path, workdir, {**fed["env"], "FLWR_HOME": str(workdir / "flwr-home")}, timeout
+        )
+    except RuntimeError:
+        pytest.fail(log_path.read_text(errors="replace")[-3000:])
+    proc.wait(30)  # the log stream ends with the run
+    return {"summary": summary, "workdir": workdir, "log": log_path.read_text(errors="replace")}
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -264,10 +269,8 @@ def test_merchant_killed_mid_round_then_rejoins_with_its_state(federation) -> No
     before = torch.load(saved[0], weights_only=True)["users"]
     node = _start_node(fed, spare)  # rejoins: same key, same state directory
     try:
-        proc.wait(300)
-        run_log = (fed["work"] / "logs" / "kill-merchant.log").read_text(errors="replace")
-        assert proc.returncode == 0 and (workdir / "last_run.json").is_file(), run_log[-3000:]
-        summary = json.loads((workdir / "last_run.json").read_text())
+        env = {**fed["env"], "FLWR_HOME": str(workdir / "flwr-home")}
+        summary = wait_for_run(proc, fed["work"] / "logs" / "kill-merchant.log", workdir, env, 300)
         assert summary["history"][0]["round"] == 1 and summary["history"][0]["merchants"] >= 3
         assert summary["test"]["recall@20"] > 0.05
         torch.testing.assert_close(torch.load(saved[0], weights_only=True)["users"], before)

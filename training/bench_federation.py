@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import time
@@ -63,19 +64,24 @@ def inprocess(n: int, rounds: int) -> dict:
     }
 
 
-def networked(n: int, rounds: int, secagg: bool, work: Path) -> dict:
+def networked(n: int, rounds: int, secagg: bool, work: Path, round_timeout: float) -> dict:
     sets = [*partition_sets(n), f"federation.rounds={rounds}", "federation.patience=0", "threads=1"]
+    sets.append(f"network.round_timeout={round_timeout}")
     if not secagg:
         sets.append("network.secagg=false")
     # the bundles depend on the partition: one work directory per merchant count
     summary = run_demo(work / f"m{n}", "synthetic", sets, timeout=3600, prepare_sets=partition_sets(n))
     hist = summary["history"]
     node_rss = [json.loads(p.read_text())["peak_rss_mb"] for p in (work / f"m{n}" / "nodes").glob("*/state/rss.json")]
+    traffic = summary.get("flower", {}).get("network-traffic", {})
     return {
         "seconds_per_round": sum(h["seconds"] for h in hist) / len(hist),
+        # payload the ServerApp sent and received, per exchange (train rounds, validate, finish)
         "bytes_per_round": (summary["bytes_sent"] + summary["bytes_received"]) / summary["exchanges"],
         "bytes_sent": summary["bytes_sent"],
         "bytes_received": summary["bytes_received"],
+        "flower_traffic_bytes": traffic.get("total-bytes"),  # Flower's own count for the whole run
+        "exchanges": summary["exchanges"],
         "peak_rss_mb": {"coordinator": summary["peak_rss_mb"], "node": max(node_rss) if node_rss else None},
         "recall@20": summary["test"]["recall@20"],
         "seconds_training": summary["seconds_training"],
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtimes", default="inprocess,flower,flower_secagg")
     ap.add_argument("--workdir", type=Path, default=Path("artifacts/bench-federation"))
+    ap.add_argument("--round-timeout", type=float, default=600.0, help="2 cores and 12 nodes need long exchanges")
     args = ap.parse_args(argv)
     stop_on_sigterm()
     rows = []
@@ -111,23 +118,40 @@ def main(argv: list[str] | None = None) -> None:
             if runtime == "inprocess":
                 row = inprocess(n, args.rounds)
             else:
-                row = networked(n, args.rounds, runtime == "flower_secagg", args.workdir.resolve() / runtime)
+                row = networked(
+                    n, args.rounds, runtime == "flower_secagg", args.workdir.resolve() / runtime, args.round_timeout
+                )
             row = {"runtime": runtime, "merchants": n, "rounds": args.rounds, **row}
             rows.append(row)
+            save(rows, args)
             print(f"{runtime:>14} {n:>3} merchants: {row['seconds_per_round']:.2f} s/round, recall@20 "
                   f"{row['recall@20']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+    save(rows, args)
+    print(markdown(load_rows()))
+
+
+def load_rows() -> list[dict]:
+    path = RESULTS / "bench-federation.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def save(rows: list[dict], args: argparse.Namespace) -> None:
+    """Merge this run's rows into the results file by (runtime, merchants), so parts can be rerun."""
+    merged = {(r["runtime"], r["merchants"]): r for r in load_rows()}
+    merged.update({(r["runtime"], r["merchants"]): r for r in rows})
+    order = {"inprocess": 0, "flower": 1, "flower_secagg": 2}
+    rows = sorted(merged.values(), key=lambda r: (r["merchants"], order.get(r["runtime"], 9)))
     result = {
         "benchmark": "bench-federation",
         "date": dt.date.today().isoformat(),
         "command": "make bench-federation",
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "workload": f"embedded shop log, FedAvg, {args.rounds} rounds, no early stopping, loopback, TLS + node auth",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "workload": "embedded shop log, FedAvg, `rounds` (per row), no early stopping, loopback, TLS + node auth",
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "bench-federation.json", result)
     write_text(RESULTS / "bench-federation.md", markdown(rows))
-    print(markdown(rows))
 
 
 if __name__ == "__main__":

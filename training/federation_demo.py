@@ -82,6 +82,58 @@ class Processes:
             self.stop(proc)
 
 
+def run_status(run_id: str, env: dict) -> dict:
+    """Flower's own record of a run (`flwr ls --run-id ... --format json`): status and traffic."""
+    out = subprocess.run(
+        [flower_bin("flwr"), "ls", "--run-id", run_id, "--format", "json"], env=env, capture_output=True, text=True
+    ).stdout
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError:
+        return {}
+    stack = [data]
+    while stack:  # the run's entry, wherever the JSON nests it
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("run-id") == run_id:
+                return node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return {}
+
+
+def wait_for_run(run: subprocess.Popen, log: Path, workdir: Path, env: dict, timeout: float) -> dict:
+    """Until the ServerApp wrote its summary, or Flower says the run finished without one.
+
+    `flwr run --stream` may end before the run does (its log stream can drop), so its exit is
+    not the signal; the run's status on the coordinator is.
+    """
+    summary_path = workdir / "last_run.json"
+    end = time.monotonic() + timeout
+    run_id, status = "", {}
+    while time.monotonic() < end:
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            if run_id:
+                summary["flower"] = run_status(run_id, env)
+            return summary
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if not run_id and "Successfully started run " in text:
+            run_id = text.split("Successfully started run ", 1)[1].split()[0]
+        if run_id and run.poll() is not None:
+            status = run_status(run_id, env)
+            if str(status.get("status", "")).startswith("finished") and not summary_path.is_file():
+                time.sleep(2)
+                if not summary_path.is_file():
+                    break
+        elif run.poll() not in (None, 0):
+            break
+        time.sleep(2)
+    detail = status.get("status-details") or status.get("status") or f"exit {run.returncode}"
+    raise RuntimeError(f"the run did not finish ({detail}); see {log}")
+
+
 def prepare(work: Path, dataset: str, sets: list[str] = ()) -> tuple[list[Path], Path]:
     extra = {k: json.loads(v) if v[:1].isdigit() else v for k, _, v in (s.partition("=") for s in sets)}
     cfg = load_config(default_config_path(dataset), {"data.dataset": dataset, **extra})
@@ -150,11 +202,7 @@ def run_demo(work: Path, dataset: str, sets: list[str], timeout: float, prepare_
             run_cmd += ["--set", s]
         t_run = time.perf_counter()
         run = procs.start("run", run_cmd, work / "logs" / "run.log")
-        run.wait(timeout)
-        summary_path = work / "coordinator" / "last_run.json"
-        if run.returncode != 0 or not summary_path.is_file():
-            raise RuntimeError(f"the run failed (exit {run.returncode}); see {work / 'logs' / 'run.log'}")
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = wait_for_run(run, work / "logs" / "run.log", work / "coordinator", env, timeout)
         summary["seconds_training"] = round(time.perf_counter() - t_run, 1)
         summary["seconds_total"] = round(time.perf_counter() - t0, 1)
         return summary
