@@ -116,6 +116,7 @@ def test_wheel_holds_one_top_level_package(tmp_path):
         "fedrec/training/cli.py",
         "fedrec/training/configs/synthetic.toml",
         "fedrec/training/configs/movielens-100k.toml",
+        "fedrec/training/flower_app/pyproject.toml",  # the Flower App that `fedrec federation run` submits
         "fedrec/federated/local.py",
     ):
         assert expected in names

@@ -106,6 +106,7 @@ def _launch(cmd: list[str], dry_run: bool, env: dict[str, str] | None = None) ->
 
 
 Dry = Annotated[bool, typer.Option("--dry-run", help="Print the Flower command instead of running it.")]
+CaOpt = Annotated[Path, typer.Option(help="The CA certificate the coordinator's TLS chains to.")]
 
 
 @app.command()
@@ -164,7 +165,7 @@ def coordinator(
 def register(
     public_key: Annotated[Path, typer.Argument(help="A merchant node's public key (.pub).")],
     superlink: str = "127.0.0.1:9092",
-    ca: Annotated[Path, typer.Option(help="The CA certificate the coordinator's TLS chains to.")] = Path("ca.crt"),
+    ca: CaOpt = Path("ca.crt"),
     home: Annotated[Path, typer.Option(help="FLWR_HOME for the flwr CLI's connection.")] = Path(".flwr"),
 ) -> None:
     """Register a merchant node's public key with the coordinator (flwr supernode register)."""
@@ -181,7 +182,7 @@ def node(
     state_dir: Annotated[Path, typer.Option(help="Where this merchant's private state lives between rounds.")],
     artifacts: Annotated[Path, typer.Option(help="Where this merchant writes its half of each export.")],
     key: Annotated[Path, typer.Option(help="This node's private key; KEY.pub beside it.")],
-    ca: Annotated[Path, typer.Option(help="The CA certificate the coordinator's TLS chains to.")],
+    ca: CaOpt,
     superlink: str = "127.0.0.1:9092",
     port: Annotated[int, typer.Option(help="Local port for this node's ClientApp API.")] = 9094,
     dry_run: Dry = False,
@@ -200,7 +201,7 @@ def node(
 def run(
     workdir: Annotated[Path, typer.Option(help="The coordinator's run directory: checkpoint.pt, exports/.")],
     catalogue: Annotated[Path, typer.Option(help="The shared catalogue (catalogue.parquet of any bundle).")],
-    ca: Annotated[Path, typer.Option(help="The CA certificate the coordinator's TLS chains to.")],
+    ca: CaOpt,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config (TOML/YAML).")] = None,
     dataset: Annotated[
         str, typer.Option("--dataset", "-d", help="Picks the shipped config when -c is not given.")
