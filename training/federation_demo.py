@@ -80,6 +80,25 @@ class Processes:
     def stop_all(self) -> None:
         for _, proc in reversed(self.procs):
             self.stop(proc)
+        groups = {proc.pid for _, proc in self.procs}
+        for _ in range(3):  # a helper spawned while its parent was stopping: find it by group, kill it
+            strays = [pid for pid, pgid in _process_groups() if pgid in groups and pid != os.getpid()]
+            if not strays:
+                return
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+
+
+def _process_groups() -> list[tuple[int, int]]:
+    """(pid, process group) of every process we can see (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            out.append((int(stat.parent.name), int(fields[2])))
+    return out
 
 
 def run_status(run_id: str, env: dict) -> dict:
