@@ -6,6 +6,7 @@ Unknown sections or keys are errors (a typo must not silently fall back to a def
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -144,6 +145,20 @@ def validate(cfg: RunConfig) -> RunConfig:
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig saved with `to_dict()` (e.g. in a checkpoint)."""
     return validate(_build(RunConfig, raw, ""))
+
+
+def parse_sets(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` overrides: VALUE as JSON (numbers, true/false, lists), else as a string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. federation.rounds=20")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

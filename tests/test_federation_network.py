@@ -8,7 +8,6 @@ is started in its own group and stopped by PID at the end (training/federation_d
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,8 +27,16 @@ from fedrec.federated.simulation import run_federated
 from fedrec.model import item_embeddings
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
-from fedrec.training.federation import CONNECTION, flower_bin, flower_env, write_flwr_config
-from fedrec.training.federation_demo import FEDREC, Processes, free_port, wait_for_port, wait_for_run
+from fedrec.training.federation import flower_env, write_flwr_config
+from fedrec.training.federation_demo import (
+    FEDREC,
+    Processes,
+    free_port,
+    register_node,
+    start_coordinator,
+    start_node,
+    wait_for_run,
+)
 
 pytestmark = pytest.mark.network
 MERCHANTS = 3  # started with the federation; a 4th bundle is for tests that add a node
@@ -54,31 +61,18 @@ def federation(tmp_path_factory):
         port = free_port()
         superlink = f"127.0.0.1:{port}"
         db = work / "coordinator" / "superlink.db"
-        link = procs.start(
-            "coordinator",
-            [*FEDREC, "coordinator", "--certs", str(creds), "--state", str(db), "--port", str(port)],
-            work / "logs" / "coordinator.log",
-        )
-        wait_for_port(port, link)
+        link = start_coordinator(procs, creds, db, port, work / "logs" / "coordinator.log")
         home = work / "flwr-home"
         write_flwr_config(home, superlink, creds / "ca.crt")
         env = {**flower_env(), "FLWR_HOME": str(home)}
         for b in bundles:
-            key = creds / "keys" / f"{b.name}.pub"
-            subprocess.run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION], env=env, check=True)
+            register_node(creds / "keys" / f"{b.name}.pub", env)
         nodes = {}
-        for b in [*bundles, bundles[0].with_name("intruder")]:
-            name = b.name
-            bundle = bundles[0] if name == "intruder" else b
-            nodes[name] = procs.start(
-                f"node {name}",
-                [
-                    *FEDREC, "node", "--bundle", str(bundle), "--state-dir", str(work / "nodes" / name / "state"),
-                    "--artifacts", str(work / "nodes" / name / "artifacts"), "--key", str(creds / "keys" / name),
-                    "--ca", str(creds / "ca.crt"), "--superlink", superlink, "--port", str(free_port()),
-                ],
-                work / "logs" / f"node-{name}.log",
-            )  # fmt: skip
+        for name, bundle in [*((b.name, b) for b in bundles), ("intruder", bundles[0])]:
+            node_dir = work / "nodes" / name
+            nodes[name] = start_node(
+                procs, name, bundle, creds, superlink, node_dir / "state", node_dir / "artifacts", work / "logs"
+            )
         yield {
             "work": work, "superlink": superlink, "port": port, "db": db, "creds": creds,
             "bundles": bundles, "spare": spare, "procs": procs, "nodes": nodes, "link": link, "env": env,
@@ -89,19 +83,12 @@ def federation(tmp_path_factory):
 
 
 def _start_node(fed: dict, bundle: Path, env: dict | None = None, register: bool = False):  # noqa: ANN202
-    name, work, creds = bundle.name, fed["work"], fed["creds"]
+    name, node_dir = bundle.name, fed["work"] / "nodes" / bundle.name
     if register:
-        key = creds / "keys" / f"{name}.pub"
-        subprocess.run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION], env=fed["env"], check=True)
-    return fed["procs"].start(
-        f"node {name}",
-        [
-            *FEDREC, "node", "--bundle", str(bundle), "--state-dir", str(work / "nodes" / name / "state"),
-            "--artifacts", str(work / "nodes" / name / "artifacts"), "--key", str(creds / "keys" / name),
-            "--ca", str(creds / "ca.crt"), "--superlink", fed["superlink"], "--port", str(free_port()),
-        ],
-        work / "logs" / f"node-{name}.log",
-        env=env,
+        register_node(fed["creds"] / "keys" / f"{name}.pub", fed["env"])
+    return start_node(
+        fed["procs"], name, bundle, fed["creds"], fed["superlink"],
+        node_dir / "state", node_dir / "artifacts", fed["work"] / "logs", env,
     )  # fmt: skip
 
 
@@ -301,12 +288,9 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federat
     before = torch.load(ck, weights_only=False)
     assert not (workdir / "last_run.json").exists()
 
-    link = fed["procs"].start(
-        "coordinator (restarted)",
-        [*FEDREC, "coordinator", "--certs", str(fed["creds"]), "--state", str(fed["db"]), "--port", str(fed["port"])],
-        fed["work"] / "logs" / "coordinator-restarted.log",
+    start_coordinator(
+        fed["procs"], fed["creds"], fed["db"], fed["port"], fed["work"] / "logs" / "coordinator-restarted.log"
     )
-    wait_for_port(fed["port"], link)
     out = _run(fed, "restart", "network.secagg=false", "federation.rounds=3", timeout=300)
     after = torch.load(ck, weights_only=False)
     rounds = [h["round"] for h in after["history"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -113,8 +115,6 @@ def test_bundle_loader_names_the_bad_file(synthetic_bundles, tmp_path) -> None:
     b = load_bundle(out / name)
     assert b.merchant.name == name and b.index == 0 and b.items.height == ds.n_items
     assert (b.merchant.train != ds.merchants[0].train).nnz == 0
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(out / name, broken)
     (broken / "train.npz").write_bytes(b"not a matrix")

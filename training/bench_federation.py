@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fedrec.atomic import write_json, write_text
-from fedrec.config import load_config
+from fedrec.config import load_config, parse_sets
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
@@ -38,17 +38,9 @@ def partition_sets(n: int) -> list[str]:
     return [] if n == 6 else ["data.partition=quantity", f"data.partition_merchants={n}"]
 
 
-def overrides(sets: list[str]) -> dict:
-    out = {}
-    for s in sets:
-        k, _, v = s.partition("=")
-        out[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
-    return out
-
-
 def inprocess(n: int, rounds: int) -> dict:
     sets = [*partition_sets(n), f"federation.rounds={rounds}", "federation.patience=0"]
-    cfg = load_config(default_config_path("synthetic"), overrides(sets))
+    cfg = load_config(default_config_path("synthetic"), parse_sets(sets))
     ds = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(ds.items, cfg.model.hash_buckets)
     res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)

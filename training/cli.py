@@ -5,9 +5,8 @@ Every user-fixable problem (FedrecError) is printed as one `error:` line with ex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,22 +38,10 @@ def default_config_path(dataset: str | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _config(config: Path | None, dataset: str | None, sets: list[str] | None):
-    from fedrec.config import load_config
+    from fedrec.config import load_config, parse_sets
 
-    overrides: dict[str, Any] = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise FedrecError(f"--set {item!r}: expected KEY=VALUE, e.g. federation.rounds=20")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value.strip())
+    overrides = parse_sets(sets)
     if dataset:
         overrides["data.dataset"] = dataset
     if config is None:

@@ -214,16 +214,10 @@ def run(
     dry_run: Dry = False,
 ) -> None:
     """Launch a training run on the federation (flwr run); resumes from workdir/checkpoint.pt."""
-    overrides = {}
-    for item in set_ or []:
-        key_, _, value = item.partition("=")
-        try:
-            overrides[key_] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key_] = value
-    from fedrec.config import load_config
+    from fedrec.config import load_config, parse_sets
     from fedrec.training.cli import default_config_path
 
+    overrides = parse_sets(set_)
     config = config or default_config_path(dataset)
     load_config(config, overrides)  # a bad config fails here, not inside the ServerApp
     home = workdir.resolve() / "flwr-home"

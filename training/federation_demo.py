@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedrec.config import load_config
+from fedrec.config import load_config, parse_sets
 from fedrec.federated.credentials import make_node_key, make_tls
 from fedrec.federated.merchant_node import write_bundles
 from fedrec.training.cli import default_config_path
@@ -101,6 +101,40 @@ def _process_groups() -> list[tuple[int, int]]:
     return out
 
 
+def start_coordinator(procs: Processes, creds: Path, db: Path, port: int, log: Path) -> subprocess.Popen:
+    """`fedrec federation coordinator` on loopback; returns once it listens."""
+    cmd = [*FEDREC, "coordinator", "--certs", str(creds), "--state", str(db), "--port", str(port)]
+    link = procs.start("coordinator", cmd, log)
+    wait_for_port(port, link)
+    return link
+
+
+def register_node(public_key: Path, env: dict) -> None:
+    """The operator registers a node's public key (flwr supernode register), so it may join."""
+    cmd = [flower_bin("flwr"), "supernode", "register", str(public_key), CONNECTION]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def start_node(
+    procs: Processes,
+    name: str,
+    bundle: Path,
+    creds: Path,
+    superlink: str,
+    state_dir: Path,
+    artifacts: Path,
+    logs: Path,
+    env: dict | None = None,
+) -> subprocess.Popen:
+    """`fedrec federation node` with the key `creds/keys/<name>`; its log is logs/node-<name>.log."""
+    cmd = [
+        *FEDREC, "node", "--bundle", str(bundle), "--state-dir", str(state_dir), "--artifacts", str(artifacts),
+        "--key", str(creds / "keys" / name), "--ca", str(creds / "ca.crt"),
+        "--superlink", superlink, "--port", str(free_port()),
+    ]  # fmt: skip
+    return procs.start(f"node {name}", cmd, logs / f"node-{name}.log", env=env)
+
+
 def run_status(run_id: str, env: dict) -> dict:
     """Flower's own record of a run (`flwr ls --run-id ... --format json`): status and traffic."""
     out = subprocess.run(
@@ -154,8 +188,7 @@ def wait_for_run(run: subprocess.Popen, log: Path, workdir: Path, env: dict, tim
 
 
 def prepare(work: Path, dataset: str, sets: list[str] = ()) -> tuple[list[Path], Path]:
-    extra = {k: json.loads(v) if v[:1].isdigit() else v for k, _, v in (s.partition("=") for s in sets)}
-    cfg = load_config(default_config_path(dataset), {"data.dataset": dataset, **extra})
+    cfg = load_config(default_config_path(dataset), {"data.dataset": dataset, **parse_sets(sets)})
     bundles_dir = work / "bundles"
     if not bundles_dir.is_dir():
         write_bundles(load_dataset(cfg.data, cfg.federation.seed), bundles_dir)
@@ -177,40 +210,15 @@ def run_demo(work: Path, dataset: str, sets: list[str], timeout: float, prepare_
         port = free_port()
         superlink = f"127.0.0.1:{port}"
         t0 = time.perf_counter()
-        link = procs.start(
-            "coordinator",
-            [
-                *FEDREC,
-                "coordinator",
-                "--certs",
-                str(creds),
-                "--state",
-                str(work / "coordinator" / "superlink.db"),
-                "--port",
-                str(port),
-            ],
-            work / "logs" / "coordinator.log",
-        )
-        wait_for_port(port, link)
+        start_coordinator(procs, creds, work / "coordinator" / "superlink.db", port, work / "logs" / "coordinator.log")
         home = work / "coordinator" / "flwr-home"
         write_flwr_config(home, superlink, creds / "ca.crt")
         env = {**flower_env(), "FLWR_HOME": str(home)}
         for b in bundles:
-            subprocess.run(
-                [flower_bin("flwr"), "supernode", "register", str(creds / "keys" / f"{b.name}.pub"), CONNECTION],
-                env=env, check=True, stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+            register_node(creds / "keys" / f"{b.name}.pub", env)
         for b in bundles:
             node_dir = work / "nodes" / b.name
-            procs.start(
-                f"node {b.name}",
-                [
-                    *FEDREC, "node", "--bundle", str(b), "--state-dir", str(node_dir / "state"),
-                    "--artifacts", str(work / "artifacts"), "--key", str(creds / "keys" / b.name),
-                    "--ca", str(creds / "ca.crt"), "--superlink", superlink, "--port", str(free_port()),
-                ],
-                work / "logs" / f"node-{b.name}.log",
-            )  # fmt: skip
+            start_node(procs, b.name, b, creds, superlink, node_dir / "state", work / "artifacts", work / "logs")
         print(f"coordinator on {superlink} (TLS, node authentication); {len(bundles)} merchant nodes", flush=True)
         run_cmd = [
             *FEDREC, "run", "--workdir", str(work / "coordinator"),

@@ -45,7 +45,16 @@ from fedrec.features import build_item_features
 from fedrec.federated.aggregation import aggregate_sums, mean_loss
 from fedrec.federated.protocol import stage_format, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
-from fedrec.federated.wire import WireFormat, check_arrays, from_wire, sum_arrays
+from fedrec.federated.wire import (
+    TEST_PREFIX,
+    TEST_USERS,
+    VAL_HITS,
+    VAL_USERS,
+    WireFormat,
+    check_arrays,
+    from_wire,
+    sum_arrays,
+)
 from fedrec.metrics import METRICS
 from fedrec.model import item_embeddings, new_item_tower
 from fedrec.serving.export_store import next_version
@@ -292,8 +301,8 @@ class Coordinator:
 
 
 def _val(total: dict) -> float:
-    users = float(total["val/users"])
-    return float(total["val/recall@20"]) / users if users > 0 else float("nan")
+    users = float(total[VAL_USERS])
+    return float(total[VAL_HITS]) / users if users > 0 else float("nan")
 
 
 def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
@@ -378,8 +387,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
         test = coord.exchange("finish", ck.round + 2, ck.best_state, best_round=ck.best_round, version=version)
         if test is None:
             raise FedrecError("the finish exchange failed: no test sums, no merchant exports; rerun to retry it")
-        users = float(test["test/users"])
-        overall = {m: float(test[f"test/{m}"]) / users for m in METRICS}
+        users = float(test[TEST_USERS])
+        overall = {m: float(test[TEST_PREFIX + m]) / users for m in METRICS}
         card = {
             "dataset": "federation",
             "runtime": "flower_secagg" if net.secagg else "flower",

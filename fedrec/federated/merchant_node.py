@@ -36,6 +36,7 @@ from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import local_update
 from fedrec.federated.messages import MerchantSums
+from fedrec.federated.wire import TEST_PREFIX, TEST_USERS, VAL_HITS, VAL_USERS
 from fedrec.metrics import METRICS
 from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings
 
@@ -162,7 +163,7 @@ class MerchantNode:
     def _val_sums(self, item_state: dict[str, torch.Tensor], users, bias) -> dict[str, torch.Tensor]:
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
         val = evaluate_val(self.bundle.merchant, users, vecs, bias)
-        return {"val/recall@20": torch.tensor(val.sums["recall@20"]), "val/users": torch.tensor(float(val.users))}
+        return {VAL_HITS: torch.tensor(val.sums["recall@20"]), VAL_USERS: torch.tensor(float(val.users))}
 
     def train(
         self, item_state: dict[str, torch.Tensor], rnd: int, best_round: int, expected: dict
@@ -193,6 +194,6 @@ class MerchantNode:
         m = self.bundle.merchant
         test = evaluate_test(m, users, vecs, bias)
         write_merchant_export(Path(out_root) / "merchants" / m.name / version, m, users, bias)
-        out = {f"test/{k}": torch.tensor(float(test.sums[k])) for k in METRICS}
-        out["test/users"] = torch.tensor(float(test.users))
+        out = {TEST_PREFIX + k: torch.tensor(float(test.sums[k])) for k in METRICS}
+        out[TEST_USERS] = torch.tensor(float(test.users))
         return out
