@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from fedrec.federated.server_opt import SERVER_OPTIMIZERS
 from fedrec.federated.simulation import FederationConfig
 from fedrec.losses import LOSSES
 from fedrec.model import ModelConfig
+from fedrec.privacy.config import PrivacyConfig, privacy_errors
 
 DATASETS = ("synthetic", "movielens-100k", "file")
 PARTITIONS = ("natural", "dirichlet", "quantity")  # datasets/partition.py (the core may not import it)
@@ -73,10 +75,20 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     threads: int = 2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON values: an infinite float (privacy.epsilon off) is written as "inf"."""
+        return _finite(dataclasses.asdict(self))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf" if obj > 0 else "-inf"
+    return obj
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -95,6 +107,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[name] = _build(typ, value, key)
             continue
         base = getattr(typ, "__origin__", typ)
+        if base is float and isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+            value = math.inf
         ok = isinstance(value, base) or (base is float and isinstance(value, int) and not isinstance(value, bool))
         if base is int and isinstance(value, bool):
             ok = False
@@ -135,10 +149,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 < cfg.network.num_shares <= 1, "network.num_shares must be in (0, 1]"),
         (0 < cfg.network.reconstruction_threshold <= 1, "network.reconstruction_threshold must be in (0, 1]"),
         (cfg.network.round_timeout > 0, "network.round_timeout must be > 0"),
+        (
+            not cfg.privacy.enabled or cfg.local.loss == "softmax",
+            "privacy: customer-level DP is implemented for local.loss = 'softmax' only",
+        ),
+        (
+            not cfg.privacy.enabled or cfg.federation.aggregation == "fedavg",
+            "privacy: federation.aggregation must be 'fedavg' (rowwise weights reveal which rows had purchases)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    for msg in privacy_errors(cfg.privacy):
+        raise ConfigError(msg)
     return cfg
 
 

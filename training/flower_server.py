@@ -57,6 +57,7 @@ from fedrec.federated.wire import (
 )
 from fedrec.metrics import METRICS
 from fedrec.model import item_embeddings, new_item_tower
+from fedrec.privacy.accountant import plan_mechanism, privacy_entry, rounds_within_budget
 from fedrec.serving.export_store import next_version
 from fedrec.training.export import publish, write_shared_export
 
@@ -342,7 +343,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     server = ServerOptimizer(fed.server, ck.m, ck.v)
     try:
         failed = 0
-        while not ck.stopped and ck.round < fed.rounds:
+        dp = plan_mechanism(cfg.privacy, fed.rounds, cfg.local.epochs)
+        max_rounds = fed.rounds if dp is None else rounds_within_budget(dp, fed.rounds)
+        while not ck.stopped and ck.round < max_rounds:
             rnd = ck.round + 1
             t0 = time.perf_counter()
             total = coord.exchange("train", rnd, ck.state, best_round=ck.best_round)
@@ -366,7 +369,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
                 "seconds": time.perf_counter() - t0,
             }
             ck.history.append(entry)
-            if fed.patience and rnd - 1 - ck.best_round >= fed.patience and ck.best_round > 0:
+            if fed.patience and dp is None and rnd - 1 - ck.best_round >= fed.patience and ck.best_round > 0:
                 ck.stopped = True
             save_checkpoint(ck_path, ck)
             log.info(
@@ -381,6 +384,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
         last = coord.exchange("validate", ck.round + 1, ck.state)
         if last is not None and _val(last) > ck.best_val:
             ck.best_val, ck.best_round, ck.best_state = _val(last), ck.round, ck.state
+        if dp is not None:  # release the last round: a choice by validation is outside the accountant
+            ck.best_round, ck.best_state = ck.round, ck.state
         save_checkpoint(ck_path, ck)
         exports = workdir / "exports"
         version = next_version(exports)
@@ -415,7 +420,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
                     if net.secagg
                     else False
                 ),
-                "differential_privacy": None,
+                "differential_privacy": privacy_entry(dp, ck.round),
             },
             "config": cfg.to_dict(),
         }

@@ -16,7 +16,9 @@ from fedrec.training.export import write_export
 from fedrec.training.train import TrainedRun, run_dir, save_checkpoint, train
 
 
-def _card(cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds: float, test: dict) -> dict:
+def _card(
+    cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds: float, test: dict, dp: dict | None = None
+) -> dict:
     return {
         "dataset": dataset.name,
         "data": dataset.summary(),
@@ -33,7 +35,7 @@ def _card(cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds
             "user_embeddings": "kept by each merchant; never sent",
             "merchant_item_bias": ("kept by each merchant; never sent" if cfg.model.merchant_item_bias else "not used"),
             "coordinator_sees": "each merchant's sums (in-process runtime: every merchant in one process)",
-            "differential_privacy": None,
+            "differential_privacy": dp,
             "secure_aggregation": False,
         },
         "config": cfg.to_dict(),
@@ -45,7 +47,7 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     root = run_dir(cfg)
     save_checkpoint(run, root / "checkpoint.pt")
     history = [vars(h) for h in run.result.history]
-    card = _card(cfg, run.dataset, history, run.result.best_round, run.result.seconds, run.test)
+    card = _card(cfg, run.dataset, history, run.result.best_round, run.result.seconds, run.test, run.result.privacy)
     path = write_export(
         root,
         cfg,
@@ -76,7 +78,9 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     features = build_item_features(dataset.items, train_cfg.model.hash_buckets)
     vecs = item_embeddings(ckpt["item_state"], features, train_cfg.model).numpy()
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
-    card = _card(export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"])
+    card = _card(
+        export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy")
+    )
     path = write_export(
         root, export_cfg, dataset, ckpt["item_state"], vecs, ckpt["user_embeddings"], card, ckpt.get("item_biases")
     )

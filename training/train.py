@@ -16,6 +16,7 @@ from fedrec.evaluation import evaluate_test_all
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.model import item_embeddings
+from fedrec.privacy.accountant import plan_mechanism
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
 
@@ -49,7 +50,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         f"(customers {sizes}); loaded in {time.perf_counter() - t0:.1f}s"
     )
     printer = RoundPrinter(console, "federated", len(dataset.merchants))
-    result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer)
+    dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+    if dp is not None:
+        console.print(
+            f"customer-level DP: epsilon {cfg.privacy.epsilon} at delta {cfg.privacy.delta}, noise multiplier "
+            f"{dp.noise_multiplier:.3f}, clip {dp.clip}, sample rate {dp.sample_rate}, "
+            f"{dp.steps_per_round} steps a round"
+        )
+    result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer, dp=dp)
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     return TrainedRun(cfg, dataset, features, result, test)
@@ -66,5 +74,6 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "best_round": run.result.best_round,
         "seconds": run.result.seconds,
         "test": run.test,
+        "privacy": run.result.privacy,
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 from fedrec.features import ItemFeatures
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig
+from fedrec.privacy.accountant import DPMechanism
+from fedrec.privacy.dp_sgd import padded_baskets, poisson_sample, private_gradients
+
+BIAS = "__merchant_item_bias__"  # the private item bias among the tensors a customer's gradient covers
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,13 @@ def local_update(
     cfg: LocalConfig,
     seed: int,
     item_bias: torch.Tensor | None = None,
+    dp: DPMechanism | None = None,
 ) -> LocalResult:
-    """Train the received item tower, the local user table (and item bias) for `cfg.epochs` on `train`."""
+    """Train the received item tower, the local user table (and item bias) for `cfg.epochs` on `train`.
+
+    With `dp`, the steps are customer-level DP-SGD (`_private_steps`), and what the result exposes
+    to the coordinator is public: weight 1, the scheduled number of steps, no loss.
+    """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tower = ItemTower(features.n_items, model_cfg)
@@ -103,6 +113,19 @@ def local_update(
     cols = torch.from_numpy(coo.col.astype(np.int64))
     counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
     log_q = torch.from_numpy(np.log(counts / counts.sum())).float()
+
+    if dp is not None:
+        _private_steps(tower, received, users, bias, opt, train, features, cfg, dp, gen)
+        new_state = tower.state_dict()
+        return LocalResult(
+            delta={k: (new_state[k] - item_state[k]).detach() for k in item_state},
+            num_examples=1,  # n_k changes with one customer's purchases: a public weight instead
+            num_steps=dp.steps_per_round,
+            touched_rows=torch.zeros(features.n_items, dtype=torch.bool),  # never derived from data
+            user_embeddings=users.detach(),
+            mean_loss=0.0,  # the loss is a function of the purchases: not reported under DP
+            item_bias=None if bias is None else bias.detach(),
+        )
 
     losses = []
     for _ in range(cfg.epochs):
@@ -133,3 +156,83 @@ def local_update(
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         item_bias=None if bias is None else bias.detach(),
     )
+
+
+def item_vectors_functional(
+    params: dict[str, torch.Tensor], features: ItemFeatures, model_cfg: ModelConfig
+) -> torch.Tensor:
+    """`ItemTower.forward` over the whole catalogue as a function of its parameters.
+
+    The content mean is an embedding lookup and a masked mean rather than EmbeddingBag, whose
+    backward has no vmap batching rule (per-customer gradients would fall back to a loop).
+    """
+    out = torch.zeros(())
+    if model_cfg.use_content:
+        tokens = features.tokens
+        keep = (tokens != model_cfg.hash_buckets).to(params["feat_emb.weight"].dtype)
+        emb = F.embedding(tokens, params["feat_emb.weight"])
+        mean = (emb * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        hidden = F.relu(F.linear(mean, params["mlp.0.weight"], params["mlp.0.bias"]))
+        out = F.linear(hidden, params["mlp.2.weight"], params["mlp.2.bias"])
+    if model_cfg.use_item_id:
+        out = out + params["item_emb.weight"]
+    return out
+
+
+def _private_steps(
+    tower: ItemTower,
+    received: dict[str, torch.Tensor],
+    users: torch.nn.Parameter,
+    bias: torch.nn.Parameter | None,
+    opt: torch.optim.Optimizer,
+    train: sp.csr_matrix,
+    features: ItemFeatures,
+    cfg: LocalConfig,
+    dp: DPMechanism,
+    gen: torch.Generator,
+) -> None:
+    """Customer-level DP-SGD: the softmax loss of each sampled customer, over their own purchases.
+
+    One customer's loss is the mean over their purchases of -log softmax (plus the weight decay
+    on their user vector and on the id rows of what they bought), so what one customer adds to
+    the shared gradient is bounded by clipping, whatever the length of their history.
+    """
+    params = dict(tower.named_parameters())
+    indptr = torch.from_numpy(train.indptr.astype(np.int64))
+    indices = torch.from_numpy(train.indices.astype(np.int64))
+    n_customers = train.shape[0]
+    temperature, wd = cfg.temperature, cfg.weight_decay
+
+    def customer_loss(
+        shared: dict[str, torch.Tensor], u: torch.Tensor, pos: torch.Tensor, m: torch.Tensor
+    ) -> torch.Tensor:
+        vecs = item_vectors_functional(shared, features, tower.cfg)
+        scores = vecs @ u
+        if BIAS in shared:
+            scores = scores + shared[BIAS]
+        logp = F.log_softmax(scores / temperature, dim=0)
+        w = m.float() / m.sum().clamp(min=1)
+        loss = -(logp[pos] * w).sum()
+        if wd:
+            loss = loss + wd * (u.pow(2).sum() + (shared["item_emb.weight"][pos].pow(2).sum(-1) * w).sum())
+        return loss
+
+    for _ in range(dp.steps_per_round):
+        batch = poisson_sample(n_customers, dp.sample_rate, gen)
+        pos, mask = padded_baskets(indptr, indices, batch)
+        shared = {k: p.detach() for k, p in params.items()}
+        if bias is not None:
+            shared[BIAS] = bias.detach()
+        grads, user_grads, _ = private_gradients(
+            shared, customer_loss, users.detach()[batch], pos, mask, dp, dp.sample_rate * n_customers, gen
+        )
+        opt.zero_grad(set_to_none=False)
+        for k, p in params.items():
+            p.grad = grads[k]
+            if cfg.prox_mu:  # FedProx's pull is data-independent: added after the noise
+                p.grad = p.grad + cfg.prox_mu * (p.detach() - received[k])
+        if bias is not None:
+            bias.grad = grads[BIAS]
+        users.grad = torch.zeros_like(users)
+        users.grad[batch] = user_grads
+        opt.step()

@@ -39,6 +39,7 @@ from fedrec.federated.messages import MerchantSums
 from fedrec.federated.wire import TEST_PREFIX, TEST_USERS, VAL_HITS, VAL_USERS
 from fedrec.metrics import METRICS
 from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings
+from fedrec.privacy.accountant import plan_mechanism
 
 BUNDLE_FORMAT = 1
 CATALOGUE = "catalogue.parquet"
@@ -173,7 +174,8 @@ class MerchantNode:
         fed = self.cfg.federation
         seed = fed.seed * 1_000_003 + rnd * 1009 + self.bundle.index
         m = self.bundle.merchant
-        res = local_update(item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias)
+        dp = plan_mechanism(self.cfg.privacy, fed.rounds, self.cfg.local.epochs)
+        res = local_update(item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, dp)
         sums = merchant_sums(
             res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss,
             fed.aggregation, fed.normalize_steps,

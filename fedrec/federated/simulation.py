@@ -33,6 +33,7 @@ from fedrec.model import (
     item_tower_shapes,
     new_item_tower,
 )
+from fedrec.privacy.accountant import DPMechanism, privacy_entry, rounds_within_budget
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class TrainResult:
     history: list[RoundLog]
     best_round: int
     seconds: float
+    # With customer-level DP: the mechanism and the epsilon actually spent (Opacus RDP).
+    privacy: dict | None = None
 
 
 def sample_merchants(names: list[str], cfg: FederationConfig, rng: np.random.Generator) -> list[str]:
@@ -80,8 +83,16 @@ def run_federated(
     fed_cfg: FederationConfig,
     on_round: Callable[[RoundLog], None] | None = None,
     on_message: Callable[[str, MerchantSums], None] | None = None,
+    dp: DPMechanism | None = None,
 ) -> TrainResult:
+    """Train for `fed_cfg.rounds` (or until early stopping) and return the best round's model.
+
+    With `dp`, training stops when the privacy budget is spent, and the last round is released
+    rather than the best one: choosing by validation would use customers' data outside the
+    mechanism the accountant covers.
+    """
     t0 = time.perf_counter()
+    rounds = fed_cfg.rounds if dp is None else rounds_within_budget(dp, fed_cfg.rounds)
     names = [m.name for m in dataset.merchants]
     rng = np.random.default_rng(fed_cfg.seed)
     global_state = {
@@ -97,7 +108,7 @@ def run_federated(
     server = ServerOptimizer(fed_cfg.server)
     history: list[RoundLog] = []
     best = (-1.0, 0, global_state, dict(users), dict(biases))
-    for rnd in range(1, fed_cfg.rounds + 1):
+    for rnd in range(1, rounds + 1):
         t_round = time.perf_counter()
         chosen = sample_merchants(names, fed_cfg, rng)
         total = None
@@ -105,7 +116,7 @@ def run_federated(
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
             result = local_update(
-                global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name]
+                global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp
             )
             users[name], biases[name] = result.user_embeddings, result.item_bias
             message = MerchantSums(
@@ -133,9 +144,10 @@ def run_federated(
         history.append(log)
         if on_round is not None:
             on_round(log)
-        if val_total > best[0]:
+        if dp is not None or val_total > best[0]:
             best = (val_total, rnd, global_state, dict(users), dict(biases))
         elif fed_cfg.patience and rnd - best[1] >= fed_cfg.patience:
             break
     _, best_round, best_state, best_users, best_biases = best
-    return TrainResult(best_state, best_users, best_biases, history, best_round, time.perf_counter() - t0)
+    privacy = privacy_entry(dp, len(history))
+    return TrainResult(best_state, best_users, best_biases, history, best_round, time.perf_counter() - t0, privacy)

@@ -1,0 +1,126 @@
+"""How much noise a privacy budget needs, and how much budget a schedule spends (Opacus RDP).
+
+A merchant's customers are disjoint from every other merchant's, and each merchant noises its
+own update, so one customer's guarantee is the composition of their own merchant's steps:
+(rounds the merchant joined) x (local epochs) x (steps per epoch), each a Poisson-subsampled
+Gaussian mechanism with the same noise multiplier and sampling rate. We count every round for
+every merchant (the worst case when `federation.fraction` < 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedrec.errors import ConfigError
+from fedrec.privacy.config import PrivacyConfig
+
+# Opacus's default orders plus larger ones: small budgets with many steps are tightest there.
+ALPHAS: list[float] = RDPAccountant.DEFAULT_ALPHAS + list(range(64, 256, 8)) + [256, 512, 1024]
+
+
+@dataclass(frozen=True)
+class DPMechanism:
+    """What a merchant's private step needs: resolved once per run, the same for every merchant."""
+
+    clip: float
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int  # local epochs x steps per epoch
+    delta: float
+    target_epsilon: float  # inf when the noise multiplier was set by hand with no budget
+
+    def to_dict(self) -> dict:
+        return {
+            "clip": self.clip,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps_per_round": self.steps_per_round,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon if math.isfinite(self.target_epsilon) else "inf",
+        }
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Poisson batches of expected size q * customers: 1 / q of them make one epoch."""
+    return max(1, math.ceil(1.0 / sample_rate))
+
+
+def epsilon_spent(mech: DPMechanism, rounds: int) -> float:
+    """Epsilon at `mech.delta` after `rounds` rounds (0 rounds: nothing released yet)."""
+    if rounds <= 0:
+        return 0.0
+    if mech.noise_multiplier <= 0:
+        return math.inf
+    acc = RDPAccountant()
+    acc.history = [(mech.noise_multiplier, mech.sample_rate, rounds * mech.steps_per_round)]
+    return float(acc.get_epsilon(delta=mech.delta, alphas=ALPHAS))
+
+
+def rounds_within_budget(mech: DPMechanism, rounds: int) -> int:
+    """The most rounds (at most `rounds`) whose spent epsilon stays within the target."""
+    if not math.isfinite(mech.target_epsilon):
+        return rounds
+    lo, hi = 0, rounds  # epsilon grows with rounds: binary search the last round that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if epsilon_spent(mech, mid) <= mech.target_epsilon:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism | None:
+    """The mechanism for a run, or None when privacy is off.
+
+    With only a budget, the noise multiplier is the smallest that keeps the whole schedule
+    (rounds x epochs x 1/q steps) within it. With a noise multiplier set by hand, the run refuses
+    to start when not even one round fits the budget (training then stops when it is spent).
+    """
+    if not cfg.enabled:
+        return None
+    per_round = epochs * steps_per_epoch(cfg.sample_rate)
+    sigma = cfg.noise_multiplier
+    if sigma <= 0:
+        try:
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.epsilon,
+                    target_delta=cfg.delta,
+                    sample_rate=cfg.sample_rate,
+                    steps=rounds * per_round,
+                    accountant="rdp",
+                    epsilon_tolerance=0.005 * cfg.epsilon,
+                    alphas=ALPHAS,
+                )
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"privacy: epsilon={cfg.epsilon} at delta={cfg.delta} cannot be met by {rounds} rounds "
+                f"x {per_round} steps at sample_rate={cfg.sample_rate} ({exc})"
+            ) from None
+    mech = DPMechanism(cfg.clip, sigma, cfg.sample_rate, per_round, cfg.delta, cfg.epsilon)
+    if math.isfinite(cfg.epsilon) and rounds_within_budget(mech, 1) < 1:
+        raise ConfigError(
+            f"privacy: noise_multiplier={sigma} spends {epsilon_spent(mech, 1):.3g} > epsilon={cfg.epsilon} "
+            f"in the first round alone; raise privacy.noise_multiplier or lower privacy.sample_rate"
+        )
+    return mech
+
+
+def privacy_entry(mech: DPMechanism | None, rounds: int) -> dict | None:
+    """The model card's `differential_privacy` entry: the mechanism and the epsilon spent."""
+    if mech is None:
+        return None
+    spent = epsilon_spent(mech, rounds)
+    return {
+        **mech.to_dict(),
+        "rounds": rounds,
+        "epsilon": spent if math.isfinite(spent) else "inf",
+        "accountant": "opacus RDP (Poisson-subsampled Gaussian), every round counted for every merchant",
+        "unit": "one customer's whole purchase history at one merchant",
+    }

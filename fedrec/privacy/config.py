@@ -1,0 +1,39 @@
+"""The `[privacy]` section of a run config: off unless a budget or a noise level is set."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    # Target (epsilon, delta) per customer over the whole training run; inf = no differential
+    # privacy (the default). delta must stay well below 1 / (customers of a merchant).
+    epsilon: float = math.inf
+    delta: float = 1e-5
+    # L2 bound on one customer's gradient of the shared item tower (and of the merchant's item
+    # bias, which other customers' recommendations also use), per step.
+    clip: float = 1.0
+    # Poisson sampling: each customer joins a step's batch with this probability, independently;
+    # 1 / sample_rate steps make one local epoch.
+    sample_rate: float = 0.1
+    # 0: solved from the budget and the schedule. > 0: used as is, and training stops when the
+    # budget is spent.
+    noise_multiplier: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon) or self.noise_multiplier > 0
+
+
+def privacy_errors(cfg: PrivacyConfig) -> list[str]:
+    """Out-of-range settings, each named (the run refuses to start on any of them)."""
+    checks = [
+        (cfg.epsilon > 0, f"privacy.epsilon must be > 0 (inf turns privacy off), got {cfg.epsilon}"),
+        (0 < cfg.delta < 1, f"privacy.delta must be in (0, 1), got {cfg.delta}"),
+        (cfg.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {cfg.noise_multiplier}"),
+        (cfg.clip > 0, f"privacy.clip must be > 0, got {cfg.clip}"),
+        (0 < cfg.sample_rate <= 1, f"privacy.sample_rate must be in (0, 1], got {cfg.sample_rate}"),
+    ]
+    return [msg for ok, msg in checks if not ok]

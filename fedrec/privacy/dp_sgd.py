@@ -1,0 +1,95 @@
+"""The merchant's private step (DP-SGD at the customer level), as pure functions.
+
+Per step: customers join the batch by Poisson sampling (the accountant's assumption); each
+sampled customer's gradient of the shared parameters (the item tower, and the merchant's item
+bias, which other customers' recommendations also read) is computed on their own purchases
+alone (torch.func per-sample gradients), clipped to L2 norm `clip`, summed, and Gaussian noise
+of standard deviation `noise_multiplier * clip` is added, all inside the merchant. The customer's
+own user vector is trained on their own purchases only and never leaves the merchant, so its
+gradient is used as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import grad, vmap
+
+from fedrec.privacy.accountant import DPMechanism
+
+CHUNK = 64  # customers per vmap call: bounds the memory of the per-customer gradients
+
+
+def poisson_sample(n_customers: int, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Indices of the customers in this step's batch: each independently with probability `rate`."""
+    return torch.nonzero(torch.rand(n_customers, generator=gen) < rate).ravel()
+
+
+def padded_baskets(
+    indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each customer's training purchases as one padded row (items, mask), without Python loops."""
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    width = max(1, int(lengths.max())) if len(rows) else 1
+    offsets = torch.arange(width)
+    mask = offsets[None, :] < lengths[:, None]
+    pos = torch.where(mask, starts[:, None] + offsets[None, :], torch.zeros_like(mask, dtype=torch.long))
+    return indices[pos] * mask, mask
+
+
+def clip_and_sum(per_customer: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scale each customer's gradient (all shared tensors together) to L2 norm <= clip, then sum.
+
+    Returns the sums and each customer's norm before clipping.
+    """
+    first = next(iter(per_customer.values()))
+    sq = torch.zeros(first.shape[0], dtype=first.dtype)
+    for g in per_customer.values():
+        sq = sq + g.flatten(1).pow(2).sum(1)
+    norms = sq.sqrt()
+    factor = (clip / (norms + 1e-12)).clamp(max=1.0)
+    sums = {k: torch.tensordot(factor, g, dims=1) for k, g in per_customer.items()}
+    return sums, norms
+
+
+def add_noise(sums: dict[str, torch.Tensor], mech: DPMechanism, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The Gaussian mechanism: N(0, (noise_multiplier * clip)^2) on every coordinate."""
+    std = mech.noise_multiplier * mech.clip
+    return {k: s + std * torch.randn(s.shape, generator=gen, dtype=s.dtype) for k, s in sums.items()}
+
+
+CustomerLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def private_gradients(
+    shared: dict[str, torch.Tensor],
+    customer_loss: CustomerLoss,
+    users: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor,
+    mech: DPMechanism,
+    expected_batch: float,
+    gen: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One noisy step's gradients of the shared tensors, and each sampled customer's user gradient.
+
+    `customer_loss(shared, u, pos, mask)` is one customer's loss (their user vector `u`, their
+    purchases `pos` where `mask`). The shared gradient is (sum of clipped + noise) / expected batch
+    size (the usual estimate under Poisson sampling). Returns (shared grads, user grads,
+    per-customer gradient norms before clipping).
+    """
+    per_grad = vmap(grad(customer_loss, argnums=(0, 1)), in_dims=(None, 0, 0, 0))
+    sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+    user_grads, norms = [users.new_zeros((0, users.shape[1]))], [users.new_zeros(0)]
+    for start in range(0, len(users), CHUNK):
+        sl = slice(start, start + CHUNK)
+        g_shared, g_users = per_grad(shared, users[sl], pos[sl], mask[sl])
+        part, n = clip_and_sum(g_shared, mech.clip)
+        for k in sums:
+            sums[k] += part[k]
+        user_grads.append(g_users)
+        norms.append(n)
+    noisy = add_noise(sums, mech, gen)
+    return {k: v / expected_batch for k, v in noisy.items()}, torch.cat(user_grads), torch.cat(norms)

@@ -1,0 +1,251 @@
+"""Customer-level differential privacy: the accountant, clipping, noise, the budget stop, and DP off."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from typer.testing import CliRunner
+
+from fedrec.config import load_config
+from fedrec.errors import ConfigError
+from fedrec.features import build_item_features
+from fedrec.federated.local import LocalConfig, local_update
+from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.model import ModelConfig, init_user_embeddings, new_item_tower
+from fedrec.privacy.accountant import (
+    ALPHAS,
+    DPMechanism,
+    epsilon_spent,
+    plan_mechanism,
+    rounds_within_budget,
+    steps_per_epoch,
+)
+from fedrec.privacy.config import PrivacyConfig
+from fedrec.privacy.dp_sgd import add_noise, clip_and_sum, padded_baskets, private_gradients
+from fedrec.training.cli import app
+
+MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=256)
+LOCAL = LocalConfig(batch_size=128, temperature=0.5, weight_decay=0.1, lr=0.01, user_lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def features(tiny_dataset):
+    return build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+
+
+# --- the accountant -------------------------------------------------------------------------------
+
+
+def test_planned_noise_meets_the_budget_as_opacus_counts_it_step_by_step():
+    cfg = PrivacyConfig(epsilon=4.0, delta=1e-5, sample_rate=0.05)
+    mech = plan_mechanism(cfg, rounds=30, epochs=2)
+    assert mech.steps_per_round == 2 * 20
+    # The library's own answer: an accountant stepped once per local step of every round.
+    acc = RDPAccountant()
+    for _ in range(30 * mech.steps_per_round):
+        acc.step(noise_multiplier=mech.noise_multiplier, sample_rate=cfg.sample_rate)
+    eps = acc.get_epsilon(delta=cfg.delta, alphas=ALPHAS)
+    assert eps == pytest.approx(epsilon_spent(mech, 30), rel=1e-9)
+    assert 4.0 * 0.99 <= eps <= 4.0  # the smallest noise that fits, within the search tolerance
+    # Less noise would overspend.
+    acc.history = [(mech.noise_multiplier * 0.95, cfg.sample_rate, 30 * mech.steps_per_round)]
+    assert acc.get_epsilon(delta=cfg.delta, alphas=ALPHAS) > 4.0
+
+
+def test_epsilon_grows_with_rounds_and_the_budget_cuts_the_schedule():
+    mech = DPMechanism(
+        clip=1.0, noise_multiplier=2.0, sample_rate=0.1, steps_per_round=10, delta=1e-5, target_epsilon=3.0
+    )
+    spent = [epsilon_spent(mech, r) for r in range(0, 40, 5)]
+    assert spent[0] == 0.0 and all(a < b for a, b in zip(spent, spent[1:], strict=False))
+    r = rounds_within_budget(mech, 1000)
+    assert 1 <= r < 1000
+    assert epsilon_spent(mech, r) <= 3.0 < epsilon_spent(mech, r + 1)
+
+
+def test_a_hand_set_noise_that_overspends_in_round_one_is_refused():
+    with pytest.raises(ConfigError, match="first round alone"):
+        plan_mechanism(PrivacyConfig(epsilon=0.5, noise_multiplier=0.3, sample_rate=0.5), rounds=10, epochs=1)
+
+
+def test_privacy_is_off_by_default():
+    assert plan_mechanism(PrivacyConfig(), rounds=60, epochs=1) is None
+    assert steps_per_epoch(0.1) == 10 and steps_per_epoch(0.3) == 4 and steps_per_epoch(1.0) == 1
+
+
+# --- clipping and noise ---------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    customers=st.integers(1, 12),
+    clip=st.floats(0.01, 10.0),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_clipping_bounds_every_customers_contribution(customers, clip, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    per = {
+        "a": torch.randn(customers, 5, 3, generator=g, dtype=torch.float64) * scale,
+        "b": torch.randn(customers, 7, generator=g, dtype=torch.float64) * scale,
+    }
+    total, norms = clip_and_sum(per, clip)
+    for c in range(customers):
+        # The sum without customer c differs from the full sum by at most `clip` (the sensitivity).
+        rest, _ = clip_and_sum({k: torch.cat([v[:c], v[c + 1 :]]) for k, v in per.items()}, clip)
+        diff = math.sqrt(sum(float((total[k] - rest[k]).pow(2).sum()) for k in per))
+        assert diff <= clip * (1 + 1e-9)
+        full = math.sqrt(sum(float(v[c].pow(2).sum()) for v in per.values()))
+        assert norms[c].item() == pytest.approx(full, rel=1e-9)
+        if full <= clip:  # small gradients pass unchanged
+            assert diff == pytest.approx(full, rel=1e-6)
+
+
+def test_noise_has_the_configured_standard_deviation():
+    mech = DPMechanism(clip=0.7, noise_multiplier=1.3, sample_rate=0.1, steps_per_round=1, delta=1e-5, target_epsilon=8)
+    noisy = add_noise({"w": torch.zeros(400_000)}, mech, torch.Generator().manual_seed(0))["w"]
+    assert noisy.mean().abs() < 0.01
+    assert noisy.std().item() == pytest.approx(0.7 * 1.3, rel=0.01)
+
+
+def test_one_customer_moves_the_private_gradient_by_at_most_clip_over_the_batch(tiny_dataset, features):
+    """End to end through the real per-customer loss: no noise, drop one customer, compare."""
+    m = tiny_dataset.merchants[0]
+    tower = new_item_tower(tiny_dataset.n_items, MODEL, 0)
+    shared = {k: p.detach() for k, p in tower.named_parameters()}
+    users = init_user_embeddings(m.n_users, MODEL, torch.Generator().manual_seed(0)) * 20
+    indptr = torch.from_numpy(m.train.indptr.astype(np.int64))
+    indices = torch.from_numpy(m.train.indices.astype(np.int64))
+    rows = torch.arange(min(m.n_users, 40))
+    pos, mask = padded_baskets(indptr, indices, rows)
+    for r in range(3):  # the padded rows are exactly each customer's purchases
+        assert sorted(pos[r][mask[r]].tolist()) == sorted(m.train[r].indices.tolist())
+
+    from fedrec.federated.local import item_vectors_functional
+
+    def loss(sh, u, p, k):
+        logp = torch.log_softmax(item_vectors_functional(sh, features, MODEL) @ u / 0.5, dim=0)
+        return -(logp[p] * k.float()).sum() / k.sum().clamp(min=1)
+
+    clip = 0.05
+    mech = DPMechanism(
+        clip=clip, noise_multiplier=0.0, sample_rate=0.5, steps_per_round=1, delta=1e-5, target_epsilon=8
+    )
+    g = torch.Generator().manual_seed(0)
+    full, user_grads, norms = private_gradients(shared, loss, users[rows], pos, mask, mech, 1.0, g)
+    assert user_grads.shape == (len(rows), MODEL.dim)
+    assert (norms > clip).sum() > len(rows) // 2  # the bound binds for most customers here
+    keep = torch.arange(len(rows)) != 3
+    part, _, _ = private_gradients(shared, loss, users[rows][keep], pos[keep], mask[keep], mech, 1.0, g)
+    diff = math.sqrt(sum(float((full[k] - part[k]).pow(2).sum()) for k in full))
+    assert 0 < diff <= clip * (1 + 1e-5)
+
+
+# --- the local update and the loop ----------------------------------------------------------------
+
+
+def test_dp_local_update_sends_only_public_weights_and_depends_on_the_noise(tiny_dataset, features):
+    m = tiny_dataset.merchants[0]
+    state = {k: v.detach().clone() for k, v in new_item_tower(tiny_dataset.n_items, MODEL, 0).state_dict().items()}
+    users = init_user_embeddings(m.n_users, MODEL, torch.Generator().manual_seed(0))
+    mech = DPMechanism(clip=1.0, noise_multiplier=1.0, sample_rate=0.2, steps_per_round=5, delta=1e-5, target_epsilon=8)
+    a = local_update(state, users, m.train, features, MODEL, LOCAL, seed=1, dp=mech)
+    b = local_update(state, users, m.train, features, MODEL, LOCAL, seed=2, dp=mech)
+    again = local_update(state, users, m.train, features, MODEL, LOCAL, seed=1, dp=mech)
+    assert (a.num_examples, a.num_steps, a.mean_loss) == (1, 5, 0.0)
+    assert not a.touched_rows.any()
+    assert all(torch.equal(a.delta[k], again.delta[k]) for k in a.delta)  # seeded
+    assert not torch.allclose(a.delta["item_emb.weight"], b.delta["item_emb.weight"])
+    # Every id row moves (noise everywhere), not only the rows of purchased items.
+    bought = np.asarray(m.train.sum(axis=0)).ravel() > 0
+    moved = a.delta["item_emb.weight"].abs().sum(1) > 0
+    assert moved[torch.from_numpy(~bought)].all()
+
+
+def test_dp_off_gives_the_non_private_run_exactly(tiny_dataset, features):
+    cfg = FederationConfig(rounds=3, patience=0)
+    plain = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)
+    planned = plan_mechanism(PrivacyConfig(), cfg.rounds, LOCAL.epochs)
+    off = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg, dp=planned)
+    assert off.privacy is None and plain.privacy is None
+    assert all(torch.equal(plain.item_state[k], off.item_state[k]) for k in plain.item_state)
+    assert [h.val_recall_at_20 for h in plain.history] == [h.val_recall_at_20 for h in off.history]
+
+
+def test_training_stops_when_the_budget_is_spent_and_releases_the_last_round(tiny_dataset, features):
+    mech = DPMechanism(
+        clip=1.0, noise_multiplier=2.0, sample_rate=0.5, steps_per_round=2, delta=1e-5, target_epsilon=6.0
+    )
+    fits = rounds_within_budget(mech, 50)
+    assert 1 < fits < 50
+    res = run_federated(tiny_dataset, features, MODEL, LOCAL, FederationConfig(rounds=50, patience=2), dp=mech)
+    assert len(res.history) == fits  # neither early stopping nor more rounds than the budget allows
+    assert res.best_round == fits
+    assert res.privacy["epsilon"] <= 6.0 and res.privacy["rounds"] == fits
+    assert res.privacy["noise_multiplier"] == 2.0
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("privacy.epsilon", 0, "privacy.epsilon must be > 0"),
+        ("privacy.epsilon", -1.0, "privacy.epsilon must be > 0"),
+        ("privacy.delta", 0, "privacy.delta must be in (0, 1)"),
+        ("privacy.delta", 1.0, "privacy.delta must be in (0, 1)"),
+        ("privacy.noise_multiplier", -0.1, "privacy.noise_multiplier must be >= 0"),
+        ("privacy.clip", 0, "privacy.clip must be > 0"),
+        ("privacy.sample_rate", 0, "privacy.sample_rate must be in (0, 1]"),
+        ("privacy.sample_rate", 1.5, "privacy.sample_rate must be in (0, 1]"),
+    ],
+)
+def test_out_of_range_privacy_settings_are_refused_by_name(setting, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        load_config(None, {setting: value})
+
+
+def test_privacy_needs_the_softmax_loss_and_fedavg():
+    with pytest.raises(ConfigError, match="local.loss"):
+        load_config(None, {"privacy.epsilon": 8.0, "local.loss": "bpr"})
+    with pytest.raises(ConfigError, match="rowwise"):
+        load_config(None, {"privacy.epsilon": 8.0, "federation.aggregation": "rowwise"})
+
+
+def test_infinite_epsilon_round_trips_as_plain_json():
+    cfg = load_config(None, {"privacy.epsilon": "inf"})
+    assert not cfg.privacy.enabled
+    text = json.dumps(cfg.to_dict(), allow_nan=False)  # what the API's JSON encoder requires
+    assert '"epsilon": "inf"' in text
+    again = load_config(None, {"privacy.epsilon": json.loads(text)["privacy"]["epsilon"]})
+    assert again.privacy == cfg.privacy
+
+
+def test_cli_refuses_a_bad_privacy_setting_with_one_error_line(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--set", "privacy.delta=2", "--set", f"output.artifacts_dir={tmp_path}"])
+    assert result.exit_code == 2
+    assert "privacy.delta must be in (0, 1)" in result.output and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_dp_training_writes_the_spent_epsilon_into_the_model_card(tmp_path, tiny_csv):
+    args = [
+        "train", "--dataset", "file", "--set", f"data.path={tiny_csv}",
+        "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--set", "federation.rounds=2",
+        "--set", "model.dim=8", "--set", "model.hash_buckets=256",
+        "--set", "privacy.epsilon=8", "--set", "privacy.sample_rate=0.5",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    card_path = next((tmp_path / "artifacts").glob("*/exports/v*/model_card.json"))
+    dp = json.loads(card_path.read_text())["privacy"]["differential_privacy"]
+    assert dp["rounds"] == 2 and 0 < dp["epsilon"] <= 8.0 and dp["delta"] == 1e-5
+    assert dp["noise_multiplier"] > 0 and dp["sample_rate"] == 0.5
+    assert dataclasses.asdict(PrivacyConfig())["delta"] == dp["delta"]
