@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate evaluate-foldin export serve bench-serve federation-demo federation-credentials bench-federation test lint clean
+.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report export serve bench-serve federation-demo federation-credentials bench-federation test lint clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ evaluate: setup
 
 evaluate-foldin: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)
+
+# Recall@20 against the DP budget (issue 10). EPSILONS, SEEDS and DP_ROUNDS shrink the grid.
+EPSILONS ?= 1,2,4,8,16,inf
+SEEDS ?= 3
+DP_ROUNDS ?= 20
+privacy-report: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS)
 
 export: setup
 	$(BIN)/fedrec export --dataset $(DATASET) $(CONFIG_ARG)

@@ -249,3 +249,26 @@ def test_dp_training_writes_the_spent_epsilon_into_the_model_card(tmp_path, tiny
     assert dp["rounds"] == 2 and 0 < dp["epsilon"] <= 8.0 and dp["delta"] == 1e-5
     assert dp["noise_multiplier"] > 0 and dp["sample_rate"] == 0.5
     assert dataclasses.asdict(PrivacyConfig())["delta"] == dp["delta"]
+
+
+def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
+    args = [
+        "privacy-report", "--dataset", "file", "--set", f"data.path={tiny_csv}",
+        "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}",
+        "--set", f"output.results_dir={tmp_path / 'results'}", "--set", "federation.rounds=2",
+        "--set", "model.dim=8", "--set", "model.hash_buckets=256",
+        "--set", "privacy.sample_rate=0.5", "--epsilons", "4,inf", "--seeds", "2", "--dp-rounds", "2",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "results" / "privacy-report.json").read_text())["runs"]
+    by_eps = {r["epsilon"]: r for r in runs}
+    assert set(by_eps) == {4.0, "inf"}
+    dp, plain = by_eps[4.0], by_eps["inf"]
+    assert dp["seeds"] == [0, 1] and len(dp["per_seed"]) == 2
+    assert dp["recall@20"] == pytest.approx(np.mean(dp["per_seed"]))
+    assert dp["noise_multiplier"] > 0 and dp["rounds"] == 2 and all(0 < e <= 4.0 for e in dp["epsilon_spent"])
+    assert plain["noise_multiplier"] == 0.0 and plain["epsilon_spent"] == ["inf", "inf"]
+    table = (tmp_path / "results" / "privacy-report.md").read_text()
+    assert "| file | 4.0 |" in table and "| file | inf |" in table
+    assert (tmp_path / "results" / "privacy-report.png").read_bytes()[:4] == b"\x89PNG"

@@ -81,6 +81,33 @@ def evaluate(
         console.print(f"{kind}: {path}")
 
 
+@app.command("privacy-report")
+@friendly
+def privacy_report_cmd(
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    set_: SetOpt = None,
+    epsilons: Annotated[str, typer.Option(help="Comma-separated budgets; inf = no DP.")] = "1,2,4,8,16,inf",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per budget (0, 1, ...).")] = 3,
+    dp_rounds: Annotated[int, typer.Option(min=1, help="Rounds of each DP run (the last is released).")] = 20,
+) -> None:
+    """Recall@20 against epsilon (customer-level DP): results/privacy-report.json, .md and .png."""
+    import sys
+
+    from fedrec.training.privacy_report import privacy_report, write_report
+
+    try:
+        eps = [float(e) for e in epsilons.split(",") if e.strip()]
+    except ValueError:
+        raise FedrecError(f"--epsilons {epsilons!r}: expected numbers or inf, e.g. 1,8,inf") from None
+    if not eps or any(not e > 0 for e in eps):
+        raise FedrecError(f"--epsilons {epsilons!r}: every budget must be > 0 (inf = no DP)")
+    cfg = _config(config, dataset, set_)
+    rows = privacy_report(cfg, eps, list(range(seeds)), dp_rounds, console)
+    paths = write_report(rows, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
+    console.print(f"results: {paths['json']}, {paths['md']}, {paths['png']}")
+
+
 @app.command("evaluate-foldin")
 @friendly
 def evaluate_foldin(

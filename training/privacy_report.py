@@ -1,0 +1,131 @@
+"""`fedrec privacy-report`: recall@20 of the federated model against the privacy budget.
+
+For each dataset and epsilon (delta fixed), trains with customer-level DP over the given seeds
+and records the test recall@20 (mean, std), the noise multiplier the accountant chose, the clip,
+the sampling rate and the epsilon actually spent. epsilon = inf is the non-private federated
+model with the dataset's own config (its early stopping included), the reference for the ratio.
+Writes results/privacy-report.json (appending rows for other datasets), a markdown table and a
+PNG curve per dataset.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from fedrec.atomic import write_json, write_text, write_with
+from fedrec.config import RunConfig, config_from_dict
+from fedrec.training.train import train
+
+EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
+
+
+def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> dict:
+    recalls, spent, seconds, mech = [], [], [], None
+    for seed in seeds:
+        run_cfg = _with(cfg, ("federation", "seed", seed), ("privacy", "epsilon", epsilon))
+        t0 = time.perf_counter()
+        run = train(run_cfg, Console(quiet=True))
+        seconds.append(time.perf_counter() - t0)
+        recalls.append(run.test["overall"]["recall@20"])
+        mech = run.result.privacy
+        spent.append(mech["epsilon"] if mech else "inf")
+        console.print(
+            f"  {cfg.data.dataset} epsilon={epsilon} seed={seed}: recall@20 {recalls[-1]:.4f} ({seconds[-1]:.0f}s)"
+        )
+    return {
+        "dataset": cfg.data.dataset,
+        "epsilon": epsilon if math.isfinite(epsilon) else "inf",
+        "delta": cfg.privacy.delta,
+        "recall@20": float(np.mean(recalls)),
+        "recall@20_std": float(np.std(recalls)),
+        "seeds": seeds,
+        "per_seed": recalls,
+        "epsilon_spent": spent,
+        "noise_multiplier": mech["noise_multiplier"] if mech else 0.0,
+        "clip": cfg.privacy.clip if mech else None,
+        "sample_rate": cfg.privacy.sample_rate if mech else None,
+        "rounds": mech["rounds"] if mech else None,
+        "seconds": float(np.mean(seconds)),
+    }
+
+
+def _with(cfg: RunConfig, *changes: tuple[str, str, object]) -> RunConfig:
+    """A validated copy of `cfg` with (section, key, value) changes."""
+    raw = cfg.to_dict()
+    for section, key, value in changes:
+        raw[section][key] = value if not (isinstance(value, float) and math.isinf(value)) else "inf"
+    return config_from_dict(raw)
+
+
+def privacy_report(
+    cfg: RunConfig, epsilons: list[float], seeds: list[int], dp_rounds: int, console: Console
+) -> list[dict]:
+    """One row per epsilon; DP rows train `dp_rounds` rounds (the last one is released)."""
+    rows = []
+    for eps in epsilons:
+        run_cfg = cfg if not math.isfinite(eps) else _with(cfg, ("federation", "rounds", dp_rounds))
+        rows.append(_row(run_cfg, eps, seeds, console))
+    return rows
+
+
+def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str, Path]:
+    """Merge rows into results/privacy-report.json by (dataset, epsilon); table and curves beside it."""
+    path = results_dir / "privacy-report.json"
+    old = json.loads(path.read_text())["runs"] if path.is_file() else []
+    fresh = {(r["dataset"], str(r["epsilon"])) for r in rows}
+    runs = [r for r in old if (r["dataset"], str(r["epsilon"])) not in fresh] + rows
+    res = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command, "runs": runs}
+    write_json(path, res)
+    lines = [
+        "| dataset | epsilon | delta | recall@20 (mean ± std) | vs non-private | seeds | noise multiplier "
+        "| clip | sample rate | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ds in sorted({r["dataset"] for r in runs}):
+        part = [r for r in runs if r["dataset"] == ds]
+        ref = next((r["recall@20"] for r in part if r["epsilon"] == "inf"), None)
+        for r in sorted(part, key=lambda r: math.inf if r["epsilon"] == "inf" else r["epsilon"]):
+            ratio = f"{r['recall@20'] / ref:.2f}" if ref else "-"
+            lines.append(
+                f"| {ds} | {r['epsilon']} | {r['delta']:g} | {r['recall@20']:.4f} ± {r['recall@20_std']:.4f} | {ratio} "
+                f"| {len(r['seeds'])} | {r['noise_multiplier']:.3f} | {r['clip'] or '-'} | {r['sample_rate'] or '-'} "
+                f"| {r['rounds'] or 'early stop'} |"
+            )
+    md = results_dir / "privacy-report.md"
+    write_text(md, "\n".join(lines) + "\n")
+    png = results_dir / "privacy-report.png"
+    write_with(png, lambda tmp: _plot(runs, tmp))
+    return {"json": path, "md": md, "png": png}
+
+
+def _plot(runs: list[dict], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ds in sorted({r["dataset"] for r in runs}):
+        part = [r for r in runs if r["dataset"] == ds]
+        dp = sorted((r for r in part if r["epsilon"] != "inf"), key=lambda r: r["epsilon"])
+        line = ax.errorbar(
+            [r["epsilon"] for r in dp], [r["recall@20"] for r in dp], yerr=[r["recall@20_std"] for r in dp],
+            marker="o", capsize=3, label=f"{ds}, DP",
+        )  # fmt: skip
+        ref = next((r for r in part if r["epsilon"] == "inf"), None)
+        if ref:
+            ax.axhline(ref["recall@20"], ls="--", color=line[0].get_color(), label=f"{ds}, no DP")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon (delta = 1e-5)")
+    ax.set_ylabel("test recall@20")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, format="png")
+    plt.close(fig)
