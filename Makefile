@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report export serve bench-serve federation-demo federation-credentials bench-federation test lint clean
+.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation test lint clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,9 @@ SEEDS ?= 3
 DP_ROUNDS ?= 20
 privacy-report: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS)
+
+attack-report: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG)
 
 export: setup
 	$(BIN)/fedrec export --dataset $(DATASET) $(CONFIG_ARG)
