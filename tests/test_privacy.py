@@ -295,7 +295,7 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     args = [
         "attack-report", "--dataset", "file", "--set", f"data.path={tiny_csv}",
         "--set", f"output.results_dir={tmp_path}", "--set", "model.dim=8", "--set", "model.hash_buckets=256",
-        "--set", "privacy.sample_rate=0.5", "--epsilon", "1", "--dp-rounds", "20",
+        "--set", "privacy.sample_rate=0.5", "--set", "federation.rounds=3", "--epsilon", "1", "--dp-rounds", "3",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -306,3 +306,6 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert leak["none"]["auc"] > 0.7
     assert leak["dp"]["auc"] < 0.6 and leak["dp_secagg"]["auc"] < 0.6
     assert leak["dp"]["precision"] < leak["none"]["precision"]
+    member = json.loads((tmp_path / "attack-report.json").read_text())["membership"]
+    assert set(member) == {"none", "dp"} and member["dp"]["epsilon"] == 1.0
+    assert all(0.0 <= r["auc"] <= 1.0 and r["members"] > 0 and r["non_members"] > 0 for r in member.values())

@@ -8,6 +8,12 @@ honest-but-curious coordinator ranks item rows by norm (`fedrec.privacy.attacks`
 - `dp`: the target merchant's DP update;
 - `dp_secagg`: the sum of the DP updates.
 Each merchant is the target once; the report gives the mean and the per-merchant figures.
+
+Membership of a customer: half of each merchant's customers (drawn at random) train the model,
+the other half never do. The attacker holds the shared export (item vectors) and a customer's
+purchase history; it folds a user vector in from that history (the serving fold-in) and scores
+the history's mean log-likelihood under it: a model that trained on those purchases explains them
+better. AUC of that score, members against non-members, without and with DP.
 """
 
 from __future__ import annotations
@@ -17,18 +23,23 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
+import scipy.special
 import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json
 from fedrec.config import RunConfig
+from fedrec.data import FederatedDataset, MerchantData
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
 from fedrec.federated.local import local_update
-from fedrec.model import init_item_bias, init_user_embeddings, new_item_tower
+from fedrec.federated.simulation import run_federated
+from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings, new_item_tower
 from fedrec.privacy.accountant import plan_mechanism
-from fedrec.privacy.attacks import leakage_metrics, row_scores
+from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
+from fedrec.serving.foldin import fold_in_many
 from fedrec.training.data import load_dataset
 
 TABLE = "item_emb.weight"
@@ -76,8 +87,54 @@ def leakage_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Cons
     return {"dataset": dataset.name, "merchants": len(dataset.merchants), "items": dataset.n_items, "leakage": out}
 
 
+def _members_only(dataset: FederatedDataset, seed: int) -> tuple[FederatedDataset, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    masks, merchants = {}, []
+    for m in dataset.merchants:
+        member = rng.random(m.n_users) < 0.5
+        masks[m.name] = member
+        idx = np.flatnonzero(member)
+        merchants.append(MerchantData(m.name, m.user_ids[idx], m.train[idx], m.val[idx], m.test[idx]))
+    return dataclasses.replace(dataset, merchants=merchants), masks
+
+
+def membership_scores(item_vectors: np.ndarray, history: sp.csr_matrix, temperature: float) -> np.ndarray:
+    """Per customer: mean log softmax of their purchases under the user vector folded in from them."""
+    baskets = [history.indices[history.indptr[i] : history.indptr[i + 1]] for i in range(history.shape[0])]
+    users = fold_in_many(item_vectors, baskets, method="softmax", reg=1.0, temperature=temperature)
+    logits = users @ item_vectors.T / temperature
+    logp = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    rows = np.repeat(np.arange(history.shape[0]), np.diff(history.indptr))
+    return np.bincount(rows, weights=logp[rows, history.indices], minlength=history.shape[0]) / np.maximum(
+        np.diff(history.indptr), 1
+    )
+
+
+def membership_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console) -> dict:
+    """Train on half the customers without and with DP; the attacker's AUC on members vs the rest."""
+    torch.set_num_threads(cfg.threads)
+    seed = cfg.federation.seed
+    dataset = load_dataset(cfg.data, seed)
+    features = build_item_features(dataset.items, cfg.model.hash_buckets)
+    members, masks = _members_only(dataset, seed)
+    eligible = [m for m in dataset.merchants if m.n_users]
+    labels = np.concatenate([masks[m.name] for m in eligible])
+    out = {}
+    for setting, eps, rounds in (("none", None, cfg.federation.rounds), ("dp", epsilon, dp_rounds)):
+        mech = None if eps is None else plan_mechanism(dataclasses.replace(cfg.privacy, epsilon=eps), rounds, 1)
+        fed = dataclasses.replace(cfg.federation, rounds=rounds)
+        res = run_federated(members, features, cfg.model, cfg.local, fed, dp=mech)
+        vecs = item_embeddings(res.item_state, features, cfg.model).numpy()
+        scores = np.concatenate([membership_scores(vecs, m.train, cfg.local.temperature) for m in eligible])
+        out[setting] = {"auc": auc(scores, labels), "members": int(labels.sum()), "non_members": int((~labels).sum())}
+        if mech is not None:
+            out[setting] |= {"epsilon": eps, "noise_multiplier": mech.noise_multiplier, "rounds": rounds}
+        console.print(f"  membership, {setting}: AUC {out[setting]['auc']:.3f}")
+    return out
+
+
 def write_attack_report(res: dict, results_dir: Path, command: str) -> Path:
-    """results/attack-report.json: the last run (membership and poisoning are not measured yet)."""
+    """results/attack-report.json: the last run (poisoning is not measured yet)."""
     path = results_dir / "attack-report.json"
     write_json(path, {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command, **res})
     return path

@@ -117,18 +117,21 @@ def attack_report_cmd(
     epsilon: Annotated[float, typer.Option(min=0.0, help="Budget of the DP settings.")] = 8.0,
     dp_rounds: Annotated[int, typer.Option(min=1, help="Schedule the DP noise is planned for.")] = 20,
 ) -> None:
-    """The purchased-items leakage attack with and without SecAgg and DP: results/attack-report.json."""
+    """Leakage (with and without SecAgg and DP) and membership attacks: results/attack-report.json."""
     import sys
 
-    from fedrec.training.attack_report import leakage_report, write_attack_report
+    from fedrec.training.attack_report import leakage_report, membership_report, write_attack_report
 
     if not epsilon > 0:
         raise FedrecError(f"--epsilon {epsilon}: must be > 0")
     cfg = _config(config, dataset, set_)
     res = leakage_report(cfg, epsilon, dp_rounds, console)
+    res["membership"] = membership_report(cfg, epsilon, dp_rounds, console)
     path = write_attack_report(res, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
     for setting, r in res["leakage"].items():
         console.print(f"{setting:>11}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  AUC {r['auc']:.3f}")
+    for setting, r in res["membership"].items():
+        console.print(f"membership {setting}: AUC {r['auc']:.3f}")
     console.print(f"results: {path}")
 
 
