@@ -309,3 +309,11 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     member = json.loads((tmp_path / "attack-report.json").read_text())["membership"]
     assert set(member) == {"none", "dp"} and member["dp"]["epsilon"] == 1.0
     assert all(0.0 <= r["auc"] <= 1.0 and r["members"] > 0 and r["non_members"] > 0 for r in member.values())
+
+
+def test_evaluate_refuses_a_private_config_instead_of_ignoring_it(tmp_path):
+    result = CliRunner().invoke(
+        app, ["evaluate", "--set", "privacy.epsilon=8", "--set", f"output.results_dir={tmp_path}"]
+    )
+    assert result.exit_code == 2 and "fedrec privacy-report" in result.output
+    assert "Traceback" not in result.output

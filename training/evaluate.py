@@ -21,6 +21,7 @@ from fedrec.atomic import write_json, write_text, write_with
 from fedrec.baselines import EASE_LAMBDAS, ease, implicit_als, popularity
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset, pooled
+from fedrec.errors import FedrecError
 from fedrec.evaluation import (
     MetricSums,
     combine,
@@ -126,6 +127,8 @@ def evaluate(
 ) -> dict:
     """Every trained method once per seed (federation.seed = seed), reported as mean and spread."""
     console = console or Console()
+    if cfg.privacy.enabled:  # every method here is non-private; DP runs have their own report
+        raise FedrecError("fedrec evaluate compares non-private methods: unset [privacy], or run fedrec privacy-report")
     torch.set_num_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
