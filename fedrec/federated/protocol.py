@@ -16,6 +16,7 @@ from fedrec.federated.aggregation import sum_names
 from fedrec.federated.wire import WireFormat, max_local_steps, metric_names, validation_names, wire_format
 from fedrec.metrics import METRICS
 from fedrec.model import ModelConfig, item_tower_shapes
+from fedrec.privacy.accountant import steps_per_epoch
 
 STAGES = ("train", "validate", "finish")
 
@@ -31,6 +32,9 @@ def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
         expected = metric_names(METRICS)
     else:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    if cfg.privacy.enabled:  # weight 1 and a fixed schedule of steps (fedrec/privacy)
+        steps = float(cfg.local.epochs * steps_per_epoch(cfg.privacy.sample_rate))
+        return wire_format(expected, cfg.network.max_weight, steps, train_weight=1.0)
     steps = max_local_steps(cfg.network.max_weight, cfg.local.batch_size, cfg.local.epochs)
     return wire_format(expected, cfg.network.max_weight, steps)
 

@@ -39,12 +39,17 @@ class WireFormat:
         return dict(zip(self.names, self.shapes, strict=True))
 
 
-def public_scale(name: str, max_weight: float, max_steps: float) -> float:
+def public_scale(name: str, max_weight: float, max_steps: float, train_weight: float | None = None) -> float:
     """The divisor of one tensor: bounds that follow from the config alone.
 
     max_weight bounds n_k (a merchant's training purchases); max_steps bounds tau_k. A delta is
     weighted by n_k (or n_k / tau_k), so it is divided by max_weight like n_k itself.
+    `train_weight` replaces max_weight for the training sums when the weight is a public
+    constant (1 under differential privacy): dividing a weight-1 delta by max_weight would lose
+    it to the quantisation step. Metric sums (a sum over customers) keep max_weight.
     """
+    if train_weight is not None and not name.startswith(("val/", "test/")):
+        max_weight = train_weight
     if name in (STEPS, ROW_STEPS):
         return max_weight * max_steps
     if name == LOSS:
@@ -52,12 +57,14 @@ def public_scale(name: str, max_weight: float, max_steps: float) -> float:
     return max_weight  # n, rows/n, deltas, metric sums (a sum over at most n_k customers)
 
 
-def wire_format(expected: Mapping[str, tuple[int, ...]], max_weight: float, max_steps: float) -> WireFormat:
+def wire_format(
+    expected: Mapping[str, tuple[int, ...]], max_weight: float, max_steps: float, train_weight: float | None = None
+) -> WireFormat:
     names = tuple(sorted(expected))
     return WireFormat(
         names,
         tuple(tuple(expected[n]) for n in names),
-        tuple(public_scale(n, max_weight, max_steps) for n in names),
+        tuple(public_scale(n, max_weight, max_steps, train_weight) for n in names),
     )
 
 
