@@ -108,12 +108,6 @@ def local_update(
         bias = torch.nn.Parameter(item_bias.clone())
         groups.append({"params": [bias], "lr": cfg.bias_lr})
     opt = torch.optim.Adam(groups)
-    coo = train.tocoo()
-    rows = torch.from_numpy(coo.row.astype(np.int64))
-    cols = torch.from_numpy(coo.col.astype(np.int64))
-    counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
-    log_q = torch.from_numpy(np.log(counts / counts.sum())).float()
-
     if dp is not None:
         _private_steps(tower, received, users, bias, opt, train, features, cfg, dp, gen)
         new_state = tower.state_dict()
@@ -126,6 +120,12 @@ def local_update(
             mean_loss=0.0,  # the loss is a function of the purchases: not reported under DP
             item_bias=None if bias is None else bias.detach(),
         )
+
+    coo = train.tocoo()
+    rows = torch.from_numpy(coo.row.astype(np.int64))
+    cols = torch.from_numpy(coo.col.astype(np.int64))
+    counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
+    log_q = torch.from_numpy(np.log(counts / counts.sum())).float()
 
     losses = []
     for _ in range(cfg.epochs):

@@ -130,6 +130,8 @@ class MerchantNode:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.features: ItemFeatures = build_item_features(bundle.items, cfg.model.hash_buckets)
+        # The DP mechanism follows from the config alone: planned once, not every round.
+        self.dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
 
     @property
     def name(self) -> str:
@@ -174,8 +176,9 @@ class MerchantNode:
         fed = self.cfg.federation
         seed = fed.seed * 1_000_003 + rnd * 1009 + self.bundle.index
         m = self.bundle.merchant
-        dp = plan_mechanism(self.cfg.privacy, fed.rounds, self.cfg.local.epochs)
-        res = local_update(item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, dp)
+        res = local_update(
+            item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, self.dp
+        )
         sums = merchant_sums(
             res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss,
             fed.aggregation, fed.normalize_steps,
