@@ -1,6 +1,7 @@
 """The temporal evaluation protocol (`ml100k-temporal`), applied to any purchase log.
 
-- Items without positives drop out; users with fewer than `min_positives` positives drop out.
+- Items without positives drop out of training and evaluation (`new_items` keeps them for the
+  export, which embeds them from their content); users with fewer than `min_positives` positives drop out.
 - Per user, positives sorted by time (ties by item id); the last ceil(test_fraction) are test.
 - Validation is carved from the train part only (its last ceil(val_fraction)), so early stopping
   never sees a test purchase.
@@ -93,9 +94,14 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
             )
         merchants.append(MerchantData(name=str(name), user_ids=users.to_numpy(), **mats))
     merchants.sort(key=lambda m: m.name)
+    unsold = log.items.join(items.select("item"), on="item", how="anti")
+    new_items = pl.DataFrame({"item": catalogue_order(unsold["item"])}).join(
+        unsold, on="item", how="left", maintain_order="left"
+    )
     return FederatedDataset(
         name=log.name,
         items=items.drop("item_index"),
+        new_items=new_items.select(items.drop("item_index").columns),
         merchants=merchants,
         protocol={
             "name": "temporal",
@@ -105,3 +111,21 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
             "source": log.source,
         },
     )
+
+
+def cold_start_split(dataset: FederatedDataset) -> tuple[FederatedDataset, np.ndarray]:
+    """The products first sold after every buyer's cut-off (all their purchases are in test), and
+    the dataset without them: what training would have seen before they existed.
+
+    Returns (dataset over the other products, indices of the new products in `dataset.items`).
+    """
+    before = sum(np.asarray(m.full_train.sum(axis=0)).ravel() for m in dataset.merchants)
+    after = sum(np.asarray(m.test.sum(axis=0)).ravel() for m in dataset.merchants)
+    new = (before == 0) & (after > 0)
+    known = np.flatnonzero(~new)
+    merchants = [
+        MerchantData(m.name, m.user_ids, m.train[:, known], m.val[:, known], m.test[:, known])
+        for m in dataset.merchants
+    ]
+    items = dataset.items[known.tolist()]
+    return FederatedDataset(dataset.name, items, merchants, dataset.protocol), np.flatnonzero(new)

@@ -3,6 +3,8 @@ file, column and row of the problem.
 
 Required columns: user, item, timestamp (unix seconds or ISO-8601). Optional: merchant
 (default: one merchant named after the file), title, description, category, price.
+An optional catalogue file (column item, plus any of title, description, category, price) adds
+the products nobody has bought yet; the export embeds those from their content.
 Row numbers in messages count data rows from 1; a CSV's line number is one more (the header).
 """
 
@@ -68,8 +70,10 @@ def load(
     path: str | Path,
     name: str | None = None,
     merchants: Sequence[str] | None = None,
+    catalogue: str | Path | None = None,
 ) -> PurchaseLog:
-    """Validate and load a purchase file. `merchants`, when given, is the list of known merchants."""
+    """Validate and load a purchase file. `merchants`, when given, is the list of known merchants;
+    `catalogue`, an optional product file that also lists products without purchases."""
     path = Path(path)
     df = _read(path)
     if df.height == 0:
@@ -84,14 +88,7 @@ def load(
         if c in df.columns and df[c].null_count():
             row = _first_bad_row(df, pl.col(c).is_null() | (pl.col(c).cast(pl.String) == ""))
             raise DataError(f"{path}: column {c!r}, row {row}: value is empty")
-    df = df.with_columns(timestamp=_parse_timestamp(df, path))
-    if "price" in df.columns:
-        price = df["price"].cast(pl.Float64, strict=False)
-        bad = price.is_null() & df["price"].is_not_null() & (df["price"].cast(pl.String) != "")
-        if bad.any():
-            row = int(bad.arg_true()[0]) + 1
-            raise DataError(f"{path}: column 'price', row {row}: {df['price'][row - 1]!r} is not a number")
-        df = df.with_columns(price=price)
+    df = _numeric_price(df.with_columns(timestamp=_parse_timestamp(df, path)), path)
     if "merchant" not in df.columns:
         df = df.with_columns(merchant=pl.lit(name or path.stem))
     df = df.with_columns(pl.col("user", "item", "merchant").cast(pl.String))
@@ -111,8 +108,51 @@ def load(
             f"{path}: duplicate rows {rows[0]} and {rows[1]} (same merchant, user, item and "
             f"timestamp); {dup.height} duplicated rows in all. Remove the duplicates."
         )
+    items = _item_table(df)
+    if catalogue is not None:
+        items = _with_catalogue(items, Path(catalogue))
+    return PurchaseLog(
+        name=name or path.stem,
+        interactions=df.select(*key),
+        items=items,
+        source=f"purchase file {path}" + (f", catalogue {catalogue}" if catalogue is not None else ""),
+    )
+
+
+def _numeric_price(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    if "price" not in df.columns:
+        return df
+    price = df["price"].cast(pl.Float64, strict=False)
+    bad = price.is_null() & df["price"].is_not_null() & (df["price"].cast(pl.String) != "")
+    if bad.any():
+        row = int(bad.arg_true()[0]) + 1
+        raise DataError(f"{path}: column 'price', row {row}: {df['price'][row - 1]!r} is not a number")
+    return df.with_columns(price=price)
+
+
+def _with_catalogue(items: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """The purchase file's products plus every product of a catalogue file (columns item and any
+    of title, description, category, price), so products nobody bought yet are exported too.
+    The catalogue's metadata wins where both describe a product."""
+    df = _read(path)
+    if "item" not in df.columns:
+        raise DataError(f"{path}: missing required column 'item'; found {', '.join(map(repr, df.columns))}")
+    row = _first_bad_row(df, pl.col("item").is_null() | (pl.col("item").cast(pl.String) == ""))
+    if row is not None:
+        raise DataError(f"{path}: column 'item', row {row}: value is empty")
+    df = _numeric_price(df.with_columns(pl.col("item").cast(pl.String)), path)
+    dup = df.with_row_index("_row", offset=1).filter(pl.col("item").is_duplicated())
+    if dup.height:
+        rows = dup["_row"].head(2).to_list()
+        raise DataError(f"{path}: rows {rows[0]} and {rows[1]} describe the same item {dup['item'][0]!r}")
+    listed = _item_table(df)
+    return pl.concat([listed, items.join(listed.select("item"), on="item", how="anti")])
+
+
+def _item_table(df: pl.DataFrame) -> pl.DataFrame:
+    """One row per item with every metadata column (missing ones null; the title defaults to the id)."""
     meta_cols = [c for c in ITEM_META if c in df.columns]
-    items = (
+    return (
         df.select("item", *meta_cols)
         .unique("item", keep="first", maintain_order=True)
         .with_columns(
@@ -125,10 +165,4 @@ def load(
         )
         .with_columns(pl.col("title").fill_null(pl.col("item")))
         .select("item", "title", "description", "category", "price", "tags")
-    )
-    return PurchaseLog(
-        name=name or path.stem,
-        interactions=df.select(*key),
-        items=items,
-        source=f"purchase file {path}",
     )

@@ -9,6 +9,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedrec.features import tfidf_rows
+
 
 def popularity(train: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
     """Score = number of buyers; a 1-d 'embedding' so ranking code is shared."""
@@ -59,3 +61,11 @@ def ease(train: sp.csr_matrix, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     b = ease_weights(train, lam)
     users = torch.from_numpy(train.toarray().astype(np.float32))
     return users, torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))
+
+
+def content_profile_scores(bought: sp.csr_matrix, tokens: torch.Tensor, n_known: int, padding: int) -> np.ndarray:
+    """A content-only recommender for new products: cosine between the TF-IDF token profile of
+    what a customer bought (of the first `n_known` products) and each later product's tokens
+    -> (customers, new products) scores."""
+    x = tfidf_rows(tokens, padding)
+    return np.asarray((bought @ x[:n_known] @ x[n_known:].T).todense())

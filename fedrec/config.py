@@ -32,6 +32,7 @@ PARTITIONS = ("natural", "dirichlet", "quantity")  # datasets/partition.py (the 
 class DataConfig:
     dataset: str = "synthetic"
     path: str = ""  # purchase file, for dataset = "file"
+    catalogue_path: str = ""  # optional product file (dataset = "file"): adds products nobody bought yet
     movielens_dir: str = ""  # else $FEDREC_MOVIELENS_DIR, ../shared/datasets, download cache
     merchants: list[str] = field(default_factory=list)  # known merchants (file); empty = any
     test_fraction: float = 0.2
@@ -128,6 +129,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         (2 <= cfg.data.partition_merchants <= 1000, "data.partition_merchants must be between 2 and 1000"),
         (cfg.data.partition_alpha > 0, "data.partition_alpha must be > 0"),
         (cfg.local.prox_mu >= 0, "local.prox_mu must be >= 0"),
+        (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
+        (
+            not cfg.local.user_solve_reg or cfg.local.loss == "softmax",
+            "local.user_solve_reg solves the softmax loss: it needs local.loss = 'softmax'",
+        ),
         (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),

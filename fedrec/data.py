@@ -40,6 +40,9 @@ class MerchantData:
     train: sp.csr_matrix  # what local training sees (train minus the validation slice)
     val: sp.csr_matrix  # last items of each user's train part: early stopping only
     test: sp.csr_matrix  # held-out future purchases
+    # Only for the pooled (centralized) client: each customer's original merchant, so the pooled
+    # model can keep one item bias per merchant, as the federated one does.
+    user_groups: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -54,9 +57,12 @@ class MerchantData:
 @dataclass(frozen=True)
 class FederatedDataset:
     name: str
-    items: pl.DataFrame  # catalogue metadata, row i = item index i
+    items: pl.DataFrame  # catalogue metadata, row i = item index i: the products with purchases
     merchants: list[MerchantData]
     protocol: dict = field(default_factory=dict)
+    # Catalogue products nobody has bought yet. They take no part in training or evaluation, but
+    # the export embeds them from their content, after `items`, so they can be recommended.
+    new_items: pl.DataFrame | None = None
 
     @property
     def n_items(self) -> int:
@@ -76,6 +82,7 @@ class FederatedDataset:
         return {
             "dataset": self.name,
             "items": self.n_items,
+            "new_items": 0 if self.new_items is None else self.new_items.height,
             "merchants": {
                 m.name: {
                     "users": m.n_users,
@@ -97,4 +104,5 @@ def pooled(dataset: FederatedDataset) -> MerchantData:
         train=sp.vstack([m.train for m in ms]).tocsr(),
         val=sp.vstack([m.val for m in ms]).tocsr(),
         test=sp.vstack([m.test for m in ms]).tocsr(),
+        user_groups=np.repeat(np.arange(len(ms)), [m.n_users for m in ms]),
     )

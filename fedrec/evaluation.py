@@ -62,7 +62,7 @@ def evaluate_test(
     merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_bias: torch.Tensor | None = None
 ) -> MetricSums:
     """Test metrics: rank the catalogue minus everything bought before the cut-off."""
-    users, items = scoring_vectors(user_vecs, item_vecs, item_bias)
+    users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
     return merchant_metric_sums(users, items, merchant.full_train, merchant.test)
 
 
@@ -81,7 +81,7 @@ def evaluate_val(
     merchant: MerchantData, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_bias: torch.Tensor | None = None
 ) -> MetricSums:
     """Validation recall@20 for early stopping: train items excluded, val items as truth."""
-    users, items = scoring_vectors(user_vecs, item_vecs, item_bias)
+    users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
     return merchant_metric_sums(users, items, merchant.train, merchant.val, ("recall@20",))
 
 
@@ -97,6 +97,6 @@ def recommendation_lists(
     lists = []
     for m in merchants:
         idx = np.flatnonzero(eligible_users(m.full_train, m.test))
-        u, v = scoring_vectors(users[m.name], item_vecs, biases.get(m.name))
+        u, v = scoring_vectors(users[m.name], item_vecs, biases.get(m.name), m.user_groups)
         lists.append(topk_items(u[torch.from_numpy(idx)], v, m.full_train[idx], k))
     return np.vstack(lists)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 import torch
 
-PRICE_BUCKETS = 10
+PRICE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,10 @@ def item_tokens(items: pl.DataFrame) -> pl.DataFrame:
             .filter(pl.col("token") != "")
             .with_columns(("t:" + pl.col("token")).alias("token"))
         )
-    if "price" in df.columns and df["price"].null_count() < df.height:
-        log_price = pl.col("price").log1p()
-        lo, hi = df.select(log_price.min()).item(), df.select(log_price.max()).item()
-        width = max(hi - lo, 1e-9) / PRICE_BUCKETS
-        bucket = ((log_price - lo) / width).floor().clip(0, PRICE_BUCKETS - 1).cast(pl.Int64)
+    if "price" in df.columns:
+        # Absolute log-scale buckets (x1.5 apart), not ones fitted to this catalogue's price range:
+        # a product added later gets the same token as an old one at the same price.
+        bucket = (pl.col("price").clip(lower_bound=0).log1p() / np.log(PRICE_RATIO)).floor().cast(pl.Int64)
         parts.append(df.select("item_index", token=("p:" + bucket.cast(pl.String))))
     return pl.concat(parts).drop_nulls().unique(maintain_order=True)
 
@@ -76,3 +76,17 @@ def build_item_features(items: pl.DataFrame, n_buckets: int) -> ItemFeatures:
     mat = np.full((n_items, width), n_buckets, dtype=np.int64)
     mat[tok["item_index"].to_numpy(), tok["pos"].to_numpy()] = tok["bucket"].to_numpy()
     return ItemFeatures(tokens=torch.from_numpy(mat), n_buckets=n_buckets)
+
+
+def tfidf_rows(tokens: torch.Tensor, padding: int) -> sp.csr_matrix:
+    """Items x used-token TF-IDF matrix with unit rows: the content similarity of products (a
+    token twice in one product counts once)."""
+    tok = tokens.numpy()
+    rows = np.repeat(np.arange(tok.shape[0]), tok.shape[1])
+    keep = tok.ravel() != padding
+    used, cols = np.unique(tok.ravel()[keep], return_inverse=True)
+    x = sp.csr_matrix((np.ones(cols.size), (rows[keep], cols)), shape=(tok.shape[0], used.size))
+    x.data[:] = 1.0
+    x = sp.csr_matrix(x.multiply(np.log(x.shape[0] / np.maximum(x.getnnz(axis=0), 1))[None, :]))
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    return sp.csr_matrix(x.multiply(1.0 / np.maximum(norms, 1e-12)[:, None]))

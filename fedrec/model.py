@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from fedrec.features import ItemFeatures
+from fedrec.features import ItemFeatures, tfidf_rows
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,29 @@ def init_user_embeddings(n_users: int, cfg: ModelConfig, generator: torch.Genera
     return torch.randn(n_users, cfg.dim, generator=generator) * cfg.init_std
 
 
-def init_item_bias(n_items: int, cfg: ModelConfig) -> torch.Tensor | None:
-    return torch.zeros(n_items) if cfg.merchant_item_bias else None
+def init_item_bias(n_items: int, cfg: ModelConfig, user_groups: np.ndarray | None = None) -> torch.Tensor | None:
+    """A merchant's item bias; for the pooled client (`user_groups`), one row per original merchant."""
+    if not cfg.merchant_item_bias:
+        return None
+    return torch.zeros(n_items) if user_groups is None else torch.zeros(int(user_groups.max()) + 1, n_items)
 
 
 def scoring_vectors(
-    users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor | None = None
+    users: torch.Tensor,
+    items: torch.Tensor,
+    item_bias: torch.Tensor | None = None,
+    user_groups: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectors whose dot product is the model's score: [u, 1] . [v, b] = u . v + b.
 
-    The same augmentation lets a plain inner-product index (FAISS) rank with the bias.
+    The same augmentation lets a plain inner-product index (FAISS) rank with the bias. A grouped
+    bias (rows per merchant, the pooled client) becomes [u, onehot(group)] . [v, b_1 .. b_M].
     """
     if item_bias is None:
         return users, items
+    if item_bias.dim() == 2:
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(user_groups), item_bias.shape[0]).to(users.dtype)
+        return torch.cat([users, onehot], 1), torch.cat([items, item_bias.to(items.dtype).T], 1)
     ones = torch.ones(users.shape[0], 1, dtype=users.dtype)
     return torch.cat([users, ones], 1), torch.cat([items, item_bias.to(items.dtype)[:, None]], 1)
 
@@ -91,3 +102,35 @@ def item_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg:
     tower.load_state_dict(state)
     tower.eval()
     return tower(features)
+
+
+def content_neighbour_vectors(trained: torch.Tensor, features: ItemFeatures) -> torch.Tensor:
+    """Vectors for the products after the first len(trained) rows of `features`, for a model
+    without a content tower: the mean of the trained vectors weighted by TF-IDF content similarity
+    (every trained product, no neighbour count to tune)."""
+    x = tfidf_rows(features.tokens, features.n_buckets)
+    n = trained.shape[0]
+    weights = (x[n:] @ x[:n].T).toarray()
+    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(weights.astype(np.float32)) @ trained
+
+
+@torch.no_grad()
+def catalogue_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig) -> torch.Tensor:
+    """Vectors for a whole catalogue whose first rows are the trained items and whose other rows
+    are products no one has bought. The trained rows are the tower's output. A new product gets
+    the content path alone (its id row was never trained, and the id prior's mean is zero); a
+    model without a content tower gives it `content_neighbour_vectors`."""
+    n_trained = state["item_emb.weight"].shape[0]
+    trained_features = ItemFeatures(features.tokens[:n_trained], features.n_buckets)
+    trained = item_embeddings(state, trained_features, cfg)
+    if features.n_items == n_trained:
+        return trained
+    if not cfg.use_content:
+        return torch.cat([trained, content_neighbour_vectors(trained, features)])
+    new = ItemFeatures(features.tokens[n_trained:], features.n_buckets)
+    content_only = ModelConfig(**{**vars(cfg), "use_item_id": False})
+    tower = ItemTower(new.n_items, content_only)
+    tower.load_state_dict({k: v for k, v in state.items() if not k.startswith("item_emb.")}, strict=False)
+    tower.eval()
+    return torch.cat([trained, tower(new)])

@@ -18,14 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedrec.softmax_foldin import EXACT_TOL, FAST_HESSIAN_ITEMS, FAST_TOL, fold_in_softmax_batch
+
+__all__ = ["EXACT_TOL", "FAST_HESSIAN_ITEMS", "FAST_TOL", "FoldInConfig", "fold_in", "fold_in_many", "fold_in_sampled"]
+
 FOLDIN_METHODS = ("softmax", "mean", "ridge")
-EXACT_TOL = 1e-9
-# The serving solve: stop at a relative decrease of 1e-6 and build each Newton step's Hessian from
-# the 256 most probable candidates (the gradient stays exact, so it converges to the same optimum).
-# On the synthetic export it is 4-6x faster than the exact solve, with the same top-20 for every
-# one of 128 customers' baskets; `make evaluate-foldin` measures both (results/foldin-*.json).
-FAST_TOL = 1e-6
-FAST_HESSIAN_ITEMS = 256
 
 
 @dataclass(frozen=True)
@@ -46,89 +43,6 @@ def fold_in_mean(basket: np.ndarray) -> np.ndarray:
 def fold_in_ridge(basket: np.ndarray, reg: float) -> np.ndarray:
     gram = basket.T @ basket + reg * np.eye(basket.shape[1])
     return np.linalg.solve(gram, basket.sum(axis=0))
-
-
-def _objective_and_softmax(
-    c: np.ndarray, o: np.ndarray, u: np.ndarray, n_pos: np.ndarray, pos_sum: np.ndarray, reg: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per basket (rows of u): the objective n log sum_i exp(c_i . u + o_i) - sum_S c_s . u + reg |u|^2,
-    and the softmax p over the candidates at u (one pass over the candidates serves both)."""
-    s = u @ c.T + o
-    top = s.max(axis=1, keepdims=True)
-    e = np.exp(s - top)
-    z = e.sum(axis=1)
-    value = n_pos * (top[:, 0] + np.log(z)) - (pos_sum * u).sum(axis=1) + reg * (u * u).sum(axis=1)
-    return value, e / z[:, None]
-
-
-def _covariance(c: np.ndarray, p: np.ndarray, mean: np.ndarray, top: int | None) -> np.ndarray:
-    """Per basket, the covariance of the candidates under its softmax p: the Hessian's data term.
-
-    With `top`, only the `top` most probable candidates enter (a PSD lower bound of the full
-    covariance): the gradient stays exact, so Newton still converges to the same optimum, with
-    steps that cost top x dim^2 instead of catalogue x dim^2.
-    """
-    if top is None or top >= c.shape[0]:
-        centred = c[None, :, :] - mean[:, None, :]
-        weights = p[:, :, None]
-    else:
-        idx = np.argpartition(p, -top, axis=1)[:, -top:]
-        centred = c[idx] - mean[:, None, :]
-        weights = np.take_along_axis(p, idx, axis=1)[:, :, None]
-    return np.matmul((centred * weights).transpose(0, 2, 1), centred)
-
-
-def fold_in_softmax_batch(
-    candidates: np.ndarray,
-    baskets: list[np.ndarray],
-    temperature: float,
-    reg: float,
-    max_steps: int = 25,
-    offsets: np.ndarray | None = None,
-    tol: float = EXACT_TOL,
-    hessian_items: int | None = None,
-) -> np.ndarray:
-    """Newton's method on the convex MAP objective of several baskets at once -> (baskets, dim).
-
-    Each basket is an array of rows of `candidates` (its positives; duplicates count twice).
-    Solving a batch together turns each Newton step into matrix-matrix products, which is what
-    makes the serving path's micro-batches cheap; every basket still has its own step size and
-    stopping test, so the answer is the same as solving it alone.
-    `offsets` (one per candidate) add a fixed score, such as a merchant's item bias.
-    """
-    c = candidates.astype(np.float64) / temperature
-    o = np.zeros(len(c)) if offsets is None else offsets.astype(np.float64) / temperature
-    n_baskets, dim = len(baskets), c.shape[1]
-    n_pos = np.array([len(b) for b in baskets], dtype=np.float64)
-    pos_sum = np.stack([c[np.asarray(b, dtype=np.int64)].sum(axis=0) for b in baskets])
-    eye = np.eye(dim)
-    u = np.zeros((n_baskets, dim))
-    value, p = _objective_and_softmax(c, o, u, n_pos, pos_sum, reg)
-    active = np.arange(n_baskets)
-    for _ in range(max_steps):
-        if active.size == 0:
-            break
-        ua, na, sa, pa = u[active], n_pos[active], pos_sum[active], p[active]
-        mean = pa @ c
-        grad = na[:, None] * mean - sa + 2 * reg * ua
-        hess = na[:, None, None] * _covariance(c, pa, mean, hessian_items) + 2 * reg * eye
-        step = np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
-        t = np.ones(len(active))
-        old = value[active]
-        new_value, new_p = _objective_and_softmax(c, o, ua - step, na, sa, reg)
-        worse = new_value > old
-        while worse.any() and t.min() > 1e-4:  # backtracking keeps each Newton step a descent step
-            t[worse] *= 0.5
-            idx = np.flatnonzero(worse)
-            new_value[idx], new_p[idx] = _objective_and_softmax(
-                c, o, ua[idx] - t[idx, None] * step[idx], na[idx], sa[idx], reg
-            )
-            worse = new_value > old
-        u[active] = ua - t[:, None] * step
-        value[active], p[active] = new_value, new_p
-        converged = old - new_value < tol * np.maximum(1.0, np.abs(old))
-        active = active[~converged]
-    return u
 
 
 def fold_in_many(

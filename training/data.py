@@ -14,7 +14,7 @@ def load_log(cfg: DataConfig) -> PurchaseLog:
         return synthetic.load()
     if cfg.dataset == "movielens-100k":
         return movielens.load(cfg.movielens_dir or None)
-    return purchases.load(cfg.path, merchants=cfg.merchants or None)
+    return purchases.load(cfg.path, merchants=cfg.merchants or None, catalogue=cfg.catalogue_path or None)
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:

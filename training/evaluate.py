@@ -34,6 +34,7 @@ from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import METRICS, catalogue_coverage, cosine, same_label_rate, top1_share
 from fedrec.model import item_embeddings
+from fedrec.training.cold_start import evaluate_cold_start
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
 
@@ -45,6 +46,11 @@ def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torc
     """Pooled user rows back to merchants (pooled() stacks merchants in order)."""
     bounds = np.cumsum([0] + [m.n_users for m in dataset.merchants])
     return {m.name: vecs[bounds[i] : bounds[i + 1]] for i, m in enumerate(dataset.merchants)}
+
+
+def _split_bias(dataset: FederatedDataset, bias: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The pooled client's per-merchant item bias rows back to their merchants."""
+    return {m.name: None if bias is None else bias[i] for i, m in enumerate(dataset.merchants)}
 
 
 def _neural(dataset, features, cfg, fed_cfg, console, label) -> TrainResult:
@@ -182,7 +188,7 @@ def evaluate(
             item_embeddings(res.item_state, features, cfg.model),
             res.seconds,
             res,
-            {m.name: res.item_biases["pooled"] for m in dataset.merchants},  # one bias: the pooled shop's
+            _split_bias(dataset, res.item_biases["pooled"]),  # per merchant, as federated: the same model
         )
         keep("centralized", entry, seed, res)
 
@@ -241,6 +247,9 @@ def evaluate(
     out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
     for name in ("popularity", "ease"):
         console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
+
+    # New products: trained without them, embedded from their content (training/cold_start.py).
+    out["cold_start"] = evaluate_cold_start(cfg, dataset, seeds, console)
 
     fed, cen = out["federated"], out["centralized"]
     local = out["local_only"]
@@ -322,7 +331,28 @@ def markdown_table(res: dict) -> str:
         )
         + "\n"
     )
-    return f"# Evaluation: {res['dataset']}\n\n" + head + "\n".join(rows) + pm + foot + abl + div
+    return f"# Evaluation: {res['dataset']}\n\n" + head + "\n".join(rows) + pm + foot + abl + div + _cold_table(res)
+
+
+def _cold_table(res: dict) -> str:
+    cold = res.get("cold_start", {})
+    if "federated" not in cold:
+        return ""
+    rows = "".join(
+        f"| {name} ({cold[name]['new_product_vectors']}) | {cold[name]['recall@20']:.4f} ± "
+        f"{cold[name]['recall@20_std']:.4f} |\n"
+        for name in ("federated", "federated_content_tower")
+        if name in cold
+    )
+    return (
+        f"\nCold start: {cold['new_products']} new products ({cold['definition']}), {cold['their_test_purchases']} "
+        f"test purchases by {cold['customers']} customers; recall@20 ranking the new products only "
+        f"(random: {cold['random_expectation']:.4f}), trained without them.\n\n| method | recall@20 on new products |\n"
+        f"|---|---:|\n{rows}"
+        f"| content only (TF-IDF profile) | {cold['content_only']['recall@20']:.4f} |\n"
+        f"| new-product popularity (other customers, test period) | "
+        f"{cold['new_product_popularity']['recall@20']:.4f} |\n"
+    )
 
 
 def _num(value: float | None) -> str:

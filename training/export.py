@@ -21,7 +21,9 @@ from fedrec import __version__
 from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
+from fedrec.features import build_item_features
 from fedrec.federated.merchant_node import write_merchant_export
+from fedrec.model import catalogue_embeddings
 from fedrec.serving.export_store import next_version
 from fedrec.serving.index import build_index, index_kind, save_index
 
@@ -62,6 +64,27 @@ def write_shared_export(
     return target
 
 
+def export_catalogue(
+    cfg: RunConfig, items: pl.DataFrame, new_items: pl.DataFrame | None, item_state: dict[str, torch.Tensor]
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """The products an export serves and their vectors: the trained products, then every catalogue
+    product nobody has bought yet, embedded from its content (`catalogue_embeddings`)."""
+    if new_items is not None and new_items.height:
+        items = pl.concat([items, new_items.select(items.columns)], how="vertical_relaxed")
+    features = build_item_features(items, cfg.model.hash_buckets)
+    return items, catalogue_embeddings(item_state, features, cfg.model).numpy()
+
+
+def new_items_entry(cfg: RunConfig) -> str:
+    """The model card's word on products without purchases."""
+    if cfg.model.use_content:
+        return "exported after the products with purchases, embedded by the content tower alone"
+    return (
+        "exported after the products with purchases: the trained vectors averaged by TF-IDF content "
+        "similarity (the model has no content tower)"
+    )
+
+
 def publish(exports: Path, version: str) -> None:
     """Point LATEST at a version once both halves are written (servers reload on this)."""
     write_text(exports / "LATEST", version + "\n")
@@ -71,18 +94,22 @@ def write_export(
     root: Path,
     cfg: RunConfig,
     dataset: FederatedDataset,
+    items: pl.DataFrame,
     item_state: dict[str, torch.Tensor],
     item_vectors: np.ndarray,
     user_embeddings: dict[str, torch.Tensor],
     card: dict,
     item_biases: dict[str, torch.Tensor | None] | None = None,
 ) -> Path:
-    """In-process runtime: the shared export and every merchant's private half, in one place."""
+    """In-process runtime: the shared export and every merchant's private half, in one place.
+
+    `items` is the served catalogue: the dataset's products, possibly followed by new ones.
+    """
     exports = root / "exports"
     version = next_version(exports)
-    target = write_shared_export(exports, version, cfg, dataset.items, item_state, item_vectors, card)
+    target = write_shared_export(exports, version, cfg, items, item_state, item_vectors, card)
     for m in dataset.merchants:
         bias = (item_biases or {}).get(m.name)
-        write_merchant_export(root / "merchants" / m.name / version, m, user_embeddings[m.name], bias)
+        write_merchant_export(root / "merchants" / m.name / version, m, user_embeddings[m.name], bias, items.height)
     publish(exports, version)
     return target

@@ -43,6 +43,7 @@ from fedrec.config import RunConfig, load_config
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import aggregate_sums, mean_loss
+from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
 from fedrec.federated.wire import (
@@ -56,10 +57,10 @@ from fedrec.federated.wire import (
     sum_arrays,
 )
 from fedrec.metrics import METRICS
-from fedrec.model import item_embeddings, new_item_tower
+from fedrec.model import new_item_tower
 from fedrec.privacy.accountant import plan_mechanism, privacy_entry, rounds_within_budget
 from fedrec.serving.export_store import next_version
-from fedrec.training.export import publish, write_shared_export
+from fedrec.training.export import export_catalogue, new_items_entry, publish, write_shared_export
 
 log = logging.getLogger("flwr").getChild("fedrec")  # shown in the run's log stream (flwr run --stream)
 
@@ -309,7 +310,7 @@ def _val(total: dict) -> float:
 def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
     """The whole networked run; returns the model card's summary (also printed to the log)."""
     torch.set_num_threads(cfg.threads)
-    items = pl.read_parquet(catalogue)
+    items, new_items = split_catalogue(pl.read_parquet(catalogue))
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
@@ -404,6 +405,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "history": ck.history,
             "federation": cfg.to_dict()["federation"],
             "network": cfg.to_dict()["network"],
+            "new_items": new_items_entry(cfg),
             "privacy": {
                 "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
                 "user_embeddings": "kept by each merchant on its own node; never sent",
@@ -424,8 +426,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             },
             "config": cfg.to_dict(),
         }
-        vecs = item_embeddings(ck.best_state, features, cfg.model).numpy()
-        write_shared_export(exports, version, cfg, items, ck.best_state, vecs, card)
+        served, vecs = export_catalogue(cfg, items, new_items, ck.best_state)
+        write_shared_export(exports, version, cfg, served, ck.best_state, vecs, card)
         publish(exports, version)
         log.info(
             "final test recall@20 %.4f (best round %d); export %s",

@@ -9,10 +9,8 @@ from rich.console import Console
 
 from fedrec.config import RunConfig, config_from_dict
 from fedrec.errors import FedrecError
-from fedrec.features import build_item_features
-from fedrec.model import item_embeddings
 from fedrec.training.data import load_dataset
-from fedrec.training.export import write_export
+from fedrec.training.export import export_catalogue, new_items_entry, write_export
 from fedrec.training.train import TrainedRun, run_dir, save_checkpoint, train
 
 
@@ -27,6 +25,7 @@ def _card(
         "best_round": best_round,
         "train_seconds": round(seconds, 2),
         "merchants": [m.name for m in dataset.merchants],
+        "new_items": new_items_entry(cfg),
         "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
         "federation": cfg.to_dict()["federation"],
         "runtime": "inprocess",
@@ -48,12 +47,14 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     save_checkpoint(run, root / "checkpoint.pt")
     history = [vars(h) for h in run.result.history]
     card = _card(cfg, run.dataset, history, run.result.best_round, run.result.seconds, run.test, run.result.privacy)
+    items, vecs = export_catalogue(cfg, run.dataset.items, run.dataset.new_items, run.result.item_state)
     path = write_export(
         root,
         cfg,
         run.dataset,
+        items,
         run.result.item_state,
-        run.item_vectors.numpy(),
+        vecs,
         run.result.user_embeddings,
         card,
         run.result.item_biases,
@@ -75,14 +76,21 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     ckpt = torch.load(ckpt_path, weights_only=False)
     train_cfg = config_from_dict(ckpt["config"])
     dataset = load_dataset(train_cfg.data, train_cfg.federation.seed)
-    features = build_item_features(dataset.items, train_cfg.model.hash_buckets)
-    vecs = item_embeddings(ckpt["item_state"], features, train_cfg.model).numpy()
+    items, vecs = export_catalogue(train_cfg, dataset.items, dataset.new_items, ckpt["item_state"])
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
     card = _card(
         export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy")
     )
     path = write_export(
-        root, export_cfg, dataset, ckpt["item_state"], vecs, ckpt["user_embeddings"], card, ckpt.get("item_biases")
+        root,
+        export_cfg,
+        dataset,
+        items,
+        ckpt["item_state"],
+        vecs,
+        ckpt["user_embeddings"],
+        card,
+        ckpt.get("item_biases"),
     )
     console.print(f"shared export: {path}")
     return path

@@ -43,6 +43,25 @@ from fedrec.privacy.accountant import plan_mechanism
 
 BUNDLE_FORMAT = 1
 CATALOGUE = "catalogue.parquet"
+NEW = "new"  # catalogue column: true for products nobody had bought (not trained; exported by content)
+
+
+def catalogue_with_new(items: pl.DataFrame, new_items: pl.DataFrame | None) -> pl.DataFrame:
+    """One catalogue file for every role: the trained products first, then the new ones."""
+    frames = [items.with_columns(pl.lit(False).alias(NEW))]
+    if new_items is not None and new_items.height:
+        frames.append(new_items.select(items.columns).with_columns(pl.lit(True).alias(NEW)))
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def split_catalogue(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """(trained products, new products) of a catalogue file; a file without the column is all trained."""
+    if NEW not in frame.columns:
+        return frame, None
+    new = frame[NEW].fill_null(False)
+    return frame.filter(~new).drop(NEW), frame.filter(new).drop(NEW)
+
+
 _STATE = re.compile(r"^round-(\d{4,})\.pt$")
 
 
@@ -52,7 +71,8 @@ class MerchantBundle:
 
     merchant: MerchantData
     index: int  # position in the federation's merchant list (seeds, as in the in-process runtime)
-    items: pl.DataFrame
+    items: pl.DataFrame  # the trained products (the matrices' columns)
+    new_items: pl.DataFrame | None = None  # catalogue products nobody had bought
 
 
 def write_bundles(dataset: FederatedDataset, out: Path) -> list[Path]:
@@ -61,7 +81,7 @@ def write_bundles(dataset: FederatedDataset, out: Path) -> list[Path]:
     for i, m in enumerate(dataset.merchants):
         target = out / m.name
         with atomic_dir(target) as tmp:
-            dataset.items.write_parquet(tmp / CATALOGUE)
+            catalogue_with_new(dataset.items, dataset.new_items).write_parquet(tmp / CATALOGUE)
             sp.save_npz(tmp / "train.npz", m.train)
             sp.save_npz(tmp / "val.npz", m.val)
             sp.save_npz(tmp / "test.npz", m.test)
@@ -93,7 +113,7 @@ def load_bundle(path: Path) -> MerchantBundle:
         except (OSError, ValueError) as exc:
             raise FedrecError(f"{f}: cannot read the {part} purchase matrix ({exc})") from None
     try:
-        items = pl.read_parquet(path / CATALOGUE)
+        items, new_items = split_catalogue(pl.read_parquet(path / CATALOGUE))
         users = pl.read_parquet(path / "users.parquet")["user"].to_numpy()
     except Exception as exc:  # polars raises several types for a bad file
         raise FedrecError(f"{path}: cannot read the catalogue or user list ({exc})") from None
@@ -102,11 +122,18 @@ def load_bundle(path: Path) -> MerchantBundle:
         raise FedrecError(
             f"{path}: matrix shapes {shapes} do not match {len(users)} users x {items.height} catalogue items"
         )
-    return MerchantBundle(MerchantData(name, users, mats["train"], mats["val"], mats["test"]), index, items)
+    merchant = MerchantData(name, users, mats["train"], mats["val"], mats["test"])
+    return MerchantBundle(merchant, index, items, new_items)
 
 
-def write_merchant_export(target: Path, m: MerchantData, users: torch.Tensor, bias: torch.Tensor | None) -> None:
+def write_merchant_export(
+    target: Path, m: MerchantData, users: torch.Tensor, bias: torch.Tensor | None, n_catalogue: int | None = None
+) -> None:
     """A merchant's private half of an export version: its user table, ids, purchases, bias.
+
+    With `n_catalogue` beyond the trained items (new products in the export), the purchases get
+    empty columns for them and the bias gives each the median of this shop's bias over the
+    trained products it never sold: what the model says of a product this shop has no sales of.
 
     A retried `finish` (after a coordinator restart) asks for the same version again: the old
     half is replaced, since the coordinator publishes LATEST only after every half is written.
@@ -117,9 +144,18 @@ def write_merchant_export(target: Path, m: MerchantData, users: torch.Tensor, bi
         np.save(tmp / "user_embeddings.npy", users.numpy().astype(np.float32))
         pl.DataFrame({"user": m.user_ids.astype(str)}).with_row_index("user_index").write_parquet(tmp / "users.parquet")
         # Everything the customer bought so far, for "exclude already bought".
-        sp.save_npz(tmp / "purchased.npz", (m.full_train + m.test).tocsr())
+        bought = (m.full_train + m.test).tocsr()
+        n_new = (n_catalogue or bought.shape[1]) - bought.shape[1]
+        if n_new:
+            bought = sp.hstack([bought, sp.csr_matrix((bought.shape[0], n_new), dtype=bought.dtype)]).tocsr()
+        sp.save_npz(tmp / "purchased.npz", bought)
         if bias is not None:  # this shop's own item popularity: private, like its users
-            np.save(tmp / "item_bias.npy", bias.numpy().astype(np.float32))
+            b = bias.numpy().astype(np.float32)
+            if n_new:
+                unsold = np.asarray(m.train.sum(axis=0)).ravel() == 0
+                prior = float(np.median(b[unsold])) if unsold.any() else float(np.median(b))
+                b = np.concatenate([b, np.full(n_new, prior, dtype=np.float32)])
+            np.save(tmp / "item_bias.npy", b)
 
 
 class MerchantNode:
@@ -198,7 +234,9 @@ class MerchantNode:
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
         m = self.bundle.merchant
         test = evaluate_test(m, users, vecs, bias)
-        write_merchant_export(Path(out_root) / "merchants" / m.name / version, m, users, bias)
+        new = self.bundle.new_items
+        n_catalogue = m.train.shape[1] + (0 if new is None else new.height)
+        write_merchant_export(Path(out_root) / "merchants" / m.name / version, m, users, bias, n_catalogue)
         out = {TEST_PREFIX + k: torch.tensor(float(test.sums[k])) for k in METRICS}
         out[TEST_USERS] = torch.tensor(float(test.users))
         return out

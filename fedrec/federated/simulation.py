@@ -104,7 +104,7 @@ def run_federated(
         m.name: init_user_embeddings(m.n_users, model_cfg, torch.Generator().manual_seed(fed_cfg.seed * 7919 + i))
         for i, m in enumerate(dataset.merchants)
     }
-    biases = {m.name: init_item_bias(dataset.n_items, model_cfg) for m in dataset.merchants}
+    biases = {m.name: init_item_bias(dataset.n_items, model_cfg, m.user_groups) for m in dataset.merchants}
     server = ServerOptimizer(fed_cfg.server)
     history: list[RoundLog] = []
     best = (-1.0, 0, global_state, dict(users), dict(biases))
@@ -116,8 +116,9 @@ def run_federated(
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
             result = local_update(
-                global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp
-            )
+                global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp,
+                m.user_groups,
+            )  # fmt: skip
             users[name], biases[name] = result.user_embeddings, result.item_bias
             message = MerchantSums(
                 merchant_sums(

@@ -1,0 +1,168 @@
+"""New products: the whole catalogue is exported and served, and the cold-start measurement."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+import torch
+
+from fedrec.baselines import content_profile_scores
+from fedrec.config import load_config
+from fedrec.data import PurchaseLog, pooled
+from fedrec.datasets.protocol import cold_start_split, temporal_split
+from fedrec.features import build_item_features
+from fedrec.federated.local import LocalConfig
+from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.model import ItemTower, ModelConfig, catalogue_embeddings, scoring_vectors
+from fedrec.training.cold_start import recall_of_scores
+
+MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512)
+
+
+@pytest.fixture(scope="module")
+def shop_with_unsold(tiny_frames):
+    """The tiny shop plus 5 catalogue products nobody bought (one a copy of a sold product's metadata)."""
+    purchases, products = tiny_frames
+    sold = products.filter(pl.col("item").is_in(purchases["item"].unique().implode()))
+    twin = sold.head(1).with_columns(item=pl.lit("NEW-twin"))
+    others = sold.slice(1, 4).with_columns(item=pl.format("NEW-{}", pl.int_range(4)))
+    items = pl.concat([products, twin, others]).with_columns(tags=pl.lit(None, dtype=pl.String))
+    return temporal_split(PurchaseLog("tiny", purchases, items)), sold["item"][0]
+
+
+def test_products_nobody_bought_are_kept_as_new_items_not_trained(shop_with_unsold):
+    ds, _ = shop_with_unsold
+    assert ds.new_items is not None and ds.new_items.height >= 5
+    assert set(ds.new_items["item"]).isdisjoint(set(ds.items["item"]))
+    assert {f"NEW-{i}" for i in range(4)} | {"NEW-twin"} <= set(ds.new_items["item"])
+    assert all(m.train.shape[1] == ds.n_items for m in ds.merchants)  # the matrices cover sold products only
+
+
+def test_new_products_get_the_content_tower_alone_or_their_content_neighbours(shop_with_unsold):
+    ds, twin = shop_with_unsold
+    catalogue = pl.concat([ds.items, ds.new_items.select(ds.items.columns)])
+    features = build_item_features(catalogue, MODEL.hash_buckets)
+    torch.manual_seed(0)
+    tower = ItemTower(ds.n_items, MODEL)
+    state = tower.state_dict()
+    vecs = catalogue_embeddings(state, features, MODEL)
+    assert vecs.shape == (catalogue.height, MODEL.dim)
+    with torch.no_grad():
+        content = tower.mlp(tower.feat_emb(features.tokens))
+        trained = tower(dataclasses.replace(features, tokens=features.tokens[: ds.n_items]))
+    torch.testing.assert_close(vecs[: ds.n_items], trained)
+    torch.testing.assert_close(vecs[ds.n_items :], content[ds.n_items :])  # no id row: content alone
+    # Without a content tower: the trained vectors weighted by content similarity; the new twin
+    # of a sold product (same title, category and price) is closest to that product's vector.
+    id_only = dataclasses.replace(MODEL, use_content=False, dim=64)
+    vecs = catalogue_embeddings(ItemTower(ds.n_items, id_only).state_dict(), features, id_only)
+    source = ds.items["item"].to_list().index(twin)
+    new_twin = ds.n_items + ds.new_items["item"].to_list().index("NEW-twin")
+    sims = torch.nn.functional.cosine_similarity(vecs[new_twin][None, :], vecs[: ds.n_items])
+    assert int(sims.argmax()) == source
+
+
+def test_export_serves_the_whole_catalogue(tmp_path, tiny_frames, shop_with_unsold):
+    from typer.testing import CliRunner
+
+    from fedrec.serving.export_store import load_export
+    from fedrec.training.cli import app
+
+    purchases, products = tiny_frames
+    extra = products.head(3).with_columns(item=pl.format("UNSOLD-{}", pl.int_range(3)))
+    csv = tmp_path / "purchases.csv"
+    catalogue = tmp_path / "catalogue.csv"
+    purchases.join(products, on="item").write_csv(csv)
+    pl.concat([products, extra]).write_csv(catalogue)
+    args = ["train", "--dataset", "file", "--set", f"data.path={csv}", "--set", f"data.catalogue_path={catalogue}"]
+    for setting in (
+        f"output.artifacts_dir={tmp_path / 'artifacts'}",
+        "federation.rounds=2",
+        "model.dim=8",
+        "model.hash_buckets=512",
+        "model.merchant_item_bias=true",
+    ):
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    export = load_export(tmp_path / "artifacts" / "file" / "exports" / "v0001")
+    served = set(export.item_rows)
+    assert {f"UNSOLD-{i}" for i in range(3)} <= served
+    assert served == set(pl.concat([products, extra])["item"].to_list())
+    card = export.card
+    assert card["items"] == len(served) and "content tower" in card["new_items"]
+    unsold = export.item_rows["UNSOLD-0"]
+    for name in card["merchants"]:  # each shop's purchases and bias cover the new rows too (it loads)
+        m = load_export(tmp_path / "artifacts" / "file" / "exports" / "v0001", merchant=name).merchant
+        assert m.purchased.shape[1] == len(served)
+        assert m.purchased[:, unsold].nnz == 0 and np.isfinite(m.item_bias[unsold])
+
+
+def test_cold_start_split_holds_out_exactly_the_products_sold_only_in_test(tiny_dataset):
+    known, new = cold_start_split(tiny_dataset)
+    before = sum(np.asarray(m.full_train.sum(0)).ravel() for m in tiny_dataset.merchants)
+    after = sum(np.asarray(m.test.sum(0)).ravel() for m in tiny_dataset.merchants)
+    assert new.size > 0 and np.all(before[new] == 0) and np.all(after[new] > 0)
+    assert known.n_items == tiny_dataset.n_items - new.size
+    assert not set(known.items["item"]) & set(tiny_dataset.items["item"].to_numpy()[new])
+    for m, k in zip(tiny_dataset.merchants, known.merchants, strict=True):
+        assert k.train.nnz == m.train.nnz and k.val.nnz == m.val.nnz  # nothing known is lost
+        assert k.test.nnz == m.test.nnz - m.test[:, new].nnz
+
+
+def test_content_profile_ranks_by_shared_rare_tokens():
+    pad = 9
+    tokens = torch.tensor([[0, 1, pad], [2, 3, pad], [0, 4, pad], [2, 5, pad]])  # items 2, 3 are new
+    bought = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    scores = content_profile_scores(bought, tokens, n_known=2, padding=pad)
+    assert scores.shape == (2, 2)
+    assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
+
+
+def test_recall_of_scores_by_hand():
+    scores = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    truth = sp.csr_matrix(np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=np.float32))
+    recall, users = recall_of_scores(scores, truth)
+    assert users == 2 and recall == pytest.approx(1.0)  # 3 candidates: all in the top 20
+
+
+def test_centralized_keeps_one_item_bias_per_merchant(tiny_dataset):
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    model = dataclasses.replace(MODEL, use_content=False, merchant_item_bias=True)
+    central = dataclasses.replace(tiny_dataset, merchants=[pooled(tiny_dataset)])
+    res = run_federated(central, features, model, LocalConfig(), FederationConfig(rounds=2, patience=0))
+    bias = res.item_biases["pooled"]
+    assert bias.shape == (len(tiny_dataset.merchants), tiny_dataset.n_items)
+    assert (bias[0] - bias[1]).abs().max() > 1e-3  # the shops learned different popularities
+    # the grouped scoring equals each merchant's own [u, 1] . [v, b]
+    users, groups = res.user_embeddings["pooled"], central.merchants[0].user_groups
+    items = torch.randn(tiny_dataset.n_items, model.dim)
+    u, v = scoring_vectors(users, items, bias, groups)
+    for g in range(bias.shape[0]):
+        rows = np.flatnonzero(groups == g)[:3]
+        ug, vg = scoring_vectors(users[rows], items, bias[g])
+        torch.testing.assert_close(u[rows] @ v.T, ug @ vg.T)
+
+
+def test_cold_start_section_in_evaluate(tiny_csv):
+    from rich.console import Console
+
+    from fedrec.training.cold_start import evaluate_cold_start
+    from fedrec.training.data import load_dataset
+
+    cfg = load_config(
+        None,
+        {"data.dataset": "file", "data.path": str(tiny_csv), "federation.rounds": 2, "model.dim": 8,
+         "model.hash_buckets": 256, "model.use_content": False},
+    )  # fmt: skip
+    ds = load_dataset(cfg.data, 0)
+    res = evaluate_cold_start(cfg, ds, (0, 1), Console(quiet=True))
+    assert res["new_products"] > 0 and res["their_test_purchases"] >= res["customers"] > 0
+    for name in ("federated", "federated_content_tower"):  # no content tower configured: both run
+        assert len(res[name]["recall@20_per_seed"]) == 2 and 0 <= res[name]["recall@20"] <= 1
+    assert 0 <= res["content_only"]["recall@20"] <= 1
+    assert res["random_expectation"] == pytest.approx(min(20, res["new_products"]) / res["new_products"], abs=1e-4)
