@@ -49,7 +49,8 @@ def test_local_update_starts_from_better_user_vectors(tiny_dataset):
     torch.manual_seed(0)
     state = ItemTower(tiny_dataset.n_items, MODEL).state_dict()
     users = init_user_embeddings(m.n_users, MODEL, torch.Generator().manual_seed(0))
-    frozen = LocalConfig(lr=0.0, user_lr=0.0, temperature=1.0)  # Adam with lr 0: only the solve moves users
+    frozen = LocalConfig(lr=0.0, user_lr=0.0, temperature=1.0, user_solve_reg=0.0)  # Adam with lr 0: only the
+    # solve (when on) moves the users
     plain = local_update(state, users, m.train, features, MODEL, frozen, seed=1)
     torch.testing.assert_close(plain.user_embeddings, users)
     solved = local_update(state, users, m.train, features, MODEL, dataclasses.replace(frozen, user_solve_reg=3.0), 1)
