@@ -73,3 +73,23 @@ def test_user_solve_needs_the_softmax_loss():
         load_config(None, {"local.user_solve_reg": 3.0, "local.loss": "bpr"})
     with pytest.raises(ConfigError, match="user_solve_reg"):
         load_config(None, {"local.user_solve_reg": -1.0})
+
+
+def test_a_grouped_bias_solves_each_merchants_customers_with_that_merchants_own_bias(tiny_dataset):
+    """The centralized client's solve: customers of merchant g see bias row g, nobody else's."""
+    from fedrec.data import pooled
+
+    pool = pooled(tiny_dataset)
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    model = dataclasses.replace(MODEL, merchant_item_bias=True)
+    torch.manual_seed(0)
+    state = ItemTower(tiny_dataset.n_items, model).state_dict()
+    users = init_user_embeddings(pool.n_users, model, torch.Generator().manual_seed(0))
+    n_groups = int(pool.user_groups.max()) + 1
+    bias = torch.randn(n_groups, tiny_dataset.n_items, generator=torch.Generator().manual_seed(1)) * 3
+    only_solve = LocalConfig(lr=0.0, user_lr=0.0, bias_lr=0.0, temperature=1.0, user_solve_reg=3.0)
+    grouped = local_update(state, users, pool.train, features, model, only_solve, 1, bias, None, pool.user_groups)
+    for g in range(n_groups):
+        rows = np.flatnonzero(pool.user_groups == g)
+        alone = local_update(state, users[rows], pool.train[rows], features, model, only_solve, 1, bias[g])
+        torch.testing.assert_close(grouped.user_embeddings[rows], alone.user_embeddings)

@@ -191,15 +191,17 @@ def _solve_users(
 ) -> None:
     """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
     vecs = tower(features).double().numpy()
-    groups = [None] if user_groups is None else np.unique(user_groups)
-    for g in groups:
-        part = train if g is None else sp.csr_matrix(train.multiply((user_groups == g)[:, None]))
-        offsets = None if bias is None else (bias if g is None else bias[g]).double().numpy()
-        start = users.detach().double().numpy()  # last round's vectors: a warm start
+    start = users.detach().double().numpy()  # last round's vectors: a warm start
+    if user_groups is None:
+        groups = [(np.arange(train.shape[0]), bias)]
+    else:
+        groups = [(np.flatnonzero(user_groups == g), bias[g]) for g in np.unique(user_groups)]
+    for members, offsets in groups:
         rows, solved = solve_user_vectors(
-            vecs, part, cfg.temperature, cfg.user_solve_reg, offsets, start, USER_SOLVE_STEPS, USER_SOLVE_HESSIAN
-        )
-        users.data[torch.from_numpy(rows)] = torch.from_numpy(solved).to(users.dtype)
+            vecs, train[members], cfg.temperature, cfg.user_solve_reg,
+            None if offsets is None else offsets.double().numpy(), start[members], USER_SOLVE_STEPS, USER_SOLVE_HESSIAN,
+        )  # fmt: skip
+        users.data[torch.from_numpy(members[rows])] = torch.from_numpy(solved).to(users.dtype)
 
 
 def item_vectors_functional(
