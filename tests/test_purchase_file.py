@@ -61,3 +61,30 @@ def test_parquet_round_trip(tiny_frames, tmp_path):
     purchases.write_parquet(path)
     log = load(path)
     assert log.interactions.height == purchases.height
+
+
+GOOD = "user,item,timestamp\nu1,a,1\nu1,b,2\n"
+
+
+@pytest.mark.parametrize(
+    ("catalogue", "message"),
+    [
+        ("title\nx\n", "missing required column 'item'"),
+        ("item,title\na,x\n,y\n", "column 'item', row 2: value is empty"),
+        ("item,price\na,1\nc,cheap\n", "column 'price', row 2: 'cheap' is not a number"),
+        ("item,title\nc,x\nc,y\n", "rows 1 and 2 describe the same item 'c'"),
+    ],
+)
+def test_bad_catalogue_files_name_file_column_and_row(tmp_path, catalogue, message):
+    (tmp_path / "p.csv").write_text(GOOD)
+    (tmp_path / "cat.csv").write_text(catalogue)
+    with pytest.raises(DataError, match="cat.csv: " + message):
+        load(tmp_path / "p.csv", catalogue=tmp_path / "cat.csv")
+
+
+def test_catalogue_file_adds_unsold_products_and_its_metadata_wins(tmp_path):
+    (tmp_path / "p.csv").write_text("user,item,timestamp,title\nu1,a,1,old\nu1,b,2,bee\n")
+    (tmp_path / "cat.csv").write_text("item,title,price\na,new,3.5\nc,sea,1\n")
+    items = load(tmp_path / "p.csv", catalogue=tmp_path / "cat.csv").items
+    titles = dict(zip(items["item"].to_list(), items["title"].to_list(), strict=True))
+    assert titles == {"a": "new", "b": "bee", "c": "sea"}
