@@ -190,6 +190,87 @@ def _catalogue(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[pl.DataF
     return df, cat, log_pop
 
 
+def shoppers(
+    cust_m: np.ndarray, n_merchants: int, n_cat: int, style_dim: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per customer (`cust_m`: their merchant): category taste, latent style, price preference.
+
+    Merchants differ in category mix, price level and style centre (non-IID); a customer has a
+    few favourite categories drawn around their merchant's mix.
+    """
+    m_cat = rng.dirichlet(np.full(n_cat, 0.6), n_merchants)
+    m_price = rng.normal(0, 0.4, n_merchants)
+    m_style = rng.normal(0, 0.7, (n_merchants, style_dim))
+    taste = rng.gamma(0.3 * m_cat[cust_m] * n_cat + 0.02, 1.0)
+    taste /= taste.sum(1, keepdims=True)
+    style = m_style[cust_m] + rng.normal(0, 1, (len(cust_m), style_dim))
+    price_pref = m_price[cust_m] + rng.normal(0, 0.3, len(cust_m))
+    return taste, style, price_pref
+
+
+def purchase_events(
+    n_cust: int, mean_baskets: float, mean_basket_size: float, days: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(customer, day) of every purchase line: a join day, exponential gaps between baskets."""
+    n_baskets = 1 + rng.poisson(mean_baskets - 1, n_cust)
+    b_cust = np.repeat(np.arange(n_cust), n_baskets)
+    join = rng.integers(0, days // 2, n_cust)
+    gaps = rng.exponential(days / (2 * mean_baskets), len(b_cust))
+    first = np.r_[0, np.cumsum(n_baskets)[:-1]]
+    cum = np.cumsum(gaps)
+    b_day = join[b_cust] + (cum - np.repeat(cum[first] - gaps[first], n_baskets))
+    keep = b_day < days
+    b_cust, b_day = b_cust[keep], b_day[keep]
+    size = 1 + rng.poisson(mean_basket_size - 1, len(b_cust))
+    return np.repeat(b_cust, size), np.repeat(b_day, size)
+
+
+def event_categories(taste: np.ndarray, e_cust: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Category per purchase: inverse CDF on the customer's taste."""
+    cdf = np.cumsum(taste, axis=1)[e_cust]
+    return np.minimum((cdf < rng.random(len(e_cust))[:, None]).sum(1), taste.shape[1] - 1)
+
+
+def item_logits(
+    items: np.ndarray,
+    e_day: np.ndarray,
+    e_style: np.ndarray,
+    e_price_pref: np.ndarray,
+    catalogue: dict[str, np.ndarray],
+    centre: float,
+    style_weight: float,
+) -> np.ndarray:
+    """Utility of candidate `items` ([events, candidates]) without popularity: style match, price
+    fit and recency; products not yet released cannot be bought (-inf)."""
+    age = e_day[:, None] - catalogue["release"][items]
+    logits = (
+        style_weight * np.einsum("ed,ecd->ec", e_style, catalogue["style"][items])
+        - 1.5 * (catalogue["log_price"][items] - centre - e_price_pref[:, None]) ** 2
+        - np.clip(age, 0, None) / 120.0
+    )
+    logits[age < 0] = -np.inf
+    return logits
+
+
+def purchases_frame(
+    merchant: np.ndarray, e_cust: np.ndarray, item_ids: np.ndarray, e_item: np.ndarray, e_day: np.ndarray
+) -> pl.DataFrame:
+    """The purchase log; two picks of one product in one basket are one purchase line."""
+    width = max(5, len(str(max(int(e_cust.max(initial=0)), 0))))
+    return (
+        pl.DataFrame(
+            {
+                "merchant": merchant,
+                "user": "C" + pl.Series(e_cust).cast(pl.String).str.zfill(width),
+                "item": item_ids[e_item],
+                "timestamp": START + (e_day * DAY).astype(np.int64),
+            }
+        )
+        .unique(maintain_order=True)
+        .sort("timestamp", "merchant", "user", "item")
+    )
+
+
 def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Return (purchases, products); same seed, same frames."""
     cfg = cfg or SyntheticConfig()
@@ -200,74 +281,30 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataF
     release = products["release_day"].to_numpy()
     item_style = rng.normal(0, 1, (cfg.n_products, cfg.style_dim)) / np.sqrt(cfg.style_dim)
 
-    # Merchants: different category mixes, price levels and style centres (non-IID).
     m_names = [m for m, _ in cfg.merchants]
-    m_sizes = np.array([n for _, n in cfg.merchants])
-    m_cat = rng.dirichlet(np.full(n_cat, 0.6), len(m_names))
-    m_price = rng.normal(0, 0.4, len(m_names))
-    m_style = rng.normal(0, 0.7, (len(m_names), cfg.style_dim))
+    cust_m = np.repeat(np.arange(len(m_names)), [n for _, n in cfg.merchants])
+    taste, style, price_pref = shoppers(cust_m, len(m_names), n_cat, cfg.style_dim, rng)
+    e_cust, e_day = purchase_events(len(cust_m), cfg.mean_baskets, cfg.mean_basket_size, cfg.days, rng)
+    e_cat = event_categories(taste, e_cust, rng)
 
-    # Customers: a few favourite categories drawn around their merchant's mix.
-    cust_m = np.repeat(np.arange(len(m_names)), m_sizes)
-    n_cust = len(cust_m)
-    taste = rng.gamma(0.3 * m_cat[cust_m] * n_cat + 0.02, 1.0)
-    taste /= taste.sum(1, keepdims=True)
-    style = m_style[cust_m] + rng.normal(0, 1, (n_cust, cfg.style_dim))
-    price_pref = m_price[cust_m] + rng.normal(0, 0.3, n_cust)
-
-    # Baskets over time: join day, then exponential gaps.
-    n_baskets = 1 + rng.poisson(cfg.mean_baskets - 1, n_cust)
-    b_cust = np.repeat(np.arange(n_cust), n_baskets)
-    join = rng.integers(0, cfg.days // 2, n_cust)
-    gaps = rng.exponential(cfg.days / (2 * cfg.mean_baskets), len(b_cust))
-    first = np.r_[0, np.cumsum(n_baskets)[:-1]]
-    cum = np.cumsum(gaps)
-    b_day = join[b_cust] + (cum - np.repeat(cum[first] - gaps[first], n_baskets))
-    keep = b_day < cfg.days
-    b_cust, b_day = b_cust[keep], b_day[keep]
-    size = 1 + rng.poisson(cfg.mean_basket_size - 1, len(b_cust))
-    e_cust = np.repeat(b_cust, size)
-    e_day = np.repeat(b_day, size)
-    e_sec = (e_day * DAY).astype(np.int64)
-
-    # Category per event: inverse CDF on the customer's taste.
-    cdf = np.cumsum(taste, axis=1)[e_cust]
-    e_cat = np.minimum((cdf < rng.random(len(e_cust))[:, None]).sum(1), n_cat - 1)
-
-    # Item per event, Gumbel-max within the category: popularity + style match + price fit
-    # + recency; products not yet released cannot be bought.
+    # Item per event, Gumbel-max over every product of the category: popularity + utility.
+    catalogue = {"release": release, "style": item_style, "log_price": np.log(price)}
     e_item = np.empty(len(e_cust), dtype=np.int64)
-    log_price = np.log(price)
     for c in range(n_cat):
         ev = np.flatnonzero(e_cat == c)
         its = np.flatnonzero(cat == c)
         if len(ev) == 0:
             continue
-        age = e_day[ev, None] - release[None, its]
+        cand = np.broadcast_to(its, (len(ev), len(its)))
         centre = np.log(np.median(price[its]))
-        logits = (
-            log_pop[its][None, :]
-            + cfg.style_weight * style[e_cust[ev]] @ item_style[its].T
-            - 1.5 * (log_price[its][None, :] - centre - price_pref[e_cust[ev], None]) ** 2
-            - np.clip(age, 0, None) / 120.0
+        logits = log_pop[its][None, :] + item_logits(
+            cand, e_day[ev], style[e_cust[ev]], price_pref[e_cust[ev]], catalogue, centre, cfg.style_weight
         )
-        logits[age < 0] = -np.inf
         gumbel = -np.log(-np.log(rng.random(logits.shape)))
         e_item[ev] = its[np.argmax(logits + gumbel, axis=1)]
 
-    purchases = (
-        pl.DataFrame(
-            {
-                "merchant": np.array(m_names)[cust_m[e_cust]],
-                "user": np.char.add("C", np.char.zfill(e_cust.astype(str), 5)),
-                "item": products["item"].to_numpy()[e_item],
-                "timestamp": START + e_sec,
-            }
-        )
-        # Two picks of one product in one basket are one purchase line.
-        .unique(maintain_order=True)
-        .sort("timestamp", "merchant", "user", "item")
-    )
+    merchant = np.array(m_names)[cust_m[e_cust]]
+    purchases = purchases_frame(merchant, e_cust, products["item"].to_numpy(), e_item, e_day)
     return purchases, products.drop("release_day")
 
 

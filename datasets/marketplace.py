@@ -1,0 +1,135 @@
+"""A generated marketplace at scale: up to a million products and a thousand merchants.
+
+The embedded shop's structure (datasets/synthetic.py: categories, titles, prices, power-law
+popularity, customers' category taste, style and price preference, baskets over time, non-IID
+merchants), grown to a marketplace with quantity skew: merchant sizes follow a power law, so a
+few big merchants and a long tail of small shops.
+
+The embedded generator scores every product of a category for every purchase, which is
+O(purchases x catalogue). Here each purchase draws `candidates` products from its category in
+proportion to popularity, then picks one by Gumbel-max on the rest of the utility (style, price,
+recency): sampling-importance-resampling of the same choice model, O(purchases x candidates).
+Generated at first use from a seed, cached atomically like the embedded log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from fedrec.atomic import write_with
+from fedrec.data import PurchaseLog
+from fedrec.datasets import cache_dir
+from fedrec.datasets.synthetic import (
+    CATEGORIES,
+    _catalogue,
+    event_categories,
+    item_logits,
+    purchase_events,
+    purchases_frame,
+    shoppers,
+)
+
+GENERATOR_VERSION = 1
+CHUNK = 200_000  # purchases scored at once: bounds memory at chunk x candidates x style_dim
+
+
+@dataclass(frozen=True)
+class MarketplaceConfig:
+    n_products: int = 1_000_000
+    n_merchants: int = 1000
+    n_customers: int = 500_000  # about 10 purchase lines each: ~5M purchases
+    min_customers: int = 20  # the smallest shop
+    size_exponent: float = 1.0  # merchant m's share of customers ~ (m + 1)^-a: quantity skew
+    mean_baskets: float = 5.0
+    mean_basket_size: float = 2.2
+    candidates: int = 32
+    style_dim: int = 8
+    style_weight: float = 3.0
+    popularity_exponent: float = 0.7
+    days: int = 365
+    seed: int = 20241201
+
+
+def merchant_sizes(cfg: MarketplaceConfig, rng: np.random.Generator) -> np.ndarray:
+    """Customers per merchant: `min_customers` each, the rest in power-law shares."""
+    spare = cfg.n_customers - cfg.min_customers * cfg.n_merchants
+    if spare < 0:
+        raise ValueError(f"n_customers {cfg.n_customers} < n_merchants x min_customers")
+    share = (np.arange(cfg.n_merchants) + 1.0) ** -cfg.size_exponent
+    return cfg.min_customers + rng.multinomial(spare, share / share.sum())
+
+
+def generate(cfg: MarketplaceConfig | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Return (purchases, products); same seed, same frames."""
+    cfg = cfg or MarketplaceConfig()
+    rng = np.random.default_rng(cfg.seed)
+    products, cat, log_pop = _catalogue(cfg, rng)  # duck-typed: n_products, popularity_exponent, days
+    n_cat = len(CATEGORIES)
+    price = products["price"].to_numpy()
+    catalogue = {
+        "release": products["release_day"].to_numpy(),
+        "style": (rng.normal(0, 1, (cfg.n_products, cfg.style_dim)) / np.sqrt(cfg.style_dim)).astype(np.float32),
+        "log_price": np.log(price),
+    }
+    cust_m = np.repeat(np.arange(cfg.n_merchants), merchant_sizes(cfg, rng))
+    taste, style, price_pref = shoppers(cust_m, cfg.n_merchants, n_cat, cfg.style_dim, rng)
+    style = style.astype(np.float32)
+    e_cust, e_day = purchase_events(len(cust_m), cfg.mean_baskets, cfg.mean_basket_size, cfg.days, rng)
+    e_cat = np.concatenate([event_categories(taste, e_cust[s : s + CHUNK], rng) for s in range(0, len(e_cust), CHUNK)])
+
+    e_item = np.full(len(e_cust), -1, dtype=np.int64)
+    for c in range(n_cat):
+        its = np.flatnonzero(cat == c)
+        events = np.flatnonzero(e_cat == c)
+        if len(its) == 0 or len(events) == 0:
+            continue
+        cdf = np.cumsum(np.exp(log_pop[its] - log_pop[its].max()))
+        centre = np.log(np.median(price[its]))
+        for s in range(0, len(events), CHUNK):
+            ev = events[s : s + CHUNK]
+            draws = np.searchsorted(cdf, rng.random((len(ev), cfg.candidates)) * cdf[-1], side="right")
+            cand = its[np.minimum(draws, len(its) - 1)]
+            logits = item_logits(
+                cand, e_day[ev], style[e_cust[ev]], price_pref[e_cust[ev]], catalogue, centre, cfg.style_weight
+            )
+            gumbel = -np.log(-np.log(rng.random(logits.shape)))
+            best = np.argmax(logits + gumbel, axis=1)
+            ok = np.isfinite(logits[np.arange(len(ev)), best])  # no candidate released yet: no purchase
+            e_item[ev[ok]] = cand[ok, best[ok]]
+    keep = e_item >= 0
+    names = np.array([f"m{i:04d}" for i in range(cfg.n_merchants)])
+    purchases = purchases_frame(
+        names[cust_m[e_cust[keep]]], e_cust[keep], products["item"].to_numpy(), e_item[keep], e_day[keep]
+    )
+    return purchases, products.drop("release_day")
+
+
+def paths(cfg: MarketplaceConfig) -> tuple[Path, Path]:
+    digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:10]
+    folder = cache_dir() / "marketplace"
+    tag = f"v{GENERATOR_VERSION}-{digest}"
+    return folder / f"purchases-{tag}.parquet", folder / f"products-{tag}.parquet"
+
+
+def load(cfg: MarketplaceConfig | None = None) -> PurchaseLog:
+    """Read the generated files, generating them first (atomically) if absent."""
+    cfg = cfg or MarketplaceConfig()
+    p_path, i_path = paths(cfg)
+    if not (p_path.is_file() and i_path.is_file()):
+        purchases, products = generate(cfg)
+        write_with(i_path, lambda t: products.write_parquet(t))
+        write_with(p_path, lambda t: purchases.write_parquet(t))
+    products = pl.read_parquet(i_path)
+    return PurchaseLog(
+        name="marketplace",
+        interactions=pl.read_parquet(p_path),
+        items=products.select(
+            "item", "title", "description", "category", "price", pl.lit(None, dtype=pl.String).alias("tags")
+        ),
+        source=f"generated marketplace, generator v{GENERATOR_VERSION} (datasets/marketplace.py): {cfg}",
+    )
