@@ -20,6 +20,7 @@ from fedrec.federated.aggregation import AGGREGATIONS
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.server_opt import SERVER_OPTIMIZERS
 from fedrec.federated.simulation import FederationConfig
+from fedrec.federated.upload import PRECISIONS
 from fedrec.losses import LOSSES
 from fedrec.model import ModelConfig
 from fedrec.privacy.config import PrivacyConfig, privacy_errors
@@ -141,8 +142,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.federation.server.name in SERVER_OPTIMIZERS, f"federation.server.name must be one of {SERVER_OPTIMIZERS}"),
         (0 < cfg.federation.fraction <= 1, "federation.fraction must be in (0, 1]"),
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
+        (cfg.federation.val_every >= 1, "federation.val_every must be >= 1"),
+        (cfg.federation.val_customers >= 0, "federation.val_customers must be >= 0 (0: all)"),
+        (
+            cfg.federation.upload_precision in PRECISIONS,
+            f"federation.upload_precision must be one of {tuple(PRECISIONS)}",
+        ),
         (cfg.model.dim >= 1, "model.dim must be >= 1"),
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
+        (cfg.model.id_rows >= 0, "model.id_rows must be >= 0 (0: one id row per product)"),
+        (
+            not cfg.model.id_rows or cfg.federation.aggregation == "fedavg",
+            "model.id_rows: compositional ids share rows between products, so aggregation must be 'fedavg'",
+        ),
         (cfg.output.index in ("auto", "flat", "hnsw"), "output.index must be auto, flat or hnsw"),
         (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
         (

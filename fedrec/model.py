@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedrec.features import ItemFeatures, tfidf_rows
@@ -25,6 +26,17 @@ class ModelConfig:
     # A per-merchant item bias (that shop's own popularity), trained and kept at home like the
     # user table: score = u . v + b_m. Pays off when shops differ (non-IID), see README.
     merchant_item_bias: bool = False
+    # Item-id rows. 0: one row per product (the table, and every upload, grows with the catalogue).
+    # R > 0: a fixed budget, compositional (quotient-remainder, Shi et al. 2020): product i is
+    # row i mod R of one table plus row (i // R + i * SPREAD) mod R of another, a pair unique for
+    # i < R^2, so the shared tower has 2 R id rows whatever the catalogue size (README, "Scale").
+    id_rows: int = 0
+
+
+# The second table's row is the quotient shifted by remainder x SPREAD: products that share a
+# remainder still get distinct quotient rows, and every quotient row is used (the plain quotient
+# i // R would use only catalogue / R of them).
+SPREAD = 40503
 
 
 class ItemTower(nn.Module):
@@ -33,16 +45,27 @@ class ItemTower(nn.Module):
     def __init__(self, n_items: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.item_emb = nn.Embedding(n_items, cfg.dim)
-        # Row `hash_buckets` is the padding row: excluded from the mean and never trained.
-        self.feat_emb = nn.EmbeddingBag(
-            cfg.hash_buckets + 1, cfg.feature_dim, mode="mean", padding_idx=cfg.hash_buckets
-        )
-        self.mlp = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
-        nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
-        nn.init.normal_(self.feat_emb.weight, std=cfg.init_std)
-        with torch.no_grad():
-            self.feat_emb.weight[cfg.hash_buckets].zero_()
+        # Only the parts in use exist: an unused table would still be uploaded every round.
+        if cfg.use_item_id:
+            self.item_emb = nn.Embedding(cfg.id_rows or n_items, cfg.dim)
+            if cfg.id_rows:
+                self.item_emb_q = nn.Embedding(cfg.id_rows, cfg.dim)  # the quotient table
+        if cfg.use_content:
+            # Row `hash_buckets` is the padding row: excluded from the mean and never trained.
+            self.feat_emb = nn.EmbeddingBag(
+                cfg.hash_buckets + 1, cfg.feature_dim, mode="mean", padding_idx=cfg.hash_buckets
+            )
+            self.mlp = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
+        if cfg.use_item_id:
+            # Two summed rows get half the variance each, so an id vector has the same prior either way.
+            id_std = cfg.init_std / np.sqrt(2.0) if cfg.id_rows else cfg.init_std
+            nn.init.normal_(self.item_emb.weight, std=id_std)
+            if cfg.id_rows:
+                nn.init.normal_(self.item_emb_q.weight, std=id_std)
+        if cfg.use_content:
+            nn.init.normal_(self.feat_emb.weight, std=cfg.init_std)
+            with torch.no_grad():
+                self.feat_emb.weight[cfg.hash_buckets].zero_()
 
     def forward(self, features: ItemFeatures, idx: torch.Tensor | None = None) -> torch.Tensor:
         tokens = features.tokens if idx is None else features.tokens[idx]
@@ -51,8 +74,23 @@ class ItemTower(nn.Module):
             out = self.mlp(self.feat_emb(tokens))
         if self.cfg.use_item_id:
             ids = torch.arange(features.n_items) if idx is None else idx
-            out = out + self.item_emb(ids)
+            out = out + self.id_vectors(ids)
         return out
+
+    def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        weights = {"item_emb.weight": self.item_emb.weight}
+        if self.cfg.id_rows:
+            weights["item_emb_q.weight"] = self.item_emb_q.weight
+        return id_vectors(weights, ids, self.cfg.id_rows)
+
+
+def id_vectors(weights: dict[str, torch.Tensor], ids: torch.Tensor, id_rows: int) -> torch.Tensor:
+    """The id part of item vectors `ids`: a row per product, or the sum of its two compositional rows."""
+    if not id_rows:
+        return F.embedding(ids, weights["item_emb.weight"])
+    return F.embedding(ids % id_rows, weights["item_emb.weight"]) + F.embedding(
+        (ids // id_rows + ids * SPREAD) % id_rows, weights["item_emb_q.weight"]
+    )
 
 
 def new_item_tower(n_items: int, cfg: ModelConfig, seed: int) -> ItemTower:
@@ -116,12 +154,19 @@ def content_neighbour_vectors(trained: torch.Tensor, features: ItemFeatures) -> 
 
 
 @torch.no_grad()
-def catalogue_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig) -> torch.Tensor:
-    """Vectors for a whole catalogue whose first rows are the trained items and whose other rows
-    are products no one has bought. The trained rows are the tower's output. A new product gets
-    the content path alone (its id row was never trained, and the id prior's mean is zero); a
-    model without a content tower gives it `content_neighbour_vectors`."""
-    n_trained = state["item_emb.weight"].shape[0]
+def catalogue_embeddings(
+    state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig, n_trained: int | None = None
+) -> torch.Tensor:
+    """Vectors for a whole catalogue whose first `n_trained` rows are the trained items and whose
+    other rows are products no one has bought. The trained rows are the tower's output. A new
+    product gets the content path alone (its id row was never trained, or with compositional ids
+    is shared with trained products, and the id prior's mean is zero); a model without a content
+    tower gives it `content_neighbour_vectors`. `n_trained` may be left out with one id row per
+    product (it is then the table's length)."""
+    if n_trained is None:
+        if cfg.id_rows:
+            raise ValueError("catalogue_embeddings: compositional item ids need n_trained")
+        n_trained = state["item_emb.weight"].shape[0]
     trained_features = ItemFeatures(features.tokens[:n_trained], features.n_buckets)
     trained = item_embeddings(state, trained_features, cfg)
     if features.n_items == n_trained:
@@ -131,6 +176,6 @@ def catalogue_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures,
     new = ItemFeatures(features.tokens[n_trained:], features.n_buckets)
     content_only = ModelConfig(**{**vars(cfg), "use_item_id": False})
     tower = ItemTower(new.n_items, content_only)
-    tower.load_state_dict({k: v for k, v in state.items() if not k.startswith("item_emb.")}, strict=False)
+    tower.load_state_dict({k: v for k, v in state.items() if not k.startswith("item_emb")}, strict=False)
     tower.eval()
     return torch.cat([trained, tower(new)])

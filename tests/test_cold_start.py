@@ -17,7 +17,7 @@ from fedrec.datasets.protocol import cold_start_split, temporal_split
 from fedrec.features import build_item_features
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated
-from fedrec.model import ItemTower, ModelConfig, catalogue_embeddings, scoring_vectors
+from fedrec.model import ItemTower, ModelConfig, catalogue_embeddings, content_neighbour_vectors, scoring_vectors
 from fedrec.training.cold_start import recall_of_scores
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512)
@@ -59,11 +59,15 @@ def test_new_products_get_the_content_tower_alone_or_their_content_neighbours(sh
     # Without a content tower: the trained vectors weighted by content similarity; the new twin
     # of a sold product (same title, category and price) is closest to that product's vector.
     id_only = dataclasses.replace(MODEL, use_content=False, dim=64)
-    vecs = catalogue_embeddings(ItemTower(ds.n_items, id_only).state_dict(), features, id_only)
+    state = ItemTower(ds.n_items, id_only).state_dict()
+    vecs = catalogue_embeddings(state, features, id_only)
+    torch.testing.assert_close(vecs[ds.n_items :], content_neighbour_vectors(state["item_emb.weight"], features))
+    # With one-hot "trained vectors", a new product's vector is its weights over the trained ones.
+    weights = content_neighbour_vectors(torch.eye(ds.n_items), features)
     source = ds.items["item"].to_list().index(twin)
-    new_twin = ds.n_items + ds.new_items["item"].to_list().index("NEW-twin")
-    sims = torch.nn.functional.cosine_similarity(vecs[new_twin][None, :], vecs[: ds.n_items])
-    assert int(sims.argmax()) == source
+    twin_row = ds.new_items["item"].to_list().index("NEW-twin")
+    assert int(weights[twin_row].argmax()) == source
+    torch.testing.assert_close(weights.sum(1), torch.ones(len(weights)))
 
 
 def test_export_serves_the_whole_catalogue(tmp_path, tiny_frames, shop_with_unsold):

@@ -66,7 +66,7 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
         for seed in seeds:
             fed = dataclasses.replace(cfg.federation, seed=seed)
             res = run_federated(known, train_features, model_cfg, cfg.local, fed)
-            vecs = catalogue_embeddings(res.item_state, features, model_cfg)[n_known:]
+            vecs = catalogue_embeddings(res.item_state, features, model_cfg, n_known)[n_known:]
             users = torch.cat([res.user_embeddings[m.name] for m in known.merchants])
             recalls.append(recall_of_scores((users @ vecs.T).numpy(), truth)[0])
             console.print(f"[bold]cold start, {name}[/] (seed {seed}): recall@20 on new products {recalls[-1]:.4f}")

@@ -69,10 +69,11 @@ def export_catalogue(
 ) -> tuple[pl.DataFrame, np.ndarray]:
     """The products an export serves and their vectors: the trained products, then every catalogue
     product nobody has bought yet, embedded from its content (`catalogue_embeddings`)."""
+    n_trained = items.height
     if new_items is not None and new_items.height:
         items = pl.concat([items, new_items.select(items.columns)], how="vertical_relaxed")
     features = build_item_features(items, cfg.model.hash_buckets)
-    return items, catalogue_embeddings(item_state, features, cfg.model).numpy()
+    return items, catalogue_embeddings(item_state, features, cfg.model, n_trained).numpy()
 
 
 def new_items_entry(cfg: RunConfig) -> str:
