@@ -40,7 +40,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, load_config
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import aggregate_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
@@ -313,6 +313,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     items, new_items = split_catalogue(pl.read_parquet(catalogue))
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
+    if fed.upload_precision != "float32":  # SecAgg+ quantises to its own range; float16 is in-process only
+        raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)

@@ -16,9 +16,11 @@ class RoundPrinter:
         )
 
     def __call__(self, log: RoundLog) -> None:
-        mark = " *" if log.val_recall_at_20 > self.best else ""
-        self.best = max(self.best, log.val_recall_at_20)
+        val = log.val_recall_at_20
+        mark = " *" if val is not None and val > self.best else ""
+        self.best = max(self.best, val if val is not None else -1.0)
+        shown = f"{val:>13.4f}" if val is not None else f"{'-':>13}"
         self.console.print(
-            f"{log.round:>5}  {len(log.merchants):>4}/{self.total:<4}  {log.loss:>8.4f}  "
-            f"{log.val_recall_at_20:>13.4f}  {log.seconds:>7.2f}{mark}"
+            f"{log.round:>5}  {len(log.merchants):>4}/{self.total:<4}  {log.loss:>8.4f}  {shown}  "
+            f"{log.seconds:>7.2f}{mark}"
         )

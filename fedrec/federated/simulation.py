@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from fedrec.data import FederatedDataset
-from fedrec.evaluation import combine_sums, evaluate_val
+from fedrec.evaluation import combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
 from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, sum_names
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
+from fedrec.federated.upload import dense_bytes, round_delta
 from fedrec.model import (
     ModelConfig,
     init_item_bias,
@@ -45,6 +46,11 @@ class FederationConfig:
     normalize_steps: bool = True  # FedNova: see fedrec/federated/aggregation.py
     server: ServerOptConfig = field(default_factory=ServerOptConfig)
     patience: int = 10  # rounds without validation gain before stopping; 0 = never stop early
+    # Validate every this many rounds (and after the last): a full ranking of every merchant's
+    # validation customers costs more than a round at marketplace scale.
+    val_every: int = 1
+    val_customers: int = 0  # per merchant, at most this many validation customers (0: all)
+    upload_precision: str = "float32"  # or float16: fedrec/federated/upload.py
     seed: int = 0
 
 
@@ -53,8 +59,9 @@ class RoundLog:
     round: int
     merchants: list[str]
     loss: float
-    val_recall_at_20: float
+    val_recall_at_20: float | None  # None: not validated this round (`val_every`)
     seconds: float
+    upload_bytes: int = 0  # mean dense size of one merchant's message
 
 
 @dataclass
@@ -106,12 +113,13 @@ def run_federated(
     }
     biases = {m.name: init_item_bias(dataset.n_items, model_cfg, m.user_groups) for m in dataset.merchants}
     server = ServerOptimizer(fed_cfg.server)
+    val_rows = {m.name: sample_customers(m.val, fed_cfg.val_customers, fed_cfg.seed) for m in dataset.merchants}
     history: list[RoundLog] = []
     best = (-1.0, 0, global_state, dict(users), dict(biases))
     for rnd in range(1, rounds + 1):
         t_round = time.perf_counter()
         chosen = sample_merchants(names, fed_cfg, rng)
-        total = None
+        total, sent = None, 0
         for name in chosen:
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
@@ -122,7 +130,7 @@ def run_federated(
             users[name], biases[name] = result.user_embeddings, result.item_bias
             message = MerchantSums(
                 merchant_sums(
-                    result.delta,
+                    round_delta(result.delta, fed_cfg.upload_precision),
                     result.num_examples,
                     result.num_steps,
                     result.touched_rows,
@@ -134,18 +142,24 @@ def run_federated(
             message.validate(expected)
             if on_message is not None:
                 on_message(name, message)
+            sent += dense_bytes(message.tensors, fed_cfg.upload_precision)
             total = add_sums(total, message.tensors)
         delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)
 
-        item_vecs = item_embeddings(global_state, features, model_cfg)
-        val = [evaluate_val(m, users[m.name], item_vecs, biases[m.name]) for m in dataset.merchants]
-        val_total = combine_sums(val).means()["recall@20"]
-        log = RoundLog(rnd, chosen, mean_loss(total), val_total, time.perf_counter() - t_round)
+        val_total = None
+        if rnd % fed_cfg.val_every == 0 or rnd == rounds:
+            item_vecs = item_embeddings(global_state, features, model_cfg)
+            val = [
+                evaluate_val(m, users[m.name], item_vecs, biases[m.name], val_rows[m.name]) for m in dataset.merchants
+            ]
+            val_total = combine_sums(val).means()["recall@20"]
+        seconds = time.perf_counter() - t_round
+        log = RoundLog(rnd, chosen, mean_loss(total), val_total, seconds, sent // len(chosen))
         history.append(log)
         if on_round is not None:
             on_round(log)
-        if dp is not None or val_total > best[0]:
+        if dp is not None or (val_total is not None and val_total > best[0]):
             best = (val_total, rnd, global_state, dict(users), dict(biases))
         elif fed_cfg.patience and rnd - best[1] >= fed_cfg.patience:
             break

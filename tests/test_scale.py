@@ -1,0 +1,185 @@
+"""Marketplace scale: compositional item ids, upload encodings, the large-catalogue switch,
+sampled validation, the generated marketplace and the CI-sized `make bench-train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from fedrec.datasets.marketplace import MarketplaceConfig, generate, merchant_sizes
+from fedrec.evaluation import evaluate_val, merchant_metric_sums, sample_customers
+from fedrec.features import ItemFeatures, build_item_features
+from fedrec.federated.aggregation import add_sums, merchant_sums
+from fedrec.federated.local import LocalConfig, local_update
+from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.federated.upload import (
+    dense_bytes,
+    from_touched_rows,
+    round_delta,
+    sparse_row_bytes,
+    touched_rows,
+)
+from fedrec.model import ItemTower, ModelConfig, id_vectors, init_user_embeddings, item_tower_shapes, new_item_tower
+
+SMALL_MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=64)
+
+
+def test_compositional_ids_fix_the_tower_size_whatever_the_catalogue():
+    cfg = dataclasses.replace(SMALL_MODEL, id_rows=32)
+    assert item_tower_shapes(1_000, cfg) == item_tower_shapes(1_000_000, cfg)
+    assert item_tower_shapes(1_000, cfg)["item_emb.weight"] == (32, 8)
+    # one row per product grows with the catalogue
+    assert item_tower_shapes(1_000, SMALL_MODEL)["item_emb.weight"] == (1_000, 8)
+
+
+def test_compositional_ids_give_every_product_its_own_pair_of_rows():
+    r = 16
+    ids = torch.arange(r * r)
+    first, second = ids % r, (ids // r + ids * 40503) % r
+    pairs = set(zip(first.tolist(), second.tolist(), strict=True))
+    assert len(pairs) == r * r  # unique for i < R^2
+    assert len(set(second.tolist())) == r  # every quotient row is used
+    # and the tower's id vectors are the sum of exactly those rows
+    weights = {"item_emb.weight": torch.randn(r, 4), "item_emb_q.weight": torch.randn(r, 4)}
+    torch.testing.assert_close(
+        id_vectors(weights, ids, r), weights["item_emb.weight"][first] + weights["item_emb_q.weight"][second]
+    )
+
+
+def test_a_tower_holds_only_the_parts_in_use():
+    assert set(ItemTower(10, dataclasses.replace(SMALL_MODEL, use_item_id=False)).state_dict()) == {
+        "feat_emb.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
+    }  # fmt: skip
+    assert set(ItemTower(10, dataclasses.replace(SMALL_MODEL, use_content=False)).state_dict()) == {"item_emb.weight"}
+
+
+def test_touched_rows_encoding_is_lossless_and_sums_the_same():
+    gen = torch.Generator().manual_seed(0)
+    deltas = []
+    for k in range(3):
+        t = torch.zeros(50, 4)
+        rows = torch.randperm(50, generator=gen)[: 5 + k]
+        t[rows] = torch.randn(len(rows), 4, generator=gen)
+        deltas.append(t)
+    dense_total = sparse_total = None
+    for t in deltas:
+        idx, rows = touched_rows(t)
+        assert len(idx) == int((t.abs().sum(1) > 0).sum())
+        decoded = from_touched_rows(idx, rows, 50)
+        assert torch.equal(decoded, t)
+        dense_total = add_sums(dense_total, {"d": t})
+        sparse_total = add_sums(sparse_total, {"d": decoded})
+    assert torch.equal(dense_total["d"], sparse_total["d"])
+    # bytes: 5 rows x (4-byte index + 4 floats x 4 bytes) + a scalar weight
+    assert sparse_row_bytes({"d": deltas[0], "n": torch.tensor(3.0)}) == 5 * (4 + 16) + 4
+    assert dense_bytes({"d": deltas[0], "n": torch.tensor(3.0)}) == 50 * 4 * 4 + 4
+
+
+def test_half_precision_halves_tensor_bytes_and_rounds_within_float16_precision():
+    delta = {"w": torch.randn(100, 8) * 0.01}
+    sums = merchant_sums(round_delta(delta, "float16"), 7, 2, torch.ones(100, dtype=torch.bool), 0.5, "fedavg", True)
+    assert dense_bytes(sums, "float16") == 100 * 8 * 2 + 3 * 4  # weights stay 4-byte floats
+    rounded = round_delta(delta, "float16")["w"]
+    assert not torch.equal(rounded, delta["w"])  # lossy
+    torch.testing.assert_close(rounded, delta["w"], rtol=1e-3, atol=1e-6)
+    assert round_delta(delta, "float32")["w"] is delta["w"]
+    with pytest.raises(ValueError, match="float8"):
+        round_delta(delta, "float8")
+
+
+def _toy_merchant(n_users=40, n_items=300, seed=0):
+    rng = np.random.default_rng(seed)
+    cols = rng.integers(0, n_items, n_users * 6)
+    rows = np.repeat(np.arange(n_users), 6)
+    train = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
+    train.data[:] = 1.0
+    features = ItemFeatures(torch.from_numpy(rng.integers(0, 64, (n_items, 5))), 64)
+    return train, features
+
+
+def test_a_large_catalogue_switches_softmax_to_sampled_softmax_without_the_user_solve():
+    train, features = _toy_merchant()
+    state = new_item_tower(features.n_items, SMALL_MODEL, 0).state_dict()
+    users = init_user_embeddings(train.shape[0], SMALL_MODEL, torch.Generator().manual_seed(1))
+    small_limit = LocalConfig(full_softmax_max_items=100)  # 300 items: above it
+    switched = local_update(state, users, train, features, SMALL_MODEL, small_limit, seed=3)
+    explicit = dataclasses.replace(small_limit, loss="sampled_softmax", user_solve_reg=0.0)
+    same = local_update(state, users, train, features, SMALL_MODEL, explicit, seed=3)
+    kept = local_update(state, users, train, features, SMALL_MODEL, LocalConfig(), seed=3)
+    for k in state:
+        assert torch.equal(switched.delta[k], same.delta[k])
+    assert not torch.equal(switched.delta["item_emb.weight"], kept.delta["item_emb.weight"])
+    # sampled softmax moves only the id rows of products in the batches: the merchant's sold set
+    moved = switched.delta["item_emb.weight"].abs().sum(1) > 0
+    assert torch.equal(moved, switched.touched_rows)
+
+
+def test_validation_on_a_sample_of_customers(tiny_dataset):
+    m = tiny_dataset.merchants[0]
+    rows = sample_customers(m.val, 5, seed=0)
+    assert rows is not None and len(rows) == 5 and (m.val[rows].getnnz(axis=1) > 0).all()
+    assert np.array_equal(rows, sample_customers(m.val, 5, seed=0))  # seeded
+    assert sample_customers(m.val, 10**6, seed=0) is None  # everyone fits: all
+    users = torch.randn(m.n_users, 8)
+    items = torch.randn(tiny_dataset.n_items, 8)
+    got = evaluate_val(m, users, items, rows=rows)
+    want = merchant_metric_sums(users[torch.from_numpy(rows)], items, m.train[rows], m.val[rows], ("recall@20",))
+    assert got == want and got.users == 5
+
+
+def test_val_every_validates_only_those_rounds_and_the_last(tiny_dataset):
+    features = build_item_features(tiny_dataset.items, SMALL_MODEL.hash_buckets)
+    fed = FederationConfig(rounds=5, patience=0, val_every=2, val_customers=3)
+    res = run_federated(tiny_dataset, features, SMALL_MODEL, LocalConfig(user_solve_reg=0.0), fed)
+    validated = [h.round for h in res.history if h.val_recall_at_20 is not None]
+    assert validated == [2, 4, 5]
+    assert res.best_round in validated
+    tower = new_item_tower(tiny_dataset.n_items, SMALL_MODEL, 0).state_dict()
+    message = 4 * sum(v.numel() for v in tower.values()) + 3 * 4  # float32 deltas, three scalar weights
+    assert {h.upload_bytes for h in res.history} == {message}
+
+
+def test_marketplace_log_is_seeded_skewed_and_consistent():
+    cfg = MarketplaceConfig(n_products=3_000, n_merchants=30, n_customers=2_000, min_customers=10)
+    purchases, products = generate(cfg)
+    again, _ = generate(cfg)
+    assert purchases.equals(again)
+    assert products.height == 3_000
+    assert set(purchases["item"].unique()) <= set(products["item"])
+    sizes = merchant_sizes(cfg, np.random.default_rng(0))
+    assert sizes.sum() == 2_000 and sizes.min() >= 10
+    per_merchant = purchases.group_by("merchant").len()["len"].sort(descending=True).to_numpy()
+    assert per_merchant[0] > 10 * per_merchant[-1]  # quantity skew: a few big shops, a long tail
+    counts = purchases.group_by("item").len()["len"].sort(descending=True).to_numpy()
+    assert counts[: len(counts) // 100].sum() > 5 * counts[-len(counts) // 100 :].sum()  # a popularity head
+    with pytest.raises(ValueError, match="min_customers"):
+        merchant_sizes(dataclasses.replace(cfg, n_customers=100), np.random.default_rng(0))
+
+
+def test_bench_train_small_variant(tmp_path):
+    """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
+    is the same on two catalogue sizes."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", "switch,uploads,large",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "bench-train.json").read_text())
+    assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
+    assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
+    sent = {name: v["upload_bytes_per_merchant"] for name, v in res["uploads"]["variants"].items()}
+    assert sent["touched_rows_fp32"] < sent["dense_fp32"] and sent["dense_fp16"] < sent["dense_fp32"]
+    large = res["large"]
+    assert large["merchants"] == 50 and large["merchants_per_round"] == 10 and large["items"] == 20_000
+    assert large["upload_bytes_per_merchant"] == sent["compositional_fp32"]
+    assert res["uploads"]["items"] < large["items_with_purchases"]  # two catalogue sizes, one upload size
+    assert 0.0 <= large["recall@20"] <= 1.0 and large["peak_rss_mb"] > 0
+    assert "Marketplace scale" in (tmp_path / "bench-train.md").read_text()

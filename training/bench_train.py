@@ -1,0 +1,344 @@
+"""`make bench-train`: training at marketplace scale, on one machine.
+
+Parts (each in a fresh process, so each peak RSS is its own):
+- `switch`: one local step's cost, full softmax against sampled softmax, over catalogue sizes:
+  where `LocalConfig.full_softmax_max_items` comes from.
+- `uploads`: on the largest generated catalogue where a dense id table still fits, recall@20 and
+  upload bytes per merchant for the encodings of fedrec/federated/upload.py and the id-row
+  budget of `ModelConfig.id_rows`.
+- `large`: 1,000 merchants (a tenth sampled per round) on a 1,000,000-product generated
+  marketplace (datasets/marketplace.py, ~5M purchases) with the default large-catalogue settings:
+  seconds per round, peak RSS, upload bytes per merchant, recall@20 after a fixed number of rounds.
+- `time_to_target`: on ml100k-temporal (skipped without the shared MovieLens folder), the rounds
+  and seconds the default federated configuration takes to reach 95% of the centralized model's
+  best validation recall@20 (validation, not test: the target is a stopping rule).
+
+Results: results/bench-train.json and .md.
+
+    python -m fedrec.training.bench_train [--parts switch,uploads,large,time_to_target] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import multiprocessing
+import platform
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrec.atomic import write_json, write_text
+from fedrec.data import FederatedDataset, pooled
+from fedrec.evaluation import combine_sums, merchant_metric_sums, sample_customers
+from fedrec.features import ItemFeatures, build_item_features
+from fedrec.federated.local import LocalConfig, local_update
+from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.federated.upload import sparse_row_bytes
+from fedrec.model import ModelConfig, init_user_embeddings, item_embeddings, new_item_tower, scoring_vectors
+
+RESULTS = Path("results")
+PARTS = ("switch", "uploads", "large", "time_to_target")
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    products: int = 1_000_000
+    merchants: int = 1000
+    customers: int = 500_000
+    fraction: float = 0.1
+    rounds: int = 10
+    id_rows: int = 16_384
+    test_customers: int = 5  # per merchant, for the large run's recall@20
+    compare_products: int = 100_000
+    compare_merchants: int = 100
+    compare_customers: int = 50_000
+    compare_rounds: int = 20
+    switch_sizes: tuple[int, ...] = (1_000, 10_000, 50_000, 100_000, 1_000_000)
+    switch_steps: int = 20
+    full_softmax_max_items: int = LocalConfig.full_softmax_max_items  # the small variant lowers it
+    seed: int = 0
+
+
+SMALL = BenchTrainConfig(
+    products=20_000,
+    merchants=50,
+    customers=10_000,
+    fraction=0.2,
+    rounds=2,
+    id_rows=1024,
+    compare_products=5_000,
+    compare_merchants=10,
+    compare_customers=3_000,
+    compare_rounds=2,
+    switch_sizes=(1_000, 5_000),
+    switch_steps=2,
+    full_softmax_max_items=1_000,
+)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def marketplace(products: int, merchants: int, customers: int) -> tuple[FederatedDataset, ItemFeatures]:
+    from fedrec.datasets.marketplace import MarketplaceConfig, load
+    from fedrec.datasets.protocol import temporal_split
+
+    ds = temporal_split(load(MarketplaceConfig(n_products=products, n_merchants=merchants, n_customers=customers)))
+    return ds, build_item_features(ds.items, ModelConfig().hash_buckets)
+
+
+def sampled_test_recall(res, ds: FederatedDataset, features: ItemFeatures, model: ModelConfig, cap: int) -> float:
+    """Test recall@20 over at most `cap` customers per merchant (0: all), the catalogue ranked in full."""
+    vecs = item_embeddings(res.item_state, features, model)
+    parts = []
+    for i, m in enumerate(ds.merchants):
+        rows = sample_customers(m.test, cap, i)
+        rows = np.arange(m.n_users) if rows is None else rows
+        users, items = scoring_vectors(res.user_embeddings[m.name], vecs, res.item_biases[m.name])
+        pick = torch.from_numpy(rows)
+        parts.append(merchant_metric_sums(users[pick], items, m.full_train[rows], m.test[rows], ("recall@20",)))
+    return combine_sums(parts).means()["recall@20"]
+
+
+def switch_point(cfg: BenchTrainConfig) -> dict:
+    """Milliseconds per local step (batch 256, forward, backward, Adam) by loss and catalogue size."""
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(cfg.seed)
+    rows = []
+    for n in cfg.switch_sizes:
+        features = ItemFeatures(torch.from_numpy(rng.integers(0, 16384, (n, 12))), 16384)
+        model = ModelConfig(id_rows=cfg.id_rows if n > cfg.id_rows else 0)
+        state = new_item_tower(n, model, cfg.seed).state_dict()
+        users = 256 * cfg.switch_steps
+        train = _random_purchases(users, n, rng)
+        u = init_user_embeddings(users, model, torch.Generator().manual_seed(0))
+        row = {"items": n, "id_rows": model.id_rows}
+        for loss in ("softmax", "sampled_softmax"):
+            local = LocalConfig(loss=loss, user_solve_reg=0.0, full_softmax_max_items=10**9)
+            local_update(state, u[:256], train[:256], features, model, local, 0)  # warm-up
+            t = time.perf_counter()
+            res = local_update(state, u, train, features, model, local, 1)
+            row[f"{loss}_ms_per_step"] = 1000 * (time.perf_counter() - t) / res.num_steps
+        rows.append(row)
+        print(f"switch: {row}", flush=True)
+    return {"batch_size": 256, "rows": rows, "peak_rss_mb": _peak_mb()}
+
+
+def _random_purchases(users: int, n: int, rng: np.random.Generator):
+    import scipy.sparse as sp
+
+    cols = rng.integers(0, n, users)
+    return sp.csr_matrix((np.ones(users, dtype=np.float32), (np.arange(users), cols)), shape=(users, n))
+
+
+def uploads(cfg: BenchTrainConfig) -> dict:
+    """Recall@20 and bytes per merchant per round for each upload encoding, on one catalogue."""
+    torch.set_num_threads(2)
+    ds, features = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
+    local = LocalConfig(loss="sampled_softmax", user_solve_reg=0.0)
+    fed = FederationConfig(rounds=cfg.compare_rounds, patience=0, val_every=cfg.compare_rounds, seed=cfg.seed)
+    variants = {
+        "dense_fp32": (ModelConfig(), "float32"),
+        "dense_fp16": (ModelConfig(), "float16"),
+        "compositional_fp32": (ModelConfig(id_rows=cfg.id_rows), "float32"),
+        "compositional_fp16": (ModelConfig(id_rows=cfg.id_rows), "float16"),
+        "content_only": (ModelConfig(use_item_id=False), "float32"),
+    }
+    out = {}
+    for name, (model, precision) in variants.items():
+        sparse: list[int] = []
+
+        def measure(_name: str, message, model=model, sparse=sparse) -> None:
+            if model.id_rows == 0 and model.use_item_id:
+                sparse.append(sparse_row_bytes(message.tensors))
+
+        f = dataclasses.replace(fed, upload_precision=precision)
+        t = time.perf_counter()
+        res = run_federated(ds, features, model, local, f, on_message=measure)
+        out[name] = {
+            "recall@20": sampled_test_recall(res, ds, features, model, 0),
+            "upload_bytes_per_merchant": int(np.mean([h.upload_bytes for h in res.history])),
+            "seconds_per_round": (time.perf_counter() - t) / len(res.history),
+        }
+        if sparse and precision == "float32":  # lossless: the dense run's recall, sent as touched rows
+            out["touched_rows_fp32"] = {
+                "recall@20": out[name]["recall@20"],
+                "upload_bytes_per_merchant": int(np.mean(sparse)),
+                "reveals_sold_set": True,
+            }
+        print(f"uploads {name}: {out[name]}", flush=True)
+    base = out["dense_fp32"]["recall@20"]
+    for entry in out.values():
+        entry["recall_vs_dense_fp32"] = entry["recall@20"] / base if base else None
+    return {
+        "items": ds.n_items,
+        "merchants": len(ds.merchants),
+        "interactions": int(sum(m.train.nnz + m.val.nnz + m.test.nnz for m in ds.merchants)),
+        "rounds": cfg.compare_rounds,
+        "id_rows": cfg.id_rows,
+        "seed": cfg.seed,
+        "variants": out,
+    }
+
+
+def large(cfg: BenchTrainConfig) -> dict:
+    """The 1,000-merchant, 1M-product run with the default settings for a large catalogue."""
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    ds, features = marketplace(cfg.products, cfg.merchants, cfg.customers)
+    prepare = time.perf_counter() - t
+    model = ModelConfig(id_rows=cfg.id_rows)
+    # The default loss, softmax, switches to sampled softmax above full_softmax_max_items.
+    local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items)
+    # Validated once, after the last round (on a sample of customers), which is left out of the timing.
+    fed = FederationConfig(
+        rounds=cfg.rounds, fraction=cfg.fraction, patience=0, val_every=cfg.rounds, val_customers=5, seed=cfg.seed
+    )
+    res = run_federated(ds, features, model, local, fed, on_round=lambda h: print(f"large: round {h.round} "
+                        f"{h.seconds:.1f} s", flush=True))  # fmt: skip
+    train_rounds = res.history[:-1] or res.history
+    recall = sampled_test_recall(res, ds, features, model, cfg.test_customers)
+    catalogue = ds.n_items + (0 if ds.new_items is None else ds.new_items.height)
+    return {
+        "merchants": len(ds.merchants),
+        "merchants_per_round": len(res.history[0].merchants),
+        "items": catalogue,
+        "items_with_purchases": ds.n_items,
+        "interactions": int(sum(m.train.nnz + m.val.nnz + m.test.nnz for m in ds.merchants)),
+        "customers": int(sum(m.n_users for m in ds.merchants)),
+        "rounds": len(res.history),
+        "seconds_per_round": float(np.mean([h.seconds for h in train_rounds])),
+        "seconds_to_prepare_data": prepare,
+        "peak_rss_mb": _peak_mb(),
+        "upload_bytes_per_merchant": int(np.mean([h.upload_bytes for h in res.history])),
+        "recall@20": recall,
+        "recall_customers_per_merchant": cfg.test_customers,
+        "id_rows": cfg.id_rows,
+        "loss": "sampled_softmax (the default softmax, switched above full_softmax_max_items)",
+        "full_softmax_max_items": cfg.full_softmax_max_items,
+    }
+
+
+def time_to_target(cfg: BenchTrainConfig) -> dict | None:
+    """Rounds and seconds for the default federated run to reach 95% of the centralized best
+    validation recall@20 on ml100k-temporal (one torch thread, as `make evaluate`)."""
+    from fedrec.config import load_config, parse_sets
+    from fedrec.errors import DataError
+    from fedrec.training.cli import default_config_path
+    from fedrec.training.data import load_dataset
+
+    torch.set_num_threads(1)
+    config = load_config(default_config_path("movielens-100k"), parse_sets(["federation.patience=0"]))
+    try:
+        ds = load_dataset(config.data, config.federation.seed)
+    except DataError as exc:
+        return {"skipped": str(exc)}
+    features = build_item_features(ds.items, config.model.hash_buckets)
+    central = FederatedDataset(ds.name, ds.items, [pooled(ds)], ds.protocol)
+    cen = run_federated(central, features, config.model, config.local, config.federation)
+    target = 0.95 * max(h.val_recall_at_20 for h in cen.history)
+    fed = run_federated(ds, features, config.model, config.local, config.federation)
+    elapsed, reached = 0.0, None
+    for h in fed.history:
+        elapsed += h.seconds
+        if h.val_recall_at_20 >= target:
+            reached = {"rounds": h.round, "seconds": elapsed}
+            break
+    return {
+        "dataset": ds.name,
+        "centralized_best_val_recall@20": target / 0.95,
+        "target_val_recall@20": target,
+        "federated_best_val_recall@20": max(h.val_recall_at_20 for h in fed.history),
+        "reached": reached,
+        "rounds_run": len(fed.history),
+        "seed": config.federation.seed,
+    }
+
+
+def _run_part(part: str, cfg: BenchTrainConfig) -> dict | None:
+    return {"switch": switch_point, "uploads": uploads, "large": large, "time_to_target": time_to_target}[part](cfg)
+
+
+def markdown(res: dict) -> str:
+    lines = ["# bench-train", "", f"Machine: {res['machine']}; command: `{res['command']}`.", ""]
+    if "switch" in res:
+        lines += ["## Local step cost (ms per step, batch 256)", "", "| items | full softmax | sampled softmax |"]
+        lines += ["|---:|---:|---:|"]
+        for r in res["switch"]["rows"]:
+            lines.append(
+                f"| {r['items']:,} | {r['softmax_ms_per_step']:.1f} | {r['sampled_softmax_ms_per_step']:.1f} |"
+            )
+        lines.append("")
+    if "uploads" in res:
+        u = res["uploads"]
+        lines += [
+            f"## Upload encodings ({u['items']:,} products, {u['merchants']} merchants, {u['rounds']} rounds, "
+            f"id_rows {u['id_rows']}, seed {u['seed']})",
+            "",
+            "| encoding | MB per merchant per round | recall@20 | vs dense fp32 |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, v in u["variants"].items():
+            lines.append(
+                f"| {name} | {v['upload_bytes_per_merchant'] / 1e6:.2f} | {v['recall@20']:.4f} | "
+                f"{v['recall_vs_dense_fp32']:.2f} |"
+            )
+        lines.append("")
+    if "large" in res:
+        g = res["large"]
+        lines += [
+            "## Marketplace scale",
+            "",
+            f"{g['merchants']:,} merchants ({g['merchants_per_round']} per round), {g['items']:,} products "
+            f"({g['items_with_purchases']:,} with purchases), {g['interactions']:,} purchases: "
+            f"{g['seconds_per_round']:.1f} s per round, peak RSS {g['peak_rss_mb']:,.0f} MB, "
+            f"{g['upload_bytes_per_merchant'] / 1e6:.1f} MB uploaded per merchant per round, "
+            f"recall@20 {g['recall@20']:.4f} after {g['rounds']} rounds.",
+            "",
+        ]
+    t = res.get("time_to_target")
+    if t and "reached" in t:
+        got = t["reached"]
+        when = f"{got['rounds']} rounds, {got['seconds']:.0f} s" if got else "not reached"
+        lines += ["## Time to target", "", f"{t['dataset']}: 95% of centralized best validation recall@20 "
+                  f"({t['target_val_recall@20']:.4f}): {when}.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--small", action="store_true", help="The CI-sized variant (seconds, not minutes).")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    cfg = SMALL if args.small else BenchTrainConfig()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {PARTS}")
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores",
+        "command": "make bench-train" + (" (--small)" if args.small else ""),
+        "date": dt.date.today().isoformat(),
+        "config": dataclasses.asdict(cfg),
+    }
+    for part in parts:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            res[part] = pool.submit(_run_part, part, cfg).result()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "bench-train.json", res)
+    write_text(args.out / "bench-train.md", markdown(res) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
