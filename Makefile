@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation test lint clean
+.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train test lint clean
 
 setup: $(VENV)/.installed
 
@@ -89,6 +89,12 @@ federation-credentials: setup
 # inprocess vs flower vs flower_secagg at 3, 6, 12 merchants -> results/bench-federation.json (+ .md)
 bench-federation: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_federation
+
+# Training at marketplace scale -> results/bench-train.json (+ .md): the softmax switch point, upload
+# encodings, 1,000 merchants x 1M generated products, time to target on ml100k-temporal (PARTS picks some).
+TRAIN_PARTS ?= switch,losses,uploads,large,time_to_target
+bench-train: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_train --parts $(TRAIN_PARTS)
 
 test: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q

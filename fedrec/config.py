@@ -137,6 +137,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ),
         (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
+        (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
         (cfg.federation.aggregation in AGGREGATIONS, f"federation.aggregation must be one of {AGGREGATIONS}"),
         (cfg.federation.server.name in SERVER_OPTIMIZERS, f"federation.server.name must be one of {SERVER_OPTIMIZERS}"),

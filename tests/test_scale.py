@@ -26,6 +26,7 @@ from fedrec.federated.upload import (
     sparse_row_bytes,
     touched_rows,
 )
+from fedrec.losses import sampled_softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_vectors, init_user_embeddings, item_tower_shapes, new_item_tower
 
 SMALL_MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=64)
@@ -108,7 +109,7 @@ def test_a_large_catalogue_switches_softmax_to_sampled_softmax_without_the_user_
     train, features = _toy_merchant()
     state = new_item_tower(features.n_items, SMALL_MODEL, 0).state_dict()
     users = init_user_embeddings(train.shape[0], SMALL_MODEL, torch.Generator().manual_seed(1))
-    small_limit = LocalConfig(full_softmax_max_items=100)  # 300 items: above it
+    small_limit = LocalConfig(full_softmax_max_items=100, uniform_negatives=0)  # 300 items: above it
     switched = local_update(state, users, train, features, SMALL_MODEL, small_limit, seed=3)
     explicit = dataclasses.replace(small_limit, loss="sampled_softmax", user_solve_reg=0.0)
     same = local_update(state, users, train, features, SMALL_MODEL, explicit, seed=3)
@@ -116,9 +117,34 @@ def test_a_large_catalogue_switches_softmax_to_sampled_softmax_without_the_user_
     for k in state:
         assert torch.equal(switched.delta[k], same.delta[k])
     assert not torch.equal(switched.delta["item_emb.weight"], kept.delta["item_emb.weight"])
-    # sampled softmax moves only the id rows of products in the batches: the merchant's sold set
+    # in-batch sampled softmax moves only the id rows of products in the batches: the sold set
     moved = switched.delta["item_emb.weight"].abs().sum(1) > 0
     assert torch.equal(moved, switched.touched_rows)
+    # uniform negatives also move rows of products the merchant never sold
+    mixed = local_update(
+        state, users, train, features, SMALL_MODEL, dataclasses.replace(explicit, uniform_negatives=64), 3
+    )
+    moved_mixed = mixed.delta["item_emb.weight"].abs().sum(1) > 0
+    assert bool((moved_mixed & ~mixed.touched_rows).any()) and bool((moved_mixed >= mixed.touched_rows).all())
+
+
+def test_mixed_negatives_correct_each_candidate_by_its_expected_count():
+    """With K uniform negatives over N items and B in-batch ones, the loss is the cross-entropy
+    over [s/T - log(B q), s'/T - log(K / N)], a row's own positive never counted as a negative."""
+    gen = torch.Generator().manual_seed(0)
+    u, v_pos, v_neg = (
+        torch.randn(3, 4, generator=gen),
+        torch.randn(3, 4, generator=gen),
+        torch.randn(2, 4, generator=gen),
+    )
+    pos, neg = torch.tensor([0, 1, 2]), torch.tensor([1, 7])
+    log_q = torch.log(torch.tensor([0.5, 0.3, 0.2] + [0.0] * 7) + 1e-9)
+    got = sampled_softmax_loss(u, v_pos, pos, log_q, 0.5, None, v_neg, neg, 10)
+    inbatch = u @ v_pos.T / 0.5 - torch.log(3 * torch.exp(log_q[pos]))[None, :]
+    uniform = u @ v_neg.T / 0.5 - np.log(2 / 10)
+    uniform[1, 0] = float("-inf")  # row 1's positive is item 1, drawn as a negative
+    want = torch.nn.functional.cross_entropy(torch.cat([inbatch, uniform], 1), pos)
+    torch.testing.assert_close(got, want)
 
 
 def test_validation_on_a_sample_of_customers(tiny_dataset):
@@ -167,13 +193,14 @@ def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""
     out = subprocess.run(
-        [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", "switch,uploads,large",
+        [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", "switch,losses,uploads,large",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "bench-train.json").read_text())
     assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
+    assert set(res["losses"]["variants"]) == {"softmax", "sampled_in_batch", "sampled_mixed_1024"}
     assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
     sent = {name: v["upload_bytes_per_merchant"] for name, v in res["uploads"]["variants"].items()}
     assert sent["touched_rows_fp32"] < sent["dense_fp32"] and sent["dense_fp16"] < sent["dense_fp32"]

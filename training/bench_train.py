@@ -3,6 +3,8 @@
 Parts (each in a fresh process, so each peak RSS is its own):
 - `switch`: one local step's cost, full softmax against sampled softmax, over catalogue sizes:
   where `LocalConfig.full_softmax_max_items` comes from.
+- `losses`: on a small generated marketplace, test recall@20 and time per round of full softmax
+  against sampled softmax, in-batch only and with uniform negatives (`local.uniform_negatives`).
 - `uploads`: on the largest generated catalogue where a dense id table still fits, recall@20 and
   upload bytes per merchant for the encodings of fedrec/federated/upload.py and the id-row
   budget of `ModelConfig.id_rows`.
@@ -15,7 +17,7 @@ Parts (each in a fresh process, so each peak RSS is its own):
 
 Results: results/bench-train.json and .md.
 
-    python -m fedrec.training.bench_train [--parts switch,uploads,large,time_to_target] [--small]
+    python -m fedrec.training.bench_train [--parts switch,losses,uploads,large,time_to_target] [--small]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from fedrec.federated.upload import sparse_row_bytes
 from fedrec.model import ModelConfig, init_user_embeddings, item_embeddings, new_item_tower, scoring_vectors
 
 RESULTS = Path("results")
-PARTS = ("switch", "uploads", "large", "time_to_target")
+PARTS = ("switch", "losses", "uploads", "large", "time_to_target")
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,12 @@ class BenchTrainConfig:
     test_customers: int = 5  # per merchant, for the large run's recall@20
     compare_products: int = 100_000
     compare_merchants: int = 100
-    compare_customers: int = 50_000
-    compare_rounds: int = 20
+    compare_customers: int = 30_000
+    compare_rounds: int = 10
+    loss_products: int = 20_000
+    loss_merchants: int = 20
+    loss_customers: int = 20_000
+    loss_rounds: int = 10
     switch_sizes: tuple[int, ...] = (1_000, 10_000, 50_000, 100_000, 1_000_000)
     switch_steps: int = 20
     full_softmax_max_items: int = LocalConfig.full_softmax_max_items  # the small variant lowers it
@@ -78,6 +84,10 @@ SMALL = BenchTrainConfig(
     compare_merchants=10,
     compare_customers=3_000,
     compare_rounds=2,
+    loss_products=3_000,
+    loss_merchants=5,
+    loss_customers=1_000,
+    loss_rounds=2,
     switch_sizes=(1_000, 5_000),
     switch_steps=2,
     full_softmax_max_items=1_000,
@@ -138,6 +148,30 @@ def _random_purchases(users: int, n: int, rng: np.random.Generator):
 
     cols = rng.integers(0, n, users)
     return sp.csr_matrix((np.ones(users, dtype=np.float32), (np.arange(users), cols)), shape=(users, n))
+
+
+def losses(cfg: BenchTrainConfig) -> dict:
+    """Test recall@20 and seconds per round of full softmax, in-batch sampled softmax, and sampled
+    softmax with uniform negatives mixed in, on one small generated marketplace (one seed)."""
+    torch.set_num_threads(2)
+    ds, features = marketplace(cfg.loss_products, cfg.loss_merchants, cfg.loss_customers)
+    fed = FederationConfig(rounds=cfg.loss_rounds, patience=0, val_every=cfg.loss_rounds, seed=cfg.seed)
+    base = LocalConfig(user_solve_reg=0.0, full_softmax_max_items=10**9)
+    variants = {
+        "softmax": base,
+        "sampled_in_batch": dataclasses.replace(base, loss="sampled_softmax", uniform_negatives=0),
+        "sampled_mixed_1024": dataclasses.replace(base, loss="sampled_softmax", uniform_negatives=1024),
+    }
+    out = {}
+    for name, local in variants.items():
+        t = time.perf_counter()
+        res = run_federated(ds, features, ModelConfig(), local, fed)
+        seconds = (time.perf_counter() - t) / len(res.history)
+        recall = sampled_test_recall(res, ds, features, ModelConfig(), 0)
+        out[name] = {"recall@20": recall, "seconds_per_round": seconds}
+        print(f"losses {name}: {out[name]}", flush=True)
+    return {"items": ds.n_items, "merchants": len(ds.merchants), "rounds": cfg.loss_rounds, "seed": cfg.seed,
+            "user_solve": False, "variants": out}  # fmt: skip
 
 
 def uploads(cfg: BenchTrainConfig) -> dict:
@@ -265,7 +299,8 @@ def time_to_target(cfg: BenchTrainConfig) -> dict | None:
 
 
 def _run_part(part: str, cfg: BenchTrainConfig) -> dict | None:
-    return {"switch": switch_point, "uploads": uploads, "large": large, "time_to_target": time_to_target}[part](cfg)
+    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "large": large}
+    return {**parts, "time_to_target": time_to_target}[part](cfg)
 
 
 def markdown(res: dict) -> str:
@@ -277,6 +312,16 @@ def markdown(res: dict) -> str:
             lines.append(
                 f"| {r['items']:,} | {r['softmax_ms_per_step']:.1f} | {r['sampled_softmax_ms_per_step']:.1f} |"
             )
+        lines.append("")
+    if "losses" in res:
+        g = res["losses"]
+        lines += [
+            f"## Loss ({g['items']:,} products, {g['merchants']} merchants, {g['rounds']} rounds, seed {g['seed']})",
+            "",
+            "| loss | recall@20 | s per round |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {k} | {v['recall@20']:.4f} | {v['seconds_per_round']:.1f} |" for k, v in g["variants"].items()]
         lines.append("")
     if "uploads" in res:
         u = res["uploads"]
@@ -325,17 +370,20 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {PARTS}")
-    res = {
-        "machine": f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores",
-        "command": "make bench-train" + (" (--small)" if args.small else ""),
-        "date": dt.date.today().isoformat(),
-        "config": dataclasses.asdict(cfg),
-    }
+    target = args.out / "bench-train.json"
+    # The parts not run this time keep their last results (same machine and config assumed).
+    res = json.loads(target.read_text()) if target.is_file() and not args.small else {}
+    res.update(
+        machine=f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores",
+        command="make bench-train" + (" (--small)" if args.small else ""),
+        date=dt.date.today().isoformat(),
+        config=dataclasses.asdict(cfg),
+    )
     for part in parts:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             res[part] = pool.submit(_run_part, part, cfg).result()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "bench-train.json", res)
+    write_json(target, res)
     write_text(args.out / "bench-train.md", markdown(res) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
 

@@ -53,7 +53,10 @@ class LocalConfig:
     # Above this many catalogue items, "softmax" steps use sampled softmax instead, and the user
     # solve (a full softmax per customer) is skipped: each would cost O(catalogue) per step, the
     # sampled step O(batch). Chosen by measurement (`make bench-train`, README "Scale").
-    full_softmax_max_items: int = 50_000
+    full_softmax_max_items: int = 20_000
+    # Sampled softmax: this many uniformly drawn negatives per step besides the in-batch ones
+    # (mixed negative sampling); 0 is in-batch only. Chosen by measurement (README, "Scale").
+    uniform_negatives: int = 1024
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,13 @@ def _batch_loss(
     if cfg.loss == "softmax":
         return softmax_loss(u, tower(features), pos, cfg.temperature, bias)
     if cfg.loss == "sampled_softmax":
-        return sampled_softmax_loss(u, tower(features, pos), pos, log_q, cfg.temperature, bias)
+        if not cfg.uniform_negatives:
+            return sampled_softmax_loss(u, tower(features, pos), pos, log_q, cfg.temperature, bias)
+        neg = torch.randint(features.n_items, (cfg.uniform_negatives,), generator=gen)
+        v = tower(features, torch.cat([pos, neg]))
+        return sampled_softmax_loss(
+            u, v[: len(pos)], pos, log_q, cfg.temperature, bias, v[len(pos) :], neg, features.n_items
+        )
     if cfg.loss == "bpr":
         neg = torch.randint(features.n_items, pos.shape, generator=gen)
         v = tower(features, torch.cat([pos, neg]))
