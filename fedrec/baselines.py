@@ -42,6 +42,16 @@ def implicit_als(
     return torch.from_numpy(np.asarray(model.user_factors)), torch.from_numpy(np.asarray(model.item_factors))
 
 
+def als_fold_in(
+    item_factors: np.ndarray, baskets: list[np.ndarray], alpha: float = 5.0, reg: float = 0.1
+) -> np.ndarray:
+    """ALS's user vector for a new basket, as implicit's `recalculate_user` solves it: confidence
+    c = alpha on the basket's items (1 elsewhere), (V'V + (c - 1) V_S'V_S + reg I) u = c V_S' 1."""
+    v = np.asarray(item_factors, dtype=np.float64)
+    gram = v.T @ v + reg * np.eye(v.shape[1])
+    return np.stack([np.linalg.solve(gram + (alpha - 1) * v[s].T @ v[s], alpha * v[s].sum(0)) for s in baskets])
+
+
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 
 

@@ -93,6 +93,20 @@ def same_label_rate(similarity: np.ndarray, labels: np.ndarray, k: int = 10) -> 
     return float(shared[labelled].mean()) if labelled.any() else float("nan")
 
 
+def basket_label_share(scores: np.ndarray, baskets: list[np.ndarray], basket_labels: np.ndarray, labels: np.ndarray,
+                       k: int = 10) -> float:  # fmt: skip
+    """Mean over baskets of the share of the top-k (the basket's own items left out) that carry
+    the basket's label: does a basket of perfumes get beauty products first?
+
+    scores: [baskets, items]; basket_labels: the label index of each basket; labels: [items, labels] 0/1.
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    for i, rows in enumerate(baskets):
+        scores[i, rows] = -np.inf
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    return float(np.mean(labels[top, basket_labels[:, None]].mean(axis=1)))
+
+
 def cosine(vectors: np.ndarray) -> np.ndarray:
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return unit @ unit.T

@@ -10,7 +10,15 @@ import torch
 
 from fedrec.baselines import ease_weights
 from fedrec.config import load_config
-from fedrec.training.evaluate import METHODS, TRAINED, _split_rows, choose_ease_lambda, evaluate, markdown_table
+from fedrec.training.evaluate import (
+    METHODS,
+    TRAINED,
+    _split_rows,
+    choose_ease_lambda,
+    evaluate,
+    markdown_table,
+    one_label_baskets,
+)
 
 
 def test_pooled_rows_go_back_to_their_own_merchants(tiny_dataset):
@@ -82,5 +90,19 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
         assert 0 < div["coverage@10"] <= 1 and 0 < div["top1_share"] <= 1
     assert "similar_same_label@10_cosine" in res["federated"]["diversity"]  # the tiny shop has categories
     assert "similar_same_label@10_ip" not in res["popularity"]["diversity"]  # no item-item meaning there
+    for name in ("federated", "centralized", "implicit_als", "ease"):  # each folds in the same baskets its own way
+        assert 0 <= res[name]["diversity"]["basket_same_label@10"] <= 1
+    assert "basket_same_label@10" not in res["popularity"]["diversity"]
     table = markdown_table(res)
     assert "| ease |" in table and "±" in table and "seeds 0, 1" in table
+
+
+def test_one_category_baskets_take_the_most_bought_single_label_products():
+    labels = np.zeros((14, 3))
+    labels[:12, 0] = 1  # label 0: items 0-11, of which 10 and 11 also carry label 1
+    labels[10:12, 1] = 1
+    labels[12:, 2] = 1  # label 2: too few products for a basket
+    counts = np.arange(14, dtype=float)  # later items are bought more
+    baskets, which = one_label_baskets(labels, counts)
+    assert which.tolist() == [0]
+    assert sorted(baskets[0].tolist()) == [5, 6, 7, 8, 9]  # 10 and 11 are not label 0 alone

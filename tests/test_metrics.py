@@ -5,7 +5,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from fedrec.metrics import per_user_metrics, topk_items
+from fedrec.baselines import als_fold_in
+from fedrec.metrics import basket_label_share, per_user_metrics, topk_items
 
 
 def csr(rows, n_items):
@@ -71,3 +72,25 @@ def test_same_label_rate_counts_neighbours_sharing_a_label_and_skips_unlabelled_
     vecs = np.array([[1.0, 0.0], [10.0, 0.1], [0.0, 1.0]])
     c = cosine(vecs)
     assert np.allclose(np.diag(c), 1.0) and c[0, 1] > 0.99 and abs(c[0, 2]) < 1e-9
+
+
+def test_basket_label_share_by_hand():
+    # items 0-3 carry label 0, items 4-5 label 1; one basket {0} of label 0
+    labels = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)
+    scores = np.array([[9.0, 5.0, 1.0, 0.0, 4.0, 3.0]])  # top-2 without item 0: items 1 and 4
+    assert basket_label_share(scores, [np.array([0])], np.array([0]), labels, k=2) == 0.5
+    assert basket_label_share(scores, [np.array([0, 1])], np.array([0]), labels, k=2) == 0.0  # 4 and 5
+
+
+def test_als_fold_in_is_implicits_recalculated_user():
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix((rng.random((30, 20)) < 0.2).astype(np.float32))
+    model = AlternatingLeastSquares(factors=4, regularization=0.1, alpha=5.0, iterations=3, random_state=0)
+    model.fit(x, show_progress=False)
+    basket = np.array([2, 5, 7])
+    row = sp.csr_matrix((np.ones(3, dtype=np.float32), (np.zeros(3), basket)), shape=(1, 20))
+    want = np.asarray(model.recalculate_user(0, row)).ravel()
+    got = als_fold_in(np.asarray(model.item_factors), [basket], alpha=5.0, reg=0.1)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json, write_text, write_with
-from fedrec.baselines import EASE_LAMBDAS, ease, implicit_als, popularity
+from fedrec.baselines import EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset, pooled
 from fedrec.errors import FedrecError
@@ -32,8 +33,9 @@ from fedrec.evaluation import (
 )
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
-from fedrec.metrics import METRICS, catalogue_coverage, cosine, same_label_rate, top1_share
+from fedrec.metrics import METRICS, basket_label_share, catalogue_coverage, cosine, same_label_rate, top1_share
 from fedrec.model import item_embeddings
+from fedrec.serving.foldin import FoldInConfig, fold_in_many
 from fedrec.training.cold_start import evaluate_cold_start
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
@@ -100,11 +102,31 @@ def item_labels(items: pl.DataFrame) -> np.ndarray:
     return out
 
 
-def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None) -> dict:
-    """How concentrated the top-10 lists are, and how category-coherent "similar items" are.
+BASKET_SIZE = 5
+
+
+def one_label_baskets(labels: np.ndarray, counts: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """One basket per label: its BASKET_SIZE most bought products that carry that label alone
+    (five perfumes, five helmets). Labels with fewer such products, or where fewer than two
+    baskets' worth carry it at all, are left out. Returns (baskets, label of each)."""
+    alone = labels.sum(axis=1) == 1
+    baskets, which = [], []
+    for j in range(labels.shape[1]):
+        pure = np.flatnonzero(alone & (labels[:, j] > 0))
+        if len(pure) < BASKET_SIZE or labels[:, j].sum() < 2 * BASKET_SIZE:
+            continue
+        baskets.append(pure[np.argsort(-counts[pure], kind="stable")[:BASKET_SIZE]])
+        which.append(j)
+    return baskets, np.array(which, dtype=np.int64)
+
+
+def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, basket=None) -> dict:
+    """How concentrated the top-10 lists are, how category-coherent "similar items" are, and how
+    much of a one-category basket's top-10 stays in that category.
 
     similar: None ranks neighbours by the item vectors (inner product, as the API does, and cosine);
     an array gives a method's own item-item scores (EASE); False skips it (popularity).
+    basket: (baskets, their labels, a function from baskets to [baskets, items] scores), or None.
     """
     lists = recommendation_lists(dataset.merchants, users, items, biases, 10)
     out = {"coverage@10": catalogue_coverage(lists, dataset.n_items), "top1_share": top1_share(lists)}
@@ -113,7 +135,23 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None) -
     vecs = items.numpy() if similar is None else similar
     out["similar_same_label@10_ip"] = same_label_rate(vecs @ vecs.T if similar is None else vecs, labels)
     out["similar_same_label@10_cosine"] = same_label_rate(cosine(vecs), labels)
+    if basket is not None and len(basket[0]):
+        baskets, which, score = basket
+        out["basket_same_label@10"] = basket_label_share(score(baskets), baskets, which, labels)
     return out
+
+
+def _basket_rows(baskets: list[np.ndarray], n_items: int) -> np.ndarray:
+    rows = np.zeros((len(baskets), n_items), dtype=np.float32)
+    for i, b in enumerate(baskets):
+        rows[i, b] = 1.0
+    return rows
+
+
+def tower_basket_scores(items: torch.Tensor, temperature: float) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """An anonymous basket as the API answers it: the softmax fold-in (default reg), then u . v."""
+    vecs = items.numpy()
+    return lambda baskets: fold_in_many(vecs, baskets, "softmax", FoldInConfig().reg, temperature) @ vecs.T
 
 
 def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:
@@ -155,11 +193,17 @@ def evaluate(
     full = pooled(dataset).full_train
 
     labels = item_labels(dataset.items)
+    baskets, basket_labels = one_label_baskets(labels, np.asarray(full.sum(axis=0)).ravel())
 
-    def scored(users, items, seconds: float, result: TrainResult | None = None, biases=None, similar=None) -> dict:
+    def scored(
+        users, items, seconds: float, result: TrainResult | None = None, biases=None, similar=None, basket=None
+    ) -> dict:
         entry = evaluate_test_all(dataset.merchants, users, items, biases)
         entry["seconds"] = round(seconds, 2)
-        entry["diversity"] = diversity(dataset, users, items, biases, labels, similar)
+        if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
+            basket = tower_basket_scores(items, cfg.local.temperature)
+        basket_args = None if basket is None or basket is False else (baskets, basket_labels, basket)
+        entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
         if result is not None:
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
@@ -216,7 +260,8 @@ def evaluate(
         # implicit's ALS (random initialisation: seeded too), on everything before the cut-off.
         t0 = time.perf_counter()
         u, v = implicit_als(full, seed=seed)
-        keep("implicit_als", scored(_split_rows(dataset, u), v, time.perf_counter() - t0), seed)
+        als_basket = lambda b, v=v: als_fold_in(v.numpy(), b) @ v.numpy().T  # noqa: E731
+        keep("implicit_als", scored(_split_rows(dataset, u), v, time.perf_counter() - t0, basket=als_basket), seed)
 
         # Ablations: each design choice of the federated run flipped alone.
         for label, (model_cfg, variant_fed) in _variants(run_cfg).items():
@@ -243,7 +288,8 @@ def evaluate(
     lam, val_scores = choose_ease_lambda(dataset)
     u, v = ease(full, lam)
     # EASE's "similar items" of i: the items i's purchase predicts most, row i of B (= v.T)
-    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=v.numpy().T)
+    ease_basket = lambda b, v=v: _basket_rows(b, dataset.n_items) @ v.numpy().T  # noqa: E731
+    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=v.numpy().T, basket=ease_basket)
     out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
     for name in ("popularity", "ease"):
         console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
@@ -321,11 +367,16 @@ def markdown_table(res: dict) -> str:
         f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f} ± {v['recall@20_std']:.4f}.\n"
         for k, v in res["ablations"].items()
     )
-    keys = ("coverage@10", "top1_share", "similar_same_label@10_ip", "similar_same_label@10_cosine")
+    keys = (
+        "coverage@10", "top1_share", "similar_same_label@10_ip", "similar_same_label@10_cosine", "basket_same_label@10",
+    )  # fmt: skip
     div = (
         "\nBeyond accuracy (top-10 lists of every test customer; similar items: the 10 nearest items, "
-        "sharing a category or genre):\n\n| method | catalogue coverage@10 | top-1 share | similar items same "
-        "label (inner product) | similar items same label (cosine) |\n|---|---:|---:|---:|---:|\n"
+        "sharing a category or genre; one-category basket: for each category (genre), its 5 most bought "
+        "products of that category alone as an anonymous basket, the share of its top-10 in that category):"
+        "\n\n| method | catalogue coverage@10 | top-1 share | similar items same label (inner product) | "
+        "similar items same label (cosine) | one-category basket: top-10 in category |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
         + "\n".join(
             f"| {m} | " + " | ".join(_num(res[m].get("diversity", {}).get(k)) for k in keys) + " |" for m in METHODS
         )
