@@ -14,19 +14,16 @@ Generated at first use from a seed, cached atomically like the embedded log.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from fedrec.atomic import write_with
 from fedrec.data import PurchaseLog
-from fedrec.datasets import cache_dir
 from fedrec.datasets.synthetic import (
     CATEGORIES,
     _catalogue,
+    cached_log,
     event_categories,
     item_logits,
     purchase_events,
@@ -109,27 +106,8 @@ def generate(cfg: MarketplaceConfig | None = None) -> tuple[pl.DataFrame, pl.Dat
     return purchases, products.drop("release_day")
 
 
-def paths(cfg: MarketplaceConfig) -> tuple[Path, Path]:
-    digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:10]
-    folder = cache_dir() / "marketplace"
-    tag = f"v{GENERATOR_VERSION}-{digest}"
-    return folder / f"purchases-{tag}.parquet", folder / f"products-{tag}.parquet"
-
-
 def load(cfg: MarketplaceConfig | None = None) -> PurchaseLog:
-    """Read the generated files, generating them first (atomically) if absent."""
+    """The generated marketplace, cached like the embedded log (`synthetic.cached_log`)."""
     cfg = cfg or MarketplaceConfig()
-    p_path, i_path = paths(cfg)
-    if not (p_path.is_file() and i_path.is_file()):
-        purchases, products = generate(cfg)
-        write_with(i_path, lambda t: products.write_parquet(t))
-        write_with(p_path, lambda t: purchases.write_parquet(t))
-    products = pl.read_parquet(i_path)
-    return PurchaseLog(
-        name="marketplace",
-        interactions=pl.read_parquet(p_path),
-        items=products.select(
-            "item", "title", "description", "category", "price", pl.lit(None, dtype=pl.String).alias("tags")
-        ),
-        source=f"generated marketplace, generator v{GENERATOR_VERSION} (datasets/marketplace.py): {cfg}",
-    )
+    source = f"generated marketplace, generator v{GENERATOR_VERSION} (datasets/marketplace.py): {cfg}"
+    return cached_log("marketplace", cfg, GENERATOR_VERSION, lambda: generate(cfg), source)

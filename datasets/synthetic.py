@@ -14,8 +14,8 @@ Generated at first use from a seed, written atomically, identical on every machi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -308,29 +308,24 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[pl.DataFrame, pl.DataF
     return purchases, products.drop("release_day")
 
 
-def paths(cfg: SyntheticConfig | None = None) -> tuple[Path, Path]:
-    cfg = cfg or SyntheticConfig()
-    digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:10]
-    tag = f"v{GENERATOR_VERSION}-{digest}"
-    folder = cache_dir() / "synthetic"
-    return folder / f"purchases-{tag}.parquet", folder / f"products-{tag}.parquet"
+def cached_log(kind: str, cfg: object, version: int, make: Callable[[], tuple[pl.DataFrame, pl.DataFrame]],
+               source: str) -> PurchaseLog:  # fmt: skip
+    """Read a generated log from the cache (`kind`/, keyed by generator version and config),
+    generating it first with `make` (written atomically) if absent."""
+    tag = f"v{version}-{hashlib.sha256(repr(cfg).encode()).hexdigest()[:10]}"
+    p_path, i_path = (cache_dir() / kind / f"{part}-{tag}.parquet" for part in ("purchases", "products"))
+    if not (p_path.is_file() and i_path.is_file()):
+        purchases, products = make()
+        write_with(i_path, lambda t: products.write_parquet(t))
+        write_with(p_path, lambda t: purchases.write_parquet(t))
+    items = pl.read_parquet(i_path).select(
+        "item", "title", "description", "category", "price", pl.lit(None, dtype=pl.String).alias("tags")
+    )
+    return PurchaseLog(name=kind, interactions=pl.read_parquet(p_path), items=items, source=source)
 
 
 def load(cfg: SyntheticConfig | None = None) -> PurchaseLog:
-    """Read the generated files, generating them first (atomically) if absent."""
-    p_path, i_path = paths(cfg)
-    if not (p_path.is_file() and i_path.is_file()):
-        purchases, products = generate(cfg)
-        write_with(i_path, lambda t: products.write_parquet(t))
-        write_with(p_path, lambda t: purchases.write_parquet(t))
-    purchases = pl.read_parquet(p_path)
-    products = pl.read_parquet(i_path)
-    items = products.select(
-        "item", "title", "description", "category", "price", pl.lit(None, dtype=pl.String).alias("tags")
-    )
-    return PurchaseLog(
-        name="synthetic",
-        interactions=purchases,
-        items=items,
-        source=f"synthetic e-commerce log, generator v{GENERATOR_VERSION} (datasets/synthetic.py)",
-    )
+    """The embedded shop log, generated at first use."""
+    cfg = cfg or SyntheticConfig()
+    source = f"synthetic e-commerce log, generator v{GENERATOR_VERSION} (datasets/synthetic.py)"
+    return cached_log("synthetic", cfg, GENERATOR_VERSION, lambda: generate(cfg), source)
