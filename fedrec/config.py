@@ -152,10 +152,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.model.dim >= 1, "model.dim must be >= 1"),
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
         (cfg.model.id_rows >= 0, "model.id_rows must be >= 0 (0: one id row per product)"),
-        (
-            not cfg.model.id_rows or cfg.federation.aggregation == "fedavg",
-            "model.id_rows: compositional ids share rows between products, so aggregation must be 'fedavg'",
-        ),
         (cfg.output.index in ("auto", "flat", "hnsw"), "output.index must be auto, flat or hnsw"),
         (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
         (

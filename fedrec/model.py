@@ -26,17 +26,23 @@ class ModelConfig:
     # A per-merchant item bias (that shop's own popularity), trained and kept at home like the
     # user table: score = u . v + b_m. Pays off when shops differ (non-IID), see README.
     merchant_item_bias: bool = False
-    # Item-id rows. 0: one row per product (the table, and every upload, grows with the catalogue).
-    # R > 0: a fixed budget, compositional (quotient-remainder, Shi et al. 2020): product i is
-    # row i mod R of one table plus row (i // R + i * SPREAD) mod R of another, a pair unique for
-    # i < R^2, so the shared tower has 2 R id rows whatever the catalogue size (README, "Scale").
-    id_rows: int = 0
+    # Item-id rows. A catalogue of up to 2 R products gets one row per product. A larger one gets
+    # compositional ids (quotient-remainder, Shi et al. 2020): product i is row i mod R of one
+    # table plus row (i // R + i * SPREAD) mod R of another, a pair unique for i < R^2, so the
+    # shared tower (and every upload) holds at most 2 R id rows whatever the catalogue size
+    # (README, "Scale"). 0: one row per product always.
+    id_rows: int = 16_384
 
 
 # The second table's row is the quotient shifted by remainder x SPREAD: products that share a
 # remainder still get distinct quotient rows, and every quotient row is used (the plain quotient
 # i // R would use only catalogue / R of them).
 SPREAD = 40503
+
+
+def id_table_rows(n_items: int, cfg: ModelConfig) -> int:
+    """R of the compositional id tables for a catalogue of `n_items`, or 0 for one row per product."""
+    return cfg.id_rows if cfg.id_rows and n_items > 2 * cfg.id_rows else 0
 
 
 class ItemTower(nn.Module):
@@ -46,10 +52,11 @@ class ItemTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         # Only the parts in use exist: an unused table would still be uploaded every round.
+        self.id_rows = id_table_rows(n_items, cfg)
         if cfg.use_item_id:
-            self.item_emb = nn.Embedding(cfg.id_rows or n_items, cfg.dim)
-            if cfg.id_rows:
-                self.item_emb_q = nn.Embedding(cfg.id_rows, cfg.dim)  # the quotient table
+            self.item_emb = nn.Embedding(self.id_rows or n_items, cfg.dim)
+            if self.id_rows:
+                self.item_emb_q = nn.Embedding(self.id_rows, cfg.dim)  # the quotient table
         if cfg.use_content:
             # Row `hash_buckets` is the padding row: excluded from the mean and never trained.
             self.feat_emb = nn.EmbeddingBag(
@@ -58,9 +65,9 @@ class ItemTower(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
         if cfg.use_item_id:
             # Two summed rows get half the variance each, so an id vector has the same prior either way.
-            id_std = cfg.init_std / np.sqrt(2.0) if cfg.id_rows else cfg.init_std
+            id_std = cfg.init_std / np.sqrt(2.0) if self.id_rows else cfg.init_std
             nn.init.normal_(self.item_emb.weight, std=id_std)
-            if cfg.id_rows:
+            if self.id_rows:
                 nn.init.normal_(self.item_emb_q.weight, std=id_std)
         if cfg.use_content:
             nn.init.normal_(self.feat_emb.weight, std=cfg.init_std)
@@ -79,9 +86,9 @@ class ItemTower(nn.Module):
 
     def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         weights = {"item_emb.weight": self.item_emb.weight}
-        if self.cfg.id_rows:
+        if self.id_rows:
             weights["item_emb_q.weight"] = self.item_emb_q.weight
-        return id_vectors(weights, ids, self.cfg.id_rows)
+        return id_vectors(weights, ids, self.id_rows)
 
 
 def id_vectors(weights: dict[str, torch.Tensor], ids: torch.Tensor, id_rows: int) -> torch.Tensor:
@@ -164,7 +171,7 @@ def catalogue_embeddings(
     tower gives it `content_neighbour_vectors`. `n_trained` may be left out with one id row per
     product (it is then the table's length)."""
     if n_trained is None:
-        if cfg.id_rows:
+        if "item_emb_q.weight" in state:
             raise ValueError("catalogue_embeddings: compositional item ids need n_trained")
         n_trained = state["item_emb.weight"].shape[0]
     trained_features = ItemFeatures(features.tokens[:n_trained], features.n_buckets)

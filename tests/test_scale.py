@@ -14,9 +14,10 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.datasets.marketplace import MarketplaceConfig, generate, merchant_sizes
+from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_val, merchant_metric_sums, sample_customers
 from fedrec.features import ItemFeatures, build_item_features
-from fedrec.federated.aggregation import add_sums, merchant_sums
+from fedrec.federated.aggregation import add_sums, merchant_sums, sum_names
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.federated.upload import (
@@ -36,8 +37,19 @@ def test_compositional_ids_fix_the_tower_size_whatever_the_catalogue():
     cfg = dataclasses.replace(SMALL_MODEL, id_rows=32)
     assert item_tower_shapes(1_000, cfg) == item_tower_shapes(1_000_000, cfg)
     assert item_tower_shapes(1_000, cfg)["item_emb.weight"] == (32, 8)
-    # one row per product grows with the catalogue
-    assert item_tower_shapes(1_000, SMALL_MODEL)["item_emb.weight"] == (1_000, 8)
+    # up to 2R products: one row per product; id_rows = 0: always one row per product
+    assert item_tower_shapes(64, cfg)["item_emb.weight"] == (64, 8) and "item_emb_q.weight" not in item_tower_shapes(
+        64, cfg
+    )
+    assert item_tower_shapes(65, cfg)["item_emb_q.weight"] == (32, 8)
+    assert item_tower_shapes(1_000_000, dataclasses.replace(cfg, id_rows=0))["item_emb.weight"] == (1_000_000, 8)
+
+
+def test_rowwise_needs_one_id_row_per_product():
+    cfg = dataclasses.replace(SMALL_MODEL, id_rows=32)
+    sum_names(item_tower_shapes(64, cfg), "rowwise")  # one row per product: fine
+    with pytest.raises(ConfigError, match="compositional"):
+        sum_names(item_tower_shapes(65, cfg), "rowwise")
 
 
 def test_compositional_ids_give_every_product_its_own_pair_of_rows():

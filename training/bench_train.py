@@ -44,7 +44,14 @@ from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.federated.upload import sparse_row_bytes
-from fedrec.model import ModelConfig, init_user_embeddings, item_embeddings, new_item_tower, scoring_vectors
+from fedrec.model import (
+    ModelConfig,
+    id_table_rows,
+    init_user_embeddings,
+    item_embeddings,
+    new_item_tower,
+    scoring_vectors,
+)
 
 RESULTS = Path("results")
 PARTS = ("switch", "losses", "uploads", "large", "time_to_target")
@@ -126,12 +133,12 @@ def switch_point(cfg: BenchTrainConfig) -> dict:
     rows = []
     for n in cfg.switch_sizes:
         features = ItemFeatures(torch.from_numpy(rng.integers(0, 16384, (n, 12))), 16384)
-        model = ModelConfig(id_rows=cfg.id_rows if n > cfg.id_rows else 0)
+        model = ModelConfig(id_rows=cfg.id_rows)
         state = new_item_tower(n, model, cfg.seed).state_dict()
         users = 256 * cfg.switch_steps
         train = _random_purchases(users, n, rng)
         u = init_user_embeddings(users, model, torch.Generator().manual_seed(0))
-        row = {"items": n, "id_rows": model.id_rows}
+        row = {"items": n, "id_rows": id_table_rows(n, model)}
         for loss in ("softmax", "sampled_softmax"):
             local = LocalConfig(loss=loss, user_solve_reg=0.0, full_softmax_max_items=10**9)
             local_update(state, u[:256], train[:256], features, model, local, 0)  # warm-up
@@ -181,8 +188,8 @@ def uploads(cfg: BenchTrainConfig) -> dict:
     local = LocalConfig(loss="sampled_softmax", user_solve_reg=0.0)
     fed = FederationConfig(rounds=cfg.compare_rounds, patience=0, val_every=cfg.compare_rounds, seed=cfg.seed)
     variants = {
-        "dense_fp32": (ModelConfig(), "float32"),
-        "dense_fp16": (ModelConfig(), "float16"),
+        "dense_fp32": (ModelConfig(id_rows=0), "float32"),
+        "dense_fp16": (ModelConfig(id_rows=0), "float16"),
         "compositional_fp32": (ModelConfig(id_rows=cfg.id_rows), "float32"),
         "compositional_fp16": (ModelConfig(id_rows=cfg.id_rows), "float16"),
         "content_only": (ModelConfig(use_item_id=False), "float32"),
@@ -230,7 +237,7 @@ def large(cfg: BenchTrainConfig) -> dict:
     t = time.perf_counter()
     ds, features = marketplace(cfg.products, cfg.merchants, cfg.customers)
     prepare = time.perf_counter() - t
-    model = ModelConfig(id_rows=cfg.id_rows)
+    model = ModelConfig(id_rows=cfg.id_rows)  # the default: compositional ids above 2 x id_rows products
     # The default loss, softmax, switches to sampled softmax above full_softmax_max_items.
     local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items)
     # Validated once, after the last round (on a sample of customers), which is left out of the timing.

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from fedrec.errors import ConfigError
+
 AGGREGATIONS = ("fedavg", "rowwise")
 ROW_TENSORS = ("item_emb.weight",)
 WEIGHT, STEPS, LOSS = "n", "n_tau", "n_loss"
@@ -39,6 +41,11 @@ def sum_names(shapes: Mapping[str, tuple[int, ...]], rule: str) -> dict[str, tup
     names = {WEIGHT: (), STEPS: (), LOSS: ()}
     names.update({DELTA + k: tuple(v) for k, v in shapes.items()})
     if rule == "rowwise":
+        if "item_emb_q.weight" in shapes:
+            raise ConfigError(
+                "federation.aggregation 'rowwise' averages one id row per product, but this catalogue has "
+                "compositional ids (more than 2 x model.id_rows products): use 'fedavg', or model.id_rows = 0"
+            )
         n_items = shapes[ROW_TENSORS[0]][0]
         names.update({ROW_WEIGHT: (n_items,), ROW_STEPS: (n_items,)})
         names.update({ROW_DELTA + k: tuple(shapes[k]) for k in ROW_TENSORS})

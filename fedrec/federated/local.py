@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedrec.features import ItemFeatures
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
-from fedrec.model import ItemTower, ModelConfig, id_vectors
+from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors
 from fedrec.privacy.accountant import DPMechanism
 from fedrec.privacy.dp_sgd import padded_baskets, poisson_sample, private_gradients
 from fedrec.softmax_foldin import solve_user_vectors
@@ -242,7 +242,7 @@ def item_vectors_functional(
         hidden = F.relu(F.linear(mean, params["mlp.0.weight"], params["mlp.0.bias"]))
         out = F.linear(hidden, params["mlp.2.weight"], params["mlp.2.bias"])
     if model_cfg.use_item_id:
-        out = out + id_vectors(params, torch.arange(features.n_items), model_cfg.id_rows)
+        out = out + id_vectors(params, torch.arange(features.n_items), id_table_rows(features.n_items, model_cfg))
     return out
 
 
@@ -268,7 +268,7 @@ def _private_steps(
     indptr = torch.from_numpy(train.indptr.astype(np.int64))
     indices = torch.from_numpy(train.indices.astype(np.int64))
     n_customers = train.shape[0]
-    temperature, wd, id_rows = cfg.temperature, cfg.weight_decay, tower.cfg.id_rows
+    temperature, wd, id_rows = cfg.temperature, cfg.weight_decay, tower.id_rows
 
     def customer_loss(
         shared: dict[str, torch.Tensor], u: torch.Tensor, pos: torch.Tensor, m: torch.Tensor
