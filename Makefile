@@ -92,7 +92,7 @@ bench-federation: setup
 
 # Training at marketplace scale -> results/bench-train.json (+ .md): the softmax switch point, upload
 # encodings, 1,000 merchants x 1M generated products, time to target on ml100k-temporal (PARTS picks some).
-TRAIN_PARTS ?= switch,losses,uploads,large,time_to_target
+TRAIN_PARTS ?= switch,losses,uploads,large,popularity,time_to_target
 bench-train: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_train --parts $(TRAIN_PARTS)
 

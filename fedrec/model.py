@@ -168,11 +168,11 @@ def catalogue_embeddings(
     other rows are products no one has bought. The trained rows are the tower's output. A new
     product gets the content path alone (its id row was never trained, or with compositional ids
     is shared with trained products, and the id prior's mean is zero); a model without a content
-    tower gives it `content_neighbour_vectors`. `n_trained` may be left out with one id row per
-    product (it is then the table's length)."""
+    tower gives it `content_neighbour_vectors`. `n_trained` may be left out when the tower has one
+    id row per product (it is then the table's length)."""
     if n_trained is None:
-        if "item_emb_q.weight" in state:
-            raise ValueError("catalogue_embeddings: compositional item ids need n_trained")
+        if "item_emb_q.weight" in state or "item_emb.weight" not in state:
+            raise ValueError("catalogue_embeddings: without one id row per product, n_trained must be given")
         n_trained = state["item_emb.weight"].shape[0]
     trained_features = ItemFeatures(features.tokens[:n_trained], features.n_buckets)
     trained = item_embeddings(state, trained_features, cfg)

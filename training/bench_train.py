@@ -11,6 +11,7 @@ Parts (each in a fresh process, so each peak RSS is its own):
 - `large`: 1,000 merchants (a tenth sampled per round) on a 1,000,000-product generated
   marketplace (datasets/marketplace.py, ~5M purchases) with the default large-catalogue settings:
   seconds per round, peak RSS, upload bytes per merchant, recall@20 after a fixed number of rounds.
+- `popularity`: pooled popularity's test recall@20 on each of those catalogues (same customers).
 - `time_to_target`: on ml100k-temporal (skipped without the shared MovieLens folder), the rounds
   and seconds the default federated configuration takes to reach 95% of the centralized model's
   best validation recall@20 (validation, not test: the target is a stopping rule).
@@ -54,7 +55,7 @@ from fedrec.model import (
 )
 
 RESULTS = Path("results")
-PARTS = ("switch", "losses", "uploads", "large", "time_to_target")
+PARTS = ("switch", "losses", "uploads", "large", "popularity", "time_to_target")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class BenchTrainConfig:
     merchants: int = 1000
     customers: int = 500_000
     fraction: float = 0.1
-    rounds: int = 10
+    rounds: int = 30
     id_rows: int = 16_384
     test_customers: int = 5  # per merchant, for the large run's recall@20
     compare_products: int = 100_000
@@ -116,11 +117,24 @@ def marketplace(products: int, merchants: int, customers: int) -> tuple[Federate
 def sampled_test_recall(res, ds: FederatedDataset, features: ItemFeatures, model: ModelConfig, cap: int) -> float:
     """Test recall@20 over at most `cap` customers per merchant (0: all), the catalogue ranked in full."""
     vecs = item_embeddings(res.item_state, features, model)
+    return _sampled_recall(
+        ds, cap, lambda m: scoring_vectors(res.user_embeddings[m.name], vecs, res.item_biases[m.name])
+    )
+
+
+def popularity_recall(ds: FederatedDataset, cap: int) -> float:
+    """The same customers ranked by the pooled count of buyers before the cut-off: a reference."""
+    counts = sum(np.asarray(m.full_train.sum(axis=0)).ravel() for m in ds.merchants)
+    items = torch.from_numpy(np.asarray(counts, dtype=np.float32)[:, None])
+    return _sampled_recall(ds, cap, lambda m: (torch.ones(m.n_users, 1), items))
+
+
+def _sampled_recall(ds: FederatedDataset, cap: int, vectors) -> float:
     parts = []
     for i, m in enumerate(ds.merchants):
         rows = sample_customers(m.test, cap, i)
         rows = np.arange(m.n_users) if rows is None else rows
-        users, items = scoring_vectors(res.user_embeddings[m.name], vecs, res.item_biases[m.name])
+        users, items = vectors(m)
         pick = torch.from_numpy(rows)
         parts.append(merchant_metric_sums(users[pick], items, m.full_train[rows], m.test[rows], ("recall@20",)))
     return combine_sums(parts).means()["recall@20"]
@@ -237,7 +251,7 @@ def large(cfg: BenchTrainConfig) -> dict:
     t = time.perf_counter()
     ds, features = marketplace(cfg.products, cfg.merchants, cfg.customers)
     prepare = time.perf_counter() - t
-    model = ModelConfig(id_rows=cfg.id_rows)  # the default: compositional ids above 2 x id_rows products
+    model = ModelConfig(id_rows=cfg.id_rows)  # compositional ids above 2 x id_rows products, as by default
     # The default loss, softmax, switches to sampled softmax above full_softmax_max_items.
     local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items)
     # Validated once, after the last round (on a sample of customers), which is left out of the timing.
@@ -262,11 +276,27 @@ def large(cfg: BenchTrainConfig) -> dict:
         "peak_rss_mb": _peak_mb(),
         "upload_bytes_per_merchant": int(np.mean([h.upload_bytes for h in res.history])),
         "recall@20": recall,
+        "popularity_recall@20": popularity_recall(ds, cfg.test_customers),
         "recall_customers_per_merchant": cfg.test_customers,
         "id_rows": cfg.id_rows,
         "loss": "sampled_softmax (the default softmax, switched above full_softmax_max_items)",
         "full_softmax_max_items": cfg.full_softmax_max_items,
     }
+
+
+def popularity_references(cfg: BenchTrainConfig) -> dict:
+    """Test recall@20 of pooled popularity on each generated catalogue above, for the same customers
+    as the part that trained there: what a model must beat to have learnt anything."""
+    out = {}
+    for part, (products, merchants, customers, cap) in {
+        "losses": (cfg.loss_products, cfg.loss_merchants, cfg.loss_customers, 0),
+        "uploads": (cfg.compare_products, cfg.compare_merchants, cfg.compare_customers, 0),
+        "large": (cfg.products, cfg.merchants, cfg.customers, cfg.test_customers),
+    }.items():
+        ds, _ = marketplace(products, merchants, customers)
+        out[part] = {"items": ds.n_items, "recall@20": popularity_recall(ds, cap)}
+        print(f"popularity {part}: {out[part]}", flush=True)
+    return out
 
 
 def time_to_target(cfg: BenchTrainConfig) -> dict | None:
@@ -307,6 +337,7 @@ def time_to_target(cfg: BenchTrainConfig) -> dict | None:
 
 def _run_part(part: str, cfg: BenchTrainConfig) -> dict | None:
     parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "large": large}
+    parts["popularity"] = popularity_references
     return {**parts, "time_to_target": time_to_target}[part](cfg)
 
 
@@ -354,9 +385,13 @@ def markdown(res: dict) -> str:
             f"({g['items_with_purchases']:,} with purchases), {g['interactions']:,} purchases: "
             f"{g['seconds_per_round']:.1f} s per round, peak RSS {g['peak_rss_mb']:,.0f} MB, "
             f"{g['upload_bytes_per_merchant'] / 1e6:.1f} MB uploaded per merchant per round, "
-            f"recall@20 {g['recall@20']:.4f} after {g['rounds']} rounds.",
+            f"recall@20 {g['recall@20']:.4f} after {g['rounds']} rounds (pooled popularity on the same "
+            f"customers: {g['popularity_recall@20']:.4f}).",
             "",
         ]
+    if "popularity" in res:
+        refs = ", ".join(f"{k} {v['recall@20']:.4f} ({v['items']:,} products)" for k, v in res["popularity"].items())
+        lines += ["## Pooled popularity on the same customers", "", refs + ".", ""]
     t = res.get("time_to_target")
     if t and "reached" in t:
         got = t["reached"]
