@@ -256,7 +256,7 @@ def purchases_frame(
     merchant: np.ndarray, e_cust: np.ndarray, item_ids: np.ndarray, e_item: np.ndarray, e_day: np.ndarray
 ) -> pl.DataFrame:
     """The purchase log; two picks of one product in one basket are one purchase line."""
-    width = max(5, len(str(max(int(e_cust.max(initial=0)), 0))))
+    width = max(5, len(str(int(e_cust.max(initial=0)))))
     return (
         pl.DataFrame(
             {

@@ -90,10 +90,10 @@ def evaluate_val(
     of every validation customer costs more than a round of training.
     """
     users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
-    if rows is None:
-        return merchant_metric_sums(users, items, merchant.train, merchant.val, ("recall@20",))
-    pick = torch.from_numpy(rows)
-    return merchant_metric_sums(users[pick], items, merchant.train[rows], merchant.val[rows], ("recall@20",))
+    train, val = merchant.train, merchant.val
+    if rows is not None:
+        users, train, val = users[torch.from_numpy(rows)], train[rows], val[rows]
+    return merchant_metric_sums(users, items, train, val, ("recall@20",))
 
 
 def sample_customers(truth: sp.csr_matrix, cap: int, seed: int) -> np.ndarray | None:

@@ -141,13 +141,6 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, b
     return out
 
 
-def _basket_rows(baskets: list[np.ndarray], n_items: int) -> np.ndarray:
-    rows = np.zeros((len(baskets), n_items), dtype=np.float32)
-    for i, b in enumerate(baskets):
-        rows[i, b] = 1.0
-    return rows
-
-
 def tower_basket_scores(items: torch.Tensor, temperature: float) -> Callable[[list[np.ndarray]], np.ndarray]:
     """An anonymous basket as the API answers it: the softmax fold-in (default reg), then u . v."""
     vecs = items.numpy()
@@ -202,7 +195,7 @@ def evaluate(
         entry["seconds"] = round(seconds, 2)
         if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
             basket = tower_basket_scores(items, cfg.local.temperature)
-        basket_args = None if basket is None or basket is False else (baskets, basket_labels, basket)
+        basket_args = None if basket is None else (baskets, basket_labels, basket)
         entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
         if result is not None:
             entry["rounds"] = len(result.history)
@@ -260,7 +253,7 @@ def evaluate(
         # implicit's ALS (random initialisation: seeded too), on everything before the cut-off.
         t0 = time.perf_counter()
         u, v = implicit_als(full, seed=seed)
-        als_basket = lambda b, v=v: als_fold_in(v.numpy(), b) @ v.numpy().T  # noqa: E731
+        als_basket = lambda b, v=v.numpy(): als_fold_in(v, b) @ v.T  # noqa: E731
         keep("implicit_als", scored(_split_rows(dataset, u), v, time.perf_counter() - t0, basket=als_basket), seed)
 
         # Ablations: each design choice of the federated run flipped alone.
@@ -288,8 +281,9 @@ def evaluate(
     lam, val_scores = choose_ease_lambda(dataset)
     u, v = ease(full, lam)
     # EASE's "similar items" of i: the items i's purchase predicts most, row i of B (= v.T)
-    ease_basket = lambda b, v=v: _basket_rows(b, dataset.n_items) @ v.numpy().T  # noqa: E731
-    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=v.numpy().T, basket=ease_basket)
+    weights = v.numpy().T  # B: a basket's scores are the sum of its items' rows
+    ease_basket = lambda b: np.stack([weights[rows].sum(0) for rows in b])  # noqa: E731
+    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=weights, basket=ease_basket)
     out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
     for name in ("popularity", "ease"):
         console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")

@@ -16,9 +16,9 @@ class RoundPrinter:
         )
 
     def __call__(self, log: RoundLog) -> None:
-        val = log.val_recall_at_20
-        mark = " *" if val is not None and val > self.best else ""
-        self.best = max(self.best, val if val is not None else -1.0)
+        val, mark = log.val_recall_at_20, ""
+        if val is not None and val > self.best:
+            mark, self.best = " *", val
         shown = f"{val:>13.4f}" if val is not None else f"{'-':>13}"
         self.console.print(
             f"{log.round:>5}  {len(log.merchants):>4}/{self.total:<4}  {log.loss:>8.4f}  {shown}  "

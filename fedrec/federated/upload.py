@@ -31,9 +31,13 @@ def round_delta(delta: Mapping[str, torch.Tensor], precision: str) -> dict[str, 
     return {k: v.to(torch.float16).to(torch.float32) for k, v in delta.items()}
 
 
+def _dense_tensor_bytes(t: torch.Tensor, precision: str) -> int:
+    return t.numel() * (PRECISIONS[precision] if t.dim() else 4)  # scalars (weights) stay 4-byte floats
+
+
 def dense_bytes(sums: Mapping[str, torch.Tensor], precision: str = "float32") -> int:
     """Bytes of a message sent as dense tensors: tensors at `precision`, scalars (weights) at 4."""
-    return sum(t.numel() * (PRECISIONS[precision] if t.dim() else 4) for t in sums.values())
+    return sum(_dense_tensor_bytes(t, precision) for t in sums.values())
 
 
 def touched_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,5 +60,5 @@ def sparse_row_bytes(sums: Mapping[str, torch.Tensor], precision: str = "float32
             idx, rows = touched_rows(t)
             total += len(idx) * (INDEX_BYTES + rows.shape[1] * PRECISIONS[precision])
         else:
-            total += t.numel() * (PRECISIONS[precision] if t.dim() else 4)
+            total += _dense_tensor_bytes(t, precision)
     return total
