@@ -18,6 +18,7 @@ import yaml
 from fedrec.errors import ConfigError
 from fedrec.federated.aggregation import AGGREGATIONS
 from fedrec.federated.local import LocalConfig
+from fedrec.federated.robust import ROBUST_RULES
 from fedrec.federated.server_opt import SERVER_OPTIMIZERS
 from fedrec.federated.simulation import FederationConfig
 from fedrec.federated.upload import PRECISIONS
@@ -140,6 +141,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
         (cfg.federation.aggregation in AGGREGATIONS, f"federation.aggregation must be one of {AGGREGATIONS}"),
+        (cfg.federation.robust in ROBUST_RULES, f"federation.robust must be one of {ROBUST_RULES}"),
+        (0 <= cfg.federation.trim < 0.5, "federation.trim must be in [0, 0.5)"),
+        (
+            cfg.federation.robust == "none" or cfg.federation.aggregation == "fedavg",
+            "federation.robust needs federation.aggregation = 'fedavg'",
+        ),
         (cfg.federation.server.name in SERVER_OPTIMIZERS, f"federation.server.name must be one of {SERVER_OPTIMIZERS}"),
         (0 < cfg.federation.fraction <= 1, "federation.fraction must be in (0, 1]"),
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),

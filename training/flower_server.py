@@ -315,6 +315,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     net, fed = cfg.network, cfg.federation
     if fed.upload_precision != "float32":  # SecAgg+ quantises to its own range; float16 is in-process only
         raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
+    if fed.robust != "none":  # each robust rule reads every merchant's own delta: not a sum
+        raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)

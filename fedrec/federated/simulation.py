@@ -24,6 +24,7 @@ from fedrec.features import ItemFeatures
 from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, sum_names
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.messages import MerchantSums
+from fedrec.federated.robust import robust_delta
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
 from fedrec.federated.upload import dense_bytes, round_delta
 from fedrec.model import (
@@ -51,6 +52,10 @@ class FederationConfig:
     val_every: int = 1
     val_customers: int = 0  # per merchant, at most this many validation customers (0: all)
     upload_precision: str = "float32"  # or float16: fedrec/federated/upload.py
+    # Robust aggregation against poisoning (fedrec/federated/robust.py): reads every merchant's own
+    # delta, so it is incompatible with secure aggregation. "none" is the sum form.
+    robust: str = "none"
+    trim: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
     seed: int = 0
 
 
@@ -91,12 +96,16 @@ def run_federated(
     on_round: Callable[[RoundLog], None] | None = None,
     on_message: Callable[[str, MerchantSums], None] | None = None,
     dp: DPMechanism | None = None,
+    tamper: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Train for `fed_cfg.rounds` (or until early stopping) and return the best round's model.
 
     With `dp`, training stops when the privacy budget is spent, and the last round is released
     rather than the best one: choosing by validation would use customers' data outside the
     mechanism the accountant covers.
+
+    `tamper` (attack simulations only) may replace a merchant's terms before they are sent: what a
+    malicious merchant could send, knowing the tower it received.
     """
     t0 = time.perf_counter()
     rounds = fed_cfg.rounds if dp is None else rounds_within_budget(dp, fed_cfg.rounds)
@@ -119,7 +128,7 @@ def run_federated(
     for rnd in range(1, rounds + 1):
         t_round = time.perf_counter()
         chosen = sample_merchants(names, fed_cfg, rng)
-        total, sent = None, 0
+        total, sent, kept = None, 0, []
         for name in chosen:
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
@@ -128,23 +137,27 @@ def run_federated(
                 m.user_groups,
             )  # fmt: skip
             users[name], biases[name] = result.user_embeddings, result.item_bias
-            message = MerchantSums(
-                merchant_sums(
-                    round_delta(result.delta, fed_cfg.upload_precision),
-                    result.num_examples,
-                    result.num_steps,
-                    result.touched_rows,
-                    result.mean_loss,
-                    fed_cfg.aggregation,
-                    fed_cfg.normalize_steps,
-                )
+            terms = merchant_sums(
+                round_delta(result.delta, fed_cfg.upload_precision),
+                result.num_examples,
+                result.num_steps,
+                result.touched_rows,
+                result.mean_loss,
+                fed_cfg.aggregation,
+                fed_cfg.normalize_steps,
             )
+            message = MerchantSums(terms if tamper is None else tamper(name, terms, global_state))
             message.validate(expected)
             if on_message is not None:
                 on_message(name, message)
             sent += dense_bytes(message.tensors, fed_cfg.upload_precision)
+            if fed_cfg.robust != "none":
+                kept.append(message.tensors)
             total = add_sums(total, message.tensors)
-        delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
+        if kept:
+            delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim)
+        else:
+            delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)
 
         val_total = None

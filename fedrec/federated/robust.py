@@ -1,0 +1,66 @@
+"""Robust aggregation: rules that bound what one merchant can do to the shared tower.
+
+FedAvg trusts every merchant twice: its delta, and its weight n_k (nobody can check how many
+purchases a merchant trained on). One fake merchant that claims a large n_k, or scales its delta,
+moves the shared tower wherever it likes (model replacement, Bagdasaryan et al., 2020). Each rule
+here reads every merchant's own delta, so it needs the coordinator to see them: **none of them can
+run under secure aggregation**, which shows the coordinator only the sum. That is the trade-off
+the operator chooses (`federation.robust`, in-process runtime; the networked runtime refuses it).
+
+- norm_clip: each merchant's delta is scaled down to at most the round's median delta norm, and its
+  weight capped at the round's median n_k (Sun et al., 2019, "Can you really backdoor FL?", with
+  the bound taken from the round itself); then the weighted mean. Costs big honest merchants weight.
+- trimmed_mean: per coordinate, the `trim` share of largest and of smallest values is dropped and
+  the rest averaged, unweighted (Yin et al., 2018).
+- median: the coordinate-wise median, unweighted (Yin et al., 2018).
+
+Each merchant's delta is decoded from its own terms of the sums (`aggregate_sums` of one message),
+so FedNova's step normalisation applies as it does in the sum form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedrec.federated.aggregation import WEIGHT, aggregate_sums
+
+ROBUST_RULES = ("none", "norm_clip", "trimmed_mean", "median")
+
+
+def _norm(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values()))
+
+
+def robust_delta(
+    messages: Sequence[Mapping[str, torch.Tensor]], rule: str, normalize_steps: bool = False, trim: float = 0.2
+) -> dict[str, torch.Tensor]:
+    """The round's pseudo-gradient from every merchant's own message (pure)."""
+    if rule not in ROBUST_RULES or rule == "none":
+        raise ValueError(f"unknown robust rule {rule!r}; choose one of {ROBUST_RULES[1:]}")
+    if not messages:
+        raise ValueError("no updates to aggregate")
+    deltas = [aggregate_sums(m, "fedavg", normalize_steps) for m in messages]
+    if rule == "norm_clip":
+        norms = torch.stack([_norm(d) for d in deltas])
+        weights = torch.stack([m[WEIGHT].double() for m in messages])
+        bound, cap = norms.median(), weights.median()
+        clip = torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
+        capped = torch.clamp(weights, max=cap)
+        total = float(capped.sum())
+        return {
+            k: sum(float(w * c) * d[k] for w, c, d in zip(capped, clip, deltas, strict=True)) / total for k in deltas[0]
+        }
+    n = len(deltas)
+    cut = int(trim * n) if rule == "trimmed_mean" else 0
+    if not 0 <= cut < n - cut:
+        raise ValueError(f"trim {trim} drops every update of {n}")
+    out = {}
+    for k in deltas[0]:
+        ordered = torch.stack([d[k] for d in deltas]).sort(dim=0).values
+        if rule == "median":
+            out[k] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+        else:
+            out[k] = ordered[cut : n - cut].mean(dim=0)
+    return out

@@ -1,0 +1,103 @@
+"""Item promotion by a fake merchant: the poisoning attack of `fedrec attack-report`.
+
+The attacker joins the federation as one more merchant. Its customers are made up: each "bought"
+the target product and a few of the most popular ones, so training on them pulls the target's
+vector towards where real customers' vectors point (the fake co-purchase idea of Fang et al.,
+2018, and of PipAttack, Zhang et al., 2022). It trains on that data with `local_update`, then
+replaces its update of the target's id row by a crafted one (it knows the tower it received) and
+boosts its message: every term times `factor`, as if it had that many times the purchases.
+Under FedAvg its delta then outweighs the honest merchants (model replacement, Bagdasaryan et al.,
+2020), and nothing in a sum can tell: under secure aggregation the coordinator sees only the total.
+
+Success is the target's exposure: the share of real customers whose top-k holds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedrec.data import MerchantData
+from fedrec.evaluation import recommendation_lists
+from fedrec.federated.aggregation import DELTA, STEPS, WEIGHT
+
+
+def fake_merchant(
+    n_items: int,
+    target: int,
+    popular: np.ndarray,
+    customers: int,
+    filler: int,
+    seed: int,
+    name: str = "mallory",
+) -> MerchantData:
+    """A merchant whose every customer bought `target` and `filler` products drawn from `popular`.
+
+    It has no validation or test purchases: it takes no part in choosing the best round and is
+    never scored.
+    """
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.choice(popular, size=filler, replace=False) for _ in range(customers)])
+    rows = np.repeat(np.arange(customers), filler + 1)
+    cols = np.concatenate([np.full((customers, 1), target), picks], axis=1).ravel()
+    train = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(customers, n_items))
+    empty = sp.csr_matrix((customers, n_items), dtype=np.float32)
+    user_ids = np.array([f"{name}/{i}" for i in range(customers)])
+    return MerchantData(name, user_ids, train, empty, empty.copy())
+
+
+def promote(
+    attacker: str,
+    target: int,
+    popular: np.ndarray,
+    factor: float,
+    normalize_steps: bool,
+    strength: float = 3.0,
+    seed: int = 0,
+    table: str = "item_emb.weight",
+) -> Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
+
+    The attacker's delta for the target's id row is replaced by the step that moves the row to
+    `strength` times the longest other row of the received table, along a fresh random direction
+    each round, pre-weighted as an honest merchant would weight it; then every term is multiplied
+    by `factor`. Other merchants' messages pass unchanged.
+
+    Why a fresh direction: honest merchants re-fit their customers' vectors to the tower they
+    receive, so a long target row along a fixed direction (we tried the popular products' mean)
+    is learnt away within a round (their customers did not buy it); a new direction each round is
+    scored high by about half of the customers fitted to the last one. With the merchant item bias
+    on, popularity lives in each merchant's own bias, out of the attacker's reach.
+    """
+
+    rng = torch.Generator().manual_seed(seed)
+
+    def tamper(name: str, terms: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if name != attacker:
+            return terms
+        rows = state[table]
+        direction = torch.randn(rows.shape[1], generator=rng)
+        others = torch.cat([rows[:target], rows[target + 1 :]]).norm(dim=1).max()
+        goal = strength * others * direction / direction.norm()
+        n, tau = terms[WEIGHT], terms[STEPS] / terms[WEIGHT]
+        crafted = terms[DELTA + table].clone()
+        crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
+        return {k: (crafted if k == DELTA + table else v) * factor for k, v in terms.items()}
+
+    return tamper
+
+
+def exposure(
+    merchants: list[MerchantData],
+    users: dict[str, torch.Tensor],
+    item_vecs: torch.Tensor,
+    item_biases: dict[str, torch.Tensor | None] | None,
+    target: int,
+    k: int = 20,
+) -> float:
+    """Share of the merchants' test customers whose top-k (past purchases excluded) holds `target`."""
+    lists = recommendation_lists(merchants, users, item_vecs, item_biases, k)
+    return float((lists == target).any(axis=1).mean())

@@ -1,0 +1,113 @@
+"""Poisoning and robust aggregation: the rules by hand on toy tensors, and the item-promotion
+attack end to end: it succeeds under FedAvg (the only rule secure aggregation allows) and fails
+under the robust rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.config import load_config
+from fedrec.data import pooled
+from fedrec.errors import ConfigError
+from fedrec.features import build_item_features
+from fedrec.federated.aggregation import merchant_sums
+from fedrec.federated.local import LocalConfig
+from fedrec.federated.robust import robust_delta
+from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.model import ModelConfig, item_embeddings
+from fedrec.privacy.poisoning import exposure, fake_merchant, promote
+from fedrec.training.attack_report import pick_target
+
+
+def message(delta: list[float], n: int, steps: int = 1) -> dict[str, torch.Tensor]:
+    d = {"item_emb.weight": torch.tensor([delta])}
+    return merchant_sums(d, n, steps, torch.ones(1, dtype=torch.bool), 0.0, "fedavg", False)
+
+
+def test_median_and_trimmed_mean_by_hand():
+    msgs = [message([1.0, 10.0], 1), message([2.0, -4.0], 5), message([3.0, 0.0], 2), message([100.0, 1.0], 9)]
+    med = robust_delta(msgs, "median")["item_emb.weight"]
+    assert torch.allclose(med, torch.tensor([[2.5, 0.5]]))  # even count: mean of the middle two
+    odd = robust_delta(msgs[:3], "median")["item_emb.weight"]
+    assert torch.allclose(odd, torch.tensor([[2.0, 0.0]]))
+    trimmed = robust_delta(msgs, "trimmed_mean", trim=0.25)["item_emb.weight"]  # drops one at each end
+    assert torch.allclose(trimmed, torch.tensor([[2.5, 0.5]]))
+    none_dropped = robust_delta(msgs, "trimmed_mean", trim=0.2)["item_emb.weight"]  # int(0.8) = 0
+    assert torch.allclose(none_dropped, torch.tensor([[26.5, 1.75]]))
+
+
+def test_norm_clip_bounds_each_delta_and_each_weight_by_the_rounds_median():
+    msgs = [message([3.0, 4.0], 1), message([0.0, 1.0], 2), message([30.0, 40.0], 1000)]
+    # norms 5, 1, 50 -> median 5: the last is scaled by 0.1; weights 1, 2, 1000 -> capped at 2
+    got = robust_delta(msgs, "norm_clip")["item_emb.weight"]
+    want = (1 * torch.tensor([3.0, 4.0]) + 2 * torch.tensor([0.0, 1.0]) + 2 * torch.tensor([3.0, 4.0])) / 5
+    assert torch.allclose(got, want[None])
+
+
+def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():
+    honest = [message([1.0, 1.0], 10), message([1.2, 0.8], 10), message([0.9, 1.1], 10)]
+    evil = message([-1000.0, 1000.0], 10_000)
+    total = {k: sum(m[k] for m in [*honest, evil]) for k in evil}
+    fedavg = total["delta/item_emb.weight"] / total["n"]
+    assert fedavg[0, 0] < -900
+    for rule in ("median", "trimmed_mean", "norm_clip"):
+        got = robust_delta([*honest, evil], rule, trim=0.25)["item_emb.weight"]
+        assert got.abs().max() < 2.5, rule
+
+
+def test_bad_robust_settings_are_refused():
+    with pytest.raises(ValueError, match="robust rule"):
+        robust_delta([message([1.0], 1)], "mean")
+    with pytest.raises(ConfigError, match="federation.robust"):
+        load_config(None, {"federation.robust": "krum"})
+    with pytest.raises(ConfigError, match="federation.trim"):
+        load_config(None, {"federation.trim": 0.5})
+    with pytest.raises(ConfigError, match="fedavg"):
+        load_config(None, {"federation.robust": "median", "federation.aggregation": "rowwise"})
+
+
+def test_the_fake_merchant_bought_the_target_and_popular_products_only(tiny_dataset):
+    popular = np.array([3, 5, 7, 9, 11])
+    fake = fake_merchant(tiny_dataset.n_items, 42, popular, customers=30, filler=3, seed=0)
+    assert fake.train.shape == (30, tiny_dataset.n_items)
+    assert (fake.train[:, 42].toarray() == 1).all() and (fake.train.getnnz(axis=1) == 4).all()
+    assert set(np.flatnonzero(fake.train.sum(axis=0))) <= {42, *popular}
+    assert fake.val.nnz == 0 and fake.test.nnz == 0  # never validated or scored
+
+
+@pytest.fixture(scope="module")
+def promotion(tiny_dataset):
+    """Target exposure with and without the attacker, for FedAvg and each robust rule."""
+    ds = tiny_dataset
+    model = ModelConfig(dim=16, use_content=False, merchant_item_bias=True)
+    features = build_item_features(ds.items, model.hash_buckets)
+    counts = np.asarray(pooled(ds).full_train.sum(axis=0)).ravel()
+    popular = np.argsort(-counts, kind="stable")[:20]
+    target = pick_target(counts, 0)
+    attacker = fake_merchant(ds.n_items, target, popular, 50, 4, 0)
+    poisoned = dataclasses.replace(ds, merchants=[*ds.merchants, attacker])
+    out = {}
+    for rule in ("none", "median", "trimmed_mean", "norm_clip"):
+        fed = FederationConfig(rounds=6, patience=0, robust=rule, trim=0.25)
+        for label, data, tamper in (
+            ("clean", ds, None),
+            ("attacked", poisoned, promote(attacker.name, target, popular, 100.0, fed.normalize_steps, 20.0, 0)),
+        ):
+            res = run_federated(data, features, model, LocalConfig(), fed, tamper=tamper)
+            vecs = item_embeddings(res.item_state, features, model)
+            out[rule, label] = exposure(ds.merchants, res.user_embeddings, vecs, res.item_biases, target)
+    return out
+
+
+def test_the_promotion_attack_succeeds_under_fedavg(promotion):
+    assert promotion["none", "clean"] < 0.02
+    assert promotion["none", "attacked"] > 0.2
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip"])
+def test_robust_aggregation_stops_the_promotion_attack(promotion, rule):
+    assert promotion[rule, "attacked"] < 0.02
