@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train test lint clean
+.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -95,6 +95,11 @@ bench-federation: setup
 TRAIN_PARTS ?= switch,losses,uploads,large,popularity,time_to_target
 bench-train: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_train --parts $(TRAIN_PARTS)
+
+# The strategy x partition x merchants grid (issue 11), 3 seeds, each strategy tuned on validation:
+# results/experiments.json, .md and two PNGs (recall@20 against rounds and against bytes sent).
+experiments: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.experiments --dataset $(DATASET)
 
 test: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
