@@ -41,11 +41,11 @@ from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.upload import dense_bytes
-from fedrec.model import item_embeddings, item_tower_shapes
+from fedrec.model import item_embeddings
+from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
 
 RESULTS = Path("results")
-CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,6 @@ class Setting:
     merchants: int = 0  # 0: the log's own merchants
     alpha: float = 0.0  # the partitioner's Dirichlet concentration (small = strong skew)
     fraction: float = 1.0  # merchants sampled per round
-
-    @property
-    def label(self) -> str:
-        if self.partition == "natural":
-            return "natural"
-        return f"{self.partition}(alpha={self.alpha:g}), {self.merchants} merchants, {self.fraction:.0%} per round"
 
 
 SETTINGS = (
@@ -132,8 +126,7 @@ def cell_config(grid: Grid, strategy: str, value: float, setting: Setting, seed:
     }
     if setting.partition != "natural":
         overrides |= {"data.partition_merchants": setting.merchants, "data.partition_alpha": setting.alpha}
-    config = CONFIGS / f"{grid.dataset}.toml"
-    return load_config(config if config.is_file() else None, overrides)
+    return load_config(default_config_path(grid.dataset), overrides)
 
 
 def run_cell(grid: Grid, strategy: str, value: float, setting: Setting, seed: int, rounds: int) -> dict:
@@ -142,10 +135,10 @@ def run_cell(grid: Grid, strategy: str, value: float, setting: Setting, seed: in
     cfg = cell_config(grid, strategy, value, setting, seed, rounds)
     dataset = load_dataset(cfg.data, seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
-    tower_bytes = dense_bytes({k: torch.empty(s) for k, s in item_tower_shapes(dataset.n_items, cfg.model).items()})
     t0 = time.perf_counter()
     res = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation)
     seconds = time.perf_counter() - t0
+    tower_bytes = dense_bytes(res.item_state)  # what each sampled merchant downloads
     sent = np.cumsum([len(h.merchants) * (h.upload_bytes + tower_bytes) for h in res.history])
     test = evaluate_test_all(
         dataset.merchants, res.user_embeddings, item_embeddings(res.item_state, features, cfg.model), res.item_biases
@@ -255,10 +248,14 @@ def summarise(runs: list[dict], grid: Grid) -> list[dict]:
     return rows
 
 
+def _setting(row: dict) -> tuple:
+    return row["partition"], row["merchants"], row["alpha"], row["fraction"]
+
+
 def _label(row: dict) -> str:
     if row["partition"] == "natural":
         return f"natural, {row['merchants']} merchants"
-    return Setting(row["partition"], row["merchants"], row["alpha"], row["fraction"]).label
+    return f"{row['partition']}(alpha={row['alpha']:g}), {row['merchants']} merchants, {row['fraction']:.0%} per round"
 
 
 def markdown(res: dict) -> str:
@@ -300,10 +297,10 @@ def plot(res: dict, path: Path, x: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = list(dict.fromkeys((r["partition"], r["merchants"], r["alpha"], r["fraction"]) for r in res["rows"]))
+    settings = list(dict.fromkeys(_setting(r) for r in res["rows"]))
     fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], settings, strict=True):
-        for row in (r for r in res["rows"] if (r["partition"], r["merchants"], r["alpha"], r["fraction"]) == key):
+        for row in (r for r in res["rows"] if _setting(r) == key):
             ys = row["val_recall@20_curve"]
             xs = range(1, len(ys) + 1) if x == "rounds" else np.array(row["bytes_curve"]) / 1e6
             ax.plot(xs, ys, label=row["strategy"])
