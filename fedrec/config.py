@@ -188,6 +188,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def check_networked(cfg: RunConfig) -> RunConfig:
+    """Settings the networked runtime cannot honour; checked before `flwr run` launches and again in the
+    ServerApp, so a run never starts only to fail (or silently differ) on the coordinator."""
+    if cfg.federation.upload_precision != "float32":  # SecAgg+ quantises to its own range
+        raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
+    if cfg.federation.robust != "none":  # each robust rule reads every merchant's own delta: not a sum
+        raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
+    return cfg
+
+
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig saved with `to_dict()` (e.g. in a checkpoint)."""
     return validate(_build(RunConfig, raw, ""))

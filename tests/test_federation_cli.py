@@ -49,3 +49,20 @@ def test_run_refuses_a_bad_setting_before_launching(tmp_path) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2
     assert "min_merchants" in res.output
+
+
+def test_run_refuses_what_only_the_in_process_runtime_does(tmp_path) -> None:
+    """Robust rules read each merchant's own delta and float16 uploads bypass SecAgg+'s quantisation:
+    the networked runtime must refuse both before launching, not train something else."""
+    base = ["federation", "run", "--workdir", str(tmp_path), "--catalogue", str(tmp_path / "c.parquet")]
+    base += ["--ca", str(tmp_path / "ca"), "--dry-run"]
+    for setting, named in [
+        ("federation.robust=median", "federation.robust"),
+        ("federation.upload_precision=float16", "federation.upload_precision"),
+    ]:
+        res = runner.invoke(app, [*base, "--set", setting])
+        assert res.exit_code == 2, (setting, res.output)
+        assert named in res.output and "Traceback" not in res.output
+    ok = runner.invoke(app, [*base, "--set", "federation.robust=none"])
+    assert ok.exit_code == 0, ok.output
+    assert "flwr" in ok.output

@@ -214,12 +214,12 @@ def run(
     dry_run: Dry = False,
 ) -> None:
     """Launch a training run on the federation (flwr run); resumes from workdir/checkpoint.pt."""
-    from fedrec.config import load_config, parse_sets
+    from fedrec.config import check_networked, load_config, parse_sets
     from fedrec.training.cli import default_config_path
 
     overrides = parse_sets(set_)
     config = config or default_config_path(dataset)
-    load_config(config, overrides)  # a bad config fails here, not inside the ServerApp
+    check_networked(load_config(config, overrides))  # a bad config fails here, not inside the ServerApp
     home = workdir.resolve() / "flwr-home"
     write_flwr_config(home, superlink, ca)
     rc = {

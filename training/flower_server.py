@@ -39,8 +39,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from fedrec.atomic import write_with
-from fedrec.config import RunConfig, load_config
-from fedrec.errors import ConfigError, FedrecError
+from fedrec.config import RunConfig, check_networked, load_config
+from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import aggregate_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
@@ -313,10 +313,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     items, new_items = split_catalogue(pl.read_parquet(catalogue))
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
-    if fed.upload_precision != "float32":  # SecAgg+ quantises to its own range; float16 is in-process only
-        raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
-    if fed.robust != "none":  # each robust rule reads every merchant's own delta: not a sum
-        raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
+    check_networked(cfg)
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)
