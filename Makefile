@@ -64,14 +64,16 @@ serve: setup $(EXPORTS)/LATEST
 $(EXPORTS)/LATEST:
 	$(MAKE) train-federated DATASET=$(DATASET)
 
-# Load test (wrk) of the shipped export and two synthetic 1M-item HNSW catalogues -> results/bench-serve.json:
+# Load test (wrk) of the shipped export and two synthetic 1M-item catalogues (HNSW; LARGE_INDEX=ivf for
+# IVF on the MIPS-to-L2 reduction) -> results/bench-serve.json:
 # known customers, anonymous baskets, and a 5-minute mixed soak with a hot reload (PARTS picks some).
 PARTS ?= customer,basket,soak
 SOAK_S ?= 300
+LARGE_INDEX ?= hnsw
 bench-serve: setup
 	@command -v wrk >/dev/null || { echo "error: bench-serve needs wrk: apt-get install wrk"; exit 2; }
 	test -f artifacts/synthetic/exports/LATEST || $(MAKE) train-federated DATASET=synthetic
-	PARTS=$(PARTS) SOAK_S=$(SOAK_S) OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.serving.bench
+	PARTS=$(PARTS) SOAK_S=$(SOAK_S) LARGE_INDEX=$(LARGE_INDEX) OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.serving.bench
 
 # The networked runtime on loopback: a coordinator and one node per merchant of the embedded shop,
 # TLS, node authentication and SecAgg+ on; trains, exports, prints recall@20, stops what it started.

@@ -40,7 +40,15 @@ from fedrec.atomic import atomic_dir, write_json, write_text
 from fedrec.errors import FedrecError
 from fedrec.serving.export_store import LoadedExport, load_export, next_version
 from fedrec.serving.foldin import FoldInConfig, fold_in_many
-from fedrec.serving.index import build_index, index_kind, save_index
+from fedrec.serving.index import (
+    AnyIndex,
+    IndexParams,
+    build_index,
+    index_kind,
+    save_index,
+    search_depth,
+    set_search_depth,
+)
 from fedrec.serving.recommend import basket_vectors, served_index
 
 K = 10
@@ -53,10 +61,12 @@ class BenchConfig:
     large_items: int = 1_000_000
     noise: float = 0.5  # perturbation of the copies, in units of each dimension's std
     large_kinds: tuple[str, ...] = ("copies", "gaussian")
+    large_index: str = "hnsw"  # the large catalogues' index: hnsw (the export default) or ivf (MIPS-to-L2)
     hnsw_m: int = 48
     ef_construction: int = 500  # measured: 200 needed efSearch 512 for recall 0.95, 500 about 320
-    ef_search: int = 128  # stored in the index
-    ef_searches: tuple[int, ...] = (256, 320, 384)  # search depths measured on the HNSW catalogues
+    ef_search: int = 128  # stored in an HNSW index
+    nprobe: int = IndexParams.nprobe  # stored in an IVF index
+    depths: tuple[int, ...] = ()  # efSearch (hnsw) or nprobe (ivf) values to measure; () = DEPTHS[large_index]
     concurrencies: tuple[int, ...] = (1, 16, 64)
     duration_s: int = 10
     workers: int = 2
@@ -64,13 +74,15 @@ class BenchConfig:
     seed: int = 0
     cache_dir: str = "artifacts/bench"
     results: str = "results/bench-serve.json"
-    basket_ef_search: int = 320  # the export default: the basket rows run at the serving setting
+    basket_depth: int = 0  # the basket rows run at the serving setting; 0 = the export default
     soak_s: int = 300  # the mixed-load soak (CI runs a 20 s variant)
     soak_warmup_s: int = 10
     foldin_check_baskets: int = 40  # baskets whose served fold-in is compared with the full-catalogue solve
 
 
 PARTS = ("customer", "basket", "soak")
+DEPTHS = {"hnsw": (256, 320, 384), "ivf": (16, 32, 64)}
+SERVING_DEPTH = {"hnsw": IndexParams.ef_search, "ivf": IndexParams.nprobe}
 
 
 # ---- the synthetic large catalogue --------------------------------------------------------------
@@ -102,18 +114,22 @@ def large_catalogue_vectors(
 
 def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies") -> Path:
     """A complete export (plus the merchant's files) for the large catalogue; reused when cached."""
-    params = {k: getattr(cfg, k) for k in ("large_items", "noise", "hnsw_m", "ef_construction", "ef_search", "seed")}
+    knobs = ("hnsw_m", "ef_construction", "ef_search") if cfg.large_index == "hnsw" else ("nprobe",)
+    params = {k: getattr(cfg, k) for k in ("large_items", "noise", *knobs, "seed")}
     params["base_version"] = base.version
-    suffix = "" if kind == "copies" else f"-{kind}"  # "copies" keeps the cache name it always had
+    suffix = "" if kind == "copies" else f"-{kind}"  # "copies" on HNSW keeps the cache name it always had
     if kind != "copies":
         params["kind"] = kind
-    root = Path(cfg.cache_dir) / f"catalogue{suffix}-{cfg.large_items}"
+    if cfg.large_index != "hnsw":
+        params["index"] = cfg.large_index
+    index_suffix = "" if cfg.large_index == "hnsw" else f"-{cfg.large_index}"
+    root = Path(cfg.cache_dir) / f"catalogue{suffix}-{cfg.large_items}{index_suffix}"
     exports = root / "exports"
     card_path = exports / "v0001" / "model_card.json"
     if card_path.exists() and json.loads(card_path.read_text()).get("bench") == params:
         return exports
     shutil.rmtree(root, ignore_errors=True)
-    print(f"building the {cfg.large_items:,}-item catalogue and its HNSW index (cached afterwards)...", flush=True)
+    print(f"building the {cfg.large_items:,}-item catalogue and its {cfg.large_index} index (cached)...", flush=True)
     vectors, source = large_catalogue_vectors(base.item_vectors, cfg.large_items, cfg.noise, cfg.seed, kind)
     n_base = base.n_items
     titles = base.metadata.get("title") or base.item_ids
@@ -126,7 +142,10 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies
         }
     )
     start = time.perf_counter()
-    index = build_index(vectors, "hnsw", cfg.hnsw_m, cfg.ef_construction, cfg.ef_search)
+    knobs = IndexParams(
+        nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search
+    )
+    index = build_index(vectors, cfg.large_index, knobs)
     build_s = time.perf_counter() - start
     with atomic_dir(exports / "v0001") as tmp:
         np.save(tmp / "item_embeddings.npy", vectors)
@@ -159,7 +178,7 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies
 # ---- FAISS alone ---------------------------------------------------------------------------------
 
 
-def served_index_and_items(export: LoadedExport, queries: np.ndarray) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+def served_index_and_items(export: LoadedExport, queries: np.ndarray) -> tuple[AnyIndex, np.ndarray, np.ndarray]:
     """The index customer requests go to (the server's own rule, `recommend.served_index`), the
     vectors it holds, and the queries as the server sends them.
 
@@ -171,7 +190,7 @@ def served_index_and_items(export: LoadedExport, queries: np.ndarray) -> tuple[f
     return index, items, served_queries
 
 
-def recall_vs_exact(index: faiss.Index, items: np.ndarray, queries: np.ndarray, k: int = K) -> float:
+def recall_vs_exact(index: AnyIndex, items: np.ndarray, queries: np.ndarray, k: int = K) -> float:
     """Mean overlap of the served index's top-k with exact inner-product top-k."""
     exact = faiss.IndexFlatIP(items.shape[1])
     exact.add(np.ascontiguousarray(items, dtype=np.float32))
@@ -180,7 +199,7 @@ def recall_vs_exact(index: faiss.Index, items: np.ndarray, queries: np.ndarray, 
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found, strict=True)]))
 
 
-def faiss_only_qps(index: faiss.Index, queries: np.ndarray, fetch: np.ndarray) -> float:
+def faiss_only_qps(index: AnyIndex, queries: np.ndarray, fetch: np.ndarray) -> float:
     """One query per call on one thread, as a worker does, with the same over-fetch for exclusions."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -252,15 +271,21 @@ def free_port() -> int:
 
 
 def start_server(
-    exports: Path, merchant: str, workers: int, port: int, ef_search: int | None, watch_interval: float = 0
+    exports: Path,
+    merchant: str,
+    workers: int,
+    port: int,
+    depth: dict[str, int] | None = None,
+    watch_interval: float = 0,
 ) -> subprocess.Popen:
+    """The server as its own process group; `depth` ({"nprobe": n} or {"ef_search": n}) overrides the export's."""
     cmd = [
         sys.executable, "-m", "fedrec.training.cli", "serve", "--export", str(exports), "--merchant", merchant,
         "--port", str(port), "--workers", str(workers), "--watch-interval", str(watch_interval),
         "--log-level", "warning",
     ]  # fmt: skip
-    if ef_search is not None:
-        cmd += ["--ef-search", str(ef_search)]
+    for name, value in (depth or {}).items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -353,14 +378,13 @@ def bench_catalogue(
     exports: Path,
     cfg: BenchConfig,
     meta: dict,
-    ef_search: int | None = None,
+    depth: int | None = None,
     endpoint: str = "customer",
 ) -> list[dict]:
     """Recall and FAISS-only speed (customer queries), then wrk at each concurrency against a
     fresh server, on one endpoint: "customer" (known customers) or "basket" (anonymous baskets)."""
     export = load_export(exports, cfg.merchant)
-    if ef_search is not None and export.kind == "hnsw":
-        faiss.downcast_index(export.index.index).hnsw.efSearch = ef_search
+    set_search_depth(export.index, nprobe=depth, ef_search=depth)
     m = export.merchant
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(m.user_ids))
@@ -371,7 +395,7 @@ def bench_catalogue(
         index, items, served_queries = served_index_and_items(export, queries)
         recall = recall_vs_exact(index, items, served_queries)
         qps = faiss_only_qps(index, served_queries, fetch)
-        print(f"{name}: {export.n_items:,} items, {export.kind} index (ef_search {ef_search}), "
+        print(f"{name}: {export.n_items:,} items, {export.kind} index {search_depth(export.index) or ''}, "
               f"recall@10 vs exact {recall:.4f}, FAISS alone {qps:,.0f} queries/s", flush=True)  # fmt: skip
         requests = customer_requests(export, order)
     elif endpoint == "basket":
@@ -393,13 +417,13 @@ def bench_catalogue(
         "index": export.kind,
         "export_version": export.version,
     }
+    served_depth = search_depth(export.index)
+    info.update(served_depth)
     if export.kind == "hnsw":
-        hnsw = faiss.downcast_index(export.index.index).hnsw
-        info.update(hnsw_m=cfg.hnsw_m, ef_search=int(hnsw.efSearch))
-    export_kind = export.kind
+        info.update(hnsw_m=cfg.hnsw_m)
     del export
     port = free_port()
-    proc = start_server(exports, cfg.merchant, cfg.workers, port, ef_search if export_kind == "hnsw" else None)
+    proc = start_server(exports, cfg.merchant, cfg.workers, port, served_depth)
     runs = []
     try:
         base_url = f"http://127.0.0.1:{port}"
@@ -603,7 +627,8 @@ def markdown(runs: list[dict]) -> str:
             "| recall@10 vs exact | FAISS alone q/s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
             + "\n".join(
                 f"| {r['catalogue']} | {r['catalogue_size']:,} "
-                f"| {r['index']}{' ef ' + str(r['ef_search']) if 'ef_search' in r else ''} "
+                f"| {r['index']}{' ef ' + str(r['ef_search']) if 'ef_search' in r else ''}"
+                f"{' nprobe ' + str(r['nprobe']) if 'nprobe' in r else ''} "
                 f"| {r['concurrency']} | {r['rps']:,.0f} "
                 f"| {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
                 f"| {_num(r.get('recall_at_10_vs_exact'), '.4f')} | {_num(r.get('faiss_only_qps'), ',.0f')} |"
@@ -641,7 +666,14 @@ def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
         return {**r, "endpoint": "customer", "request": endpoint}
 
     def key(r: dict) -> tuple:
-        return (r["endpoint"], r.get("catalogue"), r.get("ef_search"), r.get("concurrency"))
+        return (
+            r["endpoint"],
+            r.get("catalogue"),
+            r.get("index"),
+            r.get("ef_search"),
+            r.get("nprobe"),
+            r.get("concurrency"),
+        )
 
     fresh = {key(r) for r in new}
     kept = [r for r in map(normalised, old) if key(r) not in fresh]
@@ -652,6 +684,8 @@ def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list
     cfg = cfg or BenchConfig()
     if shutil.which("wrk") is None:
         raise FedrecError("wrk is not installed: `apt-get install wrk` (Debian) or `brew install wrk`")
+    if cfg.large_index not in DEPTHS:
+        raise FedrecError(f"LARGE_INDEX={cfg.large_index}: choose one of {', '.join(DEPTHS)}")
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise FedrecError(f"unknown bench part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
@@ -660,7 +694,9 @@ def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_generator": f"{wrk_version.split(' [')[0]}, 1 thread, {cfg.duration_s} s per run",
-        "command": "make bench-serve" + ("" if parts == PARTS else f" PARTS={','.join(parts)}"),
+        "command": "make bench-serve"
+        + ("" if parts == PARTS else f" PARTS={','.join(parts)}")
+        + ("" if cfg.large_index == BenchConfig.large_index else f" LARGE_INDEX={cfg.large_index}"),
     }
     base = load_export(Path(cfg.export), cfg.merchant)
     kinds = cfg.large_kinds if "customer" in parts else cfg.large_kinds[:1] if "basket" in parts else ()
@@ -670,14 +706,12 @@ def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list
     if "customer" in parts:
         runs += bench_catalogue("shipped export", Path(cfg.export), cfg, meta)
         for kind, exports in large.items():
-            for ef in cfg.ef_searches:
-                runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, ef)
+            for depth in cfg.depths or DEPTHS[cfg.large_index]:
+                runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, depth)
     if "basket" in parts:
         runs += bench_catalogue("shipped export", Path(cfg.export), cfg, meta, endpoint="basket")
-        kind = cfg.large_kinds[0]
-        runs += bench_catalogue(
-            f"{cfg.large_items // 1_000_000}M {kind}", large[kind], cfg, meta, cfg.basket_ef_search, "basket"
-        )
+        kind, depth = cfg.large_kinds[0], cfg.basket_depth or SERVING_DEPTH[cfg.large_index]
+        runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", large[kind], cfg, meta, depth, "basket")
     if "soak" in parts:
         runs.append(soak(cfg, meta))
     results = Path(cfg.results)
@@ -692,7 +726,10 @@ def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list
 if __name__ == "__main__":
     try:
         chosen = tuple(p for p in os.environ.get("PARTS", ",".join(PARTS)).split(",") if p)
-        config = BenchConfig(soak_s=int(os.environ.get("SOAK_S", BenchConfig.soak_s)))
+        config = BenchConfig(
+            soak_s=int(os.environ.get("SOAK_S", BenchConfig.soak_s)),
+            large_index=os.environ.get("LARGE_INDEX") or BenchConfig.large_index,
+        )
         main(config, chosen)
     except FedrecError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from fedrec.errors import FedrecError
-from fedrec.serving.index import build_index, index_kind, load_index
+from fedrec.serving.index import AnyIndex, build_index, id_map, index_kind, load_index
 
 EXPORT_FILES = ("model_card.json", "item_embeddings.npy", "index.faiss", "items.parquet")
 MERCHANT_FILES = ("user_embeddings.npy", "users.parquet", "purchased.npz")
@@ -47,7 +47,7 @@ class MerchantFiles:
     purchased: sp.csr_matrix  # (n_users, n_items) everything bought so far
     item_bias: np.ndarray | None = None  # (n_items,) this shop's own item bias, when trained with one
     # Ranks with the bias: inner product of [u, 1] with [v, b], built here from the shared vectors.
-    index: faiss.Index | None = None
+    index: AnyIndex | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class LoadedExport:
     item_rows: dict[str, int]
     metadata: dict[str, list[Any]]  # column -> values by catalogue row
     item_vectors: np.ndarray  # (n_items, dim) float32
-    index: faiss.Index
+    index: AnyIndex
     merchant: MerchantFiles | None = None
     kind: str = field(default="flat")
 
@@ -193,17 +193,16 @@ def _check_unique(values: list[str], path: Path, column: str) -> dict[str, int]:
     return rows
 
 
-def _check_index(index: faiss.Index, n_items: int, dim: int, path: Path) -> None:
+def _check_index(index: AnyIndex, n_items: int, dim: int, path: Path) -> None:
     if index.d != dim:
         raise ExportError(f"{path}: index dimension {index.d} differs from item embeddings ({dim})")
     if index.ntotal != n_items:
         raise ExportError(f"{path}: index holds {index.ntotal} vectors but the catalogue has {n_items} items")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ExportError(f"{path}: index metric is not inner product")
-    if isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
-        ids = faiss.vector_to_array(index.id_map)
-        if not np.array_equal(ids, np.arange(n_items)):
-            raise ExportError(f"{path}: id map does not number the catalogue rows 0..{n_items - 1}")
+    ids = id_map(index)
+    if ids is not None and not np.array_equal(ids, np.arange(n_items)):
+        raise ExportError(f"{path}: id map does not number the catalogue rows 0..{n_items - 1}")
 
 
 def _read_item_bias(path: Path, n_items: int) -> np.ndarray:

@@ -11,11 +11,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
-
 from fedrec.errors import FedrecError
 from fedrec.serving import metrics
 from fedrec.serving.export_store import LoadedExport, latest_version_name, load_export
+from fedrec.serving.index import set_search_depth
 from fedrec.serving.settings import ServeSettings
 
 log = logging.getLogger("fedrec.serving")
@@ -39,11 +38,10 @@ class ExportHolder:
     def _load(self) -> LoadedExport:
         s = self.settings
         export = load_export(s.export_path, s.merchant, Path(s.merchant_dir) if s.merchant_dir else None)
-        if s.ef_search is not None and export.kind == "hnsw":
-            own = export.merchant.index if export.merchant is not None else None  # the [v, b] index
-            for index in (export.index, own):
-                if index is not None:
-                    faiss.downcast_index(index.index).hnsw.efSearch = s.ef_search
+        own = export.merchant.index if export.merchant is not None else None  # the [v, b] index
+        for index in (export.index, own):
+            if index is not None:
+                set_search_depth(index, nprobe=s.nprobe, ef_search=s.ef_search)
         return export
 
     def reload(self, only_if_changed: bool = True) -> ReloadOutcome:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -20,6 +20,7 @@ from fedrec.serving.bench import (
     write_large_export,
 )
 from fedrec.serving.export_store import load_export
+from fedrec.serving.index import search_depth
 
 REQUIRED = {"endpoint", "catalogue_size", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "index",
             "http_5xx", "recall_at_10_vs_exact", "faiss_only_qps"}  # fmt: skip
@@ -72,11 +73,13 @@ def tiny_bench(served_root, tmp_path):
     )
 
 
-def test_large_export_is_a_valid_hnsw_export_and_is_cached(tiny_bench):
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_large_export_is_a_valid_export_of_its_index_kind_and_is_cached(tiny_bench, kind):
+    tiny_bench = replace(tiny_bench, large_index=kind)
     base = load_export(tiny_bench.export, "big")
     exports = write_large_export(base, tiny_bench)
     large = load_export(exports, "big")
-    assert large.n_items == 3000 and large.kind == "hnsw"
+    assert large.n_items == 3000 and large.kind == kind
     assert large.item_ids[: base.n_items] == base.item_ids
     assert large.merchant.purchased.shape == (len(base.merchant.user_ids), 3000)
     stamp = (exports / "v0001" / "index.faiss").stat().st_mtime_ns
@@ -140,28 +143,31 @@ def test_a_partial_run_replaces_only_the_rows_it_measures():
     assert next(r for r in merged if r["rps"] == 0.5)["request"].startswith("GET /v1/merchants")
 
 
-def test_ef_search_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_bench):
-    """An HNSW catalogue with a merchant bias: both indexes honour --ef-search; bias ranks exactly."""
+@pytest.mark.parametrize(("kind", "knob"), [("hnsw", {"ef_search": 200}), ("ivf", {"nprobe": 7})])
+def test_search_depth_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_bench, kind, knob):
+    """A large catalogue with a merchant bias: both indexes honour --ef-search / --nprobe, and the
+    scores are the exact u . v + b of the rows returned."""
     from fedrec.serving.recommend import search
     from fedrec.serving.settings import ServeSettings
     from fedrec.serving.state import ExportHolder
 
+    tiny_bench = replace(tiny_bench, large_index=kind)
     base = load_export(tiny_bench.export, "big")
     exports = write_large_export(base, tiny_bench)
     mdir = exports.parent / "merchants" / "big" / "v0001"
     bias = np.random.default_rng(0).normal(size=3000).astype(np.float32)
     np.save(mdir / "item_bias.npy", bias)
-    holder = ExportHolder(ServeSettings(export=str(exports), merchant="big", watch_interval=0, ef_search=200))
+    holder = ExportHolder(ServeSettings(export=str(exports), merchant="big", watch_interval=0, **knob))
     assert holder.reload(False).error is None
     export = holder.current
-    assert export.kind == "hnsw" and export.merchant.index is not None
+    assert export.kind == kind and export.merchant.index is not None
     for index in (export.index, export.merchant.index):
-        assert faiss.downcast_index(index.index).hnsw.efSearch == 200
+        assert search_depth(index) == knob
     u = export.merchant.user_vectors[0]
     rows, scores = search(export, u, 5, merchant_bias=True)
     exact = export.item_vectors @ u + bias
     np.testing.assert_allclose(scores, exact[rows], rtol=1e-4, atol=1e-4)
-    assert len(set(rows) & set(np.argsort(-exact)[:5])) >= 4  # HNSW: near-exact on a tiny catalogue
+    assert len(set(rows) & set(np.argsort(-exact)[:5])) >= 4  # near-exact on a tiny catalogue
 
 
 def test_similar_items_on_an_hnsw_catalogue_are_by_inner_product_because_reranking_misses(tiny_bench):
@@ -169,6 +175,7 @@ def test_similar_items_on_an_hnsw_catalogue_are_by_inner_product_because_reranki
     graph's candidates by cosine finds few of the true cosine neighbours."""
     from fedrec.serving.recommend import search, similar_items
 
+    tiny_bench = replace(tiny_bench, large_index="hnsw")
     base = load_export(tiny_bench.export, "big")
     large = load_export(write_large_export(base, tiny_bench), "big")
     assert large.kind == "hnsw"

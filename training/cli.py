@@ -193,7 +193,10 @@ def serve(
     watch_interval: Annotated[float, typer.Option(help="Seconds between checks for a new export; 0: off.")] = 2.0,
     foldin: Annotated[str, typer.Option(help="Basket fold-in rule: softmax, mean or ridge.")] = "softmax",
     foldin_reg: Annotated[float, typer.Option(help="Fold-in L2 regularisation (see make evaluate-foldin).")] = 1.0,
-    ef_search: Annotated[int | None, typer.Option(help="HNSW search depth (default: the export's).")] = None,
+    ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW search depth (default: the export's).")] = None,
+    nprobe: Annotated[
+        int | None, typer.Option(min=1, help="IVF lists scanned per query (default: the export's).")
+    ] = None,
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Larger request bodies get a 413 before they are read.")
     ] = 1_000_000,
@@ -220,6 +223,7 @@ def serve(
         foldin_method=foldin,
         foldin_reg=foldin_reg,
         ef_search=ef_search,
+        nprobe=nprobe,
         max_body_bytes=max_body_bytes,
         threads=threads,
     )

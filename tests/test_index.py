@@ -1,0 +1,81 @@
+"""Serving indexes: the MIPS-to-L2 IVF returns exact inner-product top-k when it scans every list,
+keeps its scores as inner products, and survives a save and load."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from fedrec.serving.index import (
+    IndexParams,
+    MipsIndex,
+    build_index,
+    choose_kind,
+    index_kind,
+    ivf_lists,
+    load_index,
+    save_index,
+    search_depth,
+    set_search_depth,
+)
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> tuple[np.ndarray, np.ndarray]:
+    """Vectors whose norms differ by 10x (where inner product and L2 rankings disagree)."""
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((4000, 16)).astype(np.float32) * rng.uniform(0.2, 2.0, (4000, 1)).astype(np.float32)
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    return items, queries
+
+
+def exact_top(items: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ items.T
+    rows = np.argsort(-scores, axis=1)[:, :k]
+    return rows, np.take_along_axis(scores, rows, axis=1)
+
+
+def test_ivf_scanning_every_list_is_exact_inner_product(catalogue) -> None:
+    items, queries = catalogue
+    index = build_index(items, "ivf")
+    assert isinstance(index, MipsIndex) and index_kind(index) == "ivf"
+    assert index.d == 16 and index.ntotal == 4000 and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    set_search_depth(index, nprobe=ivf_lists(4000))
+    scores, rows = index.search(queries, 10)
+    truth, truth_scores = exact_top(items, queries, 10)
+    np.testing.assert_array_equal(rows, truth)
+    np.testing.assert_allclose(scores, truth_scores, atol=1e-4)
+
+
+def test_l2_on_raw_vectors_would_rank_differently(catalogue) -> None:
+    """The extra dimension is what makes L2 rank by inner product: plain L2 neighbours differ."""
+    items, queries = catalogue
+    plain = faiss.IndexFlatL2(16)
+    plain.add(items)
+    _, rows = plain.search(queries, 10)
+    truth, _ = exact_top(items, queries, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)])
+    assert overlap < 0.5
+
+
+def test_saved_ivf_loads_back_as_the_same_inner_product_index(catalogue, tmp_path) -> None:
+    items, queries = catalogue
+    index = build_index(items, "ivf", IndexParams(nprobe=8))
+    save_index(index, tmp_path / "index.faiss")
+    back = load_index(tmp_path / "index.faiss")
+    assert isinstance(back, MipsIndex) and index_kind(back) == "ivf"
+    assert back.max_norm == pytest.approx(index.max_norm, rel=1e-5)
+    assert search_depth(back) == {"nprobe": 8}
+    a, ra = index.search(queries, 10)
+    b, rb = back.search(queries, 10)
+    np.testing.assert_array_equal(ra, rb)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_auto_picks_hnsw_for_large_catalogues_ivf_on_request_and_refuses_unknown_kinds() -> None:
+    assert choose_kind(99_999) == "flat" and choose_kind(100_000) == "hnsw"
+    assert choose_kind(10, "ivf") == "ivf"
+    assert ivf_lists(1_000_000) == 4096 and ivf_lists(100_000) == 1024
+    with pytest.raises(ValueError, match="unknown index type 'lsh'"):
+        choose_kind(10, "lsh")
