@@ -288,7 +288,7 @@ def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | 
     metadata = {c: items[c].to_list() for c in METADATA_COLUMNS if c in items.columns}
     try:
         index = load_index(directory / "index.faiss")
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ExportError(
             f"{directory / 'index.faiss'}: not a readable FAISS index ({str(exc).splitlines()[0]})"
         ) from None

@@ -62,11 +62,20 @@ class MipsIndex:
 
     @classmethod
     def from_l2(cls, inner: faiss.Index) -> MipsIndex:
-        """Wraps a saved augmented index; every stored vector has norm M, so one row gives it back."""
+        """Wraps a saved augmented index; every stored vector has norm M, so one row gives it back.
+
+        Raises ValueError for an L2 index whose rows differ in norm (not this reduction): its
+        distances would turn into wrong inner products."""
         if inner.ntotal == 0:
             return cls(inner, 0.0)
-        first = int(faiss.vector_to_array(inner.id_map)[0]) if hasattr(inner, "id_map") else 0
-        return cls(inner, float(np.linalg.norm(inner.reconstruct(first))))
+        ids = faiss.vector_to_array(inner.id_map) if hasattr(inner, "id_map") else np.arange(inner.ntotal)
+        try:
+            norms = [float(np.linalg.norm(inner.reconstruct(int(i)))) for i in ids[[0, len(ids) // 2, -1]]]
+        except RuntimeError as exc:  # e.g. an IVF saved without its direct map
+            raise ValueError(f"an L2 index whose rows cannot be read back ({str(exc).splitlines()[0]})") from None
+        if not np.allclose(norms, norms[0], rtol=1e-3):
+            raise ValueError(f"an L2 index that is not the MIPS reduction (row norms {norms} differ)")
+        return cls(inner, norms[0])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -116,8 +125,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", params: IndexParams = I
         nlist = min(ivf_lists(n), n)
         base = faiss.IndexIVFFlat(faiss.IndexFlatIP(d + 1), d + 1, nlist, faiss.METRIC_L2)
         base.nprobe = params.nprobe
-        index = MipsIndex.build(vectors, base, train=min(n, params.train_per_list * nlist))
-        return index
+        return MipsIndex.build(vectors, base, train=min(n, params.train_per_list * nlist))
     if kind == "flat":
         base = faiss.IndexFlatIP(d)
     else:

@@ -73,6 +73,16 @@ def test_saved_ivf_loads_back_as_the_same_inner_product_index(catalogue, tmp_pat
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_a_plain_l2_index_is_refused_not_misread(catalogue, tmp_path) -> None:
+    """Only the reduction's rows all have norm M; another L2 index would give wrong inner products."""
+    items, _ = catalogue
+    plain = faiss.IndexIDMap2(faiss.IndexFlatL2(17))
+    plain.add_with_ids(np.hstack([items, items[:, :1]]), np.arange(len(items), dtype=np.int64))
+    faiss.write_index(plain, str(tmp_path / "plain.faiss"))
+    with pytest.raises(ValueError, match="not the MIPS reduction"):
+        load_index(tmp_path / "plain.faiss")
+
+
 def test_auto_picks_hnsw_for_large_catalogues_ivf_on_request_and_refuses_unknown_kinds() -> None:
     assert choose_kind(99_999) == "flat" and choose_kind(100_000) == "hnsw"
     assert choose_kind(10, "ivf") == "ivf"
