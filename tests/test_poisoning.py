@@ -19,7 +19,7 @@ from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import robust_delta
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, item_embeddings
-from fedrec.privacy.poisoning import exposure, fake_merchant, promote
+from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
 from fedrec.training.attack_report import pick_target
 
 
@@ -57,6 +57,26 @@ def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():
     for rule in ("median", "trimmed_mean", "norm_clip"):
         got = robust_delta([*honest, evil], rule, trim=0.25)["item_emb.weight"]
         assert got.abs().max() < 2.5, rule
+
+
+def test_colluders_push_the_same_direction_and_leave_honest_messages_alone():
+    """Colluding promoters share one random stream: the same crafted target row, round after round."""
+    state = {"item_emb.weight": torch.randn(6, 4, generator=torch.Generator().manual_seed(0))}
+    hooks = [promote(name, 2, np.array([0, 1]), 1.0, False, seed=7) for name in ("m1", "m2")]
+    both = colluding(hooks)
+
+    def table(value: float) -> dict[str, torch.Tensor]:
+        return merchant_sums({"item_emb.weight": torch.full((6, 4), value)}, 5, 1, torch.ones(6, dtype=torch.bool),
+                             0.0, "fedavg", False)  # fmt: skip
+
+    for _ in range(3):  # each round draws one direction per attacker, the same for both
+        a = both("m1", table(0.0), state)["delta/item_emb.weight"]
+        b = both("m2", table(0.0), state)["delta/item_emb.weight"]
+        torch.testing.assert_close(a[2], b[2])
+        assert a[2].norm() > 0 and a[0].norm() == 0  # only the target's row is crafted
+    honest = table(1.0)
+    untouched = both("shop", honest, state)
+    assert all(untouched[k] is honest[k] for k in honest)
 
 
 def test_bad_robust_settings_are_refused():

@@ -296,7 +296,7 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
         "attack-report", "--dataset", "file", "--set", f"data.path={tiny_csv}",
         "--set", f"output.results_dir={tmp_path}", "--set", "model.dim=8", "--set", "model.hash_buckets=256",
         "--set", "privacy.sample_rate=0.5", "--set", "federation.rounds=3", "--epsilon", "1", "--dp-rounds", "3",
-        "--poison-rounds", "2", "--seeds", "1",
+        "--poison-rounds", "2", "--seeds", "1", "--colluders", "2",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -315,6 +315,9 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert [r["secure_aggregation_compatible"] for r in poison["rules"].values()] == [True, False, False, False]
     for r in poison["rules"].values():  # who wins is tested in tests/test_poisoning.py; here: the report's shape
         assert 0 <= r["target_exposure"] <= 1 and 0 <= r["clean_exposure"] <= 1 and 0 < r["recall@20"] < 1
+    report = json.loads((tmp_path / "attack-report.json").read_text())
+    assert poison["attackers"] == 1 and report["poisoning_colluding"]["attackers"] == 2
+    assert set(report["poisoning_colluding"]["rules"]) == set(poison["rules"])
 
 
 def test_evaluate_refuses_a_private_config_instead_of_ignoring_it(tmp_path):

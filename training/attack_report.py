@@ -48,7 +48,7 @@ from fedrec.federated.simulation import run_federated
 from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings, new_item_tower
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
-from fedrec.privacy.poisoning import exposure, fake_merchant, promote
+from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
 from fedrec.serving.foldin import fold_in_many
 from fedrec.training.data import load_dataset
 
@@ -153,6 +153,9 @@ class PoisonConfig:
     boost: float = 100.0
     strength: float = 20.0  # the crafted target row's length, in units of the longest other row
     rules: tuple[str, ...] = ("none", "norm_clip", "trimmed_mean", "median")
+    # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
+    # same target along the same direction each round (one shared random stream).
+    attackers: int = 1
 
 
 def pick_target(counts: np.ndarray, seed: int) -> int:
@@ -171,17 +174,23 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
     counts = np.asarray(pooled(dataset).full_train.sum(axis=0)).ravel()
     popular = np.argsort(-counts, kind="stable")[: pc.popular]
     n_fake = max(1, round(pc.fake_share * sum(m.n_users for m in honest)))
-    out: dict = {"fake_customers": n_fake, "boost": pc.boost, "strength": pc.strength, "filler": pc.filler,
-                 "rounds": pc.rounds, "seeds": list(pc.seeds), "rules": {}}  # fmt: skip
+    out: dict = {"attackers": pc.attackers, "fake_customers": n_fake, "boost": pc.boost, "strength": pc.strength,
+                 "filler": pc.filler, "rounds": pc.rounds, "seeds": list(pc.seeds), "rules": {}}  # fmt: skip
     for rule in pc.rules:
         runs = []
         for seed in pc.seeds:
             target = pick_target(counts, seed)
             fed = dataclasses.replace(cfg.federation, robust=rule, rounds=pc.rounds, seed=seed)
-            attacker = fake_merchant(dataset.n_items, target, popular, n_fake, pc.filler, seed)
+            names = ["mallory", *(f"mallory{j}" for j in range(1, pc.attackers))]
+            fakes = [
+                fake_merchant(dataset.n_items, target, popular, n_fake, pc.filler, 1000 * j + seed, name)
+                for j, name in enumerate(names)
+            ]
             row = {"target": target, "target_purchases": int(counts[target])}
-            poisoned = dataclasses.replace(dataset, merchants=[*honest, attacker])
-            attack = promote(attacker.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed)
+            poisoned = dataclasses.replace(dataset, merchants=[*honest, *fakes])
+            attack = colluding(
+                [promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed) for f in fakes]
+            )
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
                 res = run_federated(ds, features, cfg.model, cfg.local, fed, tamper=tamper)
                 vecs = item_embeddings(res.item_state, features, cfg.model)

@@ -118,8 +118,12 @@ def attack_report_cmd(
     dp_rounds: Annotated[int, typer.Option(min=1, help="Schedule the DP noise is planned for.")] = 20,
     poison_rounds: Annotated[int, typer.Option(min=1, help="Rounds of each poisoning run.")] = 20,
     seeds: Annotated[int, typer.Option(min=1, help="Poisoning: seeds (each with its own target).")] = 3,
+    colluders: Annotated[
+        int, typer.Option(min=1, help="Poisoning: also run this many colluding fake merchants (1: skip).")
+    ] = 3,
 ) -> None:
     """Leakage (with and without SecAgg and DP), membership and poisoning attacks: results/attack-report.json."""
+    import dataclasses
     import sys
 
     from fedrec.training.attack_report import (
@@ -135,17 +139,21 @@ def attack_report_cmd(
     cfg = _config(config, dataset, set_)
     res = leakage_report(cfg, epsilon, dp_rounds, console)
     res["membership"] = membership_report(cfg, epsilon, dp_rounds, console)
-    res["poisoning"] = poisoning_report(cfg, console, PoisonConfig(rounds=poison_rounds, seeds=tuple(range(seeds))))
+    poison = PoisonConfig(rounds=poison_rounds, seeds=tuple(range(seeds)))
+    res["poisoning"] = poisoning_report(cfg, console, poison)
+    if colluders > 1:
+        res["poisoning_colluding"] = poisoning_report(cfg, console, dataclasses.replace(poison, attackers=colluders))
     path = write_attack_report(res, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
     for setting, r in res["leakage"].items():
         console.print(f"{setting:>11}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  AUC {r['auc']:.3f}")
     for setting, r in res["membership"].items():
         console.print(f"membership {setting}: AUC {r['auc']:.3f}")
-    for rule, r in res["poisoning"]["rules"].items():
-        console.print(
-            f"poisoning {rule:>12}: target exposure {r['target_exposure']:.3f} (clean {r['clean_exposure']:.3f}), "
-            f"recall@20 {r['recall@20']:.4f} (clean {r['clean_recall@20']:.4f})"
-        )
+    for part in ("poisoning", "poisoning_colluding"):
+        for rule, r in res.get(part, {}).get("rules", {}).items():
+            console.print(
+                f"{part} ({res[part]['attackers']} fake) {rule:>12}: target exposure {r['target_exposure']:.3f} "
+                f"(clean {r['clean_exposure']:.3f}), recall@20 {r['recall@20']:.4f} (clean {r['clean_recall@20']:.4f})"
+            )
     console.print(f"results: {path}")
 
 

@@ -24,6 +24,8 @@ from fedrec.data import MerchantData
 from fedrec.evaluation import recommendation_lists
 from fedrec.federated.aggregation import DELTA, STEPS, WEIGHT
 
+Tamper = Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
 
 def fake_merchant(
     n_items: int,
@@ -58,7 +60,7 @@ def promote(
     strength: float = 20.0,
     seed: int = 0,
     table: str = "item_emb.weight",
-) -> Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+) -> Tamper:
     """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
 
     The attacker's delta for the target's id row is replaced by the step that moves the row to
@@ -88,6 +90,17 @@ def promote(
         crafted = terms[DELTA + table].clone()
         crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
         return {k: (crafted if k == DELTA + table else v) * factor for k, v in terms.items()}
+
+    return tamper
+
+
+def colluding(hooks: list[Tamper]) -> Tamper:
+    """One tamper hook from several attackers' hooks (each changes only its own merchant's message)."""
+
+    def tamper(name: str, terms: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for hook in hooks:
+            terms = hook(name, terms, state)
+        return terms
 
     return tamper
 
