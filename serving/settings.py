@@ -52,11 +52,11 @@ class ServeSettings:
             "max_body_bytes",
             "max_path_bytes",
             "max_query_bytes",
+            "ef_search",  # these two may be None (keep the export's)
+            "nprobe",
         ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
-        for name in ("ef_search", "nprobe"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
 
     def foldin_config(self) -> FoldInConfig:
