@@ -241,6 +241,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
             "score",
             "rounds",
             "best_round",
+            "refit_rounds",
             "merchants",
             "metrics",
             "federation",

@@ -84,7 +84,13 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
         assert abs(res[name]["recall@20_std"] - np.std(per_seed, ddof=1)) < 1e-4
     assert res["federated"]["recall@20_per_seed"][0] != res["federated"]["recall@20_per_seed"][1]  # seeds differ
     assert "seeds" not in res["popularity"] and res["ease"]["settings"]["chosen_on"] == "validation recall@20"
-    assert set(res["ablations"]) == {"aggregation=rowwise", "normalize_steps=False", "merchant_item_bias=True"}
+    assert set(res["ablations"]) == {
+        "aggregation=rowwise", "normalize_steps=False", "merchant_item_bias=True", "refit=False"
+    }  # fmt: skip
+    # the released federated and centralized models are the refits (on train + validation)
+    for name in ("federated", "centralized"):
+        assert res[name]["refit_rounds"] == res[name]["best_round"] >= 1
+    assert res["ablations"]["refit=False"]["recall@20_per_seed"] != res["federated"]["recall@20_per_seed"]
     for name in METHODS:
         div = res[name]["diversity"]
         assert 0 < div["coverage@10"] <= 1 and 0 < div["top1_share"] <= 1

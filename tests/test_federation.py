@@ -30,7 +30,9 @@ def test_messages_carry_only_the_round_sums_of_the_item_tower(tiny_dataset, feat
     cfg = FederationConfig(rounds=2, patience=0, aggregation=rule)
     model = dataclasses.replace(MODEL, merchant_item_bias=bias)
     result = run_federated(tiny_dataset, features, model, LOCAL, cfg, on_message=lambda n, u: sent.append((n, u)))
-    assert len(sent) == 2 * len(tiny_dataset.merchants)
+    # the refit's rounds (on train + validation) send the same kind of message
+    assert result.refit_rounds == result.best_round >= 1
+    assert len(sent) == (2 + result.refit_rounds) * len(tiny_dataset.merchants)
     tower = item_tower_shapes(tiny_dataset.n_items, MODEL)
     for name, msg in sent:
         assert [f.name for f in dataclasses.fields(msg)] == ["tensors"]
@@ -150,3 +152,46 @@ def test_proximal_term_is_half_mu_squared_distance_with_gradient_mu_times_drift(
     value.backward()
     assert torch.allclose(tower.item_emb.weight.grad, torch.full((5, 3), 0.4))
     assert tower.mlp[0].weight.grad.abs().max() == 0
+
+
+def test_refit_retrains_on_train_and_validation_for_the_chosen_rounds(tiny_dataset, features, monkeypatch):
+    """The released model is a second run, from the same start, on train + validation for the best
+    round's number of rounds; the first run alone saw only train."""
+    import fedrec.federated.simulation as simulation
+
+    seen: list[int] = []
+    real = simulation.local_update
+
+    def recording(item_state, users, train, *args, **kwargs):
+        seen.append(int(train.nnz))
+        return real(item_state, users, train, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "local_update", recording)
+    cfg = FederationConfig(rounds=4, patience=0, refit=True)
+    res = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)
+    n = len(tiny_dataset.merchants)
+    assert len(res.history) == 4 and 1 <= res.best_round <= 4
+    assert res.refit_rounds == res.best_round
+    assert len(seen) == (4 + res.best_round) * n
+    train_nnz = sorted(m.train.nnz for m in tiny_dataset.merchants)
+    full_nnz = sorted(m.full_train.nnz for m in tiny_dataset.merchants)
+    assert train_nnz != full_nnz  # the validation slice is not empty
+    assert sorted(seen[: 4 * n]) == sorted(train_nnz * 4)
+    assert sorted(seen[4 * n :]) == sorted(full_nnz * res.best_round)
+
+    # Without the refit the released model is the best round's, trained on train alone.
+    seen.clear()
+    plain = run_federated(tiny_dataset, features, MODEL, LOCAL, dataclasses.replace(cfg, refit=False))
+    assert plain.refit_rounds == 0 and len(seen) == 4 * n
+    assert plain.best_round == res.best_round  # the first phase is the same run
+    assert any(not torch.equal(plain.item_state[k], res.item_state[k]) for k in res.item_state)
+
+
+def test_with_validation_in_train_moves_the_slice(tiny_dataset):
+    from fedrec.federated.simulation import with_validation_in_train
+
+    whole = with_validation_in_train(tiny_dataset)
+    for before, after in zip(tiny_dataset.merchants, whole.merchants, strict=True):
+        assert (after.train != before.full_train).nnz == 0
+        assert after.val.nnz == 0 and after.val.shape == before.val.shape
+        assert (after.test != before.test).nnz == 0

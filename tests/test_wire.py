@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -132,7 +133,8 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
     """
     cfg, ds, out = synthetic_bundles
     features = build_item_features(ds.items, cfg.model.hash_buckets)
-    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
+    # the networked runtime releases the early-stopped model: compare with the loop before any refit
+    inproc = run_federated(ds, features, cfg.model, cfg.local, dataclasses.replace(cfg.federation, refit=False))
 
     nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
     state = {k: v.clone() for k, v in new_item_tower(ds.n_items, cfg.model, cfg.federation.seed).state_dict().items()}

@@ -78,7 +78,7 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
         "recall@20_per_seed": [round(r, 4) for r in recalls],
         "seeds": list(seeds),
     }
-    for key in ("seconds", "rounds", "best_round"):
+    for key in ("seconds", "rounds", "best_round", "refit_rounds"):
         if key in first:
             out[key] = round(float(np.mean([e[key] for e in entries])), 2)
     if "diversity" in first:
@@ -200,6 +200,7 @@ def evaluate(
         if result is not None:
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
+            entry["refit_rounds"] = result.refit_rounds
         return entry
 
     def keep(name: str, entry: dict, seed: int, result: TrainResult | None = None, curve: str | None = None) -> None:
@@ -216,6 +217,11 @@ def evaluate(
         res = _neural(dataset, features, run_cfg, fed_cfg, show, f"federated, seed {seed}")
         items = item_embeddings(res.item_state, features, cfg.model)
         keep("federated", scored(res.user_embeddings, items, res.seconds, res, res.item_biases), seed, res)
+        if res.early_stopped is not None:  # the refit's own ablation: the model it replaced
+            first = res.early_stopped
+            items = item_embeddings(first.item_state, features, cfg.model)
+            entry = scored(first.user_embeddings, items, first.seconds, first, first.item_biases)
+            keep("ablation refit=False", entry, seed)
 
         # Centralized: one client holding the pooled data; same model, loss and schedule.
         central = FederatedDataset(dataset.name, dataset.items, [pooled(dataset)], dataset.protocol)

@@ -314,6 +314,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
     check_networked(cfg)
+    if fed.refit:
+        log.info("federation.refit is in-process only: this runtime releases the early-stopped model")
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)
@@ -401,6 +403,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "runtime": "flower_secagg" if net.secagg else "flower",
             "rounds": ck.round,
             "best_round": ck.best_round,
+            # no refit on train + validation here (federation.refit is in-process only): the
+            # released model is the early-stopped one
+            "refit_rounds": 0,
             "best_val_recall@20": ck.best_val,
             "metrics": {"test": overall, "users": users},
             "history": ck.history,

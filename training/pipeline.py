@@ -15,7 +15,14 @@ from fedrec.training.train import TrainedRun, run_dir, save_checkpoint, train
 
 
 def _card(
-    cfg: RunConfig, dataset, history: list[dict], best_round: int, seconds: float, test: dict, dp: dict | None = None
+    cfg: RunConfig,
+    dataset,
+    history: list[dict],
+    best_round: int,
+    seconds: float,
+    test: dict,
+    dp: dict | None = None,
+    refit_rounds: int = 0,
 ) -> dict:
     return {
         "dataset": dataset.name,
@@ -23,6 +30,8 @@ def _card(
         "protocol": dataset.protocol,
         "rounds": len(history),
         "best_round": best_round,
+        # > 0: the released model was retrained for this many rounds on train + validation
+        "refit_rounds": refit_rounds,
         "train_seconds": round(seconds, 2),
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
@@ -46,7 +55,8 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     root = run_dir(cfg)
     save_checkpoint(run, root / "checkpoint.pt")
     history = [vars(h) for h in run.result.history]
-    card = _card(cfg, run.dataset, history, run.result.best_round, run.result.seconds, run.test, run.result.privacy)
+    res = run.result
+    card = _card(cfg, run.dataset, history, res.best_round, res.seconds, run.test, res.privacy, res.refit_rounds)
     items, vecs = export_catalogue(cfg, run.dataset.items, run.dataset.new_items, run.result.item_state)
     path = write_export(
         root,
@@ -60,7 +70,9 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
         run.result.item_biases,
     )
     console.print(
-        f"\ntrained {len(history)} rounds in {run.result.seconds:.1f}s (best round {run.result.best_round})\n"
+        f"\ntrained {len(history)} rounds in {res.seconds:.1f}s (best round {res.best_round}"
+        + (f"; released: retrained {res.refit_rounds} rounds on train + validation" if res.refit_rounds else "")
+        + ")\n"
         f"shared export:       {path}\n"
         f"merchant embeddings: {root / 'merchants'}/<merchant>/{path.name}\n"
         f"checkpoint:          {root / 'checkpoint.pt'}"
@@ -79,8 +91,9 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     items, vecs = export_catalogue(train_cfg, dataset.items, dataset.new_items, ckpt["item_state"])
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
     card = _card(
-        export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy")
-    )
+        export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy"),
+        ckpt.get("refit_rounds", 0),
+    )  # fmt: skip
     path = write_export(
         root,
         export_cfg,

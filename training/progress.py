@@ -10,15 +10,20 @@ from fedrec.federated.simulation import RoundLog
 class RoundPrinter:
     def __init__(self, console: Console, label: str, total_merchants: int) -> None:
         self.console, self.label, self.total = console, label, total_merchants
-        self.best = -1.0
+        self.best, self.best_round = -1.0, 0
         console.print(
             f"[bold]{'round':>5}  {'merchants':>9}  {'loss':>8}  {'val recall@20':>13}  {'seconds':>7}[/]  {label}"
         )
 
     def __call__(self, log: RoundLog) -> None:
+        if log.refit and log.round == 1:
+            self.console.print(
+                f"[bold]refit[/]: training again from the start on train + validation for the {self.best_round} "
+                "rounds validation chose; the last of them is released"
+            )
         val, mark = log.val_recall_at_20, ""
         if val is not None and val > self.best:
-            mark, self.best = " *", val
+            mark, self.best, self.best_round = " *", val, log.round
         shown = f"{val:>13.4f}" if val is not None else f"{'-':>13}"
         self.console.print(
             f"{log.round:>5}  {len(log.merchants):>4}/{self.total:<4}  {log.loss:>8.4f}  {shown}  "

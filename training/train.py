@@ -72,6 +72,7 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "item_biases": run.result.item_biases,
         "history": [vars(h) for h in run.result.history],
         "best_round": run.result.best_round,
+        "refit_rounds": run.result.refit_rounds,
         "seconds": run.result.seconds,
         "test": run.test,
         "privacy": run.result.privacy,

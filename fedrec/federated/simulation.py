@@ -11,11 +11,13 @@ merchant that only that merchant's `local_update` call reads or writes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from fedrec.data import FederatedDataset
@@ -56,6 +58,12 @@ class FederationConfig:
     # delta, so it is incompatible with secure aggregation. "none" is the sum form.
     robust: str = "none"
     trim: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
+    # After early stopping has chosen the number of rounds on the validation slice, train again
+    # from the same start on every purchase before the cut-off (the validation slice included) for
+    # that many rounds, and release that model (`refit_federated`). The validation slice holds each
+    # customer's most recent purchases, the best evidence of what they buy next; ALS and EASE train
+    # on it too. In-process runtime only; never under DP (a second pass over the same customers).
+    refit: bool = True
     seed: int = 0
 
 
@@ -67,6 +75,7 @@ class RoundLog:
     val_recall_at_20: float | None  # None: not validated this round (`val_every`)
     seconds: float
     upload_bytes: int = 0  # mean dense size of one merchant's message
+    refit: bool = False  # a round of the refit on train + validation (`FederationConfig.refit`)
 
 
 @dataclass
@@ -79,6 +88,11 @@ class TrainResult:
     seconds: float
     # With customer-level DP: the mechanism and the epsilon actually spent (Opacus RDP).
     privacy: dict | None = None
+    # Rounds of the refit on train + validation (`FederationConfig.refit`); 0: no refit, the
+    # released model is the early-stopped one.
+    refit_rounds: int = 0
+    # With a refit: the early-stopped model it replaced (trained on train alone), for comparison.
+    early_stopped: TrainResult | None = None
 
 
 def sample_merchants(names: list[str], cfg: FederationConfig, rng: np.random.Generator) -> list[str]:
@@ -98,15 +112,72 @@ def run_federated(
     dp: DPMechanism | None = None,
     tamper: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
-    """Train for `fed_cfg.rounds` (or until early stopping) and return the best round's model.
+    """Train for `fed_cfg.rounds` (or until early stopping) and return the best round's model,
+    or, with `fed_cfg.refit`, the model retrained for that many rounds on train + validation.
 
     With `dp`, training stops when the privacy budget is spent, and the last round is released
     rather than the best one: choosing by validation would use customers' data outside the
-    mechanism the accountant covers.
+    mechanism the accountant covers. There is no refit under DP.
 
     `tamper` (attack simulations only) may replace a merchant's terms before they are sent: what a
     malicious merchant could send, knowing the tower it received.
     """
+    first = _train(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
+    if not fed_cfg.refit or dp is not None or first.best_round < 1:
+        return first
+    return refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
+
+
+def with_validation_in_train(dataset: FederatedDataset) -> FederatedDataset:
+    """Every merchant's train part grown by its validation slice (which is then empty)."""
+    merchants = [
+        dataclasses.replace(m, train=m.full_train, val=sp.csr_matrix(m.val.shape, dtype=m.val.dtype))
+        for m in dataset.merchants
+    ]
+    return dataclasses.replace(dataset, merchants=merchants)
+
+
+def refit_federated(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    local_cfg: LocalConfig,
+    fed_cfg: FederationConfig,
+    first: TrainResult,
+    on_round: Callable[[RoundLog], None] | None = None,
+    on_message: Callable[[str, MerchantSums], None] | None = None,
+    tamper: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> TrainResult:
+    """Train again from the same start, seed and schedule on train + validation for the number of
+    rounds validation chose in `first`, and release the last round (there is nothing left to
+    validate on). The result keeps `first`'s history and best round, which describe that choice."""
+    rounds = first.best_round
+    cfg = dataclasses.replace(fed_cfg, rounds=rounds, patience=0)
+    whole = with_validation_in_train(dataset)
+    second = _train(whole, features, model_cfg, local_cfg, cfg, on_round, on_message, None, tamper, release_last=True)
+    return dataclasses.replace(
+        second,
+        history=first.history,
+        best_round=first.best_round,
+        seconds=first.seconds + second.seconds,
+        refit_rounds=rounds,
+        early_stopped=first,
+    )
+
+
+def _train(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    local_cfg: LocalConfig,
+    fed_cfg: FederationConfig,
+    on_round: Callable[[RoundLog], None] | None,
+    on_message: Callable[[str, MerchantSums], None] | None,
+    dp: DPMechanism | None,
+    tamper: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None,
+    release_last: bool = False,
+) -> TrainResult:
+    """The round loop. `release_last`: no validation, the last round is the result (the refit)."""
     t0 = time.perf_counter()
     rounds = fed_cfg.rounds if dp is None else rounds_within_budget(dp, fed_cfg.rounds)
     names = [m.name for m in dataset.merchants]
@@ -161,18 +232,18 @@ def run_federated(
         global_state = server.step(global_state, delta)
 
         val_total = None
-        if rnd % fed_cfg.val_every == 0 or rnd == rounds:
+        if not release_last and (rnd % fed_cfg.val_every == 0 or rnd == rounds):
             item_vecs = item_embeddings(global_state, features, model_cfg)
             val = [
                 evaluate_val(m, users[m.name], item_vecs, biases[m.name], val_rows[m.name]) for m in dataset.merchants
             ]
             val_total = combine_sums(val).means()["recall@20"]
         seconds = time.perf_counter() - t_round
-        log = RoundLog(rnd, chosen, mean_loss(total), val_total, seconds, sent // len(chosen))
+        log = RoundLog(rnd, chosen, mean_loss(total), val_total, seconds, sent // len(chosen), release_last)
         history.append(log)
         if on_round is not None:
             on_round(log)
-        if dp is not None or (val_total is not None and val_total > best[0]):
+        if dp is not None or release_last or (val_total is not None and val_total > best[0]):
             best = (val_total, rnd, global_state, dict(users), dict(biases))
         elif fed_cfg.patience and rnd - best[1] >= fed_cfg.patience:
             break
