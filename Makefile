@@ -38,8 +38,10 @@ train-federated: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec train --dataset $(DATASET) $(CONFIG_ARG)
 
 # One torch thread: the same seed gives the same numbers (with 2, a rerun can move recall@20).
+# ABLATIONS=0 skips the variants that each flip one design choice (three more federated runs a seed).
 evaluate: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) --set threads=1 $(CONFIG_ARG)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) --set threads=1 $(CONFIG_ARG) \
+		$(if $(filter 0,$(ABLATIONS)),--no-ablations,)
 
 evaluate-foldin: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)
@@ -80,7 +82,8 @@ bench-serve: setup
 # ROUNDS=0 keeps the config's number of rounds (60, early stopping); PLAINTEXT=1 turns SecAgg+ off.
 ROUNDS ?= 5
 federation-demo: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.federation_demo --rounds $(ROUNDS) $(if $(PLAINTEXT),--plaintext,)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.federation_demo --rounds $(ROUNDS) $(if $(PLAINTEXT),--plaintext,) \
+		$(if $(REFIT),--refit,)
 
 # Demo CA, the coordinator's TLS certificate and node key pairs (production: your own PKI; see README).
 CREDENTIALS ?= artifacts/federation/credentials

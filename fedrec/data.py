@@ -6,6 +6,7 @@ item columns; only the catalogue is common to everyone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,11 @@ class MerchantData:
     def full_train(self) -> sp.csr_matrix:
         """Everything before the test cut-off: excluded from rankings at test time."""
         return (self.train + self.val).tocsr()
+
+    def with_validation_in_train(self) -> MerchantData:
+        """Train grown by the validation slice, which is then empty: the refit's data."""
+        empty = sp.csr_matrix(self.val.shape, dtype=self.val.dtype)
+        return dataclasses.replace(self, train=self.full_train, val=empty)
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,10 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federat
     assert after["run_key"] == before["run_key"]  # the merchants kept their private state
     assert after["history"][: before["round"]] == before["history"]
     assert "resuming after round" in out["log"]
+    # then the refit on train + validation ran for the chosen rounds, once each, and was released
+    best = after["best_round"]
+    assert best >= 1 and after["refit_round"] == best == out["summary"]["refit_rounds"]
+    assert [h["round"] for h in after["refit_history"]] == list(range(1, best + 1))
     export = out["workdir"] / "exports" / out["summary"]["version"]
     assert (export / "index.faiss").is_file() and (out["workdir"] / "exports" / "LATEST").is_file()
     assert out["summary"]["test"]["recall@20"] > 0.05

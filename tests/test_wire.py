@@ -126,35 +126,55 @@ def test_bundle_loader_names_the_bad_file(synthetic_bundles, tmp_path) -> None:
 
 
 def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles, tmp_path) -> None:
-    """Same seeds, no dropouts: the nodes' sums over the wire give the in-process model, round for round.
+    """Same seeds, no dropouts: the nodes' sums over the wire give the in-process model, round for round,
+    in the early-stopped run and in the refit on train + validation that is released after it.
 
     The tolerance (1e-5) covers only float summation order: the wire carries float32 scaled sums
     added in float64, the in-process runtime adds float32 tensors merchant by merchant.
     """
     cfg, ds, out = synthetic_bundles
     features = build_item_features(ds.items, cfg.model.hash_buckets)
-    # the networked runtime releases the early-stopped model: compare with the loop before any refit
-    inproc = run_federated(ds, features, cfg.model, cfg.local, dataclasses.replace(cfg.federation, refit=False))
+    inproc = run_federated(ds, features, cfg.model, cfg.local, dataclasses.replace(cfg.federation, refit=True))
+    first = inproc.early_stopped
+    assert first is not None and inproc.refit_rounds == first.best_round
 
     nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
-    state = {k: v.clone() for k, v in new_item_tower(ds.n_items, cfg.model, cfg.federation.seed).state_dict().items()}
-    server = ServerOptimizer(cfg.federation.server)
     fmt = stage_format("train", ds.n_items, cfg)
-    states = {}
-    for rnd in (1, 2):
-        received = state_from_arrays(state_to_arrays(state), ds.n_items, cfg.model)
-        replies = [to_wire(n.train(received, rnd, 0, fmt.expected), fmt, cfg.network.clipping_range) for n in nodes]
-        total = from_wire(sum_arrays(replies), fmt)
-        state = server.step(state, aggregate_sums(total, cfg.federation.aggregation, cfg.federation.normalize_steps))
-        states[rnd] = state
-    assert inproc.history[-1].round == 2
-    best = inproc.best_round  # the in-process result keeps the best round's model
-    for k in state:
-        torch.testing.assert_close(states[best][k], inproc.item_state[k], rtol=1e-5, atol=1e-5)
+
+    def run(stage_nodes: list[MerchantNode], rounds: int) -> dict[int, dict[str, torch.Tensor]]:
+        start = new_item_tower(ds.n_items, cfg.model, cfg.federation.seed).state_dict()
+        state, server, states = {k: v.clone() for k, v in start.items()}, ServerOptimizer(cfg.federation.server), {}
+        for rnd in range(1, rounds + 1):
+            received = state_from_arrays(state_to_arrays(state), ds.n_items, cfg.model)
+            replies = [
+                to_wire(n.train(received, rnd, 0, fmt.expected), fmt, cfg.network.clipping_range) for n in stage_nodes
+            ]
+            total = from_wire(sum_arrays(replies), fmt)
+            delta = aggregate_sums(total, cfg.federation.aggregation, cfg.federation.normalize_steps)
+            state = states[rnd] = server.step(state, delta)
+        return states
+
+    states = run(nodes, 2)
+    assert first.history[-1].round == 2
+    best = first.best_round  # the early-stopped result keeps the best round's model
+    for k in states[best]:
+        torch.testing.assert_close(states[best][k], first.item_state[k], rtol=1e-5, atol=1e-5)
     # the merchants' private tables after that round match too
     for n in nodes:
         users, _ = n.state_at(best)
-        torch.testing.assert_close(users, inproc.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(users, first.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
+
+    # The refit: each node's refit twin trains on train + validation, its own state directory.
+    twins = [n.refit_node() for n in nodes]
+    assert all(t.bundle.merchant.train.nnz > n.bundle.merchant.train.nnz for t, n in zip(twins, nodes, strict=True))
+    refit = run(twins, best)[best]
+    for k in refit:
+        torch.testing.assert_close(refit[k], inproc.item_state[k], rtol=1e-5, atol=1e-5)
+    for t in twins:
+        users, _ = t.state_at(best)
+        torch.testing.assert_close(users, inproc.user_embeddings[t.name], rtol=1e-3, atol=1e-4)
+    for n in nodes:  # the early-stopped state is untouched by the refit
+        torch.testing.assert_close(n.state_at(best)[0], first.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
 
 
 def test_merchant_state_survives_restarts_and_repeated_rounds(synthetic_bundles, tmp_path) -> None:

@@ -39,7 +39,7 @@ def partition_sets(n: int) -> list[str]:
 
 
 def inprocess(n: int, rounds: int) -> dict:
-    sets = [*partition_sets(n), f"federation.rounds={rounds}", "federation.patience=0"]
+    sets = [*partition_sets(n), f"federation.rounds={rounds}", "federation.patience=0", "federation.refit=false"]
     cfg = load_config(default_config_path("synthetic"), parse_sets(sets))
     ds = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(ds.items, cfg.model.hash_buckets)
@@ -57,7 +57,13 @@ def inprocess(n: int, rounds: int) -> dict:
 
 
 def networked(n: int, rounds: int, secagg: bool, work: Path, round_timeout: float) -> dict:
-    sets = [*partition_sets(n), f"federation.rounds={rounds}", "federation.patience=0", "threads=1"]
+    sets = [
+        *partition_sets(n),
+        f"federation.rounds={rounds}",
+        "federation.patience=0",
+        "federation.refit=false",
+        "threads=1",
+    ]
     sets.append(f"network.round_timeout={round_timeout}")
     if not secagg:
         sets.append("network.secagg=false")

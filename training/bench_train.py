@@ -176,7 +176,7 @@ def losses(cfg: BenchTrainConfig) -> dict:
     softmax with uniform negatives mixed in, on one small generated marketplace (one seed)."""
     torch.set_num_threads(2)
     ds, features = marketplace(cfg.loss_products, cfg.loss_merchants, cfg.loss_customers)
-    fed = FederationConfig(rounds=cfg.loss_rounds, patience=0, val_every=cfg.loss_rounds, seed=cfg.seed)
+    fed = FederationConfig(rounds=cfg.loss_rounds, patience=0, val_every=cfg.loss_rounds, seed=cfg.seed, refit=False)
     base = LocalConfig(user_solve_reg=0.0, full_softmax_max_items=10**9)
     variants = {
         "softmax": base,
@@ -200,7 +200,9 @@ def uploads(cfg: BenchTrainConfig) -> dict:
     torch.set_num_threads(2)
     ds, features = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
     local = LocalConfig(loss="sampled_softmax", user_solve_reg=0.0)
-    fed = FederationConfig(rounds=cfg.compare_rounds, patience=0, val_every=cfg.compare_rounds, seed=cfg.seed)
+    fed = FederationConfig(
+        rounds=cfg.compare_rounds, patience=0, val_every=cfg.compare_rounds, seed=cfg.seed, refit=False
+    )
     variants = {
         "dense_fp32": (ModelConfig(id_rows=0), "float32"),
         "dense_fp16": (ModelConfig(id_rows=0), "float16"),
@@ -256,7 +258,13 @@ def large(cfg: BenchTrainConfig) -> dict:
     local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items)
     # Validated once, after the last round (on a sample of customers), which is left out of the timing.
     fed = FederationConfig(
-        rounds=cfg.rounds, fraction=cfg.fraction, patience=0, val_every=cfg.rounds, val_customers=5, seed=cfg.seed
+        rounds=cfg.rounds,
+        fraction=cfg.fraction,
+        patience=0,
+        val_every=cfg.rounds,
+        val_customers=5,
+        seed=cfg.seed,
+        refit=False,
     )
     res = run_federated(ds, features, model, local, fed, on_round=lambda h: print(f"large: round {h.round} "
                         f"{h.seconds:.1f} s", flush=True))  # fmt: skip
@@ -308,7 +316,9 @@ def time_to_target(cfg: BenchTrainConfig) -> dict | None:
     from fedrec.training.data import load_dataset
 
     torch.set_num_threads(1)
-    config = load_config(default_config_path("movielens-100k"), parse_sets(["federation.patience=0"]))
+    config = load_config(
+        default_config_path("movielens-100k"), parse_sets(["federation.patience=0", "federation.refit=false"])
+    )
     try:
         ds = load_dataset(config.data, config.federation.seed)
     except DataError as exc:

@@ -160,9 +160,16 @@ def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple
 
 
 def evaluate(
-    cfg: RunConfig, console: Console | None = None, quiet_rounds: bool = False, seeds: tuple[int, ...] = (0, 1, 2)
+    cfg: RunConfig,
+    console: Console | None = None,
+    quiet_rounds: bool = False,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    ablations: bool = True,
 ) -> dict:
-    """Every trained method once per seed (federation.seed = seed), reported as mean and spread."""
+    """Every trained method once per seed (federation.seed = seed), reported as mean and spread.
+
+    `ablations=False` skips the variants that each flip one design choice (they train the
+    federated model three more times); the refit's own ablation costs nothing and stays."""
     console = console or Console()
     if cfg.privacy.enabled:  # every method here is non-private; DP runs have their own report
         raise FedrecError("fedrec evaluate compares non-private methods: unset [privacy], or run fedrec privacy-report")
@@ -173,7 +180,7 @@ def evaluate(
     out: dict = {
         "dataset": dataset.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": f"make evaluate DATASET={dataset.name}",
+        "command": f"make evaluate DATASET={dataset.name}" + ("" if ablations else " ABLATIONS=0"),
         "data": dataset.summary(),
         "protocol": dataset.protocol,
         "metrics": list(METRICS),
@@ -263,7 +270,7 @@ def evaluate(
         keep("implicit_als", scored(_split_rows(dataset, u), v, time.perf_counter() - t0, basket=als_basket), seed)
 
         # Ablations: each design choice of the federated run flipped alone.
-        for label, (model_cfg, variant_fed) in _variants(run_cfg).items():
+        for label, (model_cfg, variant_fed) in (_variants(run_cfg) if ablations else {}).items():
             variant = dataclasses.replace(run_cfg, model=model_cfg, federation=variant_fed)
             res = _neural(dataset, features, variant, variant_fed, show, f"federated ({label}), seed {seed}")
             items = item_embeddings(res.item_state, features, model_cfg)

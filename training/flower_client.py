@@ -54,9 +54,15 @@ class MerchantClient(NumPyClient):
             sums = node.train(state, rnd, int(config["best-round"]), fmt.expected)
         elif stage == "validate":
             sums = node.validate(state, rnd)
+        elif stage == "refit":  # its own rounds 1, 2, ...: the same seeds as the in-process refit
+            sums = node.refit_node().train(state, int(config["refit-round"]), 0, fmt.expected)
         elif stage == "finish":
             out = Path(str(self.node_config.get("artifacts-dir", node.state_dir / "artifacts")))
-            sums = node.finish(state, int(config["best-round"]), str(config["version"]), out)
+            refit_rounds = int(config.get("refit-rounds", 0))
+            if refit_rounds:  # the released model is the refit's last round
+                sums = node.refit_node().finish(state, refit_rounds, str(config["version"]), out)
+            else:
+                sums = node.finish(state, int(config["best-round"]), str(config["version"]), out)
         else:
             raise ValueError(f"unknown stage {stage!r}")
         arrays = to_wire(sums, fmt, cfg.network.clipping_range)

@@ -249,6 +249,13 @@ class Checkpoint:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     stopped: bool = False
+    # The refit on train + validation (federation.refit), after the early-stopped run: its own
+    # model, server-optimiser state and completed rounds, so a restart resumes it too.
+    refit_round: int = 0
+    refit_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    refit_m: dict[str, torch.Tensor] = field(default_factory=dict)
+    refit_v: dict[str, torch.Tensor] = field(default_factory=dict)
+    refit_history: list[dict] = field(default_factory=list)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -307,6 +314,36 @@ def _val(total: dict) -> float:
     return float(total[VAL_HITS]) / users if users > 0 else float("nan")
 
 
+def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> dict[str, torch.Tensor]:
+    """The refit (`federation.refit`, as `simulation.refit_federated`): from the same start, the
+    merchants train on train + validation for the `best_round` rounds validation chose; the last
+    is released. Each completed round is checkpointed; Flower round numbers continue after the
+    validate exchange, the merchants count the refit's own rounds (their seeds)."""
+    cfg, fed = coord.cfg, coord.cfg.federation
+    if not ck.refit_state:
+        start = new_item_tower(n_items, cfg.model, fed.seed).state_dict()
+        ck.refit_state = {k: v.detach().clone() for k, v in start.items()}
+    server = ServerOptimizer(fed.server, ck.refit_m, ck.refit_v)
+    failed = 0
+    while ck.refit_round < ck.best_round:
+        r = ck.refit_round + 1
+        t0 = time.perf_counter()
+        total = coord.exchange("refit", ck.round + 1 + r, ck.refit_state, refit_round=r)
+        if total is None:
+            failed += 1
+            if failed >= cfg.network.max_failed_rounds:
+                raise FedrecError(f"refit round {r} failed {failed} times in a row; stopping (see the log above)")
+            continue
+        failed = 0
+        ck.refit_state = server.step(ck.refit_state, aggregate_sums(total, fed.aggregation, fed.normalize_steps))
+        ck.refit_m, ck.refit_v, ck.refit_round = server.m, server.v, r
+        entry = {"round": r, "merchants": coord.strategy.contributors, "loss": mean_loss(total)}
+        ck.refit_history.append({**entry, "seconds": time.perf_counter() - t0})
+        save_checkpoint(ck_path, ck)
+        log.info("refit round %d of %d: %d merchants, loss %.4f", r, ck.best_round, entry["merchants"], entry["loss"])
+    return ck.refit_state
+
+
 def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
     """The whole networked run; returns the model card's summary (also printed to the log)."""
     torch.set_num_threads(cfg.threads)
@@ -314,8 +351,6 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
     check_networked(cfg)
-    if fed.refit:
-        log.info("federation.refit is in-process only: this runtime releases the early-stopped model")
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)
@@ -391,9 +426,15 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
         if dp is not None:  # release the last round: a choice by validation is outside the accountant
             ck.best_round, ck.best_state = ck.round, ck.state
         save_checkpoint(ck_path, ck)
+        released, refit_rounds = ck.best_state, 0
+        if fed.refit and dp is None and ck.best_round >= 1:
+            released, refit_rounds = _refit(coord, ck, ck_path, features.n_items), ck.best_round
         exports = workdir / "exports"
         version = next_version(exports)
-        test = coord.exchange("finish", ck.round + 2, ck.best_state, best_round=ck.best_round, version=version)
+        test = coord.exchange(
+            "finish", ck.round + 2 + refit_rounds, released, best_round=ck.best_round, version=version,
+            refit_rounds=refit_rounds,
+        )  # fmt: skip
         if test is None:
             raise FedrecError("the finish exchange failed: no test sums, no merchant exports; rerun to retry it")
         users = float(test[TEST_USERS])
@@ -403,9 +444,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "runtime": "flower_secagg" if net.secagg else "flower",
             "rounds": ck.round,
             "best_round": ck.best_round,
-            # no refit on train + validation here (federation.refit is in-process only): the
-            # released model is the early-stopped one
-            "refit_rounds": 0,
+            # > 0: the released model was retrained for this many rounds on train + validation
+            "refit_rounds": refit_rounds,
+            "refit_history": ck.refit_history,
             "best_val_recall@20": ck.best_val,
             "metrics": {"test": overall, "users": users},
             "history": ck.history,

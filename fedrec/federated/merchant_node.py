@@ -16,6 +16,7 @@ Stages, each answering with sums only:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -187,6 +188,12 @@ class MerchantNode:
         m = self.bundle.merchant
         users = init_user_embeddings(m.n_users, self.cfg.model, torch.Generator().manual_seed(seed))
         return users, init_item_bias(self.features.n_items, self.cfg.model)
+
+    def refit_node(self) -> MerchantNode:
+        """This merchant for the refit (`federation.refit`): train + validation as its training
+        data, and a state directory of its own, so the early-stopped state stays as it was."""
+        bundle = dataclasses.replace(self.bundle, merchant=self.bundle.merchant.with_validation_in_train())
+        return MerchantNode(bundle, self.state_dir / "refit", self.cfg)
 
     def state_at(self, rnd: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.load_state(before=rnd + 1)

@@ -18,12 +18,13 @@ from fedrec.metrics import METRICS
 from fedrec.model import ModelConfig, item_tower_shapes
 from fedrec.privacy.accountant import steps_per_epoch
 
-STAGES = ("train", "validate", "finish")
+# "refit": a train round of the refit on train + validation (`federation.refit`), same reply
+STAGES = ("train", "validate", "refit", "finish")
 
 
 def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
     """The names, shapes and public scales of a merchant's reply in `stage`."""
-    if stage == "train":
+    if stage in ("train", "refit"):
         expected = sum_names(item_tower_shapes(n_items, cfg.model), cfg.federation.aggregation)
         expected.update(validation_names())
     elif stage == "validate":

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from fedrec.data import FederatedDataset
@@ -130,11 +129,7 @@ def run_federated(
 
 def with_validation_in_train(dataset: FederatedDataset) -> FederatedDataset:
     """Every merchant's train part grown by its validation slice (which is then empty)."""
-    merchants = [
-        dataclasses.replace(m, train=m.full_train, val=sp.csr_matrix(m.val.shape, dtype=m.val.dtype))
-        for m in dataset.merchants
-    ]
-    return dataclasses.replace(dataset, merchants=merchants)
+    return dataclasses.replace(dataset, merchants=[m.with_validation_in_train() for m in dataset.merchants])
 
 
 def refit_federated(
