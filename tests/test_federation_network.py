@@ -102,6 +102,10 @@ def _start_run(fed: dict, name: str, *sets: str):  # noqa: ANN202
     ]  # fmt: skip
     if not any(x.startswith("federation.rounds=") for x in sets):
         cmd += ["--set", "federation.rounds=1"]
+    # The refit's extra rounds are tested where they are asked for (the restart test) and, round
+    # for round against the in-process refit, in test_wire; elsewhere they would only add time.
+    if not any(x.startswith("federation.refit=") for x in sets):
+        cmd += ["--set", "federation.refit=false"]
     for s in sets:
         cmd += ["--set", s]
     return fed["procs"].start(name, cmd, fed["work"] / "logs" / f"{name}.log"), workdir
@@ -194,7 +198,9 @@ def test_plaintext_run_leaks_what_secagg_hides(federation) -> None:
     # The same training in-process (same seeds, config and merchants, no dropouts) gives the same
     # model: only float summation order differs, so the tolerance is 1e-3 of recall@20.
     ds = federation["dataset"]
-    cfg = load_config(default_config_path("synthetic"), {"federation.rounds": 1, "threads": 1})
+    cfg = load_config(
+        default_config_path("synthetic"), {"federation.rounds": 1, "federation.refit": False, "threads": 1}
+    )
     features = build_item_features(ds.items, cfg.model.hash_buckets)
     res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
     vecs = item_embeddings(res.item_state, features, cfg.model)
@@ -277,7 +283,7 @@ def _checkpoint_round(path: Path) -> int:
 def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federation) -> None:
     """Kill the coordinator (SuperLink, with its ServerApp) after round 1; restart it; run again."""
     fed = federation
-    proc, workdir = _start_run(fed, "restart", "network.secagg=false", "federation.rounds=3")
+    proc, workdir = _start_run(fed, "restart", "network.secagg=false", "federation.rounds=3", "federation.refit=true")
     ck = workdir / "checkpoint.pt"
     end = time.monotonic() + 150
     while _checkpoint_round(ck) < 1 and time.monotonic() < end and proc.poll() is None:
@@ -291,7 +297,7 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federat
     start_coordinator(
         fed["procs"], fed["creds"], fed["db"], fed["port"], fed["work"] / "logs" / "coordinator-restarted.log"
     )
-    out = _run(fed, "restart", "network.secagg=false", "federation.rounds=3", timeout=300)
+    out = _run(fed, "restart", "network.secagg=false", "federation.rounds=3", "federation.refit=true", timeout=300)
     after = torch.load(ck, weights_only=False)
     rounds = [h["round"] for h in after["history"]]
     assert rounds == [1, 2, 3], rounds  # none lost, none repeated
