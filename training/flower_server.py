@@ -6,11 +6,13 @@ it off the coordinator adds the replies itself after checking each one. Either w
 does what the in-process runtime does, with the same pure functions: `aggregate_sums`, the
 server optimiser, best-round tracking on the validation sums. The merchants' validation sums for
 the model of round r arrive with the replies of round r + 1 (one exchange per round, no extra
-trip); a last `validate` exchange scores the final model, and `finish` collects the test sums and
-has every merchant write its private half of the export.
+trip); a last `validate` exchange scores the final model; with `federation.refit` the `refit`
+exchanges retrain from the start on train + validation for the best round's number of rounds;
+and `finish` collects the test sums and has every merchant write its private half of the export.
 
-After every completed round the coordinator writes `checkpoint.pt` atomically, so a restarted
-coordinator resumes after the last completed round: none is lost and none is applied twice.
+After every completed round (of training or of the refit) the coordinator writes `checkpoint.pt`
+atomically, so a restarted coordinator resumes after the last completed round: none is lost and
+none is applied twice.
 """
 
 from __future__ import annotations
@@ -511,6 +513,7 @@ def main(grid, context: Context) -> None:  # noqa: ANN001
     summary = run_coordinator(audit, context, cfg, workdir, Path(str(rc["catalogue"])))
     train_rounds = [h for h in summary["history"] if h["round"] > 0]
     summary["bytes_sent"], summary["bytes_received"] = audit.sent, audit.received
-    summary["exchanges"] = len(train_rounds) + 2  # the train rounds, validate, finish
+    # the train rounds, validate, the refit's rounds, finish
+    summary["exchanges"] = len(train_rounds) + 2 + len(summary.get("refit_history", []))
     summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (workdir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

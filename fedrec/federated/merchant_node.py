@@ -11,7 +11,8 @@ round's sums leaves the node. The math is the shared pure functions: `local_upda
 Stages, each answering with sums only:
   train     validation sums of the received model, then local_update -> the round's sums
   validate  validation sums of the received model (the last round's, for the best-round choice)
-  finish    test sums of the chosen round's model, and the merchant's own export files
+  refit     `train` on train + validation, by `refit_node()` (its own state directory, round numbers)
+  finish    test sums of the released model, and the merchant's own export files
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class FederationConfig:
     # from the same start on every purchase before the cut-off (the validation slice included) for
     # that many rounds, and release that model (`refit_federated`). The validation slice holds each
     # customer's most recent purchases, the best evidence of what they buy next; ALS and EASE train
-    # on it too. In-process runtime only; never under DP (a second pass over the same customers).
+    # on it too. Both runtimes; never under DP (a second pass over the same customers).
     refit: bool = True
     seed: int = 0
 
