@@ -311,3 +311,8 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federat
     export = out["workdir"] / "exports" / out["summary"]["version"]
     assert (export / "index.faiss").is_file() and (out["workdir"] / "exports" / "LATEST").is_file()
     assert out["summary"]["test"]["recall@20"] > 0.05
+    # the shared export holds the refit's item tower (the merchants' halves hold its user tables)
+    shipped = torch.load(export / "item_tower.pt", weights_only=False)["state_dict"]
+    for k, v in after["refit_state"].items():
+        assert torch.equal(shipped[k], v), k
+    assert any(not torch.equal(after["best_state"][k], v) for k, v in after["refit_state"].items())

@@ -475,13 +475,15 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             },
             "config": cfg.to_dict(),
         }
-        served, vecs = export_catalogue(cfg, items, new_items, ck.best_state)
-        write_shared_export(exports, version, cfg, served, ck.best_state, vecs, card)
+        # the released model: the refit's last round, or the best round without a refit
+        served, vecs = export_catalogue(cfg, items, new_items, released)
+        write_shared_export(exports, version, cfg, served, released, vecs, card)
         publish(exports, version)
         log.info(
-            "final test recall@20 %.4f (best round %d); export %s",
+            "final test recall@20 %.4f (best round %d, refit rounds %d); export %s",
             overall["recall@20"],
             ck.best_round,
+            refit_rounds,
             exports / version,
         )
         return {
@@ -489,8 +491,10 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "test": overall,
             "best_round": ck.best_round,
             "rounds": ck.round,
+            "refit_rounds": refit_rounds,
             "runtime": card["runtime"],
             "history": ck.history,
+            "refit_history": ck.refit_history,
         }
     finally:
         stop.set()
