@@ -184,8 +184,11 @@ def test_training_stops_when_the_budget_is_spent_and_releases_the_last_round(tin
     )
     fits = rounds_within_budget(mech, 50)
     assert 1 < fits < 50
-    res = run_federated(tiny_dataset, features, MODEL, LOCAL, FederationConfig(rounds=50, patience=2), dp=mech)
+    cfg = FederationConfig(rounds=50, patience=2, refit=True)
+    res = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg, dp=mech)
     assert len(res.history) == fits  # neither early stopping nor more rounds than the budget allows
+    # and no refit: a second pass over the same customers is outside the accounted budget
+    assert res.refit_rounds == 0 and res.early_stopped is None
     assert res.best_round == fits
     assert res.privacy["epsilon"] <= 6.0 and res.privacy["rounds"] == fits
     assert res.privacy["noise_multiplier"] == 2.0
