@@ -105,6 +105,11 @@ def new_item_tower(n_items: int, cfg: ModelConfig, seed: int) -> ItemTower:
     return ItemTower(n_items, cfg)
 
 
+def initial_item_state(n_items: int, cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The tower every run of `seed` starts from (the training run and its refit alike), detached."""
+    return {k: v.detach().clone() for k, v in new_item_tower(n_items, cfg, seed).state_dict().items()}
+
+
 def item_tower_shapes(n_items: int, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every shared tensor: the whitelist for federated messages."""
     return {k: tuple(v.shape) for k, v in ItemTower(n_items, cfg).state_dict().items()}

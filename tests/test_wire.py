@@ -259,3 +259,29 @@ def test_dp_replies_keep_their_precision_through_secagg_quantisation(synthetic_b
     assert exact["item_emb.weight"].abs().max() > 1e-3  # a real, noised update
     for k in exact:
         assert (secure[k] - exact[k]).abs().max().item() < 1e-4, k
+
+
+def test_an_exchange_is_retried_until_answered_and_stops_after_max_failed_rounds() -> None:
+    """Training and refit rounds share one retry rule: a round with too few answers is sent again,
+    and `network.max_failed_rounds` unanswered attempts in a row stop the run with a clear error."""
+    from types import SimpleNamespace
+
+    from fedrec.training.flower_server import _answered
+
+    def coordinator(answers: list):
+        calls = []
+
+        def exchange(stage, rnd, state, **extra):
+            calls.append((stage, rnd, extra))
+            return answers.pop(0)
+
+        cfg = load_config(None, {"network.max_failed_rounds": 3})
+        return SimpleNamespace(cfg=cfg, exchange=exchange), calls
+
+    coord, calls = coordinator([None, None, {"n": 1.0}])
+    total, _ = _answered(coord, "refit", 7, {}, "refit round 2", refit_round=2)
+    assert total == {"n": 1.0} and calls == [("refit", 7, {"refit_round": 2})] * 3
+    coord, calls = coordinator([None, None, None, {"n": 1.0}])
+    with pytest.raises(FedrecError, match="round 4 failed 3 times in a row"):
+        _answered(coord, "train", 4, {}, "round 4")
+    assert len(calls) == 3

@@ -45,7 +45,7 @@ from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
 from fedrec.federated.local import local_update
 from fedrec.federated.simulation import run_federated
-from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings, new_item_tower
+from fedrec.model import init_item_bias, init_user_embeddings, initial_item_state, item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
 from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
@@ -62,7 +62,7 @@ def leakage_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Cons
     if not cfg.model.use_item_id:
         raise FedrecError("the leakage attack reads the item-id table: model.use_item_id must be on")
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
-    state = {k: v.detach().clone() for k, v in new_item_tower(dataset.n_items, cfg.model, seed).state_dict().items()}
+    state = initial_item_state(dataset.n_items, cfg.model, seed)
     mech = plan_mechanism(dataclasses.replace(cfg.privacy, epsilon=epsilon), dp_rounds, cfg.local.epochs)
     fed = cfg.federation
     own: dict[str, dict[str, np.ndarray]] = {"none": {}, "dp": {}}

@@ -48,6 +48,7 @@ from fedrec.federated.aggregation import aggregate_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
+from fedrec.federated.simulation import refits
 from fedrec.federated.wire import (
     TEST_PREFIX,
     TEST_USERS,
@@ -59,7 +60,7 @@ from fedrec.federated.wire import (
     sum_arrays,
 )
 from fedrec.metrics import METRICS
-from fedrec.model import new_item_tower
+from fedrec.model import initial_item_state
 from fedrec.privacy.accountant import plan_mechanism, privacy_entry, rounds_within_budget
 from fedrec.serving.export_store import next_version
 from fedrec.training.export import export_catalogue, new_items_entry, publish, write_shared_export
@@ -316,6 +317,20 @@ def _val(total: dict) -> float:
     return float(total[VAL_HITS]) / users if users > 0 else float("nan")
 
 
+def _answered(
+    coord: Coordinator, stage: str, rnd: int, state: dict[str, torch.Tensor], what: str, **extra: object
+) -> tuple[dict, float]:
+    """The exchange's total, retried while too few merchants answer, up to
+    `network.max_failed_rounds` attempts in a row; and when the answered attempt started."""
+    attempts = max(1, coord.cfg.network.max_failed_rounds)  # 0 stops at the first failure, as 1 does
+    for _ in range(attempts):
+        t0 = time.perf_counter()
+        total = coord.exchange(stage, rnd, state, **extra)
+        if total is not None:
+            return total, t0
+    raise FedrecError(f"{what} failed {attempts} times in a row; stopping (see the log above)")
+
+
 def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> dict[str, torch.Tensor]:
     """The refit (`federation.refit`, as `simulation.refit_federated`): from the same start, the
     merchants train on train + validation for the `best_round` rounds validation chose; the last
@@ -323,20 +338,11 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
     validate exchange, the merchants count the refit's own rounds (their seeds)."""
     cfg, fed = coord.cfg, coord.cfg.federation
     if not ck.refit_state:
-        start = new_item_tower(n_items, cfg.model, fed.seed).state_dict()
-        ck.refit_state = {k: v.detach().clone() for k, v in start.items()}
+        ck.refit_state = initial_item_state(n_items, cfg.model, fed.seed)
     server = ServerOptimizer(fed.server, ck.refit_m, ck.refit_v)
-    failed = 0
     while ck.refit_round < ck.best_round:
         r = ck.refit_round + 1
-        t0 = time.perf_counter()
-        total = coord.exchange("refit", ck.round + 1 + r, ck.refit_state, refit_round=r)
-        if total is None:
-            failed += 1
-            if failed >= cfg.network.max_failed_rounds:
-                raise FedrecError(f"refit round {r} failed {failed} times in a row; stopping (see the log above)")
-            continue
-        failed = 0
+        total, t0 = _answered(coord, "refit", ck.round + 1 + r, ck.refit_state, f"refit round {r}", refit_round=r)
         ck.refit_state = server.step(ck.refit_state, aggregate_sums(total, fed.aggregation, fed.normalize_steps))
         ck.refit_m, ck.refit_v, ck.refit_round = server.m, server.v, r
         entry = {"round": r, "merchants": coord.strategy.contributors, "loss": mean_loss(total)}
@@ -374,28 +380,18 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     ck_path = workdir / "checkpoint.pt"
     ck = load_checkpoint(ck_path, cfg)
     if ck is None:
-        init = {
-            k: v.detach().clone() for k, v in new_item_tower(features.n_items, cfg.model, fed.seed).state_dict().items()
-        }
+        init = initial_item_state(features.n_items, cfg.model, fed.seed)
         ck = Checkpoint(config_hash(cfg), secrets.token_hex(8), state=init, best_state=init)
     else:
         log.info("resuming after round %d (best round %d)", ck.round, ck.best_round)
     coord = Coordinator(grid, legacy, strategy, fit, cfg, features.n_items, ck.run_key)
     server = ServerOptimizer(fed.server, ck.m, ck.v)
     try:
-        failed = 0
         dp = plan_mechanism(cfg.privacy, fed.rounds, cfg.local.epochs)
         max_rounds = fed.rounds if dp is None else rounds_within_budget(dp, fed.rounds)
         while not ck.stopped and ck.round < max_rounds:
             rnd = ck.round + 1
-            t0 = time.perf_counter()
-            total = coord.exchange("train", rnd, ck.state, best_round=ck.best_round)
-            if total is None:
-                failed += 1
-                if failed >= net.max_failed_rounds:
-                    raise FedrecError(f"round {rnd} failed {failed} times in a row; stopping (see the log above)")
-                continue
-            failed = 0
+            total, t0 = _answered(coord, "train", rnd, ck.state, f"round {rnd}", best_round=ck.best_round)
             val_prev = _val(total)  # the received model's, i.e. round rnd - 1's
             if rnd > 1 and val_prev > ck.best_val:
                 ck.best_val, ck.best_round, ck.best_state = val_prev, rnd - 1, ck.state
@@ -429,7 +425,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             ck.best_round, ck.best_state = ck.round, ck.state
         save_checkpoint(ck_path, ck)
         released, refit_rounds = ck.best_state, 0
-        if fed.refit and dp is None and ck.best_round >= 1:
+        if refits(fed, dp, ck.best_round):
             released, refit_rounds = _refit(coord, ck, ck_path, features.n_items), ck.best_round
         exports = workdir / "exports"
         version = next_version(exports)
@@ -518,6 +514,6 @@ def main(grid, context: Context) -> None:  # noqa: ANN001
     train_rounds = [h for h in summary["history"] if h["round"] > 0]
     summary["bytes_sent"], summary["bytes_received"] = audit.sent, audit.received
     # the train rounds, validate, the refit's rounds, finish
-    summary["exchanges"] = len(train_rounds) + 2 + len(summary.get("refit_history", []))
+    summary["exchanges"] = len(train_rounds) + 2 + len(summary["refit_history"])
     summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (workdir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

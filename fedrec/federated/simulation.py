@@ -32,9 +32,9 @@ from fedrec.model import (
     ModelConfig,
     init_item_bias,
     init_user_embeddings,
+    initial_item_state,
     item_embeddings,
     item_tower_shapes,
-    new_item_tower,
 )
 from fedrec.privacy.accountant import DPMechanism, privacy_entry, rounds_within_budget
 
@@ -122,9 +122,15 @@ def run_federated(
     malicious merchant could send, knowing the tower it received.
     """
     first = _train(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
-    if not fed_cfg.refit or dp is not None or first.best_round < 1:
+    if not refits(fed_cfg, dp, first.best_round):
         return first
     return refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
+
+
+def refits(fed_cfg: FederationConfig, dp: DPMechanism | None, best_round: int) -> bool:
+    """Whether a run is followed by the refit: asked for, not under DP, and a round was chosen.
+    Both runtimes decide by this."""
+    return fed_cfg.refit and dp is None and best_round >= 1
 
 
 def with_validation_in_train(dataset: FederatedDataset) -> FederatedDataset:
@@ -177,9 +183,7 @@ def _train(
     rounds = fed_cfg.rounds if dp is None else rounds_within_budget(dp, fed_cfg.rounds)
     names = [m.name for m in dataset.merchants]
     rng = np.random.default_rng(fed_cfg.seed)
-    global_state = {
-        k: v.detach().clone() for k, v in new_item_tower(dataset.n_items, model_cfg, fed_cfg.seed).state_dict().items()
-    }
+    global_state = initial_item_state(dataset.n_items, model_cfg, fed_cfg.seed)
     expected = sum_names(item_tower_shapes(dataset.n_items, model_cfg), fed_cfg.aggregation)
     # Each merchant's user table: created and kept "at home" (here: a dict keyed by merchant).
     users = {
