@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock train-federated evaluate validate-aggregation evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,15 @@ train-federated: setup
 evaluate: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) --set threads=1 $(CONFIG_ARG) \
 		$(if $(filter 0,$(ABLATIONS)),--no-ablations,)
+
+# A default chosen on validation only (issue 9): federation.aggregation = auto picks rowwise.
+validate-aggregation: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset synthetic --set threads=1 \
+		--setting federation.aggregation --candidates fedavg,rowwise
+	@if $(BIN)/python -c "from fedrec.datasets.movielens import resolve_dir; resolve_dir()" 2>/dev/null; then \
+		OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset movielens-100k --set threads=1 \
+			--setting federation.aggregation --candidates fedavg,rowwise; \
+	else echo "MovieLens not found (../shared/datasets): skipped"; fi
 
 evaluate-foldin: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)

@@ -16,14 +16,14 @@ from typing import Any, get_type_hints
 import yaml
 
 from fedrec.errors import ConfigError
-from fedrec.federated.aggregation import AGGREGATIONS
+from fedrec.federated.aggregation import RULES, resolve_rule
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import ROBUST_RULES
 from fedrec.federated.server_opt import SERVER_OPTIMIZERS
 from fedrec.federated.simulation import FederationConfig
 from fedrec.federated.upload import PRECISIONS
 from fedrec.losses import LOSSES
-from fedrec.model import ModelConfig
+from fedrec.model import ModelConfig, item_tower_shapes
 from fedrec.privacy.config import PrivacyConfig, privacy_errors
 
 DATASETS = ("synthetic", "movielens-100k", "file")
@@ -67,7 +67,7 @@ class NetworkConfig:
     num_shares: float = 1.0  # share of the round's merchants each secret is split between
     reconstruction_threshold: float = 0.6  # share of those shares needed to unmask a dropout
     round_timeout: float = 120.0  # seconds to wait for replies in each exchange
-    max_failed_rounds: int = 3  # rounds in a row that may fail (too few replies) before the run stops
+    max_failed_rounds: int = 3  # attempts in a row that may fail (too few replies) before the run stops
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
-        (cfg.federation.aggregation in AGGREGATIONS, f"federation.aggregation must be one of {AGGREGATIONS}"),
+        (cfg.federation.aggregation in RULES, f"federation.aggregation must be one of {RULES}"),
         (cfg.federation.robust in ROBUST_RULES, f"federation.robust must be one of {ROBUST_RULES}"),
         (0 <= cfg.federation.trim < 0.5, "federation.trim must be in [0, 0.5)"),
         (
-            cfg.federation.robust == "none" or cfg.federation.aggregation == "fedavg",
-            "federation.robust needs federation.aggregation = 'fedavg'",
+            cfg.federation.robust == "none" or cfg.federation.aggregation != "rowwise",
+            "federation.robust needs federation.aggregation = 'fedavg' or 'auto' (a robust rule reads whole deltas)",
         ),
         (cfg.federation.server.name in SERVER_OPTIMIZERS, f"federation.server.name must be one of {SERVER_OPTIMIZERS}"),
         (0 < cfg.federation.fraction <= 1, "federation.fraction must be in (0, 1]"),
@@ -171,13 +171,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 < cfg.network.num_shares <= 1, "network.num_shares must be in (0, 1]"),
         (0 < cfg.network.reconstruction_threshold <= 1, "network.reconstruction_threshold must be in (0, 1]"),
         (cfg.network.round_timeout > 0, "network.round_timeout must be > 0"),
+        (cfg.network.max_failed_rounds >= 1, "network.max_failed_rounds must be >= 1 (1: stop at the first failure)"),
         (
             not cfg.privacy.enabled or cfg.local.loss == "softmax",
             "privacy: customer-level DP is implemented for local.loss = 'softmax' only",
         ),
         (
-            not cfg.privacy.enabled or cfg.federation.aggregation == "fedavg",
-            "privacy: federation.aggregation must be 'fedavg' (rowwise weights reveal which rows had purchases)",
+            not cfg.privacy.enabled or cfg.federation.aggregation != "rowwise",
+            "privacy: federation.aggregation must be 'fedavg' or 'auto' (rowwise weights reveal which rows had "
+            "purchases, and DP does not noise them)",
         ),
     ]
     for ok, msg in checks:
@@ -186,6 +188,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     for msg in privacy_errors(cfg.privacy):
         raise ConfigError(msg)
     return cfg
+
+
+def aggregation_rule(cfg: RunConfig, n_items: int) -> str:
+    """The aggregation rule a run over `n_items` products uses (`federation.aggregation` = auto
+    resolved): both runtimes and the model card call this, so they always agree."""
+    shapes = item_tower_shapes(n_items, cfg.model)
+    return resolve_rule(cfg.federation.aggregation, shapes, cfg.privacy.enabled, cfg.federation.robust)
 
 
 def check_networked(cfg: RunConfig) -> RunConfig:

@@ -4,7 +4,7 @@ the project used before the sum form (kept here as the reference)."""
 import pytest
 import torch
 
-from fedrec.federated.aggregation import aggregate_sums, merchant_sums, sum_all, sum_names
+from fedrec.federated.aggregation import aggregate_sums, merchant_sums, resolve_rule, sum_all, sum_names
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.server_opt import ServerOptConfig, fedopt_step
 
@@ -234,3 +234,17 @@ def test_the_running_sum_equals_the_stacked_sum():
     for name in running:
         torch.testing.assert_close(running[name], torch.stack([m[name] for m in messages]).sum(0))
     assert messages[0]["n"].item() == 1.0  # the first term was copied, not added into
+
+
+def test_auto_is_rowwise_only_where_rowwise_applies():
+    per_product = {"item_emb.weight": (3, 2), "mlp.0.bias": (1,)}
+    hashed = {**per_product, "item_emb_q.weight": (2, 2)}  # compositional ids share rows between products
+    content_only = {"mlp.0.bias": (1,)}
+    assert resolve_rule("auto", per_product, private=False, robust="none") == "rowwise"
+    assert resolve_rule("auto", per_product, private=True, robust="none") == "fedavg"  # DP does not noise row weights
+    assert resolve_rule("auto", per_product, private=False, robust="median") == "fedavg"  # reads whole deltas
+    assert resolve_rule("auto", hashed, private=False, robust="none") == "fedavg"
+    assert resolve_rule("auto", content_only, private=False, robust="none") == "fedavg"
+    # an explicit rule is kept as given (the config check refuses the incompatible ones)
+    assert resolve_rule("fedavg", per_product, private=False, robust="none") == "fedavg"
+    assert resolve_rule("rowwise", hashed, private=False, robust="none") == "rowwise"

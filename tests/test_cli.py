@@ -53,6 +53,7 @@ def test_train_writes_a_complete_versioned_export(tmp_path, tiny_csv):
     assert ids.tolist() == np.argsort(-(vecs[:5] @ vecs.T), axis=1)[:, :3].tolist()
     card = json.loads((export / "model_card.json").read_text())
     assert card["rounds"] == 3 and card["dim"] == 16 and set(card["merchants"]) == {"big", "small_a", "small_b"}
+    assert card["federation"]["aggregation"] == "rowwise"  # auto, as resolved for one id row per product
     # user data only under each merchant's own directory
     assert not any("user" in p.name for p in export.iterdir())
     for m in ("big", "small_a", "small_b"):
@@ -89,6 +90,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         ("data.partition_merchants=5000", "data.partition_merchants must be between 2 and 1000"),
         ("data.partition_alpha=0", "data.partition_alpha must be > 0"),
         ("local.prox_mu=-1", "local.prox_mu must be >= 0"),
+        ("network.max_failed_rounds=0", "network.max_failed_rounds must be >= 1"),
+        ("federation.aggregation=mean", "federation.aggregation must be one of ('auto', 'fedavg', 'rowwise')"),
     ):
         result = runner.invoke(app, ["train", "--set", setting])
         assert result.exit_code == 2, setting

@@ -85,7 +85,7 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
     assert res["federated"]["recall@20_per_seed"][0] != res["federated"]["recall@20_per_seed"][1]  # seeds differ
     assert "seeds" not in res["popularity"] and res["ease"]["settings"]["chosen_on"] == "validation recall@20"
     assert set(res["ablations"]) == {
-        "aggregation=rowwise", "normalize_steps=False", "merchant_item_bias=True", "refit=False"
+        "aggregation=fedavg", "normalize_steps=False", "merchant_item_bias=True", "refit=False"
     }  # fmt: skip
     # the released federated and centralized models are the refits (on train + validation)
     for name in ("federated", "centralized"):

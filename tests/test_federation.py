@@ -57,6 +57,20 @@ def test_messages_carry_only_the_round_sums_of_the_item_tower(tiny_dataset, feat
                     assert not any(torch.allclose(col, own_bias, atol=1e-6) for col in t.T)
 
 
+def test_the_default_auto_rule_trains_exactly_as_rowwise_here(tiny_dataset, features):
+    # one id row per product and no DP: auto is rowwise (fedrec/federated/aggregation.py)
+    runs = {
+        rule: run_federated(
+            tiny_dataset, features, MODEL, LOCAL, FederationConfig(rounds=2, patience=0, aggregation=rule)
+        )
+        for rule in ("auto", "rowwise", "fedavg")
+    }
+    assert FederationConfig().aggregation == "auto"
+    for k, v in runs["auto"].item_state.items():
+        assert torch.equal(v, runs["rowwise"].item_state[k])
+    assert any(not torch.equal(v, runs["fedavg"].item_state[k]) for k, v in runs["auto"].item_state.items())
+
+
 def test_same_seed_same_model(tiny_dataset, features):
     cfg = FederationConfig(rounds=2, patience=0, seed=3)
     a = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from typer.testing import CliRunner
 
-from fedrec.config import load_config
+from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.local import LocalConfig, local_update
@@ -220,6 +220,10 @@ def test_privacy_needs_the_softmax_loss_and_fedavg():
         load_config(None, {"privacy.epsilon": 8.0, "local.loss": "bpr"})
     with pytest.raises(ConfigError, match="rowwise"):
         load_config(None, {"privacy.epsilon": 8.0, "federation.aggregation": "rowwise"})
+    # the default (auto) resolves to fedavg under DP: no per-row weights leave a merchant
+    cfg = load_config(None, {"privacy.epsilon": 8.0})
+    assert cfg.federation.aggregation == "auto" and aggregation_rule(cfg, 100) == "fedavg"
+    assert aggregation_rule(load_config(None, {}), 100) == "rowwise"
 
 
 def test_infinite_epsilon_round_trips_as_plain_json():

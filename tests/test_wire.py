@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedrec.config import load_config
+from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import aggregate_sums, merchant_sums, sum_names
@@ -150,7 +150,7 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
                 to_wire(n.train(received, rnd, 0, fmt.expected), fmt, cfg.network.clipping_range) for n in stage_nodes
             ]
             total = from_wire(sum_arrays(replies), fmt)
-            delta = aggregate_sums(total, cfg.federation.aggregation, cfg.federation.normalize_steps)
+            delta = aggregate_sums(total, aggregation_rule(cfg, ds.n_items), cfg.federation.normalize_steps)
             state = states[rnd] = server.step(state, delta)
         return states
 

@@ -39,7 +39,13 @@ def partition_sets(n: int) -> list[str]:
 
 
 def inprocess(n: int, rounds: int) -> dict:
-    sets = [*partition_sets(n), f"federation.rounds={rounds}", "federation.patience=0", "federation.refit=false"]
+    sets = [
+        *partition_sets(n),
+        f"federation.rounds={rounds}",
+        "federation.patience=0",
+        "federation.refit=false",
+        "federation.aggregation=fedavg",
+    ]  # the message the committed results measured
     cfg = load_config(default_config_path("synthetic"), parse_sets(sets))
     ds = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(ds.items, cfg.model.hash_buckets)
@@ -62,6 +68,7 @@ def networked(n: int, rounds: int, secagg: bool, work: Path, round_timeout: floa
         f"federation.rounds={rounds}",
         "federation.patience=0",
         "federation.refit=false",
+        "federation.aggregation=fedavg",
         "threads=1",
     ]
     sets.append(f"network.round_timeout={round_timeout}")

@@ -158,6 +158,28 @@ def attack_report_cmd(
     console.print(f"results: {path}")
 
 
+@app.command("compare-on-validation")
+@friendly
+def compare_on_validation(
+    setting: Annotated[str, typer.Option(help="The setting compared, e.g. federation.aggregation.")],
+    candidates: Annotated[str, typer.Option(help="Comma-separated values, e.g. fedavg,rowwise.")],
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    set_: SetOpt = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per candidate (0, 1, ...).")] = 3,
+) -> None:
+    """Choose one setting's value by best validation recall@20 over seeds (test is never evaluated)."""
+    from fedrec.config import parse_sets
+    from fedrec.training.compare_on_validation import compare_on_validation as run_compare
+    from fedrec.training.compare_on_validation import parse_candidates
+
+    overrides = parse_sets(set_)
+    if dataset:
+        overrides["data.dataset"] = dataset
+    base = config or default_config_path(dataset)
+    run_compare(base, overrides, setting, parse_candidates(candidates), seeds, console)
+
+
 @app.command("evaluate-foldin")
 @friendly
 def evaluate_foldin(

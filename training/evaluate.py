@@ -325,7 +325,7 @@ def evaluate(
 
 
 def _variants(cfg: RunConfig) -> dict:
-    other = "fedavg" if cfg.federation.aggregation == "rowwise" else "rowwise"
+    other = "rowwise" if cfg.federation.aggregation == "fedavg" else "fedavg"
     return {
         f"aggregation={other}": (cfg.model, dataclasses.replace(cfg.federation, aggregation=other)),
         f"normalize_steps={not cfg.federation.normalize_steps}": (

@@ -119,6 +119,7 @@ def cell_config(grid: Grid, strategy: str, value: float, setting: Setting, seed:
         "data.dataset": grid.dataset,
         "data.partition": setting.partition,
         "federation.rounds": rounds,
+        "federation.aggregation": "fedavg",  # the strategies are compared on the plain FedAvg message
         "federation.patience": 0,  # the whole curve; the best validation round is still what is scored
         "federation.refit": False,  # strategies are compared on the rounds they train, before any refit
         "federation.fraction": setting.fraction,

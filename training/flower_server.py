@@ -41,7 +41,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from fedrec.atomic import write_with
-from fedrec.config import RunConfig, check_networked, load_config
+from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import aggregate_sums, mean_loss
@@ -343,7 +343,8 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
     while ck.refit_round < ck.best_round:
         r = ck.refit_round + 1
         total, t0 = _answered(coord, "refit", ck.round + 1 + r, ck.refit_state, f"refit round {r}", refit_round=r)
-        ck.refit_state = server.step(ck.refit_state, aggregate_sums(total, fed.aggregation, fed.normalize_steps))
+        delta = aggregate_sums(total, aggregation_rule(cfg, n_items), fed.normalize_steps)
+        ck.refit_state = server.step(ck.refit_state, delta)
         ck.refit_m, ck.refit_v, ck.refit_round = server.m, server.v, r
         entry = {"round": r, "merchants": coord.strategy.contributors, "loss": mean_loss(total)}
         ck.refit_history.append({**entry, "seconds": time.perf_counter() - t0})
@@ -389,13 +390,14 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     try:
         dp = plan_mechanism(cfg.privacy, fed.rounds, cfg.local.epochs)
         max_rounds = fed.rounds if dp is None else rounds_within_budget(dp, fed.rounds)
+        rule = aggregation_rule(cfg, features.n_items)
         while not ck.stopped and ck.round < max_rounds:
             rnd = ck.round + 1
             total, t0 = _answered(coord, "train", rnd, ck.state, f"round {rnd}", best_round=ck.best_round)
             val_prev = _val(total)  # the received model's, i.e. round rnd - 1's
             if rnd > 1 and val_prev > ck.best_val:
                 ck.best_val, ck.best_round, ck.best_state = val_prev, rnd - 1, ck.state
-            delta = aggregate_sums(total, fed.aggregation, fed.normalize_steps)
+            delta = aggregate_sums(total, rule, fed.normalize_steps)
             ck.state = server.step(ck.state, delta)
             ck.m, ck.v, ck.round = server.m, server.v, rnd
             entry = {
@@ -448,7 +450,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "best_val_recall@20": ck.best_val,
             "metrics": {"test": overall, "users": users},
             "history": ck.history,
-            "federation": cfg.to_dict()["federation"],
+            "federation": {**cfg.to_dict()["federation"], "aggregation": rule},
             "network": cfg.to_dict()["network"],
             "new_items": new_items_entry(cfg),
             "privacy": {

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fedrec.config import RunConfig, config_from_dict
+from fedrec.config import RunConfig, aggregation_rule, config_from_dict
 from fedrec.errors import FedrecError
 from fedrec.training.data import load_dataset
 from fedrec.training.export import export_catalogue, new_items_entry, write_export
@@ -36,7 +36,8 @@ def _card(
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
         "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
-        "federation": cfg.to_dict()["federation"],
+        # `aggregation` as used (auto resolved: fedrec/federated/aggregation.py)
+        "federation": {**cfg.to_dict()["federation"], "aggregation": aggregation_rule(cfg, dataset.n_items)},
         "runtime": "inprocess",
         "privacy": {
             "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",

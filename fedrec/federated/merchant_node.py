@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.atomic import atomic_dir, write_with
-from fedrec.config import RunConfig
+from fedrec.config import RunConfig, aggregation_rule
 from fedrec.data import FederatedDataset, MerchantData
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test, evaluate_val
@@ -225,7 +225,7 @@ class MerchantNode:
         )
         sums = merchant_sums(
             res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss,
-            fed.aggregation, fed.normalize_steps,
+            aggregation_rule(self.cfg, self.features.n_items), fed.normalize_steps,
         )  # fmt: skip
         out.update(sums)
         MerchantSums(out).validate(expected)  # the node's own check, before anything is sent

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedrec.config import RunConfig
+from fedrec.config import RunConfig, aggregation_rule
 from fedrec.federated.aggregation import sum_names
 from fedrec.federated.wire import WireFormat, max_local_steps, metric_names, validation_names, wire_format
 from fedrec.metrics import METRICS
@@ -25,7 +25,7 @@ STAGES = ("train", "validate", "refit", "finish")
 def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
     """The names, shapes and public scales of a merchant's reply in `stage`."""
     if stage in ("train", "refit"):
-        expected = sum_names(item_tower_shapes(n_items, cfg.model), cfg.federation.aggregation)
+        expected = sum_names(item_tower_shapes(n_items, cfg.model), aggregation_rule(cfg, n_items))
         expected.update(validation_names())
     elif stage == "validate":
         expected = validation_names()

@@ -22,7 +22,7 @@ import torch
 from fedrec.data import FederatedDataset
 from fedrec.evaluation import combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
-from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, sum_names
+from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, resolve_rule, sum_names
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
@@ -44,7 +44,7 @@ class FederationConfig:
     rounds: int = 60
     fraction: float = 1.0  # share of merchants sampled each round
     min_merchants: int = 1
-    aggregation: str = "fedavg"
+    aggregation: str = "auto"  # auto | fedavg | rowwise: fedrec/federated/aggregation.py
     normalize_steps: bool = True  # FedNova: see fedrec/federated/aggregation.py
     server: ServerOptConfig = field(default_factory=ServerOptConfig)
     patience: int = 10  # rounds without validation gain before stopping; 0 = never stop early
@@ -184,7 +184,10 @@ def _train(
     names = [m.name for m in dataset.merchants]
     rng = np.random.default_rng(fed_cfg.seed)
     global_state = initial_item_state(dataset.n_items, model_cfg, fed_cfg.seed)
-    expected = sum_names(item_tower_shapes(dataset.n_items, model_cfg), fed_cfg.aggregation)
+    shapes = item_tower_shapes(dataset.n_items, model_cfg)
+    rule = resolve_rule(fed_cfg.aggregation, shapes, dp is not None, fed_cfg.robust)  # auto -> rowwise | fedavg
+    fed_cfg = dataclasses.replace(fed_cfg, aggregation=rule)
+    expected = sum_names(shapes, fed_cfg.aggregation)
     # Each merchant's user table: created and kept "at home" (here: a dict keyed by merchant).
     users = {
         m.name: init_user_embeddings(m.n_users, model_cfg, torch.Generator().manual_seed(fed_cfg.seed * 7919 + i))

@@ -6,8 +6,9 @@ vector towards where real customers' vectors point (the fake co-purchase idea of
 2018, and of PipAttack, Zhang et al., 2022). It trains on that data with `local_update`, then
 replaces its update of the target's id row by a crafted one (it knows the tower it received) and
 boosts its message: every term times `factor`, as if it had that many times the purchases.
-Under FedAvg its delta then outweighs the honest merchants (model replacement, Bagdasaryan et al.,
-2020), and nothing in a sum can tell: under secure aggregation the coordinator sees only the total.
+Under FedAvg (and rowwise, whose row terms it crafts alike) its delta then outweighs the honest
+merchants (model replacement, Bagdasaryan et al., 2020), and nothing in a sum can tell: under
+secure aggregation the coordinator sees only the total.
 
 Success is the target's exposure: the share of real customers whose top-k holds it.
 """
@@ -22,7 +23,7 @@ import torch
 
 from fedrec.data import MerchantData
 from fedrec.evaluation import recommendation_lists
-from fedrec.federated.aggregation import DELTA, STEPS, WEIGHT
+from fedrec.federated.aggregation import DELTA, ROW_DELTA, STEPS, WEIGHT
 
 Tamper = Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -89,7 +90,12 @@ def promote(
         n, tau = terms[WEIGHT], terms[STEPS] / terms[WEIGHT]
         crafted = terms[DELTA + table].clone()
         crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
-        return {k: (crafted if k == DELTA + table else v) * factor for k, v in terms.items()}
+        out = {k: (crafted if k == DELTA + table else v) * factor for k, v in terms.items()}
+        if ROW_DELTA + table in terms:  # rowwise: its customers bought the target, so the row is its own
+            by_row = terms[ROW_DELTA + table].clone()
+            by_row[target] = crafted[target]
+            out[ROW_DELTA + table] = by_row * factor
+        return out
 
     return tamper
 
