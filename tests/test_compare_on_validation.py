@@ -1,0 +1,52 @@
+"""`fedrec compare-on-validation`: candidates parsed as typed values, the winner and whether its
+lead exceeds the spread, and an end-to-end run that writes its JSON."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrec.errors import ConfigError
+from fedrec.training import compare_on_validation as cov
+from fedrec.training.cli import app
+from tests.test_cli import tiny_args
+
+
+def test_candidates_are_typed_and_at_least_two():
+    assert cov.parse_candidates("fedavg, rowwise") == ["fedavg", "rowwise"]
+    assert cov.parse_candidates("0.5,1,true") == [0.5, 1, True]
+    with pytest.raises(ConfigError, match="at least two"):
+        cov.parse_candidates("fedavg")
+
+
+def test_the_winner_and_whether_its_lead_exceeds_the_spread():
+    clear = cov.summarise({"a": [0.30, 0.31, 0.32], "b": [0.20, 0.21, 0.22]})
+    assert clear["best"] == "a" and clear["runner_up"] == "b" and clear["clear"]
+    assert clear["lead"] == pytest.approx(0.10)
+    assert clear["stats"]["a"]["std"] == pytest.approx(0.01)
+    within = cov.summarise({"a": [0.30, 0.26, 0.34], "b": [0.29, 0.30, 0.31]})
+    assert within["best"] == "a" and not within["clear"]  # lead 0.0 < spread 0.04
+
+
+def test_compare_on_validation_end_to_end(tmp_path, tiny_csv):
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare-on-validation",
+            *tiny_args(tmp_path, tiny_csv),
+            "--setting", "federation.aggregation",
+            "--candidates", "fedavg,rowwise",
+            "--seeds", "2",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads((tmp_path / "results" / "validation-federation.aggregation-file.json").read_text())
+    assert set(out["val_recall@20"]) == {"fedavg", "rowwise"}
+    assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in out["val_recall@20"].values())
+    assert out["best"] in ("fedavg", "rowwise") and out["seeds"] == [0, 1]
+    assert all(1 <= r <= 3 for v in out["best_round"].values() for r in v)  # rounds = 3, no refit
+
+    bad = CliRunner().invoke(
+        app, ["compare-on-validation", *tiny_args(tmp_path, tiny_csv), "--setting", "local.nope", "--candidates", "1,2"]
+    )
+    assert bad.exit_code == 2 and "unknown setting(s) nope" in bad.output
