@@ -34,9 +34,12 @@ def test_compare_on_validation_end_to_end(tmp_path, tiny_csv):
         [
             "compare-on-validation",
             *tiny_args(tmp_path, tiny_csv),
-            "--setting", "federation.aggregation",
-            "--candidates", "fedavg,rowwise",
-            "--seeds", "2",
+            "--setting",
+            "federation.aggregation",
+            "--candidates",
+            "fedavg,rowwise",
+            "--seeds",
+            "2",
         ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
