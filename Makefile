@@ -75,8 +75,8 @@ serve: setup $(EXPORTS)/LATEST
 $(EXPORTS)/LATEST:
 	$(MAKE) train-federated DATASET=$(DATASET)
 
-# Load test (wrk) of the shipped export and two synthetic 1M-item catalogues (HNSW on inner product;
-# LARGE_INDEX=hnsw_l2 or ivf for HNSW or IVF on the MIPS-to-L2 reduction) -> results/bench-serve.json:
+# Load test (wrk) of the shipped export and two synthetic 1M-item catalogues (HNSW; LARGE_INDEX=ivf for
+# IVF on the MIPS-to-L2 reduction) -> results/bench-serve.json:
 # known customers, anonymous baskets, and a 5-minute mixed soak with a hot reload (PARTS picks some).
 PARTS ?= customer,basket,soak
 SOAK_S ?= 300

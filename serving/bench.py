@@ -45,7 +45,6 @@ from fedrec.serving.index import (
     IndexParams,
     build_index,
     index_kind,
-    index_label,
     save_index,
     search_depth,
     set_search_depth,
@@ -62,9 +61,7 @@ class BenchConfig:
     large_items: int = 1_000_000
     noise: float = 0.5  # perturbation of the copies, in units of each dimension's std
     large_kinds: tuple[str, ...] = ("copies", "gaussian")
-    # the large catalogues' index: hnsw (on inner product), hnsw_l2 (HNSW on the MIPS-to-L2
-    # reduction) or ivf (IVF on the same reduction)
-    large_index: str = "hnsw"
+    large_index: str = "hnsw"  # the large catalogues' index: hnsw (the export default) or ivf (MIPS-to-L2)
     hnsw_m: int = 48
     ef_construction: int = 500  # measured: 200 needed efSearch 512 for recall 0.95, 500 about 320
     ef_search: int = 128  # stored in an HNSW index
@@ -84,8 +81,8 @@ class BenchConfig:
 
 
 PARTS = ("customer", "basket", "soak")
-DEPTHS = {"hnsw": (256, 320, 384), "hnsw_l2": (128, 256, 320), "ivf": (16, 32, 64)}
-SERVING_DEPTH = {"hnsw": IndexParams.ef_search, "hnsw_l2": IndexParams.ef_search, "ivf": IndexParams.nprobe}
+DEPTHS = {"hnsw": (256, 320, 384), "ivf": (16, 32, 64)}
+SERVING_DEPTH = {"hnsw": IndexParams.ef_search, "ivf": IndexParams.nprobe}
 
 
 # ---- the synthetic large catalogue --------------------------------------------------------------
@@ -117,7 +114,7 @@ def large_catalogue_vectors(
 
 def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies") -> Path:
     """A complete export (plus the merchant's files) for the large catalogue; reused when cached."""
-    knobs = ("hnsw_m", "ef_construction", "ef_search") if cfg.large_index.startswith("hnsw") else ("nprobe",)
+    knobs = ("hnsw_m", "ef_construction", "ef_search") if cfg.large_index == "hnsw" else ("nprobe",)
     params = {k: getattr(cfg, k) for k in ("large_items", "noise", *knobs, "seed")}
     params["base_version"] = base.version
     suffix = "" if kind == "copies" else f"-{kind}"  # "copies" on HNSW keeps the cache name it always had
@@ -146,13 +143,9 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies
     )
     start = time.perf_counter()
     knobs = IndexParams(
-        nprobe=cfg.nprobe,
-        hnsw_m=cfg.hnsw_m,
-        ef_construction=cfg.ef_construction,
-        ef_search=cfg.ef_search,
-        hnsw_space="l2" if cfg.large_index == "hnsw_l2" else "ip",
+        nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search
     )
-    index = build_index(vectors, "hnsw" if cfg.large_index.startswith("hnsw") else cfg.large_index, knobs)
+    index = build_index(vectors, cfg.large_index, knobs)
     build_s = time.perf_counter() - start
     with atomic_dir(exports / "v0001") as tmp:
         np.save(tmp / "item_embeddings.npy", vectors)
@@ -164,7 +157,6 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies
             "items": cfg.large_items,
             "dim": int(vectors.shape[1]),
             "index": index_kind(index),
-            "index_label": index_label(index),
             "dataset": f"synthetic {cfg.large_items:,}-item benchmark catalogue ({kind}) from export {base.version}",
             "index_build_seconds": round(build_s, 1),
             "bench": params,
@@ -403,8 +395,7 @@ def bench_catalogue(
         index, items, served_queries = served_index_and_items(export, queries)
         recall = recall_vs_exact(index, items, served_queries)
         qps = faiss_only_qps(index, served_queries, fetch)
-        label = f"{index_label(export.index)} index {search_depth(export.index) or ''}"
-        print(f"{name}: {export.n_items:,} items, {label}, "
+        print(f"{name}: {export.n_items:,} items, {export.kind} index {search_depth(export.index) or ''}, "
               f"recall@10 vs exact {recall:.4f}, FAISS alone {qps:,.0f} queries/s", flush=True)  # fmt: skip
         requests = customer_requests(export, order)
     elif endpoint == "basket":
@@ -423,13 +414,13 @@ def bench_catalogue(
         "request": ENDPOINTS[endpoint],
         "catalogue": name,
         "catalogue_size": export.n_items,
-        "index": index_label(export.index),
+        "index": export.kind,
         "export_version": export.version,
     }
     served_depth = search_depth(export.index)
     info.update(served_depth)
     if export.kind == "hnsw":
-        info.update(hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction)
+        info.update(hnsw_m=cfg.hnsw_m)
     del export
     port = free_port()
     proc = start_server(exports, cfg.merchant, cfg.workers, port, served_depth)

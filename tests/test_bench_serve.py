@@ -20,7 +20,7 @@ from fedrec.serving.bench import (
     write_large_export,
 )
 from fedrec.serving.export_store import load_export
-from fedrec.serving.index import index_label, search_depth
+from fedrec.serving.index import search_depth
 
 REQUIRED = {"endpoint", "catalogue_size", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "index",
             "http_5xx", "recall_at_10_vs_exact", "faiss_only_qps"}  # fmt: skip
@@ -73,13 +73,13 @@ def tiny_bench(served_root, tmp_path):
     )
 
 
-@pytest.mark.parametrize(("kind", "label"), [("ivf", "ivf"), ("hnsw", "hnsw"), ("hnsw_l2", "hnsw-l2")])
-def test_large_export_is_a_valid_export_of_its_index_kind_and_is_cached(tiny_bench, kind, label):
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_large_export_is_a_valid_export_of_its_index_kind_and_is_cached(tiny_bench, kind):
     tiny_bench = replace(tiny_bench, large_index=kind)
     base = load_export(tiny_bench.export, "big")
     exports = write_large_export(base, tiny_bench)
     large = load_export(exports, "big")
-    assert large.n_items == 3000 and large.kind == kind.split("_")[0] and index_label(large.index) == label
+    assert large.n_items == 3000 and large.kind == kind
     assert large.item_ids[: base.n_items] == base.item_ids
     assert large.merchant.purchased.shape == (len(base.merchant.user_ids), 3000)
     stamp = (exports / "v0001" / "index.faiss").stat().st_mtime_ns

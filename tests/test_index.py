@@ -91,25 +91,6 @@ def test_auto_picks_hnsw_for_large_catalogues_ivf_on_request_and_refuses_unknown
         choose_kind(10, "lsh")
 
 
-@pytest.mark.parametrize("space", ["ip", "l2"])
-def test_hnsw_finds_the_inner_product_top_k_in_either_space(catalogue, space, tmp_path) -> None:
-    """HNSW with a search list as long as the catalogue is exact on this small one; on the L2
-    reduction its scores come back as inner products, also after a save and load."""
-    items, queries = catalogue
-    index = build_index(items, "hnsw", IndexParams(hnsw_space=space, ef_search=4000))
-    assert index_kind(index) == "hnsw" and isinstance(index, MipsIndex) == (space == "l2")
-    scores, rows = index.search(queries, 10)
-    truth, truth_scores = exact_top(items, queries, 10)
-    np.testing.assert_array_equal(rows, truth)
-    np.testing.assert_allclose(scores, truth_scores, atol=1e-4)
-    save_index(index, tmp_path / "index.faiss")
-    back = load_index(tmp_path / "index.faiss")
-    set_search_depth(back, ef_search=4000)
-    b, rb = back.search(queries, 10)
-    np.testing.assert_array_equal(rb, truth)
-    np.testing.assert_allclose(b, truth_scores, atol=1e-4)
-
-
 def test_mips_scores_hold_for_short_long_and_zero_queries(catalogue) -> None:
     """Queries are rescaled to the items' maximal norm inside the search; the scores returned are
     still the inner products with the query as given (and a zero query scores 0)."""
