@@ -19,7 +19,7 @@ touched fall back to fedavg. Only this rule sends the per-row weights n 1_i, whi
 what unless secure aggregation hides the terms; fedavg never sends them.
 auto (the default): rowwise wherever it applies, else fedavg (`resolve_rule`). Chosen on the
 validation slice: rowwise had the higher best validation recall@20 on both shipped datasets
-(results/validation-aggregation.json, `make validate-aggregation`).
+(results/validation-federation.aggregation-<dataset>.json, `make validate-aggregation`).
 """
 
 from __future__ import annotations
