@@ -181,7 +181,9 @@ def test_val_every_validates_only_those_rounds_and_the_last(tiny_dataset):
     assert res.best_round in validated
     tower = new_item_tower(tiny_dataset.n_items, SMALL_MODEL, 0).state_dict()
     message = 4 * sum(v.numel() for v in tower.values()) + 3 * 4  # float32 deltas, three scalar weights
-    assert {h.upload_bytes for h in res.history} == {message}
+    # the default (auto) is rowwise here: also the per-row weights (n, n tau) and the row-wise id table
+    rowwise = 4 * (2 * tiny_dataset.n_items + tower["item_emb.weight"].numel())
+    assert {h.upload_bytes for h in res.history} == {message + rowwise}
 
 
 def test_marketplace_log_is_seeded_skewed_and_consistent():
