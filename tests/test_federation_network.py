@@ -92,7 +92,10 @@ def _start_node(fed: dict, bundle: Path, env: dict | None = None, register: bool
     )  # fmt: skip
 
 
-FAULT_TAG = "fault"
+# The fault tests send the smaller fedavg message (no per-row terms): what they test does not depend
+# on the rule, and SecAgg+ time grows with the message. The secagg and plaintext runs train with the
+# default (auto).
+FEDAVG = "federation.aggregation=fedavg"
 
 
 def _start_run(fed: dict, name: str, *sets: str):  # noqa: ANN202
@@ -109,11 +112,6 @@ def _start_run(fed: dict, name: str, *sets: str):  # noqa: ANN202
     # for round against the in-process refit, in test_wire; elsewhere they would only add time.
     if not any(x.startswith("federation.refit=") for x in sets):
         cmd += ["--set", "federation.refit=false"]
-    # The fault tests send the smaller fedavg message (no per-row terms): what they test does not
-    # depend on the rule, and SecAgg+ time grows with the message. The default (auto) is what the
-    # secagg and plaintext runs train with.
-    if FAULT_TAG in sets:
-        sets = (*(x for x in sets if x != FAULT_TAG), "federation.aggregation=fedavg")
     for s in sets:
         cmd += ["--set", s]
     return fed["procs"].start(name, cmd, fed["work"] / "logs" / f"{name}.log"), workdir
@@ -241,7 +239,7 @@ def test_bad_update_from_a_node_is_rejected_and_the_round_goes_on(federation) ->
     bad = _start_node(fed, fed["spare"], env=env, register=True)
     try:
         assert _wait_for(fed["work"] / "logs" / f"node-{fed['spare'].name}.log", "SuperNode ID", 30, bad)
-        out = _run(fed, "nan-fault", "network.secagg=false", FAULT_TAG)
+        out = _run(fed, "nan-fault", "network.secagg=false", FEDAVG)
         bad_id = _node_id(fed, fed["spare"].name)
         assert f"rejected the update of node {bad_id}" in out["log"] and "NaN" in out["log"]
         assert out["summary"]["history"][0]["merchants"] == 3  # the 3 valid replies made the round
@@ -261,7 +259,7 @@ def test_merchant_killed_mid_round_then_rejoins_with_its_state(federation) -> No
     log = fed["work"] / "logs" / f"node-{spare.name}.log"
     node = _start_node(fed, spare)
     assert _wait_for(log, "SuperNode ID", 30, node)
-    proc, workdir = _start_run(fed, "kill-merchant", "network.secagg=true", "network.round_timeout=45", FAULT_TAG)
+    proc, workdir = _start_run(fed, "kill-merchant", "network.secagg=true", "network.round_timeout=45", FEDAVG)
     assert _wait_for(log, f"merchant {spare.name}: train round 1 answered", 150, proc)
     time.sleep(1.0)  # its masked vector is on its way; the unmask stage follows without it
     fed["procs"].stop(node, grace=1)
@@ -293,7 +291,7 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federat
     """Kill the coordinator (SuperLink, with its ServerApp) after round 1; restart it; run again."""
     fed = federation
     proc, workdir = _start_run(
-        fed, "restart", "network.secagg=false", "federation.rounds=3", "federation.refit=true", FAULT_TAG
+        fed, "restart", "network.secagg=false", "federation.rounds=3", "federation.refit=true", FEDAVG
     )
     ck = workdir / "checkpoint.pt"
     end = time.monotonic() + 150
@@ -309,7 +307,7 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(federat
         fed["procs"], fed["creds"], fed["db"], fed["port"], fed["work"] / "logs" / "coordinator-restarted.log"
     )
     out = _run(
-        fed, "restart", "network.secagg=false", "federation.rounds=3", "federation.refit=true", FAULT_TAG, timeout=300
+        fed, "restart", "network.secagg=false", "federation.rounds=3", "federation.refit=true", FEDAVG, timeout=300
     )
     after = torch.load(ck, weights_only=False)
     rounds = [h["round"] for h in after["history"]]

@@ -174,19 +174,19 @@ def _random_purchases(users: int, n: int, rng: np.random.Generator):
     return sp.csr_matrix((np.ones(users, dtype=np.float32), (np.arange(users), cols)), shape=(users, n))
 
 
+def fixed_rounds(rounds: int, seed: int) -> FederationConfig:
+    """Exactly `rounds` rounds, validated once after the last, no refit: what a variant costs."""
+    return FederationConfig(
+        aggregation=PINNED_RULE, rounds=rounds, patience=0, val_every=rounds, seed=seed, refit=False
+    )
+
+
 def losses(cfg: BenchTrainConfig) -> dict:
     """Test recall@20 and seconds per round of full softmax, in-batch sampled softmax, and sampled
     softmax with uniform negatives mixed in, on one small generated marketplace (one seed)."""
     torch.set_num_threads(2)
     ds, features = marketplace(cfg.loss_products, cfg.loss_merchants, cfg.loss_customers)
-    fed = FederationConfig(
-        aggregation=PINNED_RULE,
-        rounds=cfg.loss_rounds,
-        patience=0,
-        val_every=cfg.loss_rounds,
-        seed=cfg.seed,
-        refit=False,
-    )
+    fed = fixed_rounds(cfg.loss_rounds, cfg.seed)
     base = LocalConfig(user_solve_reg=0.0, full_softmax_max_items=10**9)
     variants = {
         "softmax": base,
@@ -210,14 +210,7 @@ def uploads(cfg: BenchTrainConfig) -> dict:
     torch.set_num_threads(2)
     ds, features = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
     local = LocalConfig(loss="sampled_softmax", user_solve_reg=0.0)
-    fed = FederationConfig(
-        aggregation=PINNED_RULE,
-        rounds=cfg.compare_rounds,
-        patience=0,
-        val_every=cfg.compare_rounds,
-        seed=cfg.seed,
-        refit=False,
-    )
+    fed = fixed_rounds(cfg.compare_rounds, cfg.seed)
     variants = {
         "dense_fp32": (ModelConfig(id_rows=0), "float32"),
         "dense_fp16": (ModelConfig(id_rows=0), "float16"),

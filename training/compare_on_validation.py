@@ -71,7 +71,7 @@ def summarise(scores: dict[str, list[float]]) -> dict:
 def compare_on_validation(
     config: Path | None, overrides: dict, setting: str, candidates: list, seeds: int, console: Console
 ) -> dict:
-    load_config(config, overrides)  # a bad base config fails before any training
+    base = load_config(config, overrides)  # a bad base config fails before any training
     scores: dict[str, list[float]] = {}
     rounds: dict[str, list[int]] = {}
     dataset = ""
@@ -97,7 +97,7 @@ def compare_on_validation(
         **summarise(scores),
         "date": dt.date.today().isoformat(),
     }
-    out = Path(load_config(config, overrides).output.results_dir) / f"validation-{setting}-{dataset}.json"
+    out = Path(base.output.results_dir) / f"validation-{setting}-{dataset}.json"
     write_json(out, result)
     s = result["stats"]
     console.print(
