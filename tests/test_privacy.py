@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
-from fedrec.federated.local import LocalConfig, local_update
+from fedrec.federated.local import BIAS, LocalConfig, clipped_customer_sums, local_update, softmax_customer_loss
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, init_user_embeddings, new_item_tower
 from fedrec.privacy.accountant import (
@@ -27,7 +27,13 @@ from fedrec.privacy.accountant import (
     steps_per_epoch,
 )
 from fedrec.privacy.config import PrivacyConfig
-from fedrec.privacy.dp_sgd import add_noise, clip_and_sum, padded_baskets, private_gradients
+from fedrec.privacy.dp_sgd import (
+    add_noise,
+    clip_and_sum,
+    clipped_gradient_sums,
+    padded_baskets,
+    private_gradients,
+)
 from fedrec.training.cli import app
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=256)
@@ -145,6 +151,45 @@ def test_one_customer_moves_the_private_gradient_by_at_most_clip_over_the_batch(
     part, _, _ = private_gradients(shared, loss, users[rows][keep], pos[keep], mask[keep], mech, 1.0, g)
     diff = math.sqrt(sum(float((full[k] - part[k]).pow(2).sum()) for k in full))
     assert 0 < diff <= clip * (1 + 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "with_bias"),
+    [
+        (dataclasses.replace(MODEL, use_content=False), True),  # plain id table: the closed form
+        (dataclasses.replace(MODEL, use_content=False), False),
+        (MODEL, True),  # content tower: differentiated over the used token rows only
+        (dataclasses.replace(MODEL, use_item_id=False), False),
+        (dataclasses.replace(MODEL, id_rows=16), True),  # compositional ids: plain vmap
+    ],
+    ids=["table+bias", "table", "content+id+bias", "content", "compositional+bias"],
+)
+def test_fast_private_sums_equal_vmap_over_the_whole_tower(tiny_dataset, model, with_bias):
+    """The shortcuts DP training takes give each customer's norm, the clipped sums and the user
+    gradients that vmap over the whole tower and the real loss gives."""
+    m, n = tiny_dataset.merchants[0], tiny_dataset.n_items
+    features = build_item_features(tiny_dataset.items, model.hash_buckets)
+    g = torch.Generator().manual_seed(0)
+    shared = {k: p.detach() for k, p in new_item_tower(n, model, 0).named_parameters()}
+    if with_bias:
+        shared[BIAS] = 0.5 * torch.randn(n, generator=g)
+    users = init_user_embeddings(m.n_users, model, g) * 20
+    rows = torch.arange(min(m.n_users, 40))
+    indptr = torch.from_numpy(m.train.indptr.astype(np.int64))
+    pos, mask = padded_baskets(indptr, torch.from_numpy(m.train.indices.astype(np.int64)), rows)
+    mask[5] = False  # a sampled customer without purchases adds only their weight decay
+    loss = softmax_customer_loss(features, model, LOCAL.temperature, LOCAL.weight_decay)
+    clip = float(clipped_gradient_sums(shared, loss, users[rows], pos, mask, 1.0)[2].median())
+    want, want_users, want_norms = clipped_gradient_sums(shared, loss, users[rows], pos, mask, clip)
+    got, got_users, got_norms = clipped_customer_sums(
+        shared, features, model, LOCAL.temperature, LOCAL.weight_decay, users[rows], pos, mask, clip
+    )
+    assert 0 < int((want_norms > clip).sum()) < len(rows)  # some customers are clipped, some are not
+    assert list(got) == list(want)  # same tensors, same order (so the same noise draws follow)
+    torch.testing.assert_close(got_norms, want_norms, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_users, want_users, rtol=1e-4, atol=1e-6)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
 # --- the local update and the loop ----------------------------------------------------------------

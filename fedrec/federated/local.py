@@ -21,7 +21,14 @@ from fedrec.features import ItemFeatures
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors
 from fedrec.privacy.accountant import DPMechanism
-from fedrec.privacy.dp_sgd import padded_baskets, poisson_sample, private_gradients
+from fedrec.privacy.dp_sgd import (
+    basket_weights,
+    clipped_gradient_sums,
+    clipped_softmax_table_sums,
+    noisy_mean,
+    padded_baskets,
+    poisson_sample,
+)
 from fedrec.softmax_foldin import solve_user_vectors
 
 # The per-round user solve refines last round's vectors rather than solving from zero: two Newton
@@ -29,6 +36,8 @@ from fedrec.softmax_foldin import solve_user_vectors
 # quality was measured with exactly these settings (README, "User solve").
 USER_SOLVE_STEPS = 2
 USER_SOLVE_HESSIAN = 64
+TABLE = "item_emb.weight"  # the item-id table of a tower with one row per product
+FEAT = "feat_emb.weight"  # the hashed content-token table
 BIAS = "__merchant_item_bias__"  # the private item bias among the tensors a customer's gradient covers
 
 
@@ -246,6 +255,74 @@ def item_vectors_functional(
     return out
 
 
+def softmax_customer_loss(features: ItemFeatures, model_cfg: ModelConfig, temperature: float, weight_decay: float):  # noqa: ANN201
+    """One customer's DP loss as a function of the shared tensors: what `private_gradients` clips.
+
+    The mean over their purchases of -log softmax, plus the weight decay on their user vector and
+    on the id rows of what they bought.
+    """
+    id_rows = id_table_rows(features.n_items, model_cfg)
+
+    def customer_loss(
+        shared: dict[str, torch.Tensor], u: torch.Tensor, pos: torch.Tensor, m: torch.Tensor
+    ) -> torch.Tensor:
+        vecs = item_vectors_functional(shared, features, model_cfg)
+        scores = vecs @ u
+        if BIAS in shared:
+            scores = scores + shared[BIAS]
+        logp = F.log_softmax(scores / temperature, dim=0)
+        w = m.float() / m.sum().clamp(min=1)
+        loss = -(logp[pos] * w).sum()
+        if weight_decay:
+            rows_l2 = (id_vectors(shared, pos, id_rows).pow(2).sum(-1) * w).sum() if model_cfg.use_item_id else 0.0
+            loss = loss + weight_decay * (u.pow(2).sum() + rows_l2)
+        return loss
+
+    return customer_loss
+
+
+def clipped_customer_sums(
+    shared: dict[str, torch.Tensor],
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    temperature: float,
+    weight_decay: float,
+    users: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The sampled customers' clipped gradient sums of `softmax_customer_loss`, computed cheaply.
+
+    The same numbers as vmap over the full tower (tested), by two shortcuts: a plain id table
+    (one row per product, no content) has a closed form; a content tower is differentiated over
+    only the token rows the catalogue uses (the others' per-customer gradients are zero), instead
+    of B dense copies of the whole hashed table. Returns (sums keyed like `shared`, user grads, norms).
+    """
+    if set(shared) - {BIAS} == {TABLE}:
+        table, sums = shared[TABLE], {}
+        sums[TABLE], bias_sum, user_grads, norms = clipped_softmax_table_sums(
+            table, shared.get(BIAS), users, basket_weights(pos, mask, len(table)), temperature, weight_decay, clip
+        )
+        if bias_sum is not None:
+            sums[BIAS] = bias_sum
+        return sums, user_grads, norms
+    if FEAT not in shared:
+        loss = softmax_customer_loss(features, model_cfg, temperature, weight_decay)
+        return clipped_gradient_sums(shared, loss, users, pos, mask, clip)
+    pad = model_cfg.hash_buckets
+    tokens = features.tokens
+    used = torch.unique(tokens[tokens != pad])
+    renumbered = torch.where(tokens != pad, torch.searchsorted(used, tokens), len(used))
+    compact_cfg = dataclasses.replace(model_cfg, hash_buckets=len(used))
+    loss = softmax_customer_loss(ItemFeatures(renumbered, len(used)), compact_cfg, temperature, weight_decay)
+    compact = {**shared, FEAT: torch.cat([shared[FEAT][used], shared[FEAT][pad:]])}
+    sums, user_grads, norms = clipped_gradient_sums(compact, loss, users, pos, mask, clip)
+    full = torch.zeros_like(shared[FEAT])
+    full[used] = sums[FEAT][: len(used)]
+    return {**sums, FEAT: full}, user_grads, norms
+
+
 def _private_steps(
     tower: ItemTower,
     received: dict[str, torch.Tensor],
@@ -268,32 +345,16 @@ def _private_steps(
     indptr = torch.from_numpy(train.indptr.astype(np.int64))
     indices = torch.from_numpy(train.indices.astype(np.int64))
     n_customers = train.shape[0]
-    temperature, wd, id_rows = cfg.temperature, cfg.weight_decay, tower.id_rows
-
-    def customer_loss(
-        shared: dict[str, torch.Tensor], u: torch.Tensor, pos: torch.Tensor, m: torch.Tensor
-    ) -> torch.Tensor:
-        vecs = item_vectors_functional(shared, features, tower.cfg)
-        scores = vecs @ u
-        if BIAS in shared:
-            scores = scores + shared[BIAS]
-        logp = F.log_softmax(scores / temperature, dim=0)
-        w = m.float() / m.sum().clamp(min=1)
-        loss = -(logp[pos] * w).sum()
-        if wd:
-            rows_l2 = (id_vectors(shared, pos, id_rows).pow(2).sum(-1) * w).sum() if tower.cfg.use_item_id else 0.0
-            loss = loss + wd * (u.pow(2).sum() + rows_l2)
-        return loss
-
     for _ in range(dp.steps_per_round):
         batch = poisson_sample(n_customers, dp.sample_rate, gen)
         pos, mask = padded_baskets(indptr, indices, batch)
         shared = {k: p.detach() for k, p in params.items()}
         if bias is not None:
             shared[BIAS] = bias.detach()
-        grads, user_grads, _ = private_gradients(
-            shared, customer_loss, users.detach()[batch], pos, mask, dp, dp.sample_rate * n_customers, gen
+        sums, user_grads, _ = clipped_customer_sums(
+            shared, features, tower.cfg, cfg.temperature, cfg.weight_decay, users.detach()[batch], pos, mask, dp.clip
         )
+        grads = noisy_mean(sums, dp, dp.sample_rate * n_customers, gen)
         opt.zero_grad(set_to_none=False)
         for k, p in params.items():
             p.grad = grads[k]

@@ -80,16 +80,78 @@ def private_gradients(
     size (the usual estimate under Poisson sampling). Returns (shared grads, user grads,
     per-customer gradient norms before clipping).
     """
+    sums, user_grads, norms = clipped_gradient_sums(shared, customer_loss, users, pos, mask, mech.clip)
+    return noisy_mean(sums, mech, expected_batch, gen), user_grads, norms
+
+
+def clipped_gradient_sums(
+    shared: dict[str, torch.Tensor],
+    customer_loss: CustomerLoss,
+    users: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-customer gradients by vmap, clipped and summed: (sums, user grads, norms before clipping)."""
     per_grad = vmap(grad(customer_loss, argnums=(0, 1)), in_dims=(None, 0, 0, 0))
     sums = {k: torch.zeros_like(v) for k, v in shared.items()}
     user_grads, norms = [users.new_zeros((0, users.shape[1]))], [users.new_zeros(0)]
     for start in range(0, len(users), CHUNK):
         sl = slice(start, start + CHUNK)
         g_shared, g_users = per_grad(shared, users[sl], pos[sl], mask[sl])
-        part, n = clip_and_sum(g_shared, mech.clip)
+        part, n = clip_and_sum(g_shared, clip)
         for k in sums:
             sums[k] += part[k]
         user_grads.append(g_users)
         norms.append(n)
-    noisy = add_noise(sums, mech, gen)
-    return {k: v / expected_batch for k, v in noisy.items()}, torch.cat(user_grads), torch.cat(norms)
+    return sums, torch.cat(user_grads), torch.cat(norms)
+
+
+def noisy_mean(
+    sums: dict[str, torch.Tensor], mech: DPMechanism, expected_batch: float, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """(sum of clipped gradients + noise) / expected batch size: the usual estimate under Poisson sampling."""
+    return {k: v / expected_batch for k, v in add_noise(sums, mech, gen).items()}
+
+
+def basket_weights(pos: torch.Tensor, mask: torch.Tensor, n_items: int) -> torch.Tensor:
+    """Each customer's purchases as a weight row over the catalogue, summing to 1 (0 for no purchases)."""
+    w = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
+    return torch.zeros(len(pos), n_items).scatter_add_(1, pos, w)
+
+
+def clipped_softmax_table_sums(
+    table: torch.Tensor,
+    bias: torch.Tensor | None,
+    users: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float,
+    weight_decay: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The clipped per-customer gradient sums of the softmax loss, in closed form, for a plain table.
+
+    When the shared item vectors are a trainable table V (one row per product, no content tower)
+    plus the merchant's bias b, one customer's loss -sum_i y_i log softmax((V u + b) / T)_i
+    + wd (|u|^2 + sum_i y_i |V_i|^2) has gradient r u^T + diag(2 wd y) V for V and r for b, where
+    r = (softmax * sum(y) - y) / T. So each customer's norm, and the clipped sum, come from B x n
+    matrices and one matmul, without materialising B copies of the table (what vmap does). The
+    result is the same as `private_gradients` on that loss (tested), at the cost of a plain step.
+
+    `weights` is `basket_weights` (B x n). Returns (table sum, bias sum or None, each customer's
+    user-vector gradient, each customer's norm before clipping).
+    """
+    uv = users @ table.T
+    scores = uv if bias is None else uv + bias
+    probs = torch.softmax(scores / temperature, dim=1)
+    r = (probs * weights.sum(1, keepdim=True) - weights) / temperature
+    a = 2 * weight_decay * weights
+    sq = users.pow(2).sum(1) * r.pow(2).sum(1) + 2 * (r * a * uv).sum(1) + a.pow(2) @ table.pow(2).sum(1)
+    if bias is not None:
+        sq = sq + r.pow(2).sum(1)
+    norms = sq.clamp(min=0).sqrt()
+    factor = (clip / (norms + 1e-12)).clamp(max=1.0)
+    cr = factor[:, None] * r
+    table_sum = cr.T @ users + (factor @ a)[:, None] * table
+    user_grads = r @ table + 2 * weight_decay * users
+    return table_sum, (cr.sum(0) if bias is not None else None), user_grads, norms
