@@ -313,7 +313,8 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    runs = json.loads((tmp_path / "results" / "privacy-report.json").read_text())["runs"]
+    report = json.loads((tmp_path / "results" / "privacy-report.json").read_text())
+    runs = report["runs"]
     by_eps = {r["epsilon"]: r for r in runs}
     assert set(by_eps) == {4.0, "inf"}
     dp, plain = by_eps[4.0], by_eps["inf"]
@@ -321,6 +322,7 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert dp["recall@20"] == pytest.approx(np.mean(dp["per_seed"]))
     assert dp["noise_multiplier"] > 0 and dp["rounds"] == 2 and all(0 < e <= 4.0 for e in dp["epsilon_spent"])
     assert plain["noise_multiplier"] == 0.0 and plain["epsilon_spent"] == ["inf", "inf"]
+    assert dp["command"] == plain["command"] == report["command"]  # each row names the run that made it
     table = (tmp_path / "results" / "privacy-report.md").read_text()
     assert "| file | 4.0 |" in table and "| file | inf |" in table
     assert (tmp_path / "results" / "privacy-report.png").read_bytes()[:4] == b"\x89PNG"

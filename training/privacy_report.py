@@ -79,6 +79,7 @@ def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str,
     """Merge rows into results/privacy-report.json by (dataset, epsilon); table and curves beside it."""
     path = results_dir / "privacy-report.json"
     old = json.loads(path.read_text())["runs"] if path.is_file() else []
+    rows = [{**r, "command": command} for r in rows]  # each row says which run made it
     fresh = {(r["dataset"], str(r["epsilon"])) for r in rows}
     runs = [r for r in old if (r["dataset"], str(r["epsilon"])) not in fresh] + rows
     res = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command, "runs": runs}
