@@ -166,30 +166,36 @@ def test_one_customer_moves_the_private_gradient_by_at_most_clip_over_the_batch(
 )
 def test_fast_private_sums_equal_vmap_over_the_whole_tower(tiny_dataset, model, with_bias):
     """The shortcuts DP training takes give each customer's norm, the clipped sums and the user
-    gradients that vmap over the whole tower and the real loss gives."""
+    gradients that vmap over the whole tower and the real loss gives (in float64, so that a wrong
+    term cannot hide in float32 rounding)."""
     m, n = tiny_dataset.merchants[0], tiny_dataset.n_items
     features = build_item_features(tiny_dataset.items, model.hash_buckets)
     g = torch.Generator().manual_seed(0)
-    shared = {k: p.detach() for k, p in new_item_tower(n, model, 0).named_parameters()}
+    shared = {k: p.detach().double() for k, p in new_item_tower(n, model, 0).named_parameters()}
     if with_bias:
-        shared[BIAS] = 0.5 * torch.randn(n, generator=g)
-    users = init_user_embeddings(m.n_users, model, g) * 20
+        shared[BIAS] = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    users = init_user_embeddings(m.n_users, model, g).double() * 20
     rows = torch.arange(min(m.n_users, 40))
     indptr = torch.from_numpy(m.train.indptr.astype(np.int64))
     pos, mask = padded_baskets(indptr, torch.from_numpy(m.train.indices.astype(np.int64)), rows)
     mask[5] = False  # a sampled customer without purchases adds only their weight decay
     loss = softmax_customer_loss(features, model, LOCAL.temperature, LOCAL.weight_decay)
-    clip = float(clipped_gradient_sums(shared, loss, users[rows], pos, mask, 1.0)[2].median())
-    want, want_users, want_norms = clipped_gradient_sums(shared, loss, users[rows], pos, mask, clip)
-    got, got_users, got_norms = clipped_customer_sums(
-        shared, features, model, LOCAL.temperature, LOCAL.weight_decay, users[rows], pos, mask, clip
-    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        clip = float(clipped_gradient_sums(shared, loss, users[rows], pos, mask, 1.0)[2].median())
+        want, want_users, want_norms = clipped_gradient_sums(shared, loss, users[rows], pos, mask, clip)
+        got, got_users, got_norms = clipped_customer_sums(
+            shared, features, model, LOCAL.temperature, LOCAL.weight_decay, users[rows], pos, mask, clip
+        )
+    finally:
+        torch.set_default_dtype(default)
     assert 0 < int((want_norms > clip).sum()) < len(rows)  # some customers are clipped, some are not
     assert list(got) == list(want)  # same tensors, same order (so the same noise draws follow)
-    torch.testing.assert_close(got_norms, want_norms, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got_users, want_users, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_norms, want_norms, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_users, want_users, rtol=1e-9, atol=1e-12)
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12 * (1 + float(want[k].abs().max())))
 
 
 # --- the local update and the loop ----------------------------------------------------------------

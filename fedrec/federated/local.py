@@ -21,14 +21,14 @@ from fedrec.features import ItemFeatures
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors
 from fedrec.privacy.accountant import DPMechanism
-from fedrec.privacy.dp_sgd import (
+from fedrec.privacy.closed_form import (
+    FEAT,
+    TABLE,
     basket_weights,
-    clipped_gradient_sums,
+    clipped_softmax_content_sums,
     clipped_softmax_table_sums,
-    noisy_mean,
-    padded_baskets,
-    poisson_sample,
 )
+from fedrec.privacy.dp_sgd import CHUNK, clipped_gradient_sums, noisy_mean, padded_baskets, poisson_sample
 from fedrec.softmax_foldin import solve_user_vectors
 
 # The per-round user solve refines last round's vectors rather than solving from zero: two Newton
@@ -36,8 +36,6 @@ from fedrec.softmax_foldin import solve_user_vectors
 # quality was measured with exactly these settings (README, "User solve").
 USER_SOLVE_STEPS = 2
 USER_SOLVE_HESSIAN = 64
-TABLE = "item_emb.weight"  # the item-id table of a tower with one row per product
-FEAT = "feat_emb.weight"  # the hashed content-token table
 BIAS = "__merchant_item_bias__"  # the private item bias among the tensors a customer's gradient covers
 
 
@@ -271,7 +269,7 @@ def softmax_customer_loss(features: ItemFeatures, model_cfg: ModelConfig, temper
         if BIAS in shared:
             scores = scores + shared[BIAS]
         logp = F.log_softmax(scores / temperature, dim=0)
-        w = m.float() / m.sum().clamp(min=1)
+        w = m.to(u.dtype) / m.sum().clamp(min=1)
         loss = -(logp[pos] * w).sum()
         if weight_decay:
             rows_l2 = (id_vectors(shared, pos, id_rows).pow(2).sum(-1) * w).sum() if model_cfg.use_item_id else 0.0
@@ -294,33 +292,36 @@ def clipped_customer_sums(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The sampled customers' clipped gradient sums of `softmax_customer_loss`, computed cheaply.
 
-    The same numbers as vmap over the full tower (tested), by two shortcuts: a plain id table
-    (one row per product, no content) has a closed form; a content tower is differentiated over
-    only the token rows the catalogue uses (the others' per-customer gradients are zero), instead
-    of B dense copies of the whole hashed table. Returns (sums keyed like `shared`, user grads, norms).
+    The same numbers as vmap over the whole tower (tested): in closed form
+    (`fedrec.privacy.closed_form`) for towers with one id row per product, and by vmap for the
+    compositional id tables of large catalogues. Returns (sums keyed like `shared`, user grads,
+    norms before clipping).
     """
-    if set(shared) - {BIAS} == {TABLE}:
+    if set(shared) & {"item_emb_q.weight"}:
+        loss = softmax_customer_loss(features, model_cfg, temperature, weight_decay)
+        return clipped_gradient_sums(shared, loss, users, pos, mask, clip)
+    weights = basket_weights(pos, mask, features.n_items)
+    if FEAT not in shared:
         table, sums = shared[TABLE], {}
         sums[TABLE], bias_sum, user_grads, norms = clipped_softmax_table_sums(
-            table, shared.get(BIAS), users, basket_weights(pos, mask, len(table)), temperature, weight_decay, clip
+            table, shared.get(BIAS), users, weights, temperature, weight_decay, clip
         )
         if bias_sum is not None:
             sums[BIAS] = bias_sum
         return sums, user_grads, norms
-    if FEAT not in shared:
-        loss = softmax_customer_loss(features, model_cfg, temperature, weight_decay)
-        return clipped_gradient_sums(shared, loss, users, pos, mask, clip)
-    pad = model_cfg.hash_buckets
-    tokens = features.tokens
-    used = torch.unique(tokens[tokens != pad])
-    renumbered = torch.where(tokens != pad, torch.searchsorted(used, tokens), len(used))
-    compact_cfg = dataclasses.replace(model_cfg, hash_buckets=len(used))
-    loss = softmax_customer_loss(ItemFeatures(renumbered, len(used)), compact_cfg, temperature, weight_decay)
-    compact = {**shared, FEAT: torch.cat([shared[FEAT][used], shared[FEAT][pad:]])}
-    sums, user_grads, norms = clipped_gradient_sums(compact, loss, users, pos, mask, clip)
-    full = torch.zeros_like(shared[FEAT])
-    full[used] = sums[FEAT][: len(used)]
-    return {**sums, FEAT: full}, user_grads, norms
+    sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+    user_grads, norms = [users.new_zeros((0, users.shape[1]))], [users.new_zeros(0)]
+    for start in range(0, len(users), CHUNK):  # bounds the B x n x hidden activations
+        sl = slice(start, start + CHUNK)
+        part, g, n = clipped_softmax_content_sums(
+            shared, BIAS, features.tokens, model_cfg.hash_buckets, users[sl], weights[sl],
+            temperature, weight_decay, clip,
+        )  # fmt: skip
+        for k in sums:
+            sums[k] += part[k]
+        user_grads.append(g)
+        norms.append(n)
+    return sums, torch.cat(user_grads), torch.cat(norms)
 
 
 def _private_steps(
