@@ -53,3 +53,19 @@ def test_compare_on_validation_end_to_end(tmp_path, tiny_csv):
         app, ["compare-on-validation", *tiny_args(tmp_path, tiny_csv), "--setting", "local.nope", "--candidates", "1,2"]
     )
     assert bad.exit_code == 2 and "unknown setting(s) nope" in bad.output
+
+
+def test_under_dp_each_candidate_is_scored_on_the_round_dp_releases(tmp_path, tiny_csv):
+    """Under DP the last round is released, so that round's validation recall is what is compared."""
+    from fedrec.config import load_config
+    from fedrec.training.compare_on_validation import best_val_recall
+
+    base = {
+        "data.dataset": "file", "data.path": str(tiny_csv), "federation.rounds": 3, "model.dim": 16,
+        "model.hash_buckets": 1024, "privacy.sample_rate": 0.5,
+    }  # fmt: skip
+    cfg = load_config(None, {**base, "privacy.epsilon": 8.0})
+    val, rnd = best_val_recall(cfg)
+    assert rnd == cfg.federation.rounds and 0 <= val <= 1
+    plain, _ = best_val_recall(load_config(None, base))
+    assert val != plain  # the DP run was trained with DP (noise), not as the non-private one

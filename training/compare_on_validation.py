@@ -2,7 +2,8 @@
 
 How a default gets chosen without looking at test: each candidate value of one setting is trained
 over several seeds with the refit off (the refit consumes the validation slice), and scored by
-its best validation recall@20, the number early stopping chooses the round by. The candidate
+the validation recall@20 of the model it releases: its best round (the number early stopping
+chooses the round by), or under DP its last round. The candidate
 with the highest mean wins; the report says whether its lead exceeds the spread (one standard
 deviation of either candidate). Test is never evaluated here.
 
@@ -27,6 +28,7 @@ from fedrec.config import RunConfig, load_config
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
+from fedrec.privacy.accountant import plan_mechanism
 from fedrec.training.data import load_dataset
 
 
@@ -46,15 +48,22 @@ def parse_candidates(text: str) -> list:
 
 
 def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
-    """Best validation recall@20 of one run (refit off) and the round that reached it."""
+    """Validation recall@20 of the model a run (refit off) releases, and that round.
+
+    Non-private, that is the best round (early stopping's choice); under DP (`privacy.epsilon`
+    set) it is the last round, the one DP training releases.
+    """
     torch.set_num_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
-    res = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation)
-    scored = [(h.val_recall_at_20, h.round) for h in res.history if h.val_recall_at_20 is not None]
+    dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+    res = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, dp=dp)
+    scored = {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None}
     if not scored:
         raise ConfigError("no validation customers: set data.val_fraction > 0 to compare on validation")
-    return max(scored)
+    if res.best_round in scored:
+        return scored[res.best_round], res.best_round
+    return max((v, r) for r, v in scored.items())
 
 
 def summarise(scores: dict[str, list[float]]) -> dict:
