@@ -16,7 +16,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate validate-aggregation evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock train-federated evaluate validate-aggregation validate-privacy evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,14 @@ validate-aggregation: setup
 		OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset movielens-100k --set threads=1 \
 			--setting federation.aggregation --candidates fedavg,rowwise; \
 	else echo "MovieLens not found (../shared/datasets): skipped"; fi
+
+# The DP clip and sampling rate, chosen on validation at epsilon 8 (issue 10), on DATASET:
+# results/validation-privacy.clip-<dataset>.json and validation-privacy.sample_rate-<dataset>.json.
+DP_VALIDATE = OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset $(DATASET) $(CONFIG_ARG) \
+	--set threads=1 --set privacy.epsilon=8 --set federation.rounds=$(DP_ROUNDS)
+validate-privacy: setup
+	$(DP_VALIDATE) --setting privacy.clip --candidates 0.1,0.3,1.0
+	$(DP_VALIDATE) --set privacy.clip=0.1 --setting privacy.sample_rate --candidates 0.1,0.3,1.0
 
 evaluate-foldin: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)

@@ -254,7 +254,7 @@ def item_vectors_functional(
 
 
 def softmax_customer_loss(features: ItemFeatures, model_cfg: ModelConfig, temperature: float, weight_decay: float):  # noqa: ANN201
-    """One customer's DP loss as a function of the shared tensors: what `private_gradients` clips.
+    """One customer's DP loss as a function of the shared tensors: what DP-SGD clips, per customer.
 
     The mean over their purchases of -log softmax, plus the weight decay on their user vector and
     on the id rows of what they bought.
@@ -297,7 +297,7 @@ def clipped_customer_sums(
     compositional id tables of large catalogues. Returns (sums keyed like `shared`, user grads,
     norms before clipping).
     """
-    if set(shared) & {"item_emb_q.weight"}:
+    if "item_emb_q.weight" in shared:
         loss = softmax_customer_loss(features, model_cfg, temperature, weight_decay)
         return clipped_gradient_sums(shared, loss, users, pos, mask, clip)
     weights = basket_weights(pos, mask, features.n_items)

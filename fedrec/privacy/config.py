@@ -13,8 +13,10 @@ class PrivacyConfig:
     epsilon: float = math.inf
     delta: float = 1e-5
     # L2 bound on one customer's gradient of the shared item tower (and of the merchant's item
-    # bias, which other customers' recommendations also use), per step.
-    clip: float = 1.0
+    # bias, which other customers' recommendations also use), per step. Chosen on validation at
+    # epsilon 8 (make validate-privacy): 0.1 beat 1.0 on both datasets. With Adam, a bound below
+    # every customer's norm only rescales the step, so what it sets is the share clipped.
+    clip: float = 0.1
     # Poisson sampling: each customer joins a step's batch with this probability, independently;
     # 1 / sample_rate steps make one local epoch.
     sample_rate: float = 0.1
