@@ -67,11 +67,12 @@ evaluate-foldin: setup
 EPSILONS ?= 1,2,4,8,16,inf
 SEEDS ?= 3
 DP_ROUNDS ?= 20
+# One torch thread, as in evaluate (two reports side by side on 2 cores do not oversubscribe them).
 privacy-report: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS)
 
 attack-report: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1
 
 export: setup
 	$(BIN)/fedrec export --dataset $(DATASET) $(CONFIG_ARG)
