@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json
-from fedrec.config import RunConfig
+from fedrec.config import RunConfig, aggregation_rule
 from fedrec.data import FederatedDataset, MerchantData, pooled
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
@@ -201,7 +201,9 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
                 row[f"{label}_recall@20"] = test["overall"]["recall@20"]
             runs.append(row)
             console.print(f"  poisoning, {rule}, seed {seed}: {row}")
-        name = "fedavg" if rule == "none" else rule
+        # no robust rule: the configured aggregation as run (auto resolves to rowwise on a shop
+        # with one id row per product), the rule that works under secure aggregation
+        name = aggregation_rule(cfg, dataset.n_items) if rule == "none" else rule
         mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k.endswith(("exposure", "recall@20"))}
         out["rules"][name] = {
             "target_exposure": mean["attacked_exposure"],
