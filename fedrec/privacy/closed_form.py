@@ -45,15 +45,14 @@ def clipped_softmax_table_sums(
     scores = uv if bias is None else uv + bias
     r = _score_grads(scores, weights, temperature)
     a = 2 * weight_decay * weights
-    sq = users.pow(2).sum(1) * r.pow(2).sum(1) + 2 * (r * a * uv).sum(1) + a.pow(2) @ table.pow(2).sum(1)
+    sq = _table_sq_norms(table, users, r, a, uv)
     if bias is not None:
         sq = sq + r.pow(2).sum(1)
     norms = sq.clamp(min=0).sqrt()
     factor = _factor(norms, clip)
-    cr = factor[:, None] * r
-    table_sum = cr.T @ users + (factor @ a)[:, None] * table
+    table_sum = _table_clipped_sum(table, users, r, a, factor)
     user_grads = r @ table + 2 * weight_decay * users
-    return table_sum, (cr.sum(0) if bias is not None else None), user_grads, norms
+    return table_sum, ((factor[:, None] * r).sum(0) if bias is not None else None), user_grads, norms
 
 
 def clipped_softmax_content_sums(
@@ -109,8 +108,7 @@ def clipped_softmax_content_sums(
     sq = sq + d_feat.pow(2).sum((1, 2))
     if TABLE in shared:
         a = 2 * weight_decay * weights
-        ue = users @ shared[TABLE].T
-        sq = sq + u2 * r.pow(2).sum(1) + 2 * (r * a * ue).sum(1) + a.pow(2) @ shared[TABLE].pow(2).sum(1)
+        sq = sq + _table_sq_norms(shared[TABLE], users, r, a, users @ shared[TABLE].T)
     if bias is not None:
         sq = sq + r.pow(2).sum(1)
     norms = sq.clamp(min=0).sqrt()
@@ -122,11 +120,26 @@ def clipped_softmax_content_sums(
     grads[W1] = torch.einsum("b,bh,bhf->hf", factor, c, p)
     grads[FEAT] = torch.zeros_like(feat).index_copy_(0, used, torch.einsum("b,buf->uf", factor, d_feat))
     if TABLE in shared:
-        grads[TABLE] = (factor[:, None] * r).T @ users + (factor @ a)[:, None] * shared[TABLE]
+        grads[TABLE] = _table_clipped_sum(shared[TABLE], users, r, a, factor)
     if bias is not None:
         grads[bias_key] = factor @ r
     user_grads = r @ vecs + 2 * weight_decay * users
     return {k: grads[k] for k in shared}, user_grads, norms
+
+
+def _table_sq_norms(
+    table: torch.Tensor, users: torch.Tensor, r: torch.Tensor, a: torch.Tensor, ue: torch.Tensor
+) -> torch.Tensor:
+    """Each customer's squared norm of r u^T + diag(a) V, their gradient of a plain id table V
+    (a = 2 wd y, the weight decay on their purchases' rows; ue = U V^T)."""
+    return users.pow(2).sum(1) * r.pow(2).sum(1) + 2 * (r * a * ue).sum(1) + a.pow(2) @ table.pow(2).sum(1)
+
+
+def _table_clipped_sum(
+    table: torch.Tensor, users: torch.Tensor, r: torch.Tensor, a: torch.Tensor, factor: torch.Tensor
+) -> torch.Tensor:
+    """sum over customers of factor * (r u^T + diag(a) V): the clipped sum for the id table."""
+    return (factor[:, None] * r).T @ users + (factor @ a)[:, None] * table
 
 
 def _score_grads(scores: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
