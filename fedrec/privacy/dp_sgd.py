@@ -3,7 +3,8 @@
 Per step: customers join the batch by Poisson sampling (the accountant's assumption); each
 sampled customer's gradient of the shared parameters (the item tower, and the merchant's item
 bias, which other customers' recommendations also read) is computed on their own purchases
-alone (torch.func per-sample gradients), clipped to L2 norm `clip`, summed, and Gaussian noise
+alone (in closed form, `fedrec.privacy.closed_form`, or by torch.func per-sample gradients here
+for the towers it does not cover), clipped to L2 norm `clip`, summed, and Gaussian noise
 of standard deviation `noise_multiplier * clip` is added, all inside the merchant. The customer's
 own user vector is trained on their own purchases only and never leaves the merchant, so its
 gradient is used as is.
@@ -61,27 +62,6 @@ def add_noise(sums: dict[str, torch.Tensor], mech: DPMechanism, gen: torch.Gener
 
 
 CustomerLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def private_gradients(
-    shared: dict[str, torch.Tensor],
-    customer_loss: CustomerLoss,
-    users: torch.Tensor,
-    pos: torch.Tensor,
-    mask: torch.Tensor,
-    mech: DPMechanism,
-    expected_batch: float,
-    gen: torch.Generator,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One noisy step's gradients of the shared tensors, and each sampled customer's user gradient.
-
-    `customer_loss(shared, u, pos, mask)` is one customer's loss (their user vector `u`, their
-    purchases `pos` where `mask`). The shared gradient is (sum of clipped + noise) / expected batch
-    size (the usual estimate under Poisson sampling). Returns (shared grads, user grads,
-    per-customer gradient norms before clipping).
-    """
-    sums, user_grads, norms = clipped_gradient_sums(shared, customer_loss, users, pos, mask, mech.clip)
-    return noisy_mean(sums, mech, expected_batch, gen), user_grads, norms
 
 
 def clipped_gradient_sums(
