@@ -50,7 +50,7 @@ class DataConfig:
 class OutputConfig:
     artifacts_dir: str = "artifacts"
     results_dir: str = "results"
-    index: str = "auto"  # flat | ivf | hnsw | auto (flat below 100k items, else hnsw)
+    index: str = "auto"  # flat | ivf | ivfpq | hnsw | auto (flat below 100k items, else hnsw)
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.model.dim >= 1, "model.dim must be >= 1"),
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
         (cfg.model.id_rows >= 0, "model.id_rows must be >= 0 (0: one id row per product)"),
-        (cfg.output.index in ("auto", "flat", "ivf", "hnsw"), "output.index must be auto, flat, ivf or hnsw"),
+        (
+            cfg.output.index in ("auto", "flat", "ivf", "ivfpq", "hnsw"),
+            "output.index must be auto, flat, ivf, ivfpq or hnsw",
+        ),
         (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
         (
             not cfg.network.secagg or cfg.network.min_merchants >= 3,

@@ -45,6 +45,7 @@ from fedrec.serving.index import (
     IndexParams,
     build_index,
     index_kind,
+    ivfpq_lists,
     save_index,
     search_depth,
     set_search_depth,
@@ -61,12 +62,13 @@ class BenchConfig:
     large_items: int = 1_000_000
     noise: float = 0.5  # perturbation of the copies, in units of each dimension's std
     large_kinds: tuple[str, ...] = ("copies", "gaussian")
-    large_index: str = "hnsw"  # the large catalogues' index: hnsw (the export default) or ivf (MIPS-to-L2)
+    large_index: str = "hnsw"  # the large catalogues' index: hnsw (the export default), ivf (MIPS-to-L2) or ivfpq
     hnsw_m: int = 48
     ef_construction: int = 500  # measured: 200 needed efSearch 512 for recall 0.95, 500 about 320
     ef_search: int = 128  # stored in an HNSW index
     nprobe: int = IndexParams.nprobe  # stored in an IVF index
-    depths: tuple[int, ...] = ()  # efSearch (hnsw) or nprobe (ivf) values to measure; () = DEPTHS[large_index]
+    k_factor: int = IndexParams.k_factor  # stored in an ivfpq index (its nprobe starts at half the lists)
+    depths: tuple[int, ...] = ()  # efSearch (hnsw) or nprobe (ivf, ivfpq) values to measure; () = DEPTHS[large_index]
     concurrencies: tuple[int, ...] = (1, 16, 64)
     duration_s: int = 10
     workers: int = 2
@@ -81,8 +83,8 @@ class BenchConfig:
 
 
 PARTS = ("customer", "basket", "soak")
-DEPTHS = {"hnsw": (256, 320, 384), "ivf": (16, 32, 64)}
-SERVING_DEPTH = {"hnsw": IndexParams.ef_search, "ivf": IndexParams.nprobe}
+DEPTHS = {"hnsw": (256, 320, 384), "ivf": (16, 32, 64), "ivfpq": (96, 128, 160)}  # ivfpq: of 256 lists at 1M
+SERVING_DEPTH = {"hnsw": IndexParams.ef_search, "ivf": IndexParams.nprobe, "ivfpq": ivfpq_lists(1_000_000) // 2}
 
 
 # ---- the synthetic large catalogue --------------------------------------------------------------
@@ -114,7 +116,9 @@ def large_catalogue_vectors(
 
 def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies") -> Path:
     """A complete export (plus the merchant's files) for the large catalogue; reused when cached."""
-    knobs = ("hnsw_m", "ef_construction", "ef_search") if cfg.large_index == "hnsw" else ("nprobe",)
+    knobs = {"hnsw": ("hnsw_m", "ef_construction", "ef_search"), "ivf": ("nprobe",), "ivfpq": ("k_factor",)}[
+        cfg.large_index
+    ]
     params = {k: getattr(cfg, k) for k in ("large_items", "noise", *knobs, "seed")}
     params["base_version"] = base.version
     suffix = "" if kind == "copies" else f"-{kind}"  # "copies" on HNSW keeps the cache name it always had
@@ -143,7 +147,11 @@ def write_large_export(base: LoadedExport, cfg: BenchConfig, kind: str = "copies
     )
     start = time.perf_counter()
     knobs = IndexParams(
-        nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search
+        nprobe=cfg.nprobe,
+        hnsw_m=cfg.hnsw_m,
+        ef_construction=cfg.ef_construction,
+        ef_search=cfg.ef_search,
+        k_factor=cfg.k_factor,
     )
     index = build_index(vectors, cfg.large_index, knobs)
     build_s = time.perf_counter() - start

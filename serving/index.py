@@ -1,5 +1,6 @@
 """FAISS indexes over item embeddings for top-k inner product: exact (flat) for small catalogues,
-HNSW on inner product for large ones, and IVF on the MIPS-to-L2 reduction as an option.
+HNSW on inner product for large ones, and two options: IVF on the MIPS-to-L2 reduction, and IVF-PQ
+fast-scan with exact re-ranking ("ivfpq").
 
 FAISS ids are catalogue row numbers (an IndexIDMap2), so a search result maps straight to a
 row of the export's items table whatever the index type.
@@ -14,6 +15,12 @@ catalogue). It builds in about 90 s at 1M (HNSW: about ten minutes) and finds th
 top-10 on the clustered "copies" catalogue at the serving target, but on "gaussian" its lists are
 very unequal, and it is slower than HNSW at similar recall (README, bench-serve), so "auto" still
 picks HNSW.
+The ivfpq option scores half the inverted lists with 4-bit product-quantised codes (FAISS's
+SIMD "fast-scan", 2 dimensions per sub-quantiser) and re-ranks the best `k_factor` x k of them
+with the exact vectors (IndexRefineFlat). It scans far more of the catalogue than HNSW or IVF-Flat,
+but each code costs a few table look-ups, so on a spread-out catalogue, where graph and partition
+search lose the top items, it still finds them (README, bench-serve). FAISS does it all: the file
+is IndexIDMap2(IndexPreTransform(zero padding to an even width, IndexRefineFlat(IVFPQFastScan))).
 `MipsIndex` does the query side and turns distances back into inner products; the file on disk
 is a plain FAISS L2 index (its M is read back from any stored row).
 """
@@ -96,7 +103,7 @@ class MipsIndex:
 AnyIndex = faiss.Index | MipsIndex
 
 LARGE_THRESHOLD = 100_000  # catalogues this large get HNSW under index = "auto"
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 
 
 def choose_kind(n_items: int, kind: str = "auto") -> str:
@@ -112,6 +119,13 @@ def ivf_lists(n_items: int) -> int:
     return int(2 ** round(np.log2(max(4 * np.sqrt(n_items), 1))))
 
 
+def ivfpq_lists(n_items: int) -> int:
+    """About sqrt(n) / 4 lists, a power of two (256 at 1M): ivfpq probes half of them, so the lists
+    only prune, and fewer, larger lists keep the fast-scan blocks full (a trial at 1M, half the
+    lists probed: 1,024 lists found 0.01 to 0.02 more of the top-10 than 256, and were slower)."""
+    return int(2 ** round(np.log2(max(np.sqrt(n_items) / 4, 1))))
+
+
 @dataclass(frozen=True)
 class IndexParams:
     """Search-quality knobs. HNSW's were measured on the 1M benchmark catalogues (README, bench-serve);
@@ -122,6 +136,7 @@ class IndexParams:
     hnsw_m: int = 48
     ef_construction: int = 500
     ef_search: int = 320
+    k_factor: int = 64  # ivfpq: candidates re-ranked exactly, per result asked for
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", params: IndexParams = IndexParams()) -> AnyIndex:
@@ -133,6 +148,8 @@ def build_index(vectors: np.ndarray, kind: str = "auto", params: IndexParams = I
         base = faiss.IndexIVFFlat(faiss.IndexFlatIP(d + 1), d + 1, nlist, faiss.METRIC_L2)
         base.nprobe = params.nprobe
         return MipsIndex.build(vectors, base, train=min(n, params.train_per_list * nlist))
+    if kind == "ivfpq":
+        return _ivfpq(vectors, params)
     if kind == "flat":
         base = faiss.IndexFlatIP(d)
     else:
@@ -144,22 +161,53 @@ def build_index(vectors: np.ndarray, kind: str = "auto", params: IndexParams = I
     return index
 
 
+def _ivfpq(vectors: np.ndarray, params: IndexParams) -> faiss.Index:
+    """IVF-PQ fast-scan (inner product, 4 bits per pair of dimensions) under exact re-ranking; an
+    odd width gets one zero dimension inside the index (a merchant's [v, b] rows), which changes no
+    inner product."""
+    n, d = vectors.shape
+    width = d + d % 2
+    nlist = min(ivfpq_lists(n), n)
+    ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(width), width, nlist, width // 2, 4, faiss.METRIC_INNER_PRODUCT)
+    ivf.by_residual = False  # inner product: residuals do not add up to the score
+    ivf.nprobe = max(1, nlist // 2)
+    refine = faiss.IndexRefineFlat(ivf)
+    refine.k_factor = float(params.k_factor)
+    padded = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, width, False), refine)
+    sample = min(n, max(params.train_per_list * nlist, 65_536))
+    rows = np.sort(np.random.default_rng(0).choice(n, size=sample, replace=False))
+    padded.train(vectors[rows])
+    index = faiss.IndexIDMap2(padded)
+    index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
+    return index
+
+
 def _faiss(index: AnyIndex) -> faiss.Index:
     return index.inner if isinstance(index, MipsIndex) else index
 
 
 def _base(index: AnyIndex) -> faiss.Index:
+    """The index that searches: under the id map, and for ivfpq under the padding and the re-ranking
+    (the IVF whose nprobe is the search depth)."""
     raw = _faiss(index)
-    return faiss.downcast_index(raw.index) if isinstance(raw, faiss.IndexIDMap2 | faiss.IndexIDMap) else raw
+    base = faiss.downcast_index(raw.index) if isinstance(raw, faiss.IndexIDMap2 | faiss.IndexIDMap) else raw
+    if isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    if isinstance(base, faiss.IndexRefine):
+        base = faiss.downcast_index(base.base_index)
+    return base
 
 
 def index_kind(index: AnyIndex) -> str:
     base = _base(index)
+    if isinstance(base, faiss.IndexIVFPQFastScan):
+        return "ivfpq"
     return "hnsw" if isinstance(base, faiss.IndexHNSWFlat) else "ivf" if isinstance(base, faiss.IndexIVF) else "flat"
 
 
 def search_depth(index: AnyIndex) -> dict[str, int]:
-    """The search-quality knob of an approximate index ({"nprobe": ...} or {"ef_search": ...}); {} if exact."""
+    """The search-quality knob of an approximate index ({"nprobe": ...} or {"ef_search": ...}); {} if exact
+    (ivfpq's is nprobe; its re-ranking depth stays as exported)."""
     base = _base(index)
     if isinstance(base, faiss.IndexHNSWFlat):
         return {"ef_search": int(base.hnsw.efSearch)}

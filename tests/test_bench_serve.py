@@ -73,7 +73,7 @@ def tiny_bench(served_root, tmp_path):
     )
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_large_export_is_a_valid_export_of_its_index_kind_and_is_cached(tiny_bench, kind):
     tiny_bench = replace(tiny_bench, large_index=kind)
     base = load_export(tiny_bench.export, "big")
@@ -143,7 +143,9 @@ def test_a_partial_run_replaces_only_the_rows_it_measures():
     assert next(r for r in merged if r["rps"] == 0.5)["request"].startswith("GET /v1/merchants")
 
 
-@pytest.mark.parametrize(("kind", "knob"), [("hnsw", {"ef_search": 200}), ("ivf", {"nprobe": 7})])
+@pytest.mark.parametrize(
+    ("kind", "knob"), [("hnsw", {"ef_search": 200}), ("ivf", {"nprobe": 7}), ("ivfpq", {"nprobe": 3})]
+)
 def test_search_depth_setting_reaches_the_shared_and_the_merchant_bias_index(tiny_bench, kind, knob):
     """A large catalogue with a merchant bias: both indexes honour --ef-search / --nprobe, and the
     scores are the exact u . v + b of the rows returned."""

@@ -1,5 +1,6 @@
 """Serving indexes: the MIPS-to-L2 IVF returns exact inner-product top-k when it scans every list,
-keeps its scores as inner products, and survives a save and load."""
+keeps its scores as inner products, and survives a save and load; IVF-PQ fast-scan ("ivfpq") does
+the same through its exact re-ranking, which its 4-bit codes alone do not."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fedrec.serving.index import (
     choose_kind,
     index_kind,
     ivf_lists,
+    ivfpq_lists,
     load_index,
     save_index,
     search_depth,
@@ -87,6 +89,7 @@ def test_auto_picks_hnsw_for_large_catalogues_ivf_on_request_and_refuses_unknown
     assert choose_kind(99_999) == "flat" and choose_kind(100_000) == "hnsw"
     assert choose_kind(10, "ivf") == "ivf"
     assert ivf_lists(1_000_000) == 4096 and ivf_lists(100_000) == 1024
+    assert ivfpq_lists(1_000_000) == 256 and choose_kind(10, "ivfpq") == "ivfpq"
     with pytest.raises(ValueError, match="unknown index type 'lsh'"):
         choose_kind(10, "lsh")
 
@@ -105,3 +108,35 @@ def test_mips_scores_hold_for_short_long_and_zero_queries(catalogue) -> None:
     zero_scores, zero_rows = index.search(np.zeros((1, 16), dtype=np.float32), 5)
     assert (zero_rows >= 0).all()
     np.testing.assert_allclose(zero_scores, 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [16, 17])
+def test_ivfpq_scanning_every_list_is_exact_inner_product_after_reranking(catalogue, width, tmp_path) -> None:
+    """17 columns (a merchant's [v, b]) are padded to 18 inside the index: same answers, same scores,
+    before and after a save and load."""
+    items, queries = catalogue
+    items = np.hstack([items, items[:, :1] * 0.5])[:, :width]
+    queries = np.hstack([queries, np.ones((len(queries), 1), dtype=np.float32)])[:, :width]
+    index = build_index(items, "ivfpq", IndexParams(k_factor=100))
+    assert index_kind(index) == "ivfpq" and search_depth(index) == {"nprobe": ivfpq_lists(4000) // 2}
+    assert index.d == width and index.ntotal == 4000 and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    set_search_depth(index, nprobe=ivfpq_lists(4000))
+    truth, truth_scores = exact_top(items, queries, 10)
+    save_index(index, tmp_path / "index.faiss")
+    back = load_index(tmp_path / "index.faiss")
+    assert index_kind(back) == "ivfpq" and search_depth(back) == {"nprobe": ivfpq_lists(4000)}
+    for searched in (index, back):
+        scores, rows = searched.search(queries, 10)
+        np.testing.assert_array_equal(rows, truth)
+        np.testing.assert_allclose(scores, truth_scores, atol=1e-4)
+
+
+def test_ivfpq_codes_alone_miss_part_of_the_top_10(catalogue) -> None:
+    """Without the re-ranking (k_factor 1) the 4-bit codes' order is not the exact one."""
+    items, queries = catalogue
+    index = build_index(items, "ivfpq", IndexParams(k_factor=1))
+    set_search_depth(index, nprobe=ivfpq_lists(4000))
+    _, rows = index.search(queries, 10)
+    truth, _ = exact_top(items, queries, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)])
+    assert overlap < 0.95
