@@ -50,7 +50,7 @@ class DataConfig:
 class OutputConfig:
     artifacts_dir: str = "artifacts"
     results_dir: str = "results"
-    index: str = "auto"  # flat | ivf | ivfpq | hnsw | auto (flat below 100k items, else hnsw)
+    index: str = "auto"  # flat | ivf | ivfpq | hnsw | auto (flat below 100k items, else ivfpq)
 
 
 @dataclass(frozen=True)

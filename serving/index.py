@@ -1,6 +1,6 @@
 """FAISS indexes over item embeddings for top-k inner product: exact (flat) for small catalogues,
-HNSW on inner product for large ones, and two options: IVF on the MIPS-to-L2 reduction, and IVF-PQ
-fast-scan with exact re-ranking ("ivfpq").
+IVF-PQ fast-scan with exact re-ranking ("ivfpq") for large ones, and two options: HNSW on inner
+product, and IVF on the MIPS-to-L2 reduction.
 
 FAISS ids are catalogue row numbers (an IndexIDMap2), so a search result maps straight to a
 row of the export's items table whatever the index type.
@@ -11,15 +11,17 @@ vector then has norm M, so the L2 ranking of the items is exactly their inner-pr
 IVF-Flat scores the probed lists exactly. Lists are picked by inner product with their centroid
 (an IP coarse quantizer): by L2, a query about 6x shorter than the items ranks centroids mostly by
 their own norm (measured: 0.33 against 0.53 recall@10 at nprobe 32 on the "gaussian" benchmark
-catalogue). It builds in about 90 s at 1M (HNSW: about ten minutes) and finds the whole exact
+catalogue). It builds in about 90 s at 1M (HNSW: 10 to 20 minutes) and finds the whole exact
 top-10 on the clustered "copies" catalogue at the serving target, but on "gaussian" its lists are
-very unequal, and it is slower than HNSW at similar recall (README, bench-serve), so "auto" still
-picks HNSW.
+very unequal, and it is slower than HNSW at similar recall (README, bench-serve).
 The ivfpq option scores half the inverted lists with 4-bit product-quantised codes (FAISS's
 SIMD "fast-scan", 2 dimensions per sub-quantiser) and re-ranks the best `k_factor` x k of them
 with the exact vectors (IndexRefineFlat). It scans far more of the catalogue than HNSW or IVF-Flat,
 but each code costs a few table look-ups, so on a spread-out catalogue, where graph and partition
-search lose the top items, it still finds them (README, bench-serve). FAISS does it all: the file
+search lose the top items, it still finds them; it builds in seconds (HNSW: 10 to 20 minutes at 1M),
+which also matters for the merchant's own [v, b] index, built at every load. HNSW answers about
+twice as many requests a second, but only on clustered catalogues is it as exact (README,
+bench-serve), so "auto" picks ivfpq. FAISS does it all: the file
 is IndexIDMap2(IndexPreTransform(zero padding to an even width, IndexRefineFlat(IVFPQFastScan))).
 `MipsIndex` does the query side and turns distances back into inner products; the file on disk
 is a plain FAISS L2 index (its M is read back from any stored row).
@@ -102,13 +104,13 @@ class MipsIndex:
 
 AnyIndex = faiss.Index | MipsIndex
 
-LARGE_THRESHOLD = 100_000  # catalogues this large get HNSW under index = "auto"
+LARGE_THRESHOLD = 100_000  # catalogues this large get ivfpq under index = "auto"
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 
 
 def choose_kind(n_items: int, kind: str = "auto") -> str:
     if kind == "auto":
-        return "hnsw" if n_items >= LARGE_THRESHOLD else "flat"
+        return "ivfpq" if n_items >= LARGE_THRESHOLD else "flat"
     if kind not in KINDS:
         raise ValueError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)} or auto")
     return kind

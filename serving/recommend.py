@@ -66,14 +66,14 @@ def search(
 
 def similar_items(export: LoadedExport, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k items most similar to one item (the item left out), by cosine of the item vectors on
-    a flat catalogue, by inner product on an approximate (IVF or HNSW) one.
+    a flat catalogue, by inner product on an approximate (ivfpq, IVF or HNSW) one.
 
     Why cosine: raw inner product favours items with long vectors (the popular ones). Measured by
     `make evaluate` (share of the 10 nearest items that share a category or genre), cosine beat
     inner product for our model on both datasets (results/evaluation-*.json, `diversity`).
     An approximate catalogue has only its inner-product index, and on HNSW re-ranking its
     candidates by cosine found few of the true cosine neighbours (a test shows it; not measured
-    on IVF), so there it stays inner product until exports carry a second, normalised index.
+    on IVF or ivfpq), so there it stays inner product until exports carry a second, normalised index.
     """
     if export.kind != "flat":
         return search(export, export.item_vectors[row], k, np.array([row]))

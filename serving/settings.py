@@ -29,7 +29,7 @@ class ServeSettings:
     foldin_candidates: int = 1_000  # ... the items nearest to the basket ...
     foldin_sample: int = 1_000  # ... plus a uniform sample standing in for the rest (serving/foldin.py)
     ef_search: int | None = None  # HNSW search depth; None keeps the export's
-    nprobe: int | None = None  # IVF lists scanned per query; None keeps the export's
+    nprobe: int | None = None  # IVF or ivfpq lists scanned per query; None keeps the export's
     foldin_batch: int = 32  # most baskets one micro-batch solves together (serving/batcher.py)
     threads: int = 1  # BLAS/OpenMP threads per worker process
     max_body_bytes: int = 1_000_000  # larger request bodies get a 413 before they are parsed

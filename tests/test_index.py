@@ -85,9 +85,9 @@ def test_a_plain_l2_index_is_refused_not_misread(catalogue, tmp_path) -> None:
         load_index(tmp_path / "plain.faiss")
 
 
-def test_auto_picks_hnsw_for_large_catalogues_ivf_on_request_and_refuses_unknown_kinds() -> None:
-    assert choose_kind(99_999) == "flat" and choose_kind(100_000) == "hnsw"
-    assert choose_kind(10, "ivf") == "ivf"
+def test_auto_picks_ivfpq_for_large_catalogues_others_on_request_and_refuses_unknown_kinds() -> None:
+    assert choose_kind(99_999) == "flat" and choose_kind(100_000) == "ivfpq"
+    assert choose_kind(10, "ivf") == "ivf" and choose_kind(10, "hnsw") == "hnsw"
     assert ivf_lists(1_000_000) == 4096 and ivf_lists(100_000) == 1024
     assert ivfpq_lists(1_000_000) == 256 and choose_kind(10, "ivfpq") == "ivfpq"
     with pytest.raises(ValueError, match="unknown index type 'lsh'"):

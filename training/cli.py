@@ -226,7 +226,7 @@ def serve(
     foldin_reg: Annotated[float, typer.Option(help="Fold-in L2 regularisation (see make evaluate-foldin).")] = 1.0,
     ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW search depth (default: the export's).")] = None,
     nprobe: Annotated[
-        int | None, typer.Option(min=1, help="IVF lists scanned per query (default: the export's).")
+        int | None, typer.Option(min=1, help="IVF or ivfpq lists scanned per query (default: the export's).")
     ] = None,
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Larger request bodies get a 413 before they are read.")
