@@ -184,6 +184,30 @@ def _ivfpq(vectors: np.ndarray, params: IndexParams) -> faiss.Index:
     return index
 
 
+MAX_RERANKED = 2_048  # ivfpq: candidates re-ranked exactly per query, at most
+
+
+def search_index(index: AnyIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search`, except that ivfpq re-ranks at most MAX_RERANKED candidates a query: k_factor
+    x k for a customer's top-k, but a basket fold-in asks for its 1,000 nearest items, which would
+    re-rank 64,000. Measured on the 1M copies catalogue, baskets at c=16: 93 req/s, p99 216 ms
+    uncapped; 223 req/s, p99 110 ms at a cap of 4,096; 245 req/s, p99 85 ms at 2,048, with the
+    same top-10 agreement with the full-catalogue fold-in (0.955)."""
+    refine = _refine(index)
+    if refine is None or refine.k_factor * k <= MAX_RERANKED:
+        return index.search(queries, k)
+    params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, MAX_RERANKED / k))
+    return index.search(queries, k, params=params)
+
+
+def _refine(index: AnyIndex) -> faiss.IndexRefine | None:
+    raw = _faiss(index)
+    inner = faiss.downcast_index(raw.index) if isinstance(raw, faiss.IndexIDMap2 | faiss.IndexIDMap) else raw
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexRefine) else None
+
+
 def _faiss(index: AnyIndex) -> faiss.Index:
     return index.inner if isinstance(index, MipsIndex) else index
 

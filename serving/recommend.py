@@ -12,6 +12,7 @@ import numpy as np
 
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.foldin import FoldInConfig, fold_in_many, fold_in_sampled
+from fedrec.serving.index import search_index
 
 
 def served_index(export: LoadedExport, queries: np.ndarray, merchant_bias: bool = True):
@@ -43,7 +44,7 @@ def search_many(
     """
     index, vectors = served_index(export, queries, merchant_bias)
     want = min(max(k + (0 if ex is None else len(ex)) for k, ex in zip(ks, excludes, strict=True)), export.n_items)
-    scores, rows = index.search(vectors, want)
+    scores, rows = search_index(index, vectors, want)
     out = []
     for r, s, k, ex in zip(rows, scores, ks, excludes, strict=True):
         keep = r >= 0

@@ -140,3 +140,22 @@ def test_ivfpq_codes_alone_miss_part_of_the_top_10(catalogue) -> None:
     truth, _ = exact_top(items, queries, 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)])
     assert overlap < 0.95
+
+
+def test_ivfpq_caps_the_candidates_reranked_for_a_large_k(catalogue, monkeypatch) -> None:
+    """k_factor x k candidates, but at most MAX_RERANKED: with the cap at k the search returns the
+    codes' own order (what k_factor 1 gives); under the cap, the full re-ranking."""
+    import fedrec.serving.index as index_module
+
+    items, queries = catalogue
+    reranked = build_index(items, "ivfpq", IndexParams(k_factor=100))
+    codes_only = build_index(items, "ivfpq", IndexParams(k_factor=1))
+    for index in (reranked, codes_only):
+        set_search_depth(index, nprobe=ivfpq_lists(4000))
+    truth, _ = exact_top(items, queries, 10)
+    _, rows = index_module.search_index(reranked, queries, 10)
+    np.testing.assert_array_equal(rows, truth)
+    monkeypatch.setattr(index_module, "MAX_RERANKED", 10)
+    _, capped = index_module.search_index(reranked, queries, 10)
+    np.testing.assert_array_equal(capped, codes_only.search(queries, 10)[1])
+    assert not np.array_equal(capped, truth)
