@@ -200,28 +200,26 @@ def search_index(index: AnyIndex, queries: np.ndarray, k: int) -> tuple[np.ndarr
     return index.search(queries, k, params=params)
 
 
-def _refine(index: AnyIndex) -> faiss.IndexRefine | None:
-    raw = _faiss(index)
-    inner = faiss.downcast_index(raw.index) if isinstance(raw, faiss.IndexIDMap2 | faiss.IndexIDMap) else raw
-    if isinstance(inner, faiss.IndexPreTransform):
-        inner = faiss.downcast_index(inner.index)
-    return inner if isinstance(inner, faiss.IndexRefine) else None
-
-
 def _faiss(index: AnyIndex) -> faiss.Index:
     return index.inner if isinstance(index, MipsIndex) else index
 
 
-def _base(index: AnyIndex) -> faiss.Index:
-    """The index that searches: under the id map, and for ivfpq under the padding and the re-ranking
-    (the IVF whose nprobe is the search depth)."""
+def _unwrapped(index: AnyIndex) -> faiss.Index:
+    """Under the id map and, for ivfpq, under the padding."""
     raw = _faiss(index)
-    base = faiss.downcast_index(raw.index) if isinstance(raw, faiss.IndexIDMap2 | faiss.IndexIDMap) else raw
-    if isinstance(base, faiss.IndexPreTransform):
-        base = faiss.downcast_index(base.index)
-    if isinstance(base, faiss.IndexRefine):
-        base = faiss.downcast_index(base.base_index)
-    return base
+    inner = faiss.downcast_index(raw.index) if isinstance(raw, faiss.IndexIDMap2 | faiss.IndexIDMap) else raw
+    return faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexPreTransform) else inner
+
+
+def _refine(index: AnyIndex) -> faiss.IndexRefine | None:
+    inner = _unwrapped(index)
+    return inner if isinstance(inner, faiss.IndexRefine) else None
+
+
+def _base(index: AnyIndex) -> faiss.Index:
+    """The index that searches (for ivfpq the IVF under the re-ranking, whose nprobe is the depth)."""
+    inner = _unwrapped(index)
+    return faiss.downcast_index(inner.base_index) if isinstance(inner, faiss.IndexRefine) else inner
 
 
 def index_kind(index: AnyIndex) -> str:
