@@ -46,6 +46,9 @@ class DataConfig:
     partition_alpha: float = 0.5  # Dirichlet concentration: small = strong skew
 
 
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")  # the serving indexes (serving/index.py); or "auto"
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     artifacts_dir: str = "artifacts"
@@ -159,10 +162,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.model.dim >= 1, "model.dim must be >= 1"),
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
         (cfg.model.id_rows >= 0, "model.id_rows must be >= 0 (0: one id row per product)"),
-        (
-            cfg.output.index in ("auto", "flat", "ivf", "ivfpq", "hnsw"),
-            "output.index must be auto, flat, ivf, ivfpq or hnsw",
-        ),
+        (cfg.output.index in ("auto", *INDEX_KINDS), f"output.index must be auto or one of {', '.join(INDEX_KINDS)}"),
         (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
         (
             not cfg.network.secagg or cfg.network.min_merchants >= 3,

@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 
 from fedrec.atomic import write_with
+from fedrec.config import INDEX_KINDS
 
 
 class MipsIndex:
@@ -105,7 +106,7 @@ class MipsIndex:
 AnyIndex = faiss.Index | MipsIndex
 
 LARGE_THRESHOLD = 100_000  # catalogues this large get ivfpq under index = "auto"
-KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+KINDS = INDEX_KINDS  # one list: the config validates against it too
 
 
 def choose_kind(n_items: int, kind: str = "auto") -> str:

@@ -52,7 +52,7 @@ def clipped_softmax_table_sums(
     factor = _factor(norms, clip)
     table_sum = _table_clipped_sum(table, users, r, a, factor)
     user_grads = r @ table + 2 * weight_decay * users
-    return table_sum, ((factor[:, None] * r).sum(0) if bias is not None else None), user_grads, norms
+    return table_sum, (factor @ r if bias is not None else None), user_grads, norms
 
 
 def clipped_softmax_content_sums(
