@@ -48,6 +48,7 @@ from fedrec.serving.index import (
     ivfpq_lists,
     save_index,
     search_depth,
+    search_index,
     set_search_depth,
 )
 from fedrec.serving.recommend import basket_vectors, served_index
@@ -203,7 +204,7 @@ def recall_vs_exact(index: AnyIndex, items: np.ndarray, queries: np.ndarray, k: 
     exact = faiss.IndexFlatIP(items.shape[1])
     exact.add(np.ascontiguousarray(items, dtype=np.float32))
     _, truth = exact.search(queries, k)
-    _, found = index.search(queries, k)
+    _, found = search_index(index, queries, k)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found, strict=True)]))
 
 
@@ -214,7 +215,7 @@ def faiss_only_qps(index: AnyIndex, queries: np.ndarray, fetch: np.ndarray) -> f
     try:
         start = time.perf_counter()
         for q, n in zip(queries, fetch, strict=True):
-            index.search(q.reshape(1, -1), int(n))
+            search_index(index, q.reshape(1, -1), int(n))
         return len(queries) / (time.perf_counter() - start)
     finally:
         faiss.omp_set_num_threads(threads)
