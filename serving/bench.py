@@ -708,7 +708,7 @@ def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list
         + ("" if cfg.large_index == BenchConfig.large_index else f" LARGE_INDEX={cfg.large_index}"),
     }
     base = load_export(Path(cfg.export), cfg.merchant)
-    kinds = cfg.large_kinds if "customer" in parts else cfg.large_kinds[:1] if "basket" in parts else ()
+    kinds = cfg.large_kinds if {"customer", "basket"} & set(parts) else ()
     large = {kind: write_large_export(base, cfg, kind) for kind in kinds}
     del base
     runs: list[dict] = []
@@ -719,8 +719,9 @@ def main(cfg: BenchConfig | None = None, parts: tuple[str, ...] = PARTS) -> list
                 runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, depth)
     if "basket" in parts:
         runs += bench_catalogue("shipped export", Path(cfg.export), cfg, meta, endpoint="basket")
-        kind, depth = cfg.large_kinds[0], cfg.basket_depth or SERVING_DEPTH[cfg.large_index]
-        runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", large[kind], cfg, meta, depth, "basket")
+        depth = cfg.basket_depth or SERVING_DEPTH[cfg.large_index]
+        for kind, exports in large.items():
+            runs += bench_catalogue(f"{cfg.large_items // 1_000_000}M {kind}", exports, cfg, meta, depth, "basket")
     if "soak" in parts:
         runs.append(soak(cfg, meta))
     results = Path(cfg.results)
