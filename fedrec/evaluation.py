@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.data import MerchantData
-from fedrec.metrics import METRICS, eligible_users, per_user_metrics, topk_items
+from fedrec.metrics import METRICS, catalogue_coverage, eligible_users, per_user_metrics, top1_share, topk_items
 from fedrec.model import scoring_vectors
 
 
@@ -119,3 +119,45 @@ def recommendation_lists(
         u, v = scoring_vectors(users[m.name], item_vecs, biases.get(m.name), m.user_groups)
         lists.append(topk_items(u[torch.from_numpy(idx)], v, m.full_train[idx], k))
     return np.vstack(lists)
+
+
+POPULARITY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def popularity_weight_curve(
+    merchants: list[MerchantData],
+    users: dict[str, torch.Tensor],
+    item_vecs: torch.Tensor,
+    item_biases: dict[str, torch.Tensor | None],
+    split: str = "test",
+    weights: tuple[float, ...] = POPULARITY_WEIGHTS,
+) -> dict[str, dict[str, float]]:
+    """Recall@20 and concentration when each merchant's item bias is scaled by w (u . v + w b).
+
+    Why: the bias is the shop's own popularity; at w = 1 (the trained score) it puts the same
+    product first for many customers. Serving takes w per request (`popularity_weight`), so the
+    trade-off is measured here: on "val" (train excluded, validation as truth; pass a model that
+    never trained on validation) to choose by, on "test" to report.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be val or test, not {split!r}")
+    out = {}
+    for w in weights:
+        parts, lists = [], []
+        for m in merchants:
+            exclude, truth = (m.train, m.val) if split == "val" else (m.full_train, m.test)
+            bias = item_biases.get(m.name)
+            u, v = scoring_vectors(users[m.name], item_vecs, None if bias is None else w * bias, m.user_groups)
+            idx = np.flatnonzero(eligible_users(exclude, truth))
+            top = topk_items(u[torch.from_numpy(idx)], v, exclude[idx], 20)
+            parts.append(
+                MetricSums({"recall@20": float(per_user_metrics(top, truth[idx], (20,))["recall@20"].sum())}, len(idx))
+            )
+            lists.append(top[:, :10])
+        top10 = np.vstack(lists)
+        out[f"{w:g}"] = {
+            "recall@20": combine_sums(parts).means()["recall@20"],
+            "top1_share": top1_share(top10),
+            "coverage@10": catalogue_coverage(top10, item_vecs.shape[0]),
+        }
+    return out

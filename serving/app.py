@@ -34,6 +34,7 @@ from fedrec.serving.recommend import customer_vector, purchased_rows, results, s
 from fedrec.serving.recommend import similar_items as similar_items_of
 from fedrec.serving.schemas import (
     MAX_K,
+    POPULARITY_WEIGHT,
     BasketRequest,
     CustomerList,
     CustomerRecommendations,
@@ -311,6 +312,9 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         customer: str,
         k: K = 10,
         exclude_purchased: Annotated[bool, Query(description="leave out items the customer already bought")] = True,
+        popularity_weight: Annotated[
+            float, Query(ge=0, le=1, allow_inf_nan=False, description=POPULARITY_WEIGHT)
+        ] = 1.0,
     ) -> Response:
         """Top-k items for a known customer, from the merchant's own user vector."""
         export = ready()
@@ -321,7 +325,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
                 404, "customer_not_found", f"customer {shown(customer)} is not a customer of merchant {merchant!r}"
             )
         exclude = purchased_rows(export, user_row) if exclude_purchased else None
-        rows, scores = search(export, customer_vector(export, user_row), k, exclude, merchant_bias=True)
+        rows, scores = search(export, customer_vector(export, user_row), k, exclude, popularity_weight)
         return _json(
             {
                 "version": export.version,
@@ -348,7 +352,9 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
                 f"{len(unknown)} item(s) not in the catalogue of export {export.version}: {listed}",
             )
         rows = np.array([export.item_rows[i] for i in body.items], dtype=np.int64)
-        found, scores = await batcher.submit(export, BasketQuery(rows, body.k, body.exclude_items))
+        found, scores = await batcher.submit(
+            export, BasketQuery(rows, body.k, body.exclude_items, body.popularity_weight)
+        )
         return _json({"version": export.version, "k": body.k, "items": results(export, found, scores)})
 
     return app

@@ -27,11 +27,13 @@ from fedrec.serving.recommend import basket_vectors, search_many
 
 @dataclass(frozen=True)
 class BasketQuery:
-    """One anonymous basket: catalogue rows, how many results, and whether to leave the basket out."""
+    """One anonymous basket: catalogue rows, how many results, whether to leave the basket out, and
+    the weight of the merchant's popularity term in the ranking."""
 
     rows: np.ndarray
     k: int
     exclude_items: bool
+    popularity_weight: float = 1.0  # of the merchant item bias in the ranking (recommend.served_index)
 
 
 def answer_baskets(
@@ -40,7 +42,8 @@ def answer_baskets(
     """Fold in every basket, then one batched search (runs on the solver thread)."""
     vectors = basket_vectors(export, [q.rows for q in queries], settings)
     excludes = [np.unique(q.rows) if q.exclude_items else None for q in queries]
-    return search_many(export, vectors, [q.k for q in queries], excludes, merchant_bias=True)
+    weights = np.array([q.popularity_weight for q in queries], dtype=np.float32)
+    return search_many(export, vectors, [q.k for q in queries], excludes, weights)
 
 
 class FoldInBatcher:

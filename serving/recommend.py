@@ -15,14 +15,16 @@ from fedrec.serving.foldin import FoldInConfig, fold_in_many, fold_in_sampled
 from fedrec.serving.index import search_index
 
 
-def served_index(export: LoadedExport, queries: np.ndarray, merchant_bias: bool = True):
+def served_index(export: LoadedExport, queries: np.ndarray, popularity_weight: float | np.ndarray | None = 1.0):
     """The index and query vectors for a search: with a merchant item bias, its own [v, b] index
-    queried with [u, 1]."""
+    queried with [u, w], so the score is u . v + w b. w = 1 is the trained score; a smaller w
+    damps the shop's popularity term (measured trade-off in the README's Results); None, or a
+    merchant without a bias, searches the shared index with u alone."""
     merchant = export.merchant
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if merchant_bias and merchant is not None and merchant.index is not None:
-        ones = np.ones((queries.shape[0], 1), dtype=np.float32)
-        return merchant.index, np.ascontiguousarray(np.hstack([queries, ones]))
+    if popularity_weight is not None and merchant is not None and merchant.index is not None:
+        w = np.broadcast_to(np.asarray(popularity_weight, dtype=np.float32), (queries.shape[0],))
+        return merchant.index, np.ascontiguousarray(np.hstack([queries, w[:, None]]))
     return export.index, queries
 
 
@@ -31,7 +33,7 @@ def search_many(
     queries: np.ndarray,
     ks: list[int],
     excludes: list[np.ndarray | None],
-    merchant_bias: bool = False,
+    popularity_weight: float | np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Top-k rows and scores for each query vector (one FAISS call for the batch), each with its
     `exclude` rows removed.
@@ -39,10 +41,10 @@ def search_many(
     Over-fetches by the number of excluded rows so that k results remain whenever the
     catalogue has them (HNSW widens its search to at least the number asked for; IVF pads
     with -1 when its probed lists hold fewer, about 7,800 candidates at 1M and nprobe 32).
-    merchant_bias: score u . v + b with this merchant's item bias when it has one (customer and
-    basket recommendations).
+    popularity_weight: score u . v + w b with this merchant's item bias b when it has one, one w
+    for all queries or one per query (customer and basket recommendations); None: u . v.
     """
-    index, vectors = served_index(export, queries, merchant_bias)
+    index, vectors = served_index(export, queries, popularity_weight)
     want = min(max(k + (0 if ex is None else len(ex)) for k, ex in zip(ks, excludes, strict=True)), export.n_items)
     scores, rows = search_index(index, vectors, want)
     out = []
@@ -59,10 +61,10 @@ def search(
     query: np.ndarray,
     k: int,
     exclude: np.ndarray | None = None,
-    merchant_bias: bool = False,
+    popularity_weight: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows and scores for one query vector (see `search_many`)."""
-    return search_many(export, np.reshape(query, (1, -1)), [k], [exclude], merchant_bias)[0]
+    return search_many(export, np.reshape(query, (1, -1)), [k], [exclude], popularity_weight)[0]
 
 
 def similar_items(export: LoadedExport, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:

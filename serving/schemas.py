@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
 
 MAX_K = 1000
 MAX_BASKET = 500  # items in one anonymous basket
+POPULARITY_WEIGHT = (
+    "weight w of the merchant's item popularity term in the score u . v + w b, 0 to 1: 1 ranks as the "
+    "model was trained; lower values put fewer customers on the same top product, at some cost in "
+    "accuracy (measured in the README). No effect for a merchant whose export has no item bias."
+)
 
 
 class Item(BaseModel):
@@ -58,6 +63,7 @@ class BasketRequest(BaseModel):
     )
     k: Annotated[int, BeforeValidator(_integer_only)] = Field(10, ge=1, le=MAX_K)
     exclude_items: StrictBool = Field(True, description="leave the given items out of the answer")
+    popularity_weight: StrictFloat = Field(1.0, ge=0, le=1, allow_inf_nan=False, description=POPULARITY_WEIGHT)
 
 
 class ItemList(BaseModel):

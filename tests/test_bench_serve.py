@@ -166,7 +166,7 @@ def test_search_depth_setting_reaches_the_shared_and_the_merchant_bias_index(tin
     for index in (export.index, export.merchant.index):
         assert search_depth(index) == knob
     u = export.merchant.user_vectors[0]
-    rows, scores = search(export, u, 5, merchant_bias=True)
+    rows, scores = search(export, u, 5, popularity_weight=1.0)
     exact = export.item_vectors @ u + bias
     np.testing.assert_allclose(scores, exact[rows], rtol=1e-4, atol=1e-4)
     assert len(set(rows) & set(np.argsort(-exact)[:5])) >= 4  # near-exact on a tiny catalogue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -112,3 +113,24 @@ def test_one_category_baskets_take_the_most_bought_single_label_products():
     baskets, which = one_label_baskets(labels, counts)
     assert which.tolist() == [0]
     assert sorted(baskets[0].tolist()) == [5, 6, 7, 8, 9]  # 10 and 11 are not label 0 alone
+
+
+def test_popularity_weight_curve_scales_the_merchant_bias_on_validation_and_test(tiny_dataset):
+    from fedrec.evaluation import combine_sums, evaluate_test_all, evaluate_val, popularity_weight_curve
+
+    rng = torch.Generator().manual_seed(0)
+    items = torch.randn(tiny_dataset.n_items, 4, generator=rng)
+    users = {m.name: torch.randn(m.n_users, 4, generator=rng) for m in tiny_dataset.merchants}
+    biases = {m.name: 3 * torch.randn(tiny_dataset.n_items, generator=rng) for m in tiny_dataset.merchants}
+    curve = popularity_weight_curve(tiny_dataset.merchants, users, items, biases, "test", (0.0, 1.0))
+    full = evaluate_test_all(tiny_dataset.merchants, users, items, biases)["overall"]["recall@20"]
+    none = evaluate_test_all(tiny_dataset.merchants, users, items)["overall"]["recall@20"]
+    assert full != none  # the bias matters in this model, so the two ends must differ
+    assert abs(curve["1"]["recall@20"] - full) < 1e-9 and abs(curve["0"]["recall@20"] - none) < 1e-9
+    val = popularity_weight_curve(tiny_dataset.merchants, users, items, biases, "val", (0.5,))["0.5"]
+    half = {name: 0.5 * b for name, b in biases.items()}
+    sums = combine_sums([evaluate_val(m, users[m.name], items, half[m.name]) for m in tiny_dataset.merchants])
+    assert abs(val["recall@20"] - sums.means()["recall@20"]) < 1e-9
+    assert 0 < val["top1_share"] <= 1 and 0 < val["coverage@10"] <= 1
+    with pytest.raises(ValueError, match="split"):
+        popularity_weight_curve(tiny_dataset.merchants, users, items, biases, "train")

@@ -82,9 +82,30 @@ def test_a_merchant_item_bias_enters_customer_and_basket_ranking(root):
         unbiased = f["V"] @ f["U"][user]
         unbiased[f["bought"][user].indices] = -np.inf
         assert [it["id"] for it in r.json()["items"]] != [f["items"][i] for i in np.argsort(-unbiased)[:9]]
+        # popularity_weight w scales the bias: u . v + w b, exactly (0: the shared vectors alone)
+        for w in (0.0, 0.4):
+            r = client.get(
+                f"/v1/merchants/{MERCHANT}/customers/{f['users'][user]}/recommendations",
+                params={"k": 9, "popularity_weight": w},
+            )
+            assert r.status_code == 200, r.text
+            damped = f["V"] @ f["U"][user] + np.float32(w) * bias
+            damped[f["bought"][user].indices] = -np.inf
+            assert [it["id"] for it in r.json()["items"]] == [f["items"][i] for i in np.argsort(-damped)[:9]]
+            np.testing.assert_allclose([it["score"] for it in r.json()["items"]], np.sort(damped)[::-1][:9], rtol=1e-5)
         basket = client.post("/v1/recommendations", json={"items": f["items"][:3], "k": 5})
         assert basket.status_code == 200, basket.text
         assert len(basket.json()["items"]) == 5
+        # a basket's ranking takes the weight too: its scores fall by (1 - w) b of each item
+        basket = client.post("/v1/recommendations", json={"items": f["items"][:3], "k": 40})
+        damped = client.post("/v1/recommendations", json={"items": f["items"][:3], "k": 40, "popularity_weight": 0})
+        assert damped.status_code == 200, damped.text
+        rows = {it: i for i, it in enumerate(f["items"])}
+        got = {it["id"]: it["score"] for it in basket.json()["items"]}
+        both = [it for it in damped.json()["items"] if it["id"] in got]
+        assert len(both) >= 5, "too few items in both top-40 lists to compare"
+        for it in both:  # the same folded-in u, so the scores differ by the item's bias alone
+            np.testing.assert_allclose(got[it["id"]] - it["score"], bias[rows[it["id"]]], rtol=1e-4, atol=1e-4)
         # similar items stay a property of the shared item vectors alone
         sim = client.get(f"/v1/items/{f['items'][0]}/similar", params={"k": 4}).json()
         item_scores = cosine_to(f["V"], 0)
@@ -183,6 +204,20 @@ def test_unknown_basket_items_are_404_naming_them(client, root):
         ("post", "/v1/recommendations", {"json": {"items": ["a"], "k": 5000}}, "k"),
         ("post", "/v1/recommendations", {"json": {"k": 5}}, "items"),
         ("post", "/v1/recommendations", {"json": {"items": "P1"}}, "items"),
+        ("post", "/v1/recommendations", {"json": {"items": ["a"], "popularity_weight": 1.5}}, "popularity_weight"),
+        ("post", "/v1/recommendations", {"json": {"items": ["a"], "popularity_weight": "0.5"}}, "popularity_weight"),
+        (
+            "get",
+            f"/v1/merchants/{MERCHANT}/customers/C1/recommendations",
+            {"params": {"popularity_weight": -1}},
+            "popularity_weight",
+        ),
+        (
+            "get",
+            f"/v1/merchants/{MERCHANT}/customers/C1/recommendations",
+            {"params": {"popularity_weight": "nan"}},
+            "popularity_weight",
+        ),
         (
             "post",
             "/v1/recommendations",
