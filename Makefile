@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 LOCK := requirements.lock
+# The same pins plus Ray for Flower's simulation engine (make simulation-setup; bench-train only).
+SIM_LOCK := requirements-simulation.lock
 # Evaluated only when a recipe needs it, so `make clean` works without Python 3.11.
 PYTHON_VERSION = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 DATASET ?= synthetic
@@ -16,7 +18,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock train-federated evaluate validate-aggregation validate-privacy evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate validate-aggregation validate-privacy evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +35,16 @@ lock:
 	test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q pip==25.1.1 pip-tools==7.6.2; }
 	.venv-lock/bin/pip-compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
+	cp $(LOCK) $(SIM_LOCK)  # start from the main pins, so both locks agree on every shared package
+	.venv-lock/bin/pip-compile -q --extra dev --extra simulation --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o $(SIM_LOCK) pyproject.toml
+
+# Flower's simulation engine (Ray, ~70 MB) for the side-by-side in make bench-train; not for tests.
+simulation-setup: $(VENV)/.simulation
+
+$(VENV)/.simulation: $(VENV)/.installed $(SIM_LOCK)
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r $(SIM_LOCK)
+	touch $@
 
 train-federated: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec train --dataset $(DATASET) $(CONFIG_ARG)
@@ -114,9 +126,11 @@ bench-federation: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_federation
 
 # Training at marketplace scale -> results/bench-train.json (+ .md): the softmax switch point, upload
-# encodings, 1,000 merchants x 1M generated products, time to target on ml100k-temporal (PARTS picks some).
-TRAIN_PARTS ?= switch,losses,uploads,large,popularity,time_to_target
-bench-train: setup
+# encodings, 1,000 merchants x 1M generated products, time to target on ml100k-temporal, and the
+# in-process runtime beside Flower's simulation engine (Ray, installed by simulation-setup) at 10,
+# 100 and 1,000 merchants (TRAIN_PARTS picks some).
+TRAIN_PARTS ?= switch,losses,uploads,large,popularity,time_to_target,flower_simulation
+bench-train: setup simulation-setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_train --parts $(TRAIN_PARTS)
 
 # The strategy x partition x merchants grid (issue 11), 3 seeds, each strategy tuned on validation:

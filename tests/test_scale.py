@@ -224,3 +224,25 @@ def test_bench_train_small_variant(tmp_path):
     assert res["uploads"]["items"] < large["items_with_purchases"]  # two catalogue sizes, one upload size
     assert 0.0 <= large["recall@20"] <= 1.0 and large["peak_rss_mb"] > 0
     assert "Marketplace scale" in (tmp_path / "bench-train.md").read_text()
+
+
+@pytest.mark.slow
+def test_flower_simulation_runs_fedrecs_own_apps_and_matches_the_in_process_recall(tmp_path):
+    """The side-by-side's small variant (needs Ray: make simulation-setup; about 40 s): Flower's
+    simulation engine runs fedrec's ServerApp and ClientApp on one virtual node per merchant, and
+    with every merchant in every round it trains the same model as the in-process runtime (the
+    same seeds, plaintext sums): test recall@20 equal up to float32 summation order."""
+    pytest.importorskip("ray")
+    out = subprocess.run(
+        [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", "flower_simulation",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "bench-train.json").read_text())["flower_simulation"]
+    assert row["merchants"] == row["merchants_per_round"] == 4 and row["rounds"] == 2
+    assert row["fedrec_recall@20"] > 0.02  # trained, not an empty ranking
+    assert abs(row["flower_recall@20"] - row["fedrec_recall@20"]) < 1e-3
+    assert row["flower_seconds_per_round"] > 0 and row["fedrec_seconds_per_round"] > 0
+    assert row["ratio"] == pytest.approx(row["flower_seconds_per_round"] / row["fedrec_seconds_per_round"])
+    assert "simulation engine" in (tmp_path / "bench-train.md").read_text()

@@ -58,7 +58,7 @@ RESULTS = Path("results")
 # The benchmarks measure the fedavg message (upload bytes, seconds): rowwise, which `auto` picks on
 # catalogues with one id row per product, adds per-row weights to it.
 PINNED_RULE = "fedavg"
-PARTS = ("switch", "losses", "uploads", "large", "popularity", "time_to_target")
+PARTS = ("switch", "losses", "uploads", "large", "popularity", "time_to_target", "flower_simulation")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,11 @@ class BenchTrainConfig:
     switch_sizes: tuple[int, ...] = (1_000, 10_000, 50_000, 100_000, 1_000_000)
     switch_steps: int = 20
     full_softmax_max_items: int = LocalConfig.full_softmax_max_items  # the small variant lowers it
+    sim_merchants: tuple[int, ...] = (10, 100, 1000)
+    sim_products: int = 5_000
+    sim_customers_per_merchant: int = 50
+    sim_rounds: int = 3
+    sim_per_round: int = 100  # merchants sampled per round: all of them up to this many
     seed: int = 0
 
 
@@ -102,6 +107,10 @@ SMALL = BenchTrainConfig(
     switch_sizes=(1_000, 5_000),
     switch_steps=2,
     full_softmax_max_items=1_000,
+    sim_merchants=(4,),
+    sim_products=500,
+    sim_customers_per_merchant=25,
+    sim_rounds=2,
 )
 
 
@@ -355,10 +364,118 @@ def time_to_target(cfg: BenchTrainConfig) -> dict | None:
     }
 
 
-def _run_part(part: str, cfg: BenchTrainConfig) -> dict | None:
+def _sim_workload(n: int, cfg: BenchTrainConfig):  # noqa: ANN202
+    """The side-by-side's data and settings for n merchants: FedAvg, fixed rounds, no refit, at
+    most `sim_per_round` merchants a round, plaintext (the simulation engine has no SecAgg+ here)."""
+    from fedrec.config import load_config
+
+    ds, features = marketplace(cfg.sim_products, n, cfg.sim_customers_per_merchant * n)
+    run_cfg = load_config(
+        None,
+        {
+            "federation.aggregation": PINNED_RULE,
+            "federation.rounds": cfg.sim_rounds,
+            "federation.patience": 0,
+            "federation.refit": False,
+            "federation.fraction": min(1.0, cfg.sim_per_round / n),
+            "federation.seed": cfg.seed,
+            "network.secagg": False,
+            "network.min_merchants": 1,
+            "threads": 1,  # each of Flower's workers takes one core; fedrec's one process takes both
+        },
+    )
+    return ds, features, run_cfg
+
+
+def _sim_inprocess(n: int, cfg: BenchTrainConfig) -> dict:
+    from fedrec.evaluation import evaluate_test_all
+
+    torch.set_num_threads(multiprocessing.cpu_count())
+    ds, features, run_cfg = _sim_workload(n, cfg)
+    res = run_federated(ds, features, run_cfg.model, run_cfg.local, run_cfg.federation)
+    vecs = item_embeddings(res.item_state, features, run_cfg.model)
+    test = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)
+    return {
+        "seconds": [h.seconds for h in res.history],
+        "recall@20": test["overall"]["recall@20"],
+        "peak_rss_mb": _peak_mb(),
+        "merchants_per_round": len(res.history[0].merchants),
+        "items": ds.n_items,
+        "customers": int(sum(m.n_users for m in ds.merchants)),
+    }
+
+
+def _sim_flower(n: int, cfg: BenchTrainConfig) -> dict:
+    import shutil
+    import tempfile
+
+    from fedrec.federated.merchant_node import CATALOGUE, write_bundles
+    from fedrec.training.flower_simulation import simulate
+
+    ds, _, run_cfg = _sim_workload(n, cfg)
+    work = Path(tempfile.mkdtemp(prefix="fedrec-flower-simulation-"))
+    try:
+        bundles = write_bundles(ds, work / "bundles")
+        summary = simulate(run_cfg.to_dict(), bundles, bundles[0] / CATALOGUE, work / "coordinator",
+                           multiprocessing.cpu_count())  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rounds = [h for h in summary["history"] if h["round"] > 0]
+    return {
+        "seconds": [h["seconds"] for h in rounds],
+        "recall@20": summary["test"]["recall@20"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "seconds_total": summary["seconds_total"],
+        "merchants_per_round": rounds[0]["merchants"],
+    }
+
+
+def flower_simulation(cfg: BenchTrainConfig) -> list[dict] | None:
+    """The same FedAvg workload in the in-process runtime and in Flower's simulation engine (Ray)
+    running fedrec's own ServerApp and ClientApp, each runtime in a fresh process. Skipped without
+    Ray (`make simulation-setup`)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("flower_simulation: skipped, Ray is not installed (make simulation-setup)", flush=True)
+        return None
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for n in cfg.sim_merchants:
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            ours = pool.submit(_sim_inprocess, n, cfg).result()
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            theirs = pool.submit(_sim_flower, n, cfg).result()
+        row = {
+            "merchants": n,
+            "merchants_per_round": ours["merchants_per_round"],
+            "items": ours["items"],
+            "customers": ours["customers"],
+            "rounds": cfg.sim_rounds,
+            "fedrec_seconds_per_round": float(np.mean(ours["seconds"])),
+            "flower_seconds_per_round": float(np.mean(theirs["seconds"])),
+            "ratio": float(np.mean(theirs["seconds"]) / np.mean(ours["seconds"])),
+            # Flower's first round also starts the Ray workers (each imports torch and fedrec)
+            "fedrec_seconds_per_round_after_first": float(np.mean(ours["seconds"][1:])),
+            "flower_seconds_per_round_after_first": float(np.mean(theirs["seconds"][1:])),
+            "ratio_after_first": float(np.mean(theirs["seconds"][1:]) / np.mean(ours["seconds"][1:])),
+            "fedrec_seconds": ours["seconds"],
+            "flower_seconds": theirs["seconds"],
+            "fedrec_recall@20": ours["recall@20"],
+            "flower_recall@20": theirs["recall@20"],
+            "fedrec_peak_rss_mb": ours["peak_rss_mb"],
+            "flower_peak_rss_mb": theirs["peak_rss_mb"],
+            "flower_seconds_total": theirs["seconds_total"],
+        }
+        print(f"flower_simulation: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _run_part(part: str, cfg: BenchTrainConfig) -> dict | list | None:
     parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "large": large}
     parts["popularity"] = popularity_references
-    return {**parts, "time_to_target": time_to_target}[part](cfg)
+    return {**parts, "time_to_target": time_to_target, "flower_simulation": flower_simulation}[part](cfg)
 
 
 def markdown(res: dict) -> str:
@@ -412,6 +529,22 @@ def markdown(res: dict) -> str:
     if "popularity" in res:
         refs = ", ".join(f"{k} {v['recall@20']:.4f} ({v['items']:,} products)" for k, v in res["popularity"].items())
         lines += ["## Pooled popularity on the same customers", "", refs + ".", ""]
+    if res.get("flower_simulation"):
+        lines += [
+            "## In-process runtime vs Flower's simulation engine (Ray), the same FedAvg workload",
+            "",
+            "| merchants | per round | fedrec s/round | Flower s/round | ratio | ratio after round 1 "
+            "| fedrec recall@20 | Flower recall@20 | fedrec peak RSS MB | Flower peak RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['merchants']:,} | {r['merchants_per_round']} | {r['fedrec_seconds_per_round']:.2f} | "
+            f"{r['flower_seconds_per_round']:.2f} | {r['ratio']:.1f}x | {r['ratio_after_first']:.1f}x | "
+            f"{r['fedrec_recall@20']:.4f} | "
+            f"{r['flower_recall@20']:.4f} | {r['fedrec_peak_rss_mb']:,.0f} | {r['flower_peak_rss_mb']:,.0f} |"
+            for r in res["flower_simulation"]
+        ]
+        lines.append("")
     t = res.get("time_to_target")
     if t and "reached" in t:
         got = t["reached"]
