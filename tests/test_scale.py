@@ -246,3 +246,22 @@ def test_flower_simulation_runs_fedrecs_own_apps_and_matches_the_in_process_reca
     assert row["flower_seconds_per_round"] > 0 and row["fedrec_seconds_per_round"] > 0
     assert row["ratio"] == pytest.approx(row["flower_seconds_per_round"] / row["fedrec_seconds_per_round"])
     assert "simulation engine" in (tmp_path / "bench-train.md").read_text()
+
+
+def test_a_tower_from_a_state_holds_a_copy_of_exactly_that_state():
+    """Built without a random initialisation (tower_from_state): every tensor equals the state's,
+    and training it leaves the state it came from untouched."""
+    from fedrec.model import initial_item_state, tower_from_state
+
+    cfg = ModelConfig(use_content=True, dim=8, hash_buckets=64, feature_dim=8, hidden=8)
+    state = initial_item_state(30, cfg, seed=3)
+    before = {k: v.clone() for k, v in state.items()}
+    tower = tower_from_state(30, cfg, state)
+    got = tower.state_dict()
+    assert set(got) == set(state)
+    for k in state:
+        assert torch.equal(got[k], state[k]) and got[k].data_ptr() != state[k].data_ptr()
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(state[k], before[k]) for k in state)

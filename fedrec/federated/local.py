@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedrec.features import ItemFeatures
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
-from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors
+from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors, tower_from_state
 from fedrec.privacy.accountant import DPMechanism
 from fedrec.privacy.closed_form import (
     FEAT,
@@ -139,8 +139,7 @@ def local_update(
         raise ValueError("a per-merchant (grouped) item bias needs user_groups, the softmax loss and no DP")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    tower = ItemTower(features.n_items, model_cfg)
-    tower.load_state_dict(item_state)
+    tower = tower_from_state(features.n_items, model_cfg, item_state)
     received = {k: v.detach() for k, v in item_state.items()}
     users = torch.nn.Parameter(user_embeddings.clone())
     groups = [{"params": tower.parameters(), "lr": cfg.lr}, {"params": [users], "lr": cfg.user_lr}]
