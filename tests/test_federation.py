@@ -79,6 +79,42 @@ def test_same_seed_same_model(tiny_dataset, features):
         assert torch.equal(a.item_state[k], b.item_state[k])
 
 
+def test_merchants_trained_on_worker_threads_give_the_same_model_bit_for_bit(tiny_dataset, features):
+    """federation.workers = 2 trains two merchants at once; their messages are still summed in
+    the round's order, so the model, user tables and history equal the one-worker run's."""
+    cfg = FederationConfig(rounds=2, patience=0, seed=3, refit=True)
+    one = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)
+    two = run_federated(tiny_dataset, features, MODEL, LOCAL, dataclasses.replace(cfg, workers=2))
+    assert one.refit_rounds == two.refit_rounds >= 1
+    for k in one.item_state:
+        assert torch.equal(one.item_state[k], two.item_state[k])
+    for name in one.user_embeddings:
+        assert torch.equal(one.user_embeddings[name], two.user_embeddings[name])
+    assert [(h.merchants, h.loss) for h in one.history] == [(h.merchants, h.loss) for h in two.history]
+
+
+def test_in_order_yields_in_the_given_order_with_at_most_workers_held():
+    import threading
+    import time
+
+    from fedrec.federated.simulation import in_order
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(name: str) -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02 if name in "ace" else 0.001)  # finish out of order
+        with lock:
+            running[0] -= 1
+        return name.upper()
+
+    got = list(in_order(work, list("abcdefg"), workers=3))
+    assert got == [(n, n.upper()) for n in "abcdefg"]
+    assert 2 <= peak[0] <= 3
+
+
 def test_fraction_samples_merchants(tiny_dataset, features):
     cfg = FederationConfig(rounds=6, fraction=0.3, patience=0)
     res = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)

@@ -381,7 +381,10 @@ def _sim_workload(n: int, cfg: BenchTrainConfig):  # noqa: ANN202
             "federation.seed": cfg.seed,
             "network.secagg": False,
             "network.min_merchants": 1,
-            "threads": 1,  # each of Flower's workers takes one core; fedrec's one process takes both
+            # Both runtimes get the machine's cores the same way: Flower one Ray worker per core, the
+            # in-process runtime one merchant thread per core (the networked runtime ignores workers).
+            "threads": 1,
+            "federation.workers": multiprocessing.cpu_count(),
         },
     )
     return ds, features, run_cfg
@@ -390,8 +393,8 @@ def _sim_workload(n: int, cfg: BenchTrainConfig):  # noqa: ANN202
 def _sim_inprocess(n: int, cfg: BenchTrainConfig) -> dict:
     from fedrec.evaluation import evaluate_test_all
 
-    torch.set_num_threads(multiprocessing.cpu_count())
     ds, features, run_cfg = _sim_workload(n, cfg)
+    torch.set_num_threads(run_cfg.threads)
     res = run_federated(ds, features, run_cfg.model, run_cfg.local, run_cfg.federation)
     vecs = item_embeddings(res.item_state, features, run_cfg.model)
     test = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)

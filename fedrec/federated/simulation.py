@@ -12,18 +12,22 @@ merchant that only that merchant's `local_update` call reads or writes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from fedrec.data import FederatedDataset
-from fedrec.evaluation import combine_sums, evaluate_val, sample_customers
+from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
 from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, resolve_rule, sum_names
-from fedrec.federated.local import LocalConfig, local_update
+from fedrec.federated.local import LocalConfig, LocalResult, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
@@ -37,6 +41,8 @@ from fedrec.model import (
     item_tower_shapes,
 )
 from fedrec.privacy.accountant import DPMechanism, privacy_entry, rounds_within_budget
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,11 @@ class FederationConfig:
     # customer's most recent purchases, the best evidence of what they buy next; ALS and EASE train
     # on it too. Both runtimes; never under DP (a second pass over the same customers).
     refit: bool = True
+    # In-process runtime only: merchants trained at once, on threads (torch releases the GIL in its
+    # kernels; each op uses torch's own thread count, so pair workers = 2 with threads = 1 on 2
+    # cores). Their messages are still added in the round's merchant order, so any number of
+    # workers gives the same model bit for bit; at most `workers` updates are held at once.
+    workers: int = 1
     seed: int = 0
 
 
@@ -92,6 +103,25 @@ class TrainResult:
     refit_rounds: int = 0
     # With a refit: the early-stopped model it replaced (trained on train alone), for comparison.
     early_stopped: TrainResult | None = None
+
+
+def in_order(work: Callable[[str], T], names: list[str], workers: int) -> Iterator[tuple[str, T]]:
+    """(name, work(name)) in the order of `names`, with up to `workers` computed at once on threads.
+
+    The consumer adds each message to a running sum in this order, so the sum does not depend on
+    the number of workers, and no more than `workers` finished updates wait in memory.
+    """
+    if workers <= 1:
+        yield from ((name, work(name)) for name in names)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="fedrec-merchant") as pool:
+        queue = iter(names)
+        pending = deque((name, pool.submit(work, name)) for name in itertools.islice(queue, workers))
+        while pending:
+            name, future = pending.popleft()
+            result = future.result()
+            pending.extend((nxt, pool.submit(work, nxt)) for nxt in itertools.islice(queue, 1))
+            yield name, result
 
 
 def sample_merchants(names: list[str], cfg: FederationConfig, rng: np.random.Generator) -> list[str]:
@@ -202,13 +232,15 @@ def _train(
         t_round = time.perf_counter()
         chosen = sample_merchants(names, fed_cfg, rng)
         total, sent, kept = None, 0, []
-        for name in chosen:
+
+        def update(name: str, state: dict[str, torch.Tensor] = global_state, rnd: int = rnd) -> LocalResult:
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
-            result = local_update(
-                global_state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp,
-                m.user_groups,
-            )  # fmt: skip
+            return local_update(
+                state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp, m.user_groups
+            )
+
+        for name, result in in_order(update, chosen, fed_cfg.workers):
             users[name], biases[name] = result.user_embeddings, result.item_bias
             terms = merchant_sums(
                 round_delta(result.delta, fed_cfg.upload_precision),
@@ -236,9 +268,11 @@ def _train(
         val_total = None
         if not release_last and (rnd % fed_cfg.val_every == 0 or rnd == rounds):
             item_vecs = item_embeddings(global_state, features, model_cfg)
-            val = [
-                evaluate_val(m, users[m.name], item_vecs, biases[m.name], val_rows[m.name]) for m in dataset.merchants
-            ]
+
+            def validate(name: str, vecs: torch.Tensor = item_vecs) -> MetricSums:
+                return evaluate_val(dataset.merchant(name), users[name], vecs, biases[name], val_rows[name])
+
+            val = [sums for _, sums in in_order(validate, names, fed_cfg.workers)]
             val_total = combine_sums(val).means()["recall@20"]
         seconds = time.perf_counter() - t_round
         log = RoundLog(rnd, chosen, mean_loss(total), val_total, seconds, sent // len(chosen), release_last)
