@@ -203,16 +203,18 @@ def test_marketplace_log_is_seeded_skewed_and_consistent():
         merchant_sizes(dataclasses.replace(cfg, n_customers=100), np.random.default_rng(0))
 
 
+def run_small_bench_train(parts: str, out_dir) -> dict:  # noqa: ANN001
+    """`make bench-train`'s CI-sized variant of some parts, in a fresh process; its results file."""
+    cmd = [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", parts, "--out", str(out_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads((out_dir / "bench-train.json").read_text())
+
+
 def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""
-    out = subprocess.run(
-        [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", "switch,losses,uploads,large",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads((tmp_path / "bench-train.json").read_text())
+    res = run_small_bench_train("switch,losses,uploads,large", tmp_path)
     assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
     assert set(res["losses"]["variants"]) == {"softmax", "sampled_in_batch", "sampled_mixed_1024"}
     assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
@@ -233,13 +235,7 @@ def test_flower_simulation_runs_fedrecs_own_apps_and_matches_the_in_process_reca
     with every merchant in every round it trains the same model as the in-process runtime (the
     same seeds, plaintext sums): test recall@20 equal up to float32 summation order."""
     pytest.importorskip("ray")
-    out = subprocess.run(
-        [sys.executable, "-m", "fedrec.training.bench_train", "--small", "--parts", "flower_simulation",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    (row,) = json.loads((tmp_path / "bench-train.json").read_text())["flower_simulation"]
+    (row,) = run_small_bench_train("flower_simulation", tmp_path)["flower_simulation"]
     assert row["merchants"] == row["merchants_per_round"] == 4 and row["rounds"] == 2
     assert row["fedrec_recall@20"] > 0.02  # trained, not an empty ranking
     assert abs(row["flower_recall@20"] - row["fedrec_recall@20"]) < 1e-3
