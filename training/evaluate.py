@@ -234,7 +234,7 @@ def evaluate(
         items = item_embeddings(res.item_state, features, cfg.model)
         entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
         first = res.early_stopped or res  # trained on train alone: what validation may judge
-        first_items = item_embeddings(first.item_state, features, cfg.model)
+        first_items = items if first is res else item_embeddings(first.item_state, features, cfg.model)
         if any(b is not None for b in res.item_biases.values()):  # the served popularity_weight knob
             entry["popularity_weight"] = {
                 "validation": popularity_weight_curve(
