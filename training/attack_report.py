@@ -50,13 +50,14 @@ from fedrec.privacy.accountant import plan_mechanism
 from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
 from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
 from fedrec.serving.foldin import fold_in_many
+from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
 
 TABLE = "item_emb.weight"
 
 
 def leakage_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console) -> dict:
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
     if not cfg.model.use_item_id:
@@ -124,7 +125,7 @@ def membership_scores(item_vectors: np.ndarray, history: sp.csr_matrix, temperat
 
 def membership_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console) -> dict:
     """Train on half the customers without and with DP; the attacker's AUC on members vs the rest."""
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
@@ -169,7 +170,7 @@ def pick_target(counts: np.ndarray, seed: int) -> int:
 
 def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = PoisonConfig()) -> dict:
     """Target exposure and honest recall@20 with and without the attacker, per aggregation rule."""
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     honest = dataset.merchants

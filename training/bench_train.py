@@ -53,6 +53,7 @@ from fedrec.model import (
     new_item_tower,
     scoring_vectors,
 )
+from fedrec.threads import use_threads
 
 RESULTS = Path("results")
 # The benchmarks measure the fedavg message (upload bytes, seconds): rowwise, which `auto` picks on
@@ -394,7 +395,7 @@ def _sim_inprocess(n: int, cfg: BenchTrainConfig) -> dict:
     from fedrec.evaluation import evaluate_test_all
 
     ds, features, run_cfg = _sim_workload(n, cfg)
-    torch.set_num_threads(run_cfg.threads)
+    use_threads(run_cfg.threads)
     res = run_federated(ds, features, run_cfg.model, run_cfg.local, run_cfg.federation)
     vecs = item_embeddings(res.item_state, features, run_cfg.model)
     test = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json
@@ -29,6 +28,7 @@ from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.privacy.accountant import plan_mechanism
+from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
 
 
@@ -53,7 +53,7 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
     Non-private, that is the best round (early stopping's choice); under DP (`privacy.epsilon`
     set) it is the last round, the one DP training releases.
     """
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)

@@ -37,6 +37,7 @@ from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import METRICS, basket_label_share, catalogue_coverage, cosine, same_label_rate, top1_share
 from fedrec.model import item_embeddings
 from fedrec.serving.foldin import FoldInConfig, fold_in_many
+from fedrec.threads import use_threads
 from fedrec.training.cold_start import evaluate_cold_start
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
@@ -182,7 +183,7 @@ def evaluate(
     console = console or Console()
     if cfg.privacy.enabled:  # every method here is non-private; DP runs have their own report
         raise FedrecError("fedrec evaluate compares non-private methods: unset [privacy], or run fedrec privacy-report")
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     seeds = tuple(seeds)

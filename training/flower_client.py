@@ -35,16 +35,16 @@ class MerchantClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         t0 = time.perf_counter()
-        import torch
 
         from fedrec.config import config_from_dict
         from fedrec.federated.merchant_node import MerchantNode, load_bundle
         from fedrec.federated.protocol import stage_format, state_from_arrays
         from fedrec.federated.wire import to_wire
+        from fedrec.threads import use_threads
 
         t_imports = time.perf_counter() - t0
         cfg = config_from_dict(json.loads(str(config["fedrec-config"])))
-        torch.set_num_threads(cfg.threads)
+        use_threads(cfg.threads)
         stage, rnd = str(config["stage"]), int(config["round"])
         state_dir = Path(str(self.node_config["state-dir"])) / f"run-{config['run-key']}"
         node = MerchantNode(load_bundle(Path(str(self.node_config["bundle"]))), state_dir, cfg)

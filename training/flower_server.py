@@ -63,6 +63,7 @@ from fedrec.metrics import METRICS
 from fedrec.model import initial_item_state
 from fedrec.privacy.accountant import plan_mechanism, privacy_entry, rounds_within_budget
 from fedrec.serving.export_store import next_version
+from fedrec.threads import use_threads
 from fedrec.training.export import export_catalogue, new_items_entry, publish, write_shared_export
 
 log = logging.getLogger("flwr").getChild("fedrec")  # shown in the run's log stream (flwr run --stream)
@@ -355,7 +356,7 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
 
 def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
     """The whole networked run; returns the model card's summary (also printed to the log)."""
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     items, new_items = split_catalogue(pl.read_parquet(catalogue))
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation

@@ -17,6 +17,7 @@ from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.model import item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
+from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
 
@@ -40,7 +41,7 @@ def run_dir(cfg: RunConfig) -> Path:
 
 def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
     console = console or Console()
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
