@@ -162,6 +162,17 @@ def test_message_type_rejects_anything_but_the_round_sums():
     bad["delta/mlp.0.bias"] = torch.tensor([float("nan")])
     with pytest.raises(ValueError, match="NaN"):
         MerchantSums(bad).validate(expected)
+    inf = float("inf")
+    for poison in ([[inf, 0.0]], [[-inf, 1.0]], [[inf, -inf]]):  # the row sums to inf, -inf and NaN
+        rows = sums(A, "fedavg", False)
+        rows["delta/item_emb.weight"] = torch.tensor(poison + [[0.0, 0.0]] * 2)
+        with pytest.raises(ValueError, match="infinite"):
+            MerchantSums(rows).validate(expected)
+    # Finite values whose float32 sum overflows are still finite: the sum is only a fast path.
+    huge = sums(A, "fedavg", False)
+    huge["delta/item_emb.weight"] = torch.full_like(huge["delta/item_emb.weight"], 3e38)
+    assert not torch.isfinite(huge["delta/item_emb.weight"].sum())
+    MerchantSums(huge).validate(expected)
     wrong_dtype = {**sums(A, "fedavg", False), "n": torch.tensor(1.0, dtype=torch.float64)}
     with pytest.raises(ValueError, match="float32"):
         MerchantSums(wrong_dtype).validate(expected)

@@ -257,7 +257,13 @@ def test_a_tower_from_a_state_holds_a_copy_of_exactly_that_state():
     assert set(got) == set(state)
     for k in state:
         assert torch.equal(got[k], state[k]) and got[k].data_ptr() != state[k].data_ptr()
+    assert all(p.requires_grad and p.device.type == "cpu" for p in tower.parameters())
     with torch.no_grad():
         for p in tower.parameters():
             p.add_(1.0)
     assert all(torch.equal(state[k], before[k]) for k in state)
+    # Towers share one template: a second one holds its own state, and the first keeps its values.
+    other = initial_item_state(30, cfg, seed=4)
+    second = tower_from_state(30, cfg, other)
+    assert all(torch.equal(second.state_dict()[k], other[k]) for k in other)
+    assert all(torch.equal(tower.state_dict()[k], before[k] + 1.0) for k in state)
