@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = networked(
                     n, args.rounds, runtime == "flower_secagg", args.workdir.resolve() / runtime, args.round_timeout
                 )
-            row = {"runtime": runtime, "merchants": n, "rounds": args.rounds, **row}
+            # each row keeps its own date: a partial rerun replaces only its rows (`save`)
+            today = dt.date.today().isoformat()
+            row = {"runtime": runtime, "merchants": n, "rounds": args.rounds, "date": today, **row}
             rows.append(row)
             save(rows, args)
             print(f"{runtime:>14} {n:>3} merchants: {row['seconds_per_round']:.2f} s/round, recall@20 "
