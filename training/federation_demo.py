@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedrec.atomic import write_json
 from fedrec.config import load_config, parse_sets
 from fedrec.federated.credentials import make_node_key, make_tls
 from fedrec.federated.merchant_node import write_bundles
@@ -237,6 +239,12 @@ def run_demo(work: Path, dataset: str, sets: list[str], timeout: float, prepare_
         procs.stop_all()
 
 
+def save_summary(path: Path, summary: dict, command: str) -> None:
+    """The run's summary (the ServerApp's `last_run.json` plus the demo's timings) as a results
+    file naming the command that made it, written atomically."""
+    write_json(path, {"command": command, "date": dt.date.today().isoformat(), **summary})
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (and SIGINT, which a shell's background job ignores) unwind through `finally`,
     so the processes the demo started are stopped rather than orphaned."""
@@ -259,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--results", type=Path, help="also write the run's summary to this JSON file")
     args = ap.parse_args(argv)
     sets = list(args.sets)
     if args.rounds:
@@ -276,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every process the demo started was stopped", file=sys.stderr)
         return 130
+    if args.results:
+        command = " ".join(["python -m fedrec.training.federation_demo", *(argv or sys.argv[1:])])
+        save_summary(args.results, summary, command)
     print(
         f"final test recall@20 {summary['test']['recall@20']:.4f} (best round {summary['best_round']} of "
         f"{summary['rounds']}, refit rounds {summary.get('refit_rounds', 0)}); "
