@@ -9,11 +9,15 @@ an in-process round 1.7x slower. Setting both pools from the one `threads` setti
 
 from __future__ import annotations
 
+import numpy as np  # noqa: F401  (loads numpy's BLAS, so the limit below reaches it)
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 
 def use_threads(n: int) -> None:
-    """Limit torch and BLAS to `n` threads each, for the rest of the process."""
+    """Limit torch to `n` threads and every loaded BLAS pool to at most `n`, for the rest of the
+    process. A pool already smaller (OPENBLAS_NUM_THREADS=1, as the make targets set) is kept."""
     torch.set_num_threads(n)
-    threadpool_limits(n, user_api="blas")
+    blas = {p["filepath"]: min(n, p["num_threads"]) for p in threadpool_info() if p["user_api"] == "blas"}
+    if blas:
+        threadpool_limits(blas)

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedrec.atomic import write_json, write_text, write_with
 from fedrec.config import RunConfig, load_config
@@ -42,6 +41,7 @@ from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.upload import dense_bytes
 from fedrec.model import item_embeddings
+from fedrec.threads import use_threads
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
 
@@ -133,8 +133,8 @@ def cell_config(grid: Grid, strategy: str, value: float, setting: Setting, seed:
 
 def run_cell(grid: Grid, strategy: str, value: float, setting: Setting, seed: int, rounds: int) -> dict:
     """Train one cell and return its curves (validation recall@20 and bytes sent, by round) and test score."""
-    torch.set_num_threads(1)
     cfg = cell_config(grid, strategy, value, setting, seed, rounds)
+    use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     t0 = time.perf_counter()
