@@ -287,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.results:
         command = " ".join(["python -m fedrec.training.federation_demo", *(argv or sys.argv[1:])])
-        save_summary(args.results, summary, command)
+        try:
+            save_summary(args.results, summary, command)
+        except OSError as exc:  # the run itself finished: its export is in the workdir
+            print(f"error: cannot write --results {args.results}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     print(
         f"final test recall@20 {summary['test']['recall@20']:.4f} (best round {summary['best_round']} of "
         f"{summary['rounds']}, refit rounds {summary.get('refit_rounds', 0)}); "
