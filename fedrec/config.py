@@ -185,6 +185,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             "privacy: federation.aggregation must be 'fedavg' or 'auto' (rowwise weights reveal which rows had "
             "purchases, and DP does not noise them)",
         ),
+        (
+            not (cfg.privacy.enabled and cfg.privacy.noise_split) or cfg.federation.server.name != "fedavg",
+            "privacy.noise_split: the coordinator takes the round's one DP-SGD step on the noisy sum, so it needs "
+            "an adaptive optimiser: set federation.server.name = fedadam (and federation.server.lr, e.g. 0.01)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -208,6 +213,14 @@ def check_networked(cfg: RunConfig) -> RunConfig:
         raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
     if cfg.federation.robust != "none":  # each robust rule reads every merchant's own delta: not a sum
         raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
+    split = cfg.privacy.noise_split if cfg.privacy.enabled else 0
+    if split and not cfg.network.secagg:  # split noise protects only a sum nobody can take apart
+        raise ConfigError("privacy.noise_split needs network.secagg = true: without it each share is sent in the clear")
+    if split > cfg.network.min_merchants:
+        raise ConfigError(
+            f"privacy.noise_split = {split} needs network.min_merchants >= {split}: a round summed over fewer "
+            "merchants would carry less than the certified noise"
+        )
     return cfg
 
 

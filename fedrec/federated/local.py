@@ -28,7 +28,14 @@ from fedrec.privacy.closed_form import (
     clipped_softmax_content_sums,
     clipped_softmax_table_sums,
 )
-from fedrec.privacy.dp_sgd import CHUNK, clipped_gradient_sums, noisy_mean, padded_baskets, poisson_sample
+from fedrec.privacy.dp_sgd import (
+    CHUNK,
+    add_noise,
+    clipped_gradient_sums,
+    noisy_mean,
+    padded_baskets,
+    poisson_sample,
+)
 from fedrec.softmax_foldin import solve_user_vectors
 
 # The per-round user solve refines last round's vectors rather than solving from zero: two Newton
@@ -154,10 +161,14 @@ def local_update(
     if cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
         _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
     if dp is not None:
-        _private_steps(tower, received, users, bias, opt, train, features, cfg, dp, gen)
-        new_state = tower.state_dict()
+        if dp.noise_split:
+            delta = _distributed_step(tower, users, bias, opt, train, features, cfg, dp, gen)
+        else:
+            _private_steps(tower, received, users, bias, opt, train, features, cfg, dp, gen)
+            new_state = tower.state_dict()
+            delta = {k: (new_state[k] - item_state[k]).detach() for k in item_state}
         return LocalResult(
-            delta={k: (new_state[k] - item_state[k]).detach() for k in item_state},
+            delta=delta,
             num_examples=1,  # n_k changes with one customer's purchases: a public weight instead
             num_steps=dp.steps_per_round,
             touched_rows=torch.zeros(features.n_items, dtype=torch.bool),  # never derived from data
@@ -323,6 +334,63 @@ def clipped_customer_sums(
     return sums, torch.cat(user_grads), torch.cat(norms)
 
 
+def _private_batch(
+    tower: ItemTower,
+    users: torch.nn.Parameter,
+    bias: torch.nn.Parameter | None,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    features: ItemFeatures,
+    cfg: LocalConfig,
+    dp: DPMechanism,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One Poisson batch of customers: (batch, clipped gradient sums of the shared tensors, user grads)."""
+    batch = poisson_sample(len(indptr) - 1, dp.sample_rate, gen)
+    pos, mask = padded_baskets(indptr, indices, batch)
+    shared = {k: p.detach() for k, p in tower.named_parameters()}
+    if bias is not None:
+        shared[BIAS] = bias.detach()
+    sums, user_grads, _ = clipped_customer_sums(
+        shared, features, tower.cfg, cfg.temperature, cfg.weight_decay, users.detach()[batch], pos, mask, dp.clip
+    )
+    return batch, sums, user_grads
+
+
+def _csr_tensors(train: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(train.indptr.astype(np.int64)), torch.from_numpy(train.indices.astype(np.int64))
+
+
+def _distributed_step(
+    tower: ItemTower,
+    users: torch.nn.Parameter,
+    bias: torch.nn.Parameter | None,
+    opt: torch.optim.Optimizer,
+    train: sp.csr_matrix,
+    features: ItemFeatures,
+    cfg: LocalConfig,
+    dp: DPMechanism,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """This merchant's part of one DP-SGD step whose noise is split across merchants.
+
+    Returns the tower delta to send: minus (the sampled customers' clipped gradient sum + this
+    merchant's noise share); the coordinator's optimiser steps on the mean over merchants. The
+    merchant's own item bias never leaves it, but its served recommendations read it, and no other
+    merchant's share is added to it: it takes the whole noise, and its step here.
+    """
+    batch, sums, user_grads = _private_batch(tower, users, bias, *_csr_tensors(train), features, cfg, dp, gen)
+    names = [k for k, _ in tower.named_parameters()]
+    shares = add_noise({k: sums[k] for k in names}, dp, gen, std=dp.share_std)
+    opt.zero_grad(set_to_none=True)
+    if bias is not None:
+        bias.grad = add_noise({BIAS: sums[BIAS]}, dp, gen)[BIAS] / (dp.sample_rate * train.shape[0])
+    users.grad = torch.zeros_like(users)
+    users.grad[batch] = user_grads
+    opt.step()  # the user table and the bias only: the tower's parameters have no gradient
+    return {k: -v for k, v in shares.items()}
+
+
 def _private_steps(
     tower: ItemTower,
     received: dict[str, torch.Tensor],
@@ -342,18 +410,10 @@ def _private_steps(
     the shared gradient is bounded by clipping, whatever the length of their history.
     """
     params = dict(tower.named_parameters())
-    indptr = torch.from_numpy(train.indptr.astype(np.int64))
-    indices = torch.from_numpy(train.indices.astype(np.int64))
+    indptr, indices = _csr_tensors(train)
     n_customers = train.shape[0]
     for _ in range(dp.steps_per_round):
-        batch = poisson_sample(n_customers, dp.sample_rate, gen)
-        pos, mask = padded_baskets(indptr, indices, batch)
-        shared = {k: p.detach() for k, p in params.items()}
-        if bias is not None:
-            shared[BIAS] = bias.detach()
-        sums, user_grads, _ = clipped_customer_sums(
-            shared, features, tower.cfg, cfg.temperature, cfg.weight_decay, users.detach()[batch], pos, mask, dp.clip
-        )
+        batch, sums, user_grads = _private_batch(tower, users, bias, indptr, indices, features, cfg, dp, gen)
         grads = noisy_mean(sums, dp, dp.sample_rate * n_customers, gen)
         opt.zero_grad(set_to_none=False)
         for k, p in params.items():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedrec.data import FederatedDataset
+from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
 from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, resolve_rule, sum_names
@@ -124,10 +125,25 @@ def in_order(work: Callable[[str], T], names: list[str], workers: int) -> Iterat
             yield name, result
 
 
+def merchants_per_round(n_merchants: int, cfg: FederationConfig) -> int:
+    return min(n_merchants, max(cfg.min_merchants, int(np.ceil(cfg.fraction * n_merchants))))
+
+
 def sample_merchants(names: list[str], cfg: FederationConfig, rng: np.random.Generator) -> list[str]:
-    k = max(cfg.min_merchants, int(np.ceil(cfg.fraction * len(names))))
-    k = min(k, len(names))
+    k = merchants_per_round(len(names), cfg)
     return sorted(rng.choice(names, size=k, replace=False).tolist())
+
+
+def check_noise_split(dp: DPMechanism | None, n_merchants: int, cfg: FederationConfig) -> None:
+    """Split noise is certified only when every round's sum holds at least `noise_split` shares."""
+    if dp is None or not dp.noise_split:
+        return
+    k = merchants_per_round(n_merchants, cfg)
+    if k < dp.noise_split:
+        raise ConfigError(
+            f"privacy.noise_split = {dp.noise_split} needs at least that many merchants in every round's sum, "
+            f"but this run sums {k} of {n_merchants}: lower privacy.noise_split or raise federation.fraction"
+        )
 
 
 def run_federated(
@@ -210,6 +226,7 @@ def _train(
 ) -> TrainResult:
     """The round loop. `release_last`: no validation, the last round is the result (the refit)."""
     t0 = time.perf_counter()
+    check_noise_split(dp, len(dataset.merchants), fed_cfg)
     rounds = fed_cfg.rounds if dp is None else rounds_within_budget(dp, fed_cfg.rounds)
     names = [m.name for m in dataset.merchants]
     rng = np.random.default_rng(fed_cfg.seed)

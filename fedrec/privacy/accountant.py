@@ -5,10 +5,15 @@ own update, so one customer's guarantee is the composition of their own merchant
 (rounds the merchant joined) x (local epochs) x (steps per epoch), each a Poisson-subsampled
 Gaussian mechanism with the same noise multiplier and sampling rate. We count every round for
 every merchant (the worst case when `federation.fraction` < 1).
+
+With the noise split across merchants (`privacy.noise_split` = n), a round is one step: the sum
+over merchants of their customers' clipped gradients plus n noise shares, one Gaussian mechanism
+per round on the customers of every merchant at once (each customer is in one merchant's sum).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +37,12 @@ class DPMechanism:
     steps_per_round: int  # local epochs x steps per epoch
     delta: float
     target_epsilon: float  # inf when the noise multiplier was set by hand with no budget
+    noise_split: int = 0  # > 0: each merchant adds 1 / sqrt(noise_split) of the noise (one step a round)
+
+    @property
+    def share_std(self) -> float:
+        """The noise standard deviation one merchant adds: all of it, or its share of the split."""
+        return self.noise_multiplier * self.clip / math.sqrt(max(1, self.noise_split))
 
     def to_dict(self) -> dict:
         return {
@@ -41,6 +52,7 @@ class DPMechanism:
             "steps_per_round": self.steps_per_round,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon if math.isfinite(self.target_epsilon) else "inf",
+            "noise_split": self.noise_split,
         }
 
 
@@ -83,7 +95,7 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
     """
     if not cfg.enabled:
         return None
-    per_round = epochs * steps_per_epoch(cfg.sample_rate)
+    per_round = 1 if cfg.noise_split else epochs * steps_per_epoch(cfg.sample_rate)
     sigma = cfg.noise_multiplier
     if sigma <= 0:
         try:
@@ -103,7 +115,7 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
                 f"privacy: epsilon={cfg.epsilon} at delta={cfg.delta} cannot be met by {rounds} rounds "
                 f"x {per_round} steps at sample_rate={cfg.sample_rate} ({exc})"
             ) from None
-    mech = DPMechanism(cfg.clip, sigma, cfg.sample_rate, per_round, cfg.delta, cfg.epsilon)
+    mech = DPMechanism(cfg.clip, sigma, cfg.sample_rate, per_round, cfg.delta, cfg.epsilon, cfg.noise_split)
     if math.isfinite(cfg.epsilon) and rounds_within_budget(mech, 1) < 1:
         raise ConfigError(
             f"privacy: noise_multiplier={sigma} spends {epsilon_spent(mech, 1):.3g} > epsilon={cfg.epsilon} "
@@ -117,10 +129,29 @@ def privacy_entry(mech: DPMechanism | None, rounds: int) -> dict | None:
     if mech is None:
         return None
     spent = epsilon_spent(mech, rounds)
-    return {
+    entry = {
         **mech.to_dict(),
         "rounds": rounds,
         "epsilon": spent if math.isfinite(spent) else "inf",
         "accountant": "opacus RDP (Poisson-subsampled Gaussian), every round counted for every merchant",
         "unit": "one customer's whole purchase history at one merchant",
     }
+    if mech.noise_split:
+        entry["accountant"] = "opacus RDP (Poisson-subsampled Gaussian), one step a round on the sum over merchants"
+        entry["trust"] = (
+            "certified for what the secure sum releases: the coordinator sees only the sum (SecAgg+), and no "
+            "merchant pools its own noise share with the coordinator"
+        )
+        entry["epsilon_if_other_merchants_collude"] = _as_json(epsilon_spent(colluded(mech), rounds))
+    return entry
+
+
+def colluded(mech: DPMechanism) -> DPMechanism:
+    """The mechanism a coalition of the coordinator and every other merchant faces: they can subtract
+    their own noise shares from the sum, leaving one merchant's share (1 / sqrt(noise_split))."""
+    sigma = mech.noise_multiplier / math.sqrt(max(1, mech.noise_split))
+    return dataclasses.replace(mech, noise_multiplier=sigma, noise_split=1)
+
+
+def _as_json(eps: float) -> float | str:
+    return eps if math.isfinite(eps) else "inf"

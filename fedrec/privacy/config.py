@@ -23,6 +23,14 @@ class PrivacyConfig:
     # 0: solved from the budget and the schedule. > 0: used as is, and training stops when the
     # budget is spent.
     noise_multiplier: float = 0.0
+    # Distributed DP (under secure aggregation). 0: each merchant's upload is private on its own
+    # (local DP-SGD, several noisy steps a round). n >= 1: one DP-SGD step a round, whose noise is
+    # split into n shares: each merchant adds 1/sqrt(n) of it to its clipped gradient sum, so the
+    # sum over n merchants carries the full noise. It is certified only for the sum, so only
+    # against a coordinator that sees nothing but the sum (SecAgg+) and merchants that do not
+    # pool their noise with it; every round must hold at least n merchants, and the coordinator's
+    # optimiser takes the step (an adaptive one: federation.server.name = fedadam).
+    noise_split: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -37,5 +45,6 @@ def privacy_errors(cfg: PrivacyConfig) -> list[str]:
         (cfg.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {cfg.noise_multiplier}"),
         (cfg.clip > 0, f"privacy.clip must be > 0, got {cfg.clip}"),
         (0 < cfg.sample_rate <= 1, f"privacy.sample_rate must be in (0, 1], got {cfg.sample_rate}"),
+        (cfg.noise_split >= 0, f"privacy.noise_split must be >= 0 (0: no split), got {cfg.noise_split}"),
     ]
     return [msg for ok, msg in checks if not ok]

@@ -8,6 +8,10 @@ for the towers it does not cover), clipped to L2 norm `clip`, summed, and Gaussi
 of standard deviation `noise_multiplier * clip` is added, all inside the merchant. The customer's
 own user vector is trained on their own purchases only and never leaves the merchant, so its
 gradient is used as is.
+
+With the noise split across merchants (`privacy.noise_split`), the same clipped sum is taken once
+a round and each merchant adds only its share of the noise (`DPMechanism.share_std`); the
+secure sum over merchants then carries the whole of it.
 """
 
 from __future__ import annotations
@@ -55,9 +59,12 @@ def clip_and_sum(per_customer: dict[str, torch.Tensor], clip: float) -> tuple[di
     return sums, norms
 
 
-def add_noise(sums: dict[str, torch.Tensor], mech: DPMechanism, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """The Gaussian mechanism: N(0, (noise_multiplier * clip)^2) on every coordinate."""
-    std = mech.noise_multiplier * mech.clip
+def add_noise(
+    sums: dict[str, torch.Tensor], mech: DPMechanism, gen: torch.Generator, std: float | None = None
+) -> dict[str, torch.Tensor]:
+    """The Gaussian mechanism: N(0, (noise_multiplier * clip)^2) on every coordinate, or N(0, std^2)
+    for one merchant's share of it (`DPMechanism.share_std`)."""
+    std = mech.noise_multiplier * mech.clip if std is None else std
     return {k: s + std * torch.randn(s.shape, generator=gen, dtype=s.dtype) for k, s in sums.items()}
 
 
