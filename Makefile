@@ -18,7 +18,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate validate-aggregation validate-privacy evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate validate-aggregation validate-privacy validate-distributed-privacy evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -74,6 +74,17 @@ DP_VALIDATE = OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --datas
 validate-privacy: setup
 	$(DP_VALIDATE) --setting privacy.clip --candidates 0.1,0.3,1.0
 	$(DP_VALIDATE) --set privacy.clip=0.1 --setting privacy.sample_rate --candidates 0.1,0.3,1.0
+
+# Distributed DP (privacy.noise_split = every merchant, under SecAgg+) at epsilon 8: its sampling rate,
+# chosen on validation (results/validation-privacy.sample_rate-split-<dataset>.json).
+NOISE_SPLIT ?= $(if $(filter movielens-100k,$(DATASET)),11,6)
+SPLIT_ROUNDS ?= 200
+DP_SPLIT = --set privacy.noise_split=$(NOISE_SPLIT) --set federation.server.name=fedadam \
+	--set federation.server.lr=0.01 --set federation.val_every=20
+validate-distributed-privacy: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
+		--set privacy.epsilon=8 --set federation.rounds=$(SPLIT_ROUNDS) $(DP_SPLIT) --tag split \
+		--setting privacy.sample_rate --candidates 0.1,0.2
 
 evaluate-foldin: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)

@@ -325,8 +325,23 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert plain["noise_multiplier"] == 0.0 and plain["epsilon_spent"] == ["inf", "inf"]
     assert dp["command"] == plain["command"] == report["command"]  # each row names the run that made it
     table = (tmp_path / "results" / "privacy-report.md").read_text()
-    assert "| file | 4.0 |" in table and "| file | inf |" in table
+    assert "| file | per merchant | 4.0 |" in table and "| file | none | inf |" in table
     assert (tmp_path / "results" / "privacy-report.png").read_bytes()[:4] == b"\x89PNG"
+    # Split noise: its own rows beside the per-merchant ones; the --dp-set settings reach DP runs only.
+    split = [
+        *args[: args.index("--epsilons")], "--epsilons", "4", "--seeds", "1", "--dp-rounds", "3",
+        "--dp-set", "privacy.noise_split=3", "--dp-set", "federation.server.name=fedadam",
+        "--dp-set", "federation.server.lr=0.01",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, split)
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "results" / "privacy-report.json").read_text())["runs"]
+    assert sorted((str(r["epsilon"]), r["noise_split"]) for r in runs) == [("4.0", 0), ("4.0", 3), ("inf", 0)]
+    row = next(r for r in runs if r["noise_split"] == 3)
+    assert row["rounds"] == 3 and row["epsilon_if_other_merchants_collude"] > row["epsilon_spent"][0]
+    assert "| file | split over 3 | 4.0 |" in (tmp_path / "results" / "privacy-report.md").read_text()
+    bad = CliRunner().invoke(app, [*split[:-2], "--dp-set", "lr=0.01"])
+    assert bad.exit_code == 2 and "--dp-set 'lr'" in bad.output and "Traceback" not in bad.output
 
 
 def test_leakage_metrics_score_a_perfect_and_a_blind_attacker():

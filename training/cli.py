@@ -91,6 +91,10 @@ def privacy_report_cmd(
     epsilons: Annotated[str, typer.Option(help="Comma-separated budgets; inf = no DP.")] = "1,2,4,8,16,inf",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per budget (0, 1, ...).")] = 3,
     dp_rounds: Annotated[int, typer.Option(min=1, help="Rounds of each DP run (the last is released).")] = 20,
+    dp_set: Annotated[
+        list[str] | None,
+        typer.Option("--dp-set", help="KEY=VALUE for the DP runs only, e.g. privacy.noise_split=6 (repeatable)."),
+    ] = None,
 ) -> None:
     """Recall@20 against epsilon (customer-level DP): results/privacy-report.json, .md and .png."""
     import sys
@@ -103,8 +107,14 @@ def privacy_report_cmd(
         raise FedrecError(f"--epsilons {epsilons!r}: expected numbers or inf, e.g. 1,8,inf") from None
     if not eps or any(not e > 0 for e in eps):
         raise FedrecError(f"--epsilons {epsilons!r}: every budget must be > 0 (inf = no DP)")
+    from fedrec.config import parse_sets
+
     cfg = _config(config, dataset, set_)
-    rows = privacy_report(cfg, eps, list(range(seeds)), dp_rounds, console)
+    dp_sets = parse_sets(dp_set)
+    for key in dp_sets:
+        if "." not in key:
+            raise FedrecError(f"--dp-set {key!r}: expected SECTION.KEY=VALUE, e.g. privacy.noise_split=6")
+    rows = privacy_report(cfg, eps, list(range(seeds)), dp_rounds, console, dp_sets)
     paths = write_report(rows, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
     console.print(f"results: {paths['json']}, {paths['md']}, {paths['png']}")
 
@@ -167,6 +177,9 @@ def compare_on_validation(
     dataset: DatasetOpt = None,
     set_: SetOpt = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per candidate (0, 1, ...).")] = 3,
+    tag: Annotated[
+        str, typer.Option(help="Added to the results file's name, to keep searches of one setting apart.")
+    ] = "",
 ) -> None:
     """Choose one setting's value by best validation recall@20 over seeds (test is never evaluated)."""
     from fedrec.config import parse_sets
@@ -177,7 +190,7 @@ def compare_on_validation(
     if dataset:
         overrides["data.dataset"] = dataset
     base = config or default_config_path(dataset)
-    run_compare(base, overrides, setting, parse_candidates(candidates), seeds, console)
+    run_compare(base, overrides, setting, parse_candidates(candidates), seeds, console, tag)
 
 
 @app.command("evaluate-foldin")

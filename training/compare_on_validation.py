@@ -10,7 +10,7 @@ deviation of either candidate). Test is never evaluated here.
     fedrec compare-on-validation --dataset movielens-100k --setting federation.aggregation \
         --candidates fedavg,rowwise --seeds 3
 
-Results: results/validation-<setting>-<dataset>.json.
+Results: results/validation-<setting>[-<tag>]-<dataset>.json.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def summarise(scores: dict[str, list[float]]) -> dict:
 
 
 def compare_on_validation(
-    config: Path | None, overrides: dict, setting: str, candidates: list, seeds: int, console: Console
+    config: Path | None, overrides: dict, setting: str, candidates: list, seeds: int, console: Console, tag: str = ""
 ) -> dict:
     base = load_config(config, overrides)  # a bad base config fails before any training
     scores: dict[str, list[float]] = {}
@@ -106,7 +106,9 @@ def compare_on_validation(
         **summarise(scores),
         "date": dt.date.today().isoformat(),
     }
-    out = Path(base.output.results_dir) / f"validation-{setting}-{dataset}.json"
+    if tag and not tag.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"--tag {tag!r}: use letters, digits, - and _ only (it goes into a file name)")
+    out = Path(base.output.results_dir) / f"validation-{setting}{'-' + tag if tag else ''}-{dataset}.json"
     write_json(out, result)
     s = result["stats"]
     console.print(

@@ -52,50 +52,78 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "clip": cfg.privacy.clip if mech else None,
         "sample_rate": cfg.privacy.sample_rate if mech else None,
         "rounds": mech["rounds"] if mech else None,
+        "noise_split": cfg.privacy.noise_split if mech else 0,
+        "epsilon_if_other_merchants_collude": mech.get("epsilon_if_other_merchants_collude") if mech else None,
         "seconds": float(np.mean(seconds)),
     }
 
 
 def _with(cfg: RunConfig, *changes: tuple[str, str, object]) -> RunConfig:
-    """A validated copy of `cfg` with (section, key, value) changes."""
+    """A validated copy of `cfg` with (section, dotted key, value) changes."""
     raw = cfg.to_dict()
     for section, key, value in changes:
-        raw[section][key] = value if not (isinstance(value, float) and math.isinf(value)) else "inf"
+        *path, last = key.split(".")
+        node = raw[section]
+        for part in path:
+            node = node[part]
+        node[last] = value if not (isinstance(value, float) and math.isinf(value)) else "inf"
     return config_from_dict(raw)
 
 
 def privacy_report(
-    cfg: RunConfig, epsilons: list[float], seeds: list[int], dp_rounds: int, console: Console
+    cfg: RunConfig,
+    epsilons: list[float],
+    seeds: list[int],
+    dp_rounds: int,
+    console: Console,
+    dp_sets: dict[str, object] | None = None,
 ) -> list[dict]:
-    """One row per epsilon; DP rows train `dp_rounds` rounds (the last one is released)."""
+    """One row per epsilon; DP rows train `dp_rounds` rounds (the last one is released), with the
+    `dp_sets` overrides (e.g. the split-noise settings), which the non-private row never gets."""
     rows = []
+    dp_changes = [(k.split(".", 1)[0], k.split(".", 1)[1], v) for k, v in (dp_sets or {}).items()]
     for eps in epsilons:
-        run_cfg = cfg if not math.isfinite(eps) else _with(cfg, ("federation", "rounds", dp_rounds))
+        run_cfg = _with(cfg, ("federation", "rounds", dp_rounds), *dp_changes) if math.isfinite(eps) else cfg
         rows.append(_row(run_cfg, eps, seeds, console))
     return rows
 
 
+def _key(r: dict) -> tuple[str, str, int]:
+    return r["dataset"], str(r["epsilon"]), r.get("noise_split", 0)
+
+
+def _noise(r: dict) -> str:
+    if r["epsilon"] == "inf":
+        return "none"
+    return f"split over {r['noise_split']}" if r.get("noise_split") else "per merchant"
+
+
 def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str, Path]:
-    """Merge rows into results/privacy-report.json by (dataset, epsilon); table and curves beside it."""
+    """Merge rows into results/privacy-report.json by (dataset, epsilon, noise split); table and
+    curves beside it."""
     path = results_dir / "privacy-report.json"
     old = json.loads(path.read_text())["runs"] if path.is_file() else []
     rows = [{**r, "command": command} for r in rows]  # each row says which run made it
-    fresh = {(r["dataset"], str(r["epsilon"])) for r in rows}
-    runs = [r for r in old if (r["dataset"], str(r["epsilon"])) not in fresh] + rows
+    fresh = {_key(r) for r in rows}
+    runs = [r for r in old if _key(r) not in fresh] + rows
     res = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command, "runs": runs}
     write_json(path, res)
     lines = [
-        "| dataset | epsilon | delta | recall@20 (mean ± std) | vs non-private | seeds | noise multiplier "
+        "| dataset | noise | epsilon | delta | recall@20 (mean ± std) | vs non-private | seeds | noise multiplier "
         "| clip | sample rate | rounds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ds in sorted({r["dataset"] for r in runs}):
         part = [r for r in runs if r["dataset"] == ds]
         ref = next((r["recall@20"] for r in part if r["epsilon"] == "inf"), None)
-        for r in sorted(part, key=lambda r: math.inf if r["epsilon"] == "inf" else r["epsilon"]):
+        order = sorted(
+            part, key=lambda r: (r.get("noise_split", 0), math.inf if r["epsilon"] == "inf" else r["epsilon"])
+        )
+        for r in order:
             ratio = f"{r['recall@20'] / ref:.2f}" if ref else "-"
             lines.append(
-                f"| {ds} | {r['epsilon']} | {r['delta']:g} | {r['recall@20']:.4f} ± {r['recall@20_std']:.4f} | {ratio} "
+                f"| {ds} | {_noise(r)} | {r['epsilon']} | {r['delta']:g} "
+                f"| {r['recall@20']:.4f} ± {r['recall@20_std']:.4f} | {ratio} "
                 f"| {len(r['seeds'])} | {r['noise_multiplier']:.3f} | {r['clip'] or '-'} | {r['sample_rate'] or '-'} "
                 f"| {r['rounds'] or 'early stop'} |"
             )
@@ -115,14 +143,19 @@ def _plot(runs: list[dict], target: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for ds in sorted({r["dataset"] for r in runs}):
         part = [r for r in runs if r["dataset"] == ds]
-        dp = sorted((r for r in part if r["epsilon"] != "inf"), key=lambda r: r["epsilon"])
-        line = ax.errorbar(
-            [r["epsilon"] for r in dp], [r["recall@20"] for r in dp], yerr=[r["recall@20_std"] for r in dp],
-            marker="o", capsize=3, label=f"{ds}, DP",
-        )  # fmt: skip
+        color = None
+        for split in sorted({r.get("noise_split", 0) for r in part if r["epsilon"] != "inf"}):
+            dp = sorted((r for r in part if r["epsilon"] != "inf" and r.get("noise_split", 0) == split),
+                        key=lambda r: r["epsilon"])  # fmt: skip
+            line = ax.errorbar(
+                [r["epsilon"] for r in dp], [r["recall@20"] for r in dp], yerr=[r["recall@20_std"] for r in dp],
+                marker="o" if split else "s", ls="-" if split else ":", capsize=3, color=color,
+                label=f"{ds}, DP, noise {_noise(dp[0])}",
+            )  # fmt: skip
+            color = line[0].get_color()
         ref = next((r for r in part if r["epsilon"] == "inf"), None)
         if ref:
-            ax.axhline(ref["recall@20"], ls="--", color=line[0].get_color(), label=f"{ds}, no DP")
+            ax.axhline(ref["recall@20"], ls="--", color=color, label=f"{ds}, no DP")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("test recall@20")
