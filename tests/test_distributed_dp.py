@@ -118,3 +118,28 @@ def test_split_noise_settings_are_checked_before_training():
     with pytest.raises(ConfigError, match="min_merchants >= 4"):  # a sum of 3 would carry 3 of 4 shares
         check_networked(load_config(None, {**ok, "privacy.noise_split": 4, "network.secagg": True,
                                            "network.min_merchants": 3}))  # fmt: skip
+
+
+def test_a_split_delta_fits_the_secure_aggregation_range_at_a_fine_scale(tiny_dataset, features):
+    from fedrec.federated.aggregation import merchant_sums
+    from fedrec.federated.protocol import stage_format
+    from fedrec.federated.wire import from_wire, to_wire
+
+    sets = {"privacy.epsilon": 8.0, "privacy.noise_split": 3, "federation.server.name": "fedadam",
+            "model.dim": 8, "model.hash_buckets": 256, "model.use_content": False}  # fmt: skip
+    cfg = load_config(None, sets)
+    fmt = stage_format("train", tiny_dataset.n_items, cfg)
+    m = tiny_dataset.merchants[0]
+    state = {k: v.detach().clone() for k, v in new_item_tower(tiny_dataset.n_items, cfg.model, 0).state_dict().items()}
+    users = init_user_embeddings(m.n_users, cfg.model, torch.Generator().manual_seed(0))
+    mech = plan_mechanism(cfg.privacy, rounds=10, epochs=1)
+    res = local_update(state, users, m.train, features, cfg.model, LOCAL, seed=0, dp=mech)
+    sums = merchant_sums(res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss, "fedavg", True)
+    sums.update({k: torch.zeros(s) for k, s in fmt.expected.items() if k not in sums})  # the validation sums
+    back = from_wire(to_wire(sums, fmt, cfg.network.clipping_range), fmt)
+    for k, v in sums.items():
+        torch.testing.assert_close(back[k], v.float().reshape(back[k].shape), rtol=1e-5, atol=1e-6)
+    # One quantisation step of SecAgg+ in the delta's own units: far below the noise share.
+    step = 2 * cfg.network.clipping_range / cfg.network.quantization_range
+    scale = fmt.scales[fmt.names.index(next(n for n in fmt.names if n.endswith("item_emb.weight")))]
+    assert step * scale < mech.share_std / 100

@@ -33,6 +33,14 @@ def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
         expected = metric_names(METRICS)
     else:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    if cfg.privacy.enabled and cfg.privacy.noise_split:
+        # One step a round: the delta is a clipped-gradient sum over the sampled customers. Scaled so
+        # that clip x (the expected batch of a max_weight-customer shop) fits the range: only a batch
+        # whose every gradient lay on one coordinate could exceed it, and that is refused, not clipped.
+        bound = cfg.privacy.clip * cfg.privacy.sample_rate * cfg.network.max_weight
+        return wire_format(
+            expected, cfg.network.max_weight, 1.0, train_weight=max(1.0, bound / cfg.network.clipping_range)
+        )
     if cfg.privacy.enabled:  # weight 1 and a fixed schedule of steps (fedrec/privacy)
         steps = float(cfg.local.epochs * steps_per_epoch(cfg.privacy.sample_rate))
         return wire_format(expected, cfg.network.max_weight, steps, train_weight=1.0)
