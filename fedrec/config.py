@@ -190,6 +190,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             "privacy.noise_split: the coordinator takes the round's one DP-SGD step on the noisy sum, so it needs "
             "an adaptive optimiser: set federation.server.name = fedadam (and federation.server.lr, e.g. 0.01)",
         ),
+        (
+            not (cfg.privacy.enabled and cfg.privacy.noise_split) or cfg.federation.robust == "none",
+            "privacy.noise_split: federation.robust reads each merchant's own update, which carries only a share "
+            "of the noise; split noise needs the plain sum (robust = none)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

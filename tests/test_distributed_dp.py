@@ -112,6 +112,8 @@ def test_split_noise_settings_are_checked_before_training():
     with pytest.raises(ConfigError, match="privacy.noise_split must be >= 0"):
         load_config(None, {"privacy.noise_split": -1})
     ok = {**base, "federation.server.name": "fedadam", "federation.server.lr": 0.01}
+    with pytest.raises(ConfigError, match="only a share of the noise"):
+        load_config(None, {**ok, "federation.robust": "median"})
     check_networked(load_config(None, {**ok, "network.secagg": True, "network.min_merchants": 3}))
     with pytest.raises(ConfigError, match="network.secagg"):
         check_networked(load_config(None, {**ok, "network.secagg": False}))
