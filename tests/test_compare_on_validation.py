@@ -53,6 +53,12 @@ def test_compare_on_validation_end_to_end(tmp_path, tiny_csv):
         app, ["compare-on-validation", *tiny_args(tmp_path, tiny_csv), "--setting", "local.nope", "--candidates", "1,2"]
     )
     assert bad.exit_code == 2 and "unknown setting(s) nope" in bad.output
+    for tag, ok in (("split", True), ("../x", False)):  # a tag names the file apart; never a path
+        args = [*tiny_args(tmp_path, tiny_csv), "--setting", "local.epochs", "--candidates", "1,2", "--seeds", "1"]
+        res = CliRunner().invoke(app, ["compare-on-validation", *args, "--tag", tag])
+        assert (res.exit_code == 0) is ok, res.output
+    assert (tmp_path / "results" / "validation-local.epochs-split-file.json").is_file()
+    assert "--tag '../x'" in res.output and "Traceback" not in res.output
 
 
 def test_under_dp_each_candidate_is_scored_on_the_round_dp_releases(tmp_path, tiny_csv):

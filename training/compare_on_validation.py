@@ -80,7 +80,9 @@ def summarise(scores: dict[str, list[float]]) -> dict:
 def compare_on_validation(
     config: Path | None, overrides: dict, setting: str, candidates: list, seeds: int, console: Console, tag: str = ""
 ) -> dict:
-    base = load_config(config, overrides)  # a bad base config fails before any training
+    if tag and not tag.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"--tag {tag!r}: use letters, digits, - and _ only (it goes into a file name)")
+    base = load_config(config, overrides)  # a bad base config, or tag, fails before any training
     scores: dict[str, list[float]] = {}
     rounds: dict[str, list[int]] = {}
     dataset = ""
@@ -106,8 +108,6 @@ def compare_on_validation(
         **summarise(scores),
         "date": dt.date.today().isoformat(),
     }
-    if tag and not tag.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"--tag {tag!r}: use letters, digits, - and _ only (it goes into a file name)")
     out = Path(base.output.results_dir) / f"validation-{setting}{'-' + tag if tag else ''}-{dataset}.json"
     write_json(out, result)
     s = result["stats"]
