@@ -248,6 +248,23 @@ def parse_sets(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
     return out
 
 
+def _set_dotted(raw: dict[str, Any], overrides: dict[str, Any] | None) -> None:
+    """Apply {"section.key": value} overrides to a raw config dict, in place."""
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A validated copy of `cfg` with {"section.key": value} overrides, as `load_config` applies them."""
+    raw = cfg.to_dict()
+    _set_dotted(raw, _finite(overrides))
+    return config_from_dict(raw)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, then the file (TOML or YAML), then `overrides` ({"data.dataset": ...})."""
     raw: dict[str, Any] = {}
@@ -264,12 +281,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(f"{p}: config must be .toml, .yaml or .yml")
         except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{p}: cannot parse ({exc})") from exc
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    _set_dotted(raw, overrides)
     where = str(path) if path else "config"
     try:
         return validate(_build(RunConfig, raw, ""))

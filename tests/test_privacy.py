@@ -342,6 +342,8 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert "| file | split over 3 | 4.0 |" in (tmp_path / "results" / "privacy-report.md").read_text()
     bad = CliRunner().invoke(app, [*split[:-2], "--dp-set", "lr=0.01"])
     assert bad.exit_code == 2 and "--dp-set 'lr'" in bad.output and "Traceback" not in bad.output
+    unknown = CliRunner().invoke(app, [*split[:-2], "--dp-set", "federation.nope.lr=0.01"])
+    assert unknown.exit_code == 2 and "nope" in unknown.output and "Traceback" not in unknown.output
 
 
 def test_leakage_metrics_score_a_perfect_and_a_blind_attacker():

@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from fedrec.atomic import write_json, write_text, write_with
-from fedrec.config import RunConfig, config_from_dict
+from fedrec.config import RunConfig, with_overrides
 from fedrec.training.train import train
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
@@ -29,7 +29,7 @@ EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
 def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> dict:
     recalls, spent, seconds, mech = [], [], [], None
     for seed in seeds:
-        run_cfg = _with(cfg, ("federation", "seed", seed), ("privacy", "epsilon", epsilon))
+        run_cfg = with_overrides(cfg, {"federation.seed": seed, "privacy.epsilon": epsilon})
         t0 = time.perf_counter()
         run = train(run_cfg, Console(quiet=True))
         seconds.append(time.perf_counter() - t0)
@@ -58,18 +58,6 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
     }
 
 
-def _with(cfg: RunConfig, *changes: tuple[str, str, object]) -> RunConfig:
-    """A validated copy of `cfg` with (section, dotted key, value) changes."""
-    raw = cfg.to_dict()
-    for section, key, value in changes:
-        *path, last = key.split(".")
-        node = raw[section]
-        for part in path:
-            node = node[part]
-        node[last] = value if not (isinstance(value, float) and math.isinf(value)) else "inf"
-    return config_from_dict(raw)
-
-
 def privacy_report(
     cfg: RunConfig,
     epsilons: list[float],
@@ -81,9 +69,9 @@ def privacy_report(
     """One row per epsilon; DP rows train `dp_rounds` rounds (the last one is released), with the
     `dp_sets` overrides (e.g. the split-noise settings), which the non-private row never gets."""
     rows = []
-    dp_changes = [(k.split(".", 1)[0], k.split(".", 1)[1], v) for k, v in (dp_sets or {}).items()]
+    dp_overrides = {"federation.rounds": dp_rounds, **(dp_sets or {})}
     for eps in epsilons:
-        run_cfg = _with(cfg, ("federation", "rounds", dp_rounds), *dp_changes) if math.isfinite(eps) else cfg
+        run_cfg = with_overrides(cfg, dp_overrides) if math.isfinite(eps) else cfg
         rows.append(_row(run_cfg, eps, seeds, console))
     return rows
 
