@@ -114,8 +114,11 @@ DP_ROUNDS ?= 20
 privacy-report: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS)
 
+# With split-noise rows (leakage and membership) at privacy-report-split's settings.
 attack-report: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
+		$(subst --set,--split-set,$(DP_SPLIT)) --split-set federation.rounds=$(SPLIT_ROUNDS) \
+		--split-set privacy.sample_rate=$(SPLIT_RATE) --split-set model.dim=$(SPLIT_DIM)
 
 export: setup
 	$(BIN)/fedrec export --dataset $(DATASET) $(CONFIG_ARG)

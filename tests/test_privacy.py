@@ -369,18 +369,26 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
         "--set", f"output.results_dir={tmp_path}", "--set", "model.dim=8", "--set", "model.hash_buckets=256",
         "--set", "privacy.sample_rate=0.5", "--set", "federation.rounds=3", "--epsilon", "1", "--dp-rounds", "3",
         "--poison-rounds", "2", "--seeds", "1", "--colluders", "2",
+        # split-noise rows: the noise shared by the 3 merchants, 3 rounds of one DP step each
+        "--split-set", "privacy.noise_split=3", "--split-set", "federation.server.name=fedadam",
+        "--split-set", "federation.rounds=3",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     leak = json.loads((tmp_path / "attack-report.json").read_text())["leakage"]
-    assert set(leak) == {"none", "secagg_sum", "dp", "dp_secagg"}
+    assert set(leak) == {"none", "secagg_sum", "dp", "dp_secagg", "dp_split", "dp_split_secagg"}
+    # the sum of split-noise messages carries the whole noise: the coordinator learns nothing
+    assert leak["dp_split_secagg"]["auc"] < 0.6
+    assert leak["dp_split"]["noise_split"] == 3 and leak["dp_split"]["rounds"] == 3
+    assert leak["dp_split"]["noise_multiplier"] < leak["dp"]["noise_multiplier"]  # 3 steps, not 3 x 1/q
     # On the tiny shop (190 items, 55 to 80% of them sold by each shop) the signal is weaker than
     # on the synthetic shop (README), but clear without protection and gone with DP.
     assert leak["none"]["auc"] > 0.7
     assert leak["dp"]["auc"] < 0.6 and leak["dp_secagg"]["auc"] < 0.6
     assert leak["dp"]["precision"] < leak["none"]["precision"]
     member = json.loads((tmp_path / "attack-report.json").read_text())["membership"]
-    assert set(member) == {"none", "dp"} and member["dp"]["epsilon"] == 1.0
+    assert set(member) == {"none", "dp", "dp_split"} and member["dp"]["epsilon"] == 1.0
+    assert member["dp_split"]["noise_split"] == 3 and member["dp_split"]["rounds"] == 3
     assert all(0.0 <= r["auc"] <= 1.0 and r["members"] > 0 and r["non_members"] > 0 for r in member.values())
     poison = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]
     # no robust rule: labelled by the rule it ran, the default auto = rowwise on this shop
@@ -391,6 +399,17 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     report = json.loads((tmp_path / "attack-report.json").read_text())
     assert poison["attackers"] == 1 and report["poisoning_colluding"]["attackers"] == 2
     assert set(report["poisoning_colluding"]["rules"]) == set(poison["rules"])
+
+
+def test_attack_report_refuses_split_rows_without_a_split(tmp_path):
+    """--split-set without privacy.noise_split >= 2 would label plain DP rows as split: refused."""
+    for sets in (["federation.server.name=fedadam"], ["privacy.noise_split=1"], ["privacy.noise_split=x"]):
+        args = ["attack-report", "--set", f"output.results_dir={tmp_path}"]
+        for item in sets:
+            args += ["--split-set", item]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and "privacy.noise_split=N with N >= 2" in result.output, result.output
+    assert not (tmp_path / "attack-report.json").exists()
 
 
 def test_evaluate_refuses_a_private_config_instead_of_ignoring_it(tmp_path):

@@ -6,14 +6,18 @@ honest-but-curious coordinator ranks item rows by norm (`fedrec.privacy.attacks`
 - `none`: the target merchant's own update (what it sees without secure aggregation);
 - `secagg_sum`: the sum over all merchants' terms (all SecAgg+ lets it decode);
 - `dp`: the target merchant's DP update;
-- `dp_secagg`: the sum of the DP updates.
+- `dp_secagg`: the sum of the DP updates;
+- with `--split-set` (`privacy.noise_split` = n): `dp_split`, one merchant's message carrying only
+  its 1/sqrt(n) share of the noise (what a coordinator isolates when every other merchant
+  colludes with it, or without SecAgg+), and `dp_split_secagg`, their sum (what SecAgg+ shows).
 Each merchant is the target once; the report gives the mean and the per-merchant figures.
 
 Membership of a customer: half of each merchant's customers (drawn at random) train the model,
 the other half never do. The attacker holds the shared export (item vectors) and a customer's
 purchase history; it folds a user vector in from that history (the serving fold-in) and scores
 the history's mean log-likelihood under it: a model that trained on those purchases explains them
-better. AUC of that score, members against non-members, without and with DP.
+better. AUC of that score, members against non-members, without and with DP (and with the
+noise split across merchants, where `--split-set` asks for it).
 
 Poisoning (item promotion, `fedrec.privacy.poisoning`): a fake merchant with made-up customers
 who all bought one unpopular target product (and a few popular ones) crafts the target's id row
@@ -37,7 +41,7 @@ import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json
-from fedrec.config import RunConfig, aggregation_rule
+from fedrec.config import RunConfig, aggregation_rule, with_overrides
 from fedrec.data import FederatedDataset, MerchantData, pooled
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
@@ -56,23 +60,32 @@ from fedrec.training.data import load_dataset
 TABLE = "item_emb.weight"
 
 
-def leakage_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console) -> dict:
+def leakage_report(
+    cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console, split: RunConfig | None = None
+) -> dict:
+    """The leakage attack on round 1's messages; with `split` (the split-noise run's config, its
+    `federation.rounds` the schedule), also on the split-noise messages and their sum."""
     use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
     if not cfg.model.use_item_id:
         raise FedrecError("the leakage attack reads the item-id table: model.use_item_id must be on")
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
-    state = initial_item_state(dataset.n_items, cfg.model, seed)
     mech = plan_mechanism(dataclasses.replace(cfg.privacy, epsilon=epsilon), dp_rounds, cfg.local.epochs)
+    # (setting, run config, mechanism): each message the coordinator could receive in round 1
+    runs = [("none", cfg, None), ("dp", cfg, mech)]
+    if split is not None:
+        split_mech = plan_mechanism(dataclasses.replace(split.privacy, epsilon=epsilon), split.federation.rounds, 1)
+        runs.append(("dp_split", split, split_mech))
     fed = cfg.federation
-    own: dict[str, dict[str, np.ndarray]] = {"none": {}, "dp": {}}
-    sums = {"none": None, "dp": None}
+    own: dict[str, dict[str, np.ndarray]] = {name: {} for name, _, _ in runs}
+    sums: dict[str, np.ndarray | None] = {name: None for name, _, _ in runs}
     for i, m in enumerate(dataset.merchants):
-        users = init_user_embeddings(m.n_users, cfg.model, torch.Generator().manual_seed(seed * 7919 + i))
-        bias = init_item_bias(dataset.n_items, cfg.model)
-        for setting, dp in (("none", None), ("dp", mech)):
-            res = local_update(state, users, m.train, features, cfg.model, cfg.local, seed * 1009 + i, bias, dp)
+        for setting, run, dp in runs:
+            state = initial_item_state(dataset.n_items, run.model, seed)
+            users = init_user_embeddings(m.n_users, run.model, torch.Generator().manual_seed(seed * 7919 + i))
+            bias = init_item_bias(dataset.n_items, run.model)
+            res = local_update(state, users, m.train, features, run.model, run.local, seed * 1009 + i, bias, dp)
             # fedavg: the delta every rule sends (rowwise adds per-row weights that name the sold
             # rows outright; it is never used under DP, so the comparison is on this delta)
             terms = merchant_sums(
@@ -82,21 +95,31 @@ def leakage_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Cons
             table = terms[DELTA + TABLE].numpy()
             own[setting][m.name] = table
             sums[setting] = table.copy() if sums[setting] is None else sums[setting] + table
-        console.print(f"  {m.name}: updates without and with DP computed")
-    per: dict[str, dict[str, dict]] = {k: {} for k in ("none", "secagg_sum", "dp", "dp_secagg")}
+        console.print(f"  {m.name}: updates computed ({', '.join(own)})")
+    seen = {"none": "none", "secagg_sum": "none", "dp": "dp", "dp_secagg": "dp"}  # report row -> setting
+    if split is not None:
+        seen |= {"dp_split": "dp_split", "dp_split_secagg": "dp_split"}
+    per: dict[str, dict[str, dict]] = {k: {} for k in seen}
     for m in dataset.merchants:
         sold = np.asarray(m.train.sum(axis=0)).ravel() > 0
-        per["none"][m.name] = leakage_metrics(row_scores(own["none"][m.name]), sold)
-        per["secagg_sum"][m.name] = leakage_metrics(row_scores(sums["none"]), sold)
-        per["dp"][m.name] = leakage_metrics(row_scores(own["dp"][m.name]), sold)
-        per["dp_secagg"][m.name] = leakage_metrics(row_scores(sums["dp"]), sold)
+        for row, setting in seen.items():
+            table = sums[setting] if row == "secagg_sum" or row.endswith("_secagg") else own[setting][m.name]
+            per[row][m.name] = leakage_metrics(row_scores(table), sold)
     out = {}
     for setting, rows in per.items():
         out[setting] = {
             key: float(np.mean([r[key] for r in rows.values()])) for key in ("precision", "recall", "auc")
         } | {"per_merchant": rows}
-    out["dp"]["epsilon"] = out["dp_secagg"]["epsilon"] = epsilon
-    out["dp"]["noise_multiplier"] = out["dp_secagg"]["noise_multiplier"] = mech.noise_multiplier
+    for row in ("dp", "dp_secagg"):
+        out[row] |= {"epsilon": epsilon, "noise_multiplier": mech.noise_multiplier}
+    if split is not None:
+        for row in ("dp_split", "dp_split_secagg"):
+            out[row] |= {
+                "epsilon": epsilon,
+                "noise_multiplier": split_mech.noise_multiplier,
+                "noise_split": split_mech.noise_split,
+                "rounds": split.federation.rounds,
+            }
     return {"dataset": dataset.name, "merchants": len(dataset.merchants), "items": dataset.n_items, "leakage": out}
 
 
@@ -123,8 +146,11 @@ def membership_scores(item_vectors: np.ndarray, history: sp.csr_matrix, temperat
     )
 
 
-def membership_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console) -> dict:
-    """Train on half the customers without and with DP; the attacker's AUC on members vs the rest."""
+def membership_report(
+    cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console, split: RunConfig | None = None
+) -> dict:
+    """Train on half the customers without and with DP (and with `split`, the split-noise run);
+    the attacker's AUC on members against the rest."""
     use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
@@ -132,16 +158,22 @@ def membership_report(cfg: RunConfig, epsilon: float, dp_rounds: int, console: C
     members, masks = _members_only(dataset, seed)
     eligible = [m for m in dataset.merchants if m.n_users]
     labels = np.concatenate([masks[m.name] for m in eligible])
+    dp_run = with_overrides(cfg, {"privacy.epsilon": epsilon, "federation.rounds": dp_rounds})
+    runs = [("none", cfg), ("dp", dp_run)]
+    if split is not None:
+        runs.append(("dp_split", with_overrides(split, {"privacy.epsilon": epsilon})))
     out = {}
-    for setting, eps, rounds in (("none", None, cfg.federation.rounds), ("dp", epsilon, dp_rounds)):
-        mech = None if eps is None else plan_mechanism(dataclasses.replace(cfg.privacy, epsilon=eps), rounds, 1)
-        fed = dataclasses.replace(cfg.federation, rounds=rounds)
-        res = run_federated(members, features, cfg.model, cfg.local, fed, dp=mech)
-        vecs = item_embeddings(res.item_state, features, cfg.model).numpy()
-        scores = np.concatenate([membership_scores(vecs, m.train, cfg.local.temperature) for m in eligible])
+    for setting, run in runs:
+        rounds = run.federation.rounds
+        mech = plan_mechanism(run.privacy, rounds, 1 if run.privacy.noise_split else run.local.epochs)
+        res = run_federated(members, features, run.model, run.local, run.federation, dp=mech)
+        vecs = item_embeddings(res.item_state, features, run.model).numpy()
+        scores = np.concatenate([membership_scores(vecs, m.train, run.local.temperature) for m in eligible])
         out[setting] = {"auc": auc(scores, labels), "members": int(labels.sum()), "non_members": int((~labels).sum())}
         if mech is not None:
-            out[setting] |= {"epsilon": eps, "noise_multiplier": mech.noise_multiplier, "rounds": rounds}
+            out[setting] |= {"epsilon": epsilon, "noise_multiplier": mech.noise_multiplier, "rounds": rounds}
+        if mech is not None and mech.noise_split:
+            out[setting]["noise_split"] = mech.noise_split
         console.print(f"  membership, {setting}: AUC {out[setting]['auc']:.3f}")
     return out
 

@@ -132,11 +132,19 @@ def attack_report_cmd(
     colluders: Annotated[
         int, typer.Option(min=1, help="Poisoning: also run this many colluding fake merchants (1: skip).")
     ] = 3,
+    split_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--split-set",
+            help="KEY=VALUE for split-noise rows (leakage, membership), e.g. privacy.noise_split=6 (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Leakage (with and without SecAgg and DP), membership and poisoning attacks: results/attack-report.json."""
     import dataclasses
     import sys
 
+    from fedrec.config import parse_sets, with_overrides
     from fedrec.training.attack_report import (
         PoisonConfig,
         leakage_report,
@@ -148,15 +156,22 @@ def attack_report_cmd(
     if not epsilon > 0:
         raise FedrecError(f"--epsilon {epsilon}: must be > 0")
     cfg = _config(config, dataset, set_)
-    res = leakage_report(cfg, epsilon, dp_rounds, console)
-    res["membership"] = membership_report(cfg, epsilon, dp_rounds, console)
+    split = None
+    if split_set:
+        sets = parse_sets(split_set)
+        n = sets.get("privacy.noise_split")
+        if not isinstance(n, int) or n < 2:
+            raise FedrecError("--split-set: the split-noise rows need privacy.noise_split=N with N >= 2")
+        split = with_overrides(cfg, {"privacy.epsilon": epsilon, **sets})
+    res = leakage_report(cfg, epsilon, dp_rounds, console, split)
+    res["membership"] = membership_report(cfg, epsilon, dp_rounds, console, split)
     poison = PoisonConfig(rounds=poison_rounds, seeds=tuple(range(seeds)))
     res["poisoning"] = poisoning_report(cfg, console, poison)
     if colluders > 1:
         res["poisoning_colluding"] = poisoning_report(cfg, console, dataclasses.replace(poison, attackers=colluders))
     path = write_attack_report(res, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
     for setting, r in res["leakage"].items():
-        console.print(f"{setting:>11}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  AUC {r['auc']:.3f}")
+        console.print(f"{setting:>15}: precision {r['precision']:.3f}  recall {r['recall']:.3f}  AUC {r['auc']:.3f}")
     for setting, r in res["membership"].items():
         console.print(f"membership {setting}: AUC {r['auc']:.3f}")
     for part in ("poisoning", "poisoning_colluding"):
