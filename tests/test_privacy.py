@@ -321,6 +321,7 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     dp, plain = by_eps[4.0], by_eps["inf"]
     assert dp["seeds"] == [0, 1] and len(dp["per_seed"]) == 2
     assert dp["recall@20"] == pytest.approx(np.mean(dp["per_seed"]))
+    assert dp["recall@20_std"] == pytest.approx(np.std(dp["per_seed"], ddof=1))  # as in evaluate
     assert dp["noise_multiplier"] > 0 and dp["rounds"] == 2 and all(0 < e <= 4.0 for e in dp["epsilon_spent"])
     assert plain["noise_multiplier"] == 0.0 and plain["epsilon_spent"] == ["inf", "inf"]
     assert dp["command"] == plain["command"] == report["command"]  # each row names the run that made it
@@ -337,6 +338,8 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert result.exit_code == 0, result.output
     runs = json.loads((tmp_path / "results" / "privacy-report.json").read_text())["runs"]
     assert sorted((str(r["epsilon"]), r["noise_split"]) for r in runs) == [("4.0", 0), ("4.0", 3), ("inf", 0)]
+    kept = next(r for r in runs if r["epsilon"] == 4.0 and r["noise_split"] == 0)
+    assert kept["recall@20_std"] == pytest.approx(dp["recall@20_std"])  # the earlier row, merged unchanged
     row = next(r for r in runs if r["noise_split"] == 3)
     assert row["rounds"] == 3 and row["epsilon_if_other_merchants_collude"] > row["epsilon_spent"][0]
     assert "| file | split over 3 | 4.0 |" in (tmp_path / "results" / "privacy-report.md").read_text()

@@ -44,7 +44,7 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "epsilon": epsilon if math.isfinite(epsilon) else "inf",
         "delta": cfg.privacy.delta,
         "recall@20": float(np.mean(recalls)),
-        "recall@20_std": float(np.std(recalls)),
+        "recall@20_std": seed_std(recalls),
         "seeds": seeds,
         "per_seed": recalls,
         "epsilon_spent": spent,
@@ -86,14 +86,21 @@ def _noise(r: dict) -> str:
     return f"split over {r['noise_split']}" if r.get("noise_split") else "per merchant"
 
 
+def seed_std(recalls: list[float]) -> float:
+    """The sample standard deviation over seeds (ddof 1), as every other report here gives it."""
+    return float(np.std(recalls, ddof=1)) if len(recalls) > 1 else 0.0
+
+
 def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str, Path]:
     """Merge rows into results/privacy-report.json by (dataset, epsilon, noise split); table and
-    curves beside it."""
+    curves beside it. Every row's std is recomputed from its per-seed recalls, so rows kept from
+    older runs (which wrote the population std) are stated the same way as new ones."""
     path = results_dir / "privacy-report.json"
     old = json.loads(path.read_text())["runs"] if path.is_file() else []
     rows = [{**r, "command": command} for r in rows]  # each row says which run made it
     fresh = {_key(r) for r in rows}
     runs = [r for r in old if _key(r) not in fresh] + rows
+    runs = [{**r, "recall@20_std": seed_std(r["per_seed"])} if "per_seed" in r else r for r in runs]
     res = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command, "runs": runs}
     write_json(path, res)
     lines = [
