@@ -155,6 +155,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
         (cfg.federation.val_every >= 1, "federation.val_every must be >= 1"),
         (cfg.federation.val_customers >= 0, "federation.val_customers must be >= 0 (0: all)"),
+        (cfg.federation.val_scope in ("all", "round"), "federation.val_scope must be all or round"),
         (cfg.federation.workers >= 1, "federation.workers must be >= 1 (merchants trained at once, in-process)"),
         (
             cfg.federation.upload_precision in PRECISIONS,

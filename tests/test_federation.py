@@ -204,6 +204,32 @@ def test_proximal_term_is_half_mu_squared_distance_with_gradient_mu_times_drift(
     assert tower.mlp[0].weight.grad.abs().max() == 0
 
 
+def test_val_scope_round_scores_only_the_merchants_that_trained(tiny_dataset, features, monkeypatch):
+    """val_scope = round: a round's validation sums come from its sampled merchants alone (as in the
+    networked runtime); the default scores every merchant."""
+    import fedrec.federated.simulation as simulation
+
+    scored: list[str] = []
+    real = simulation.evaluate_val
+
+    def recording(merchant, *args, **kwargs):
+        scored.append(merchant.name)
+        return real(merchant, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "evaluate_val", recording)
+    n = len(tiny_dataset.merchants)
+    for scope in ("round", "all"):
+        scored.clear()
+        cfg = FederationConfig(rounds=4, fraction=0.3, patience=0, refit=False, val_scope=scope)
+        res = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg)
+        expected = (
+            [m for h in res.history for m in h.merchants]
+            if scope == "round"
+            else 4 * [m.name for m in tiny_dataset.merchants]
+        )
+        assert scored == expected and len(scored) == (4 if scope == "round" else 4 * n)
+
+
 def test_refit_retrains_on_train_and_validation_for_the_chosen_rounds(tiny_dataset, features, monkeypatch):
     """The released model is a second run, from the same start, on train + validation for the best
     round's number of rounds; the first run alone saw only train."""

@@ -59,6 +59,10 @@ class FederationConfig:
     # validation customers costs more than a round at marketplace scale.
     val_every: int = 1
     val_customers: int = 0  # per merchant, at most this many validation customers (0: all)
+    # Whose validation sums score a round: "all" merchants, or only the "round"'s sampled ones (what
+    # the networked runtime does, where validation rides on the training message). With partial
+    # participation at marketplace scale "all" validates ten times the merchants that train.
+    val_scope: str = "all"
     upload_precision: str = "float32"  # or float16: fedrec/federated/upload.py
     # Robust aggregation against poisoning (fedrec/federated/robust.py): reads every merchant's own
     # delta, so it is incompatible with secure aggregation. "none" is the sum form.
@@ -289,7 +293,8 @@ def _train(
             def validate(name: str, vecs: torch.Tensor = item_vecs) -> MetricSums:
                 return evaluate_val(dataset.merchant(name), users[name], vecs, biases[name], val_rows[name])
 
-            val = [sums for _, sums in in_order(validate, names, fed_cfg.workers)]
+            scored = names if fed_cfg.val_scope == "all" else chosen
+            val = [sums for _, sums in in_order(validate, scored, fed_cfg.workers)]
             val_total = combine_sums(val).means()["recall@20"]
         seconds = time.perf_counter() - t_round
         log = RoundLog(rnd, chosen, mean_loss(total), val_total, seconds, sent // len(chosen), release_last)
