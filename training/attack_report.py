@@ -149,8 +149,8 @@ def membership_scores(item_vectors: np.ndarray, history: sp.csr_matrix, temperat
 def membership_report(
     cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console, split: RunConfig | None = None
 ) -> dict:
-    """Train on half the customers without and with DP (and with `split`, the split-noise run);
-    the attacker's AUC on members against the rest."""
+    """Train on half the customers without and with DP (and with `split`, the split-noise run's
+    config, its budget already `epsilon`); the attacker's AUC on members against the rest."""
     use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
@@ -161,11 +161,11 @@ def membership_report(
     dp_run = with_overrides(cfg, {"privacy.epsilon": epsilon, "federation.rounds": dp_rounds})
     runs = [("none", cfg), ("dp", dp_run)]
     if split is not None:
-        runs.append(("dp_split", with_overrides(split, {"privacy.epsilon": epsilon})))
+        runs.append(("dp_split", split))
     out = {}
     for setting, run in runs:
         rounds = run.federation.rounds
-        mech = plan_mechanism(run.privacy, rounds, 1 if run.privacy.noise_split else run.local.epochs)
+        mech = plan_mechanism(run.privacy, rounds, run.local.epochs)  # split noise: one step a round
         res = run_federated(members, features, run.model, run.local, run.federation, dp=mech)
         vecs = item_embeddings(res.item_state, features, run.model).numpy()
         scores = np.concatenate([membership_scores(vecs, m.train, run.local.temperature) for m in eligible])
