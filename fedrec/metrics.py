@@ -15,6 +15,12 @@ DEFAULT_KS = (10, 20, 50)
 METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20")
 
 
+def seed_std(values: list[float] | np.ndarray) -> float:
+    """The spread every report states beside a mean over seeds: the sample standard deviation
+    (ddof 1), 0 for a single seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def topk_items(
     user_vecs: torch.Tensor,
     item_vecs: torch.Tensor,

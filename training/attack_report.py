@@ -64,7 +64,8 @@ def leakage_report(
     cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console, split: RunConfig | None = None
 ) -> dict:
     """The leakage attack on round 1's messages; with `split` (the split-noise run's config, its
-    `federation.rounds` the schedule), also on the split-noise messages and their sum."""
+    budget already `epsilon` and its `federation.rounds` the schedule), also on the split-noise
+    messages and their sum."""
     use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
@@ -75,14 +76,15 @@ def leakage_report(
     # (setting, run config, mechanism): each message the coordinator could receive in round 1
     runs = [("none", cfg, None), ("dp", cfg, mech)]
     if split is not None:
-        split_mech = plan_mechanism(dataclasses.replace(split.privacy, epsilon=epsilon), split.federation.rounds, 1)
+        split_mech = plan_mechanism(split.privacy, split.federation.rounds, split.local.epochs)  # one step a round
         runs.append(("dp_split", split, split_mech))
     fed = cfg.federation
     own: dict[str, dict[str, np.ndarray]] = {name: {} for name, _, _ in runs}
     sums: dict[str, np.ndarray | None] = {name: None for name, _, _ in runs}
+    start = {name: initial_item_state(dataset.n_items, run.model, seed) for name, run, _ in runs}  # round 1's tower
     for i, m in enumerate(dataset.merchants):
         for setting, run, dp in runs:
-            state = initial_item_state(dataset.n_items, run.model, seed)
+            state = start[setting]
             users = init_user_embeddings(m.n_users, run.model, torch.Generator().manual_seed(seed * 7919 + i))
             bias = init_item_bias(dataset.n_items, run.model)
             res = local_update(state, users, m.train, features, run.model, run.local, seed * 1009 + i, bias, dp)

@@ -25,7 +25,7 @@ from fedrec.data import FederatedDataset
 from fedrec.datasets.protocol import cold_start_split
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
-from fedrec.metrics import per_user_metrics
+from fedrec.metrics import per_user_metrics, seed_std
 from fedrec.model import catalogue_embeddings
 
 K = 20
@@ -72,7 +72,7 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
             console.print(f"[bold]cold start, {name}[/] (seed {seed}): recall@20 on new products {recalls[-1]:.4f}")
         out[name] = {
             "recall@20": float(np.mean(recalls)),
-            "recall@20_std": float(np.std(recalls, ddof=1)) if len(recalls) > 1 else 0.0,
+            "recall@20_std": seed_std(recalls),
             "recall@20_per_seed": [round(r, 4) for r in recalls],
             "seeds": list(seeds),
             "new_product_vectors": "content tower alone"

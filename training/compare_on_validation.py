@@ -27,6 +27,7 @@ from fedrec.config import RunConfig, load_config
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
+from fedrec.metrics import seed_std
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
@@ -68,8 +69,7 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
 
 def summarise(scores: dict[str, list[float]]) -> dict:
     """Means, spreads and the winner; `clear` only when the winner's lead exceeds both spreads."""
-    stats = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-             for k, v in scores.items()}  # fmt: skip
+    stats = {k: {"mean": float(np.mean(v)), "std": seed_std(v)} for k, v in scores.items()}
     ranked = sorted(stats, key=lambda k: stats[k]["mean"], reverse=True)
     best, runner = ranked[0], ranked[1]
     lead = stats[best]["mean"] - stats[runner]["mean"]

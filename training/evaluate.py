@@ -34,7 +34,15 @@ from fedrec.evaluation import (
 )
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
-from fedrec.metrics import METRICS, basket_label_share, catalogue_coverage, cosine, same_label_rate, top1_share
+from fedrec.metrics import (
+    METRICS,
+    basket_label_share,
+    catalogue_coverage,
+    cosine,
+    same_label_rate,
+    seed_std,
+    top1_share,
+)
 from fedrec.model import item_embeddings
 from fedrec.serving.foldin import FoldInConfig, fold_in_many
 from fedrec.threads import use_threads
@@ -76,7 +84,7 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
             }
             for name, stats in first["per_merchant"].items()
         },
-        "recall@20_std": float(np.std(recalls, ddof=1)) if len(recalls) > 1 else 0.0,
+        "recall@20_std": seed_std(recalls),
         "recall@20_per_seed": [round(r, 4) for r in recalls],
         "seeds": list(seeds),
     }

@@ -40,6 +40,7 @@ from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.upload import dense_bytes
+from fedrec.metrics import seed_std
 from fedrec.model import item_embeddings
 from fedrec.threads import use_threads
 from fedrec.training.cli import default_config_path
@@ -237,7 +238,7 @@ def summarise(runs: list[dict], grid: Grid) -> list[dict]:
                 "merchants_trained": sorted({r["merchants"] for r in mine}),
                 "fraction": setting.fraction,
                 "recall@20": float(recall.mean()),
-                "recall@20_std": float(recall.std(ddof=1)) if len(recall) > 1 else 0.0,
+                "recall@20_std": seed_std(recall),
                 "ndcg@20": float(np.mean([r["ndcg@20"] for r in mine])),
                 "rounds": grid.rounds,
                 "best_round": float(np.mean([r["best_round"] for r in mine])),

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from fedrec.atomic import write_json, write_text, write_with
 from fedrec.config import RunConfig, with_overrides
+from fedrec.metrics import seed_std
 from fedrec.training.train import train
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
@@ -44,7 +45,6 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "epsilon": epsilon if math.isfinite(epsilon) else "inf",
         "delta": cfg.privacy.delta,
         "recall@20": float(np.mean(recalls)),
-        "recall@20_std": seed_std(recalls),
         "seeds": seeds,
         "per_seed": recalls,
         "epsilon_spent": spent,
@@ -86,15 +86,11 @@ def _noise(r: dict) -> str:
     return f"split over {r['noise_split']}" if r.get("noise_split") else "per merchant"
 
 
-def seed_std(recalls: list[float]) -> float:
-    """The sample standard deviation over seeds (ddof 1), as every other report here gives it."""
-    return float(np.std(recalls, ddof=1)) if len(recalls) > 1 else 0.0
-
-
 def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str, Path]:
     """Merge rows into results/privacy-report.json by (dataset, epsilon, noise split); table and
-    curves beside it. Every row's std is recomputed from its per-seed recalls, so rows kept from
-    older runs (which wrote the population std) are stated the same way as new ones."""
+    curves beside it. Every row's std is derived here from its per-seed recalls (`seed_std`, as in
+    every other report), so rows kept from older runs, which wrote the population std, are
+    stated the same way as new ones."""
     path = results_dir / "privacy-report.json"
     old = json.loads(path.read_text())["runs"] if path.is_file() else []
     rows = [{**r, "command": command} for r in rows]  # each row says which run made it
