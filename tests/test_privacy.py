@@ -412,6 +412,11 @@ def test_attack_report_refuses_split_rows_without_a_split(tmp_path):
             args += ["--split-set", item]
         result = CliRunner().invoke(app, args)
         assert result.exit_code != 0 and "privacy.noise_split=N with N >= 2" in result.output, result.output
+    clash = CliRunner().invoke(
+        app, ["attack-report", "--set", f"output.results_dir={tmp_path}", "--split-set", "privacy.noise_split=3",
+              "--split-set", "privacy.epsilon=2"],
+    )  # fmt: skip
+    assert clash.exit_code != 0 and "use --epsilon" in clash.output and "Traceback" not in clash.output
     assert not (tmp_path / "attack-report.json").exists()
 
 

@@ -162,6 +162,8 @@ def attack_report_cmd(
         n = sets.get("privacy.noise_split")
         if not isinstance(n, int) or n < 2:
             raise FedrecError("--split-set: the split-noise rows need privacy.noise_split=N with N >= 2")
+        if "privacy.epsilon" in sets:  # every row is labelled with --epsilon: one budget for all
+            raise FedrecError("--split-set privacy.epsilon: the split-noise rows use --epsilon, like the others")
         split = with_overrides(cfg, {"privacy.epsilon": epsilon, **sets})
     res = leakage_report(cfg, epsilon, dp_rounds, console, split)
     res["membership"] = membership_report(cfg, epsilon, dp_rounds, console, split)
