@@ -22,6 +22,7 @@ from fedrec.federated.robust import ROBUST_RULES
 from fedrec.federated.server_opt import SERVER_OPTIMIZERS
 from fedrec.federated.simulation import FederationConfig
 from fedrec.federated.upload import PRECISIONS
+from fedrec.index_kinds import INDEX_KINDS
 from fedrec.losses import LOSSES
 from fedrec.model import ModelConfig, item_tower_shapes
 from fedrec.privacy.config import PrivacyConfig, privacy_errors
@@ -44,9 +45,6 @@ class DataConfig:
     partition: str = "natural"
     partition_merchants: int = 10  # dirichlet and quantity: number of merchants, 2 to 1000
     partition_alpha: float = 0.5  # Dirichlet concentration: small = strong skew
-
-
-INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")  # the serving indexes (serving/index.py); or "auto"
 
 
 @dataclass(frozen=True)

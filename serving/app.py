@@ -30,7 +30,7 @@ from fedrec.serving import metrics
 from fedrec.serving.batcher import BasketQuery, FoldInBatcher
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.limits import RequestLimits, shown
-from fedrec.serving.recommend import customer_vector, purchased_rows, results, search
+from fedrec.serving.recommend import customer_vector, purchased_rows, results
 from fedrec.serving.recommend import similar_items as similar_items_of
 from fedrec.serving.schemas import (
     MAX_K,
@@ -45,6 +45,7 @@ from fedrec.serving.schemas import (
     ReloadResult,
     SimilarItems,
 )
+from fedrec.serving.search_batcher import SearchBatcher
 from fedrec.serving.settings import ServeSettings
 from fedrec.serving.state import ExportHolder
 
@@ -89,6 +90,7 @@ def limit_threads(threads: int) -> None:
 def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> FastAPI:
     holder = holder or ExportHolder(settings)
     batcher = FoldInBatcher(settings.foldin_config(), settings.foldin_batch)
+    searcher = SearchBatcher()  # known customers: concurrent searches as one FAISS call
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -325,7 +327,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
                 404, "customer_not_found", f"customer {shown(customer)} is not a customer of merchant {merchant!r}"
             )
         exclude = purchased_rows(export, user_row) if exclude_purchased else None
-        rows, scores = search(export, customer_vector(export, user_row), k, exclude, popularity_weight)
+        rows, scores = await searcher.search(export, customer_vector(export, user_row), k, exclude, popularity_weight)
         return _json(
             {
                 "version": export.version,

@@ -215,7 +215,7 @@ def faiss_only_qps(index: AnyIndex, queries: np.ndarray, fetch: np.ndarray) -> f
     try:
         start = time.perf_counter()
         for q, n in zip(queries, fetch, strict=True):
-            search_index(index, q.reshape(1, -1), int(n))
+            search_index(index, q.reshape(1, -1), int(n), kept=K)
         return len(queries) / (time.perf_counter() - start)
     finally:
         faiss.omp_set_num_threads(threads)

@@ -15,13 +15,16 @@ catalogue). It builds in about 90 s at 1M (HNSW: 10 to 20 minutes) and finds the
 top-10 on the clustered "copies" catalogue at the serving target, but on "gaussian" its lists are
 very unequal, and it is slower than HNSW at similar recall (README, bench-serve).
 The ivfpq option scores half the inverted lists with 4-bit product-quantised codes (FAISS's
-SIMD "fast-scan", 2 dimensions per sub-quantiser) and re-ranks the best `k_factor` x k of them
-with the exact vectors (IndexRefineFlat). It scans far more of the catalogue than HNSW or IVF-Flat,
+SIMD "fast-scan", 2 dimensions per sub-quantiser) and re-ranks the best `k_factor` (128) x k of
+them with the exact vectors (IndexRefineFlat); k counts the results kept, not the over-fetch for a
+customer's purchases (`search_index`). It scans far more of the catalogue than HNSW or IVF-Flat,
 but each code costs a few table look-ups, so on a spread-out catalogue, where graph and partition
 search lose the top items, it still finds them; it builds in seconds (HNSW: 10 to 20 minutes at 1M),
-which also matters for the merchant's own [v, b] index, built at every load. HNSW answers about
-twice as many requests a second, but only on clustered catalogues is it as exact (README,
-bench-serve), so "auto" picks ivfpq. FAISS does it all: the file
+which also matters for the merchant's own [v, b] index, built at every load. With the customer
+searches batched (serving/search_batcher.py) it meets the 1M serving target on both benchmark
+catalogues, where HNSW is as exact only on the clustered one (README, bench-serve), so "auto"
+picks ivfpq. HNSW on the MIPS-to-L2 reduction was tried too (not an option): on 200,000 items of
+the spread-out catalogue it found 0.53 of the top-10 at efSearch 1,024. FAISS does it all: the file
 is IndexIDMap2(IndexPreTransform(zero padding to an even width, IndexRefineFlat(IVFPQFastScan))).
 `MipsIndex` does the query side and turns distances back into inner products; the file on disk
 is a plain FAISS L2 index (its M is read back from any stored row).
@@ -36,7 +39,7 @@ import faiss
 import numpy as np
 
 from fedrec.atomic import write_with
-from fedrec.config import INDEX_KINDS
+from fedrec.index_kinds import INDEX_KINDS
 
 
 class MipsIndex:
@@ -139,7 +142,7 @@ class IndexParams:
     hnsw_m: int = 48
     ef_construction: int = 500
     ef_search: int = 320
-    k_factor: int = 64  # ivfpq: candidates re-ranked exactly, per result asked for
+    k_factor: int = 128  # ivfpq: candidates re-ranked exactly, per result kept (README bench-serve)
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", params: IndexParams = IndexParams()) -> AnyIndex:
@@ -188,17 +191,31 @@ def _ivfpq(vectors: np.ndarray, params: IndexParams) -> faiss.Index:
 MAX_RERANKED = 2_048  # ivfpq: candidates re-ranked exactly per query, at most
 
 
-def search_index(index: AnyIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`index.search`, except that ivfpq re-ranks at most MAX_RERANKED candidates a query: k_factor
-    x k for a customer's top-k, but a basket fold-in asks for its 1,000 nearest items, which would
-    re-rank 64,000. Measured on the 1M copies catalogue, baskets at c=16: 93 req/s, p99 216 ms
-    uncapped; 223 req/s, p99 110 ms at a cap of 4,096; 245 req/s, p99 85 ms at 2,048, with the
-    same top-10 agreement with the full-catalogue fold-in (0.955)."""
+def search_index(
+    index: AnyIndex, queries: np.ndarray, k: int, kept: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` for the k best, of which the caller keeps `kept` (default k) once it drops
+    the rows it excludes (a customer's purchases). ivfpq re-ranks k_factor x kept candidates plus
+    one per excluded row, never fewer than k nor more than max(k, MAX_RERANKED).
+
+    Why per result kept, not per result asked: the depth, and so the recall, would otherwise grow
+    with the customer's purchase count (the benchmark measures k = 10 without exclusions, and must
+    measure the depth served). Why the cap: a basket fold-in asks for its 1,000 nearest items,
+    which would re-rank 128,000. Measured on the 1M copies catalogue, baskets at c=16: 93 req/s,
+    p99 216 ms uncapped; 223 req/s, p99 110 ms at a cap of 4,096; 245 req/s, p99 85 ms at 2,048,
+    with the same top-10 agreement with the full-catalogue fold-in (0.955)."""
     refine = _refine(index)
-    if refine is None or refine.k_factor * k <= MAX_RERANKED:
+    if refine is None:
         return index.search(queries, k)
-    params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, MAX_RERANKED / k))
-    return index.search(queries, k, params=params)
+    depth = rerank_depth(refine.k_factor, k, k if kept is None else kept)
+    return index.search(queries, k, params=faiss.IndexRefineSearchParameters(k_factor=depth / k))
+
+
+def rerank_depth(k_factor: float, k: int, kept: int, cap: int | None = None) -> int:
+    """Candidates ivfpq re-ranks exactly for k results of which `kept` are kept (see `search_index`)."""
+    kept = min(kept, k)
+    cap = MAX_RERANKED if cap is None else cap
+    return int(max(k, min(round(k_factor * kept) + (k - kept), max(k, cap))))
 
 
 def _faiss(index: AnyIndex) -> faiss.Index:

@@ -46,7 +46,7 @@ def search_many(
     """
     index, vectors = served_index(export, queries, popularity_weight)
     want = min(max(k + (0 if ex is None else len(ex)) for k, ex in zip(ks, excludes, strict=True)), export.n_items)
-    scores, rows = search_index(index, vectors, want)
+    scores, rows = search_index(index, vectors, want, kept=max(ks))
     out = []
     for r, s, k, ex in zip(rows, scores, ks, excludes, strict=True):
         keep = r >= 0

@@ -6,6 +6,7 @@ flight and a request never sees two versions. A failed load leaves the old expor
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -63,7 +64,22 @@ class ExportHolder:
                 return ReloadOutcome(previous, previous, False, str(exc))
             self.current = fresh  # the atomic swap
             self.last_error = None
+            freeze_long_lived()
             metrics.RELOADS.labels("loaded").inc()
             metrics.set_export(fresh.version, fresh.n_items)
             log.info("serving export %s (%d items, %s index)", fresh.version, fresh.n_items, fresh.kind)
             return ReloadOutcome(previous, fresh.version, fresh.version != previous)
+
+
+def freeze_long_lived() -> None:
+    """Puts everything alive now (the export: a million item ids and their records on a 1M
+    catalogue) out of the cyclic garbage collector's reach; refcounting still frees it.
+
+    Why: every full collection walked those objects, 110 ms with a 1M-item export loaded
+    (measured), and under load a full collection comes every few seconds: it showed as p99 spikes
+    of 50 to 170 ms (README bench-serve). Unfreezing first lets one full collection, at the
+    reload, reclaim cycles left by the export it replaced.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

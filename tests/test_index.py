@@ -159,3 +159,34 @@ def test_ivfpq_caps_the_candidates_reranked_for_a_large_k(catalogue, monkeypatch
     _, capped = index_module.search_index(reranked, queries, 10)
     np.testing.assert_array_equal(capped, codes_only.search(queries, 10)[1])
     assert not np.array_equal(capped, truth)
+
+
+def test_rerank_depth_grows_with_the_results_kept_not_with_the_exclusions() -> None:
+    """64 per result kept plus one per excluded row: a customer with 8 purchases asks for 18 and
+    gets 648 candidates, not 64 x 18; a basket's 1,000 nearest stop at the cap; never under k."""
+    from fedrec.serving.index import MAX_RERANKED, rerank_depth
+
+    assert rerank_depth(64, 10, 10) == 640
+    assert rerank_depth(64, 18, 10) == 648
+    assert rerank_depth(64, 1000, 1000) == MAX_RERANKED
+    assert rerank_depth(64, 3000, 3000) == 3000
+    assert rerank_depth(1, 20, 10) == 20
+    assert rerank_depth(64, 10, 10, cap=100) == 100
+
+
+def test_ivfpq_search_keeps_the_served_depth_when_excluded_rows_are_over_fetched(catalogue) -> None:
+    """Asking for 10 + 10 with kept=10 re-ranks k_factor x 10 + 10: with k_factor 1 that is the
+    codes' own first 20, so the top-10 is the codes' order; k=20 without `kept` re-ranks 20 too."""
+    import fedrec.serving.index as index_module
+
+    items, queries = catalogue
+    codes_only = build_index(items, "ivfpq", IndexParams(k_factor=1))
+    deep = build_index(items, "ivfpq", IndexParams(k_factor=4))
+    for index in (codes_only, deep):
+        set_search_depth(index, nprobe=ivfpq_lists(4000))
+    _, shallow = index_module.search_index(deep, queries, 20, kept=10)  # 4 x 10 + 10 = 50 re-ranked
+    _, wide = index_module.search_index(deep, queries, 20)  # 4 x 20 = 80 re-ranked
+    _, codes = codes_only.search(queries, 50)
+    exact_50 = [set(r) for r in codes]  # the 50 candidates the shallow search re-ranked
+    assert all(set(row) <= cand for row, cand in zip(shallow, exact_50, strict=True))
+    assert not all(set(row) <= cand for row, cand in zip(wide, exact_50, strict=True))
