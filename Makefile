@@ -112,11 +112,11 @@ evaluate-foldin: setup
 EPSILONS ?= 1,2,4,8,16,inf
 SEEDS ?= 3
 DP_ROUNDS ?= 20
-# One torch thread, as in evaluate (two reports side by side on 2 cores do not oversubscribe them).
 # Local epochs of each per-merchant DP round, chosen on validation at epsilon 8
 # (results/validation-local.epochs-dp*-<dataset>.json): on MovieLens 2 led 1 and 3 led 2, each by
 # more than the spread; on the synthetic shop 2 was within the spread of the config's 1.
 DP_EPOCHS ?= $(if $(filter movielens-100k,$(DATASET)),3,1)
+# One torch thread, as in evaluate (two reports side by side on 2 cores do not oversubscribe them).
 privacy-report: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS) --dp-set local.epochs=$(DP_EPOCHS)
 

@@ -211,11 +211,10 @@ def search_index(
     return index.search(queries, k, params=faiss.IndexRefineSearchParameters(k_factor=depth / k))
 
 
-def rerank_depth(k_factor: float, k: int, kept: int, cap: int | None = None) -> int:
+def rerank_depth(k_factor: float, k: int, kept: int) -> int:
     """Candidates ivfpq re-ranks exactly for k results of which `kept` are kept (see `search_index`)."""
     kept = min(kept, k)
-    cap = MAX_RERANKED if cap is None else cap
-    return int(max(k, min(round(k_factor * kept) + (k - kept), max(k, cap))))
+    return int(max(k, min(round(k_factor * kept) + (k - kept), max(k, MAX_RERANKED))))
 
 
 def _faiss(index: AnyIndex) -> faiss.Index:

@@ -161,9 +161,10 @@ def test_ivfpq_caps_the_candidates_reranked_for_a_large_k(catalogue, monkeypatch
     assert not np.array_equal(capped, truth)
 
 
-def test_rerank_depth_grows_with_the_results_kept_not_with_the_exclusions() -> None:
+def test_rerank_depth_grows_with_the_results_kept_not_with_the_exclusions(monkeypatch) -> None:
     """64 per result kept plus one per excluded row: a customer with 8 purchases asks for 18 and
     gets 648 candidates, not 64 x 18; a basket's 1,000 nearest stop at the cap; never under k."""
+    import fedrec.serving.index as index_module
     from fedrec.serving.index import MAX_RERANKED, rerank_depth
 
     assert rerank_depth(64, 10, 10) == 640
@@ -171,7 +172,8 @@ def test_rerank_depth_grows_with_the_results_kept_not_with_the_exclusions() -> N
     assert rerank_depth(64, 1000, 1000) == MAX_RERANKED
     assert rerank_depth(64, 3000, 3000) == 3000
     assert rerank_depth(1, 20, 10) == 20
-    assert rerank_depth(64, 10, 10, cap=100) == 100
+    monkeypatch.setattr(index_module, "MAX_RERANKED", 100)
+    assert rerank_depth(64, 10, 10) == 100
 
 
 def test_ivfpq_search_keeps_the_served_depth_when_excluded_rows_are_over_fetched(catalogue) -> None:
