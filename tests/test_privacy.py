@@ -16,7 +16,7 @@ from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.local import BIAS, LocalConfig, clipped_customer_sums, local_update, softmax_customer_loss
-from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.federated.simulation import FederationConfig, run_federated, with_validation_in_train
 from fedrec.model import ModelConfig, init_user_embeddings, new_item_tower
 from fedrec.privacy.accountant import (
     ALPHAS,
@@ -233,11 +233,27 @@ def test_training_stops_when_the_budget_is_spent_and_releases_the_last_round(tin
     cfg = FederationConfig(rounds=50, patience=2, refit=True)
     res = run_federated(tiny_dataset, features, MODEL, LOCAL, cfg, dp=mech)
     assert len(res.history) == fits  # neither early stopping nor more rounds than the budget allows
-    # and no refit: a second pass over the same customers is outside the accounted budget
-    assert res.refit_rounds == 0 and res.early_stopped is None
+    # and no second pass over the same customers (outside the accounted budget): the one run
+    # trained on train + validation, the refit's data, from its first round
+    assert res.refit_rounds == fits and res.early_stopped is None
+    assert all(h.val_recall_at_20 is None for h in res.history)
     assert res.best_round == fits
     assert res.privacy["epsilon"] <= 6.0 and res.privacy["rounds"] == fits
     assert res.privacy["noise_multiplier"] == 2.0
+
+
+def test_a_dp_run_with_the_refit_on_trains_once_on_train_and_validation(tiny_dataset, features):
+    mech = DPMechanism(
+        clip=1.0, noise_multiplier=2.0, sample_rate=0.5, steps_per_round=2, delta=1e-5, target_epsilon=50.0
+    )
+    on = run_federated(tiny_dataset, features, MODEL, LOCAL, FederationConfig(rounds=3, patience=0), dp=mech)
+    off = FederationConfig(rounds=3, patience=0, refit=False)
+    whole = run_federated(with_validation_in_train(tiny_dataset), features, MODEL, LOCAL, off, dp=mech)
+    train_only = run_federated(tiny_dataset, features, MODEL, LOCAL, off, dp=mech)
+    assert all(torch.equal(on.item_state[k], whole.item_state[k]) for k in on.item_state)
+    assert not torch.equal(on.item_state["item_emb.weight"], train_only.item_state["item_emb.weight"])
+    assert on.privacy == whole.privacy == train_only.privacy  # the same customers, the same epsilon
+    assert [h.val_recall_at_20 is not None for h in train_only.history] == [True] * 3  # refit off: validated
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -402,6 +418,16 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     report = json.loads((tmp_path / "attack-report.json").read_text())
     assert poison["attackers"] == 1 and report["poisoning_colluding"]["attackers"] == 2
     assert set(report["poisoning_colluding"]["rules"]) == set(poison["rules"])
+    # One part rerun replaces that section only; the file names the run behind each section.
+    again = [a if a != "1" else "2" for a in args] + ["--parts", "membership"]  # --epsilon 2
+    result = CliRunner().invoke(app, again)
+    assert result.exit_code == 0, result.output
+    partial = json.loads((tmp_path / "attack-report.json").read_text())
+    assert partial["membership"]["dp"]["epsilon"] == 2.0 and partial["leakage"] == report["leakage"]
+    assert partial["poisoning"] == report["poisoning"]
+    assert set(partial["commands"]) == {"leakage", "membership", "poisoning", "poisoning_colluding"}
+    bad = CliRunner().invoke(app, [*args, "--parts", "leakage,spying"])
+    assert bad.exit_code != 0 and "choose from leakage, membership, poisoning" in bad.output
 
 
 def test_attack_report_refuses_split_rows_without_a_split(tmp_path):

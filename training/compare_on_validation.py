@@ -15,6 +15,7 @@ Results: results/validation-<setting>[-<tag>]-<dataset>.json.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -58,7 +59,8 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
-    res = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, dp=dp)
+    fed = dataclasses.replace(cfg.federation, refit=False)  # the refit (and DP's) would train on validation
+    res = run_federated(dataset, features, cfg.model, cfg.local, fed, dp=dp)
     scored = {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None}
     if not scored:
         raise ConfigError("no validation customers: set data.val_fraction > 0 to compare on validation")

@@ -39,6 +39,7 @@ class MerchantClient(NumPyClient):
         from fedrec.config import config_from_dict
         from fedrec.federated.merchant_node import MerchantNode, load_bundle
         from fedrec.federated.protocol import stage_format, state_from_arrays
+        from fedrec.federated.simulation import trains_on_validation
         from fedrec.federated.wire import to_wire
         from fedrec.threads import use_threads
 
@@ -48,6 +49,8 @@ class MerchantClient(NumPyClient):
         stage, rnd = str(config["stage"]), int(config["round"])
         state_dir = Path(str(self.node_config["state-dir"])) / f"run-{config['run-key']}"
         node = MerchantNode(load_bundle(Path(str(self.node_config["bundle"]))), state_dir, cfg)
+        if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
+            node = node.refit_node()
         state = state_from_arrays(parameters, node.features.n_items, cfg.model)
         fmt = stage_format(stage, node.features.n_items, cfg)
         if stage == "train":

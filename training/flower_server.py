@@ -48,7 +48,7 @@ from fedrec.federated.aggregation import aggregate_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
-from fedrec.federated.simulation import refits
+from fedrec.federated.simulation import refits, trains_on_validation
 from fedrec.federated.wire import (
     TEST_PREFIX,
     TEST_USERS,
@@ -436,6 +436,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "finish", ck.round + 2 + refit_rounds, released, best_round=ck.best_round, version=version,
             refit_rounds=refit_rounds,
         )  # fmt: skip
+        # the card's count of rounds on train + validation: the refit's, or under DP every round (the
+        # nodes trained on it from the first; the finish exchange's refit_rounds stays 0 for them)
+        on_validation = ck.round if trains_on_validation(fed, dp is not None) else refit_rounds
         if test is None:
             raise FedrecError("the finish exchange failed: no test sums, no merchant exports; rerun to retry it")
         users = float(test[TEST_USERS])
@@ -445,8 +448,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "runtime": "flower_secagg" if net.secagg else "flower",
             "rounds": ck.round,
             "best_round": ck.best_round,
-            # > 0: the released model was retrained for this many rounds on train + validation
-            "refit_rounds": refit_rounds,
+            # > 0: the released model was retrained for this many rounds on train + validation (under
+            # DP: trained on train + validation from the start, for every round)
+            "refit_rounds": on_validation,
             "refit_history": ck.refit_history,
             "best_val_recall@20": ck.best_val,
             "metrics": {"test": overall, "users": users},
@@ -482,7 +486,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "final test recall@20 %.4f (best round %d, refit rounds %d); export %s",
             overall["recall@20"],
             ck.best_round,
-            refit_rounds,
+            on_validation,
             exports / version,
         )
         return {
@@ -490,7 +494,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "test": overall,
             "best_round": ck.best_round,
             "rounds": ck.round,
-            "refit_rounds": refit_rounds,
+            "refit_rounds": on_validation,
             "runtime": card["runtime"],
             "history": ck.history,
             "refit_history": ck.refit_history,

@@ -30,7 +30,8 @@ def _card(
         "protocol": dataset.protocol,
         "rounds": len(history),
         "best_round": best_round,
-        # > 0: the released model was retrained for this many rounds on train + validation
+        # > 0: the released model was retrained for this many rounds on train + validation (under DP: the
+        # one run trained on train + validation from its first round)
         "refit_rounds": refit_rounds,
         "train_seconds": round(seconds, 2),
         "merchants": [m.name for m in dataset.merchants],
@@ -71,8 +72,13 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
         run.result.item_biases,
     )
     console.print(
-        f"\ntrained {len(history)} rounds in {res.seconds:.1f}s (best round {res.best_round}"
-        + (f"; released: retrained {res.refit_rounds} rounds on train + validation" if res.refit_rounds else "")
+        f"\ntrained {len(history)} rounds in {res.seconds:.1f}s ("
+        + (
+            "DP: one run on train + validation, the last round released"
+            if res.privacy and res.refit_rounds
+            else f"best round {res.best_round}"
+            + (f"; released: retrained {res.refit_rounds} rounds on train + validation" if res.refit_rounds else "")
+        )
         + ")\n"
         f"shared export:       {path}\n"
         f"merchant embeddings: {root / 'merchants'}/<merchant>/{path.name}\n"

@@ -53,6 +53,8 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "sample_rate": cfg.privacy.sample_rate if mech else None,
         "rounds": mech["rounds"] if mech else None,
         "noise_split": cfg.privacy.noise_split if mech else 0,
+        # what the released model trained on: under DP with the refit on, one run on train + validation
+        "trained_on": "train+validation" if cfg.federation.refit else "train",
         "epsilon_if_other_merchants_collude": mech.get("epsilon_if_other_merchants_collude") if mech else None,
         "seconds": float(np.mean(seconds)),
     }

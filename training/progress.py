@@ -16,7 +16,12 @@ class RoundPrinter:
         )
 
     def __call__(self, log: RoundLog) -> None:
-        if log.refit and log.round == 1:
+        if log.refit and log.round == 1 and not self.best_round:
+            self.console.print(
+                "[bold]train + validation[/]: under DP the schedule sets the rounds and the last is released, "
+                "so there is nothing to validate: the run trains on every purchase before the cut-off"
+            )
+        elif log.refit and log.round == 1:
             self.console.print(
                 f"[bold]refit[/]: training again from the start on train + validation for the {self.best_round} "
                 "rounds validation chose; the last of them is released"

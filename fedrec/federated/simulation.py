@@ -72,7 +72,8 @@ class FederationConfig:
     # from the same start on every purchase before the cut-off (the validation slice included) for
     # that many rounds, and release that model (`refit_federated`). The validation slice holds each
     # customer's most recent purchases, the best evidence of what they buy next; ALS and EASE train
-    # on it too. Both runtimes; never under DP (a second pass over the same customers).
+    # on it too. Both runtimes. Under DP there is no second pass: the one DP run trains on train +
+    # validation (`trains_on_validation`).
     refit: bool = True
     # In-process runtime only: merchants trained at once, on threads (torch releases the GIL in its
     # kernels; each op uses torch's own thread count, so pair workers = 2 with threads = 1 on 2
@@ -166,11 +167,16 @@ def run_federated(
 
     With `dp`, training stops when the privacy budget is spent, and the last round is released
     rather than the best one: choosing by validation would use customers' data outside the
-    mechanism the accountant covers. There is no refit under DP.
+    mechanism the accountant covers. So validation chooses nothing there, and with `fed_cfg.refit`
+    the one DP run trains on train + validation, the refit's data (`trains_on_validation`).
 
     `tamper` (attack simulations only) may replace a merchant's terms before they are sent: what a
     malicious merchant could send, knowing the tower it received.
     """
+    if trains_on_validation(fed_cfg, dp is not None):
+        whole = with_validation_in_train(dataset)
+        res = _train(whole, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper, True)
+        return dataclasses.replace(res, refit_rounds=len(res.history))
     first = _train(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
     if not refits(fed_cfg, dp, first.best_round):
         return first
@@ -181,6 +187,17 @@ def refits(fed_cfg: FederationConfig, dp: DPMechanism | None, best_round: int) -
     """Whether a run is followed by the refit: asked for, not under DP, and a round was chosen.
     Both runtimes decide by this."""
     return fed_cfg.refit and dp is None and best_round >= 1
+
+
+def trains_on_validation(fed_cfg: FederationConfig, private: bool) -> bool:
+    """Whether a DP run trains on train + validation from its first round (both runtimes).
+
+    Under DP the schedule fixes the rounds and the last one is released, so a first pass on train
+    alone would choose nothing for a refit to reuse: with `refit` on, the one DP run trains on what
+    the refit would (each customer's most recent purchases included). The unit protected is a
+    customer's whole history, so the accountant's epsilon is the same.
+    """
+    return private and fed_cfg.refit
 
 
 def with_validation_in_train(dataset: FederatedDataset) -> FederatedDataset:
