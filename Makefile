@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -77,6 +77,8 @@ validate-privacy: setup
 	$(DP_VALIDATE) --set privacy.clip=0.1 --setting privacy.sample_rate --candidates 0.1,0.3,1.0
 	$(DP_VALIDATE) --tag dp --setting local.epochs --candidates 1,2
 	$(if $(filter movielens-100k,$(DATASET)),$(DP_VALIDATE) --tag dp3 --setting local.epochs --candidates 2$(comma)3)
+	$(DP_VALIDATE) --tag dp --set local.epochs=$(DP_EPOCHS) --setting federation.rounds --candidates 10,20,40
+	$(if $(filter synthetic,$(DATASET)),$(DP_VALIDATE) --tag dp --setting local.bias_lr --candidates 0.05$(comma)0.02$(comma)0.01)
 
 # Distributed DP (privacy.noise_split = every merchant, under SecAgg+) at epsilon 8: its sampling rate,
 # chosen on validation (results/validation-privacy.sample_rate-split-<dataset>.json).
@@ -104,6 +106,10 @@ privacy-report-split: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
 		--epsilons $(subst $(comma)inf,,$(EPSILONS)) --seeds $(SEEDS) --dp-rounds $(SPLIT_ROUNDS) \
 		$(subst --set,--dp-set,$(DP_SPLIT)) --dp-set privacy.sample_rate=$(SPLIT_RATE) --dp-set model.dim=$(SPLIT_DIM)
+
+# How many content neighbours embed a product nobody bought (no content tower), on validation (issue 9).
+validate-cold-start: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec validate-cold-start --dataset $(DATASET) $(CONFIG_ARG) --set threads=1
 
 evaluate-foldin: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate-foldin --dataset $(DATASET) $(CONFIG_ARG)
