@@ -113,14 +113,23 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
     )
 
 
-def cold_start_split(dataset: FederatedDataset) -> tuple[FederatedDataset, np.ndarray]:
+def cold_start_split(dataset: FederatedDataset, period: str = "test") -> tuple[FederatedDataset, np.ndarray]:
     """The products first sold after every buyer's cut-off (all their purchases are in test), and
     the dataset without them: what training would have seen before they existed.
 
+    `period="validation"`: the same one slice earlier, for choosing settings: the products whose
+    every purchase before the test cut-off is in the validation slice (test is not read).
+
     Returns (dataset over the other products, indices of the new products in `dataset.items`).
     """
-    before = sum(np.asarray(m.full_train.sum(axis=0)).ravel() for m in dataset.merchants)
-    after = sum(np.asarray(m.test.sum(axis=0)).ravel() for m in dataset.merchants)
+    if period not in ("test", "validation"):
+        raise ValueError(f"cold_start_split: period must be test or validation, got {period!r}")
+    if period == "test":
+        before = sum(np.asarray(m.full_train.sum(axis=0)).ravel() for m in dataset.merchants)
+        after = sum(np.asarray(m.test.sum(axis=0)).ravel() for m in dataset.merchants)
+    else:
+        before = sum(np.asarray(m.train.sum(axis=0)).ravel() for m in dataset.merchants)
+        after = sum(np.asarray(m.val.sum(axis=0)).ravel() for m in dataset.merchants)
     new = (before == 0) & (after > 0)
     known = np.flatnonzero(~new)
     merchants = [

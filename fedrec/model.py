@@ -34,6 +34,11 @@ class ModelConfig:
     # shared tower (and every upload) holds at most 2 R id rows whatever the catalogue size
     # (README, "Scale"). 0: one row per product always.
     id_rows: int = 16_384
+    # A product nobody has bought, in a model without a content tower, gets the mean of the trained
+    # vectors of its this-many most content-similar products (TF-IDF cosine, weighted by it); 0:
+    # every trained product, kept on the validation slice's new products (`make validate-cold-start`,
+    # README "Cold start"): 100 led within the spread, 30 and 10 were clearly worse.
+    new_item_neighbours: int = 0
 
 
 # The second table's row is the quotient shifted by remainder x SPREAD: products that share a
@@ -171,13 +176,16 @@ def item_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg:
     return tower(features)
 
 
-def content_neighbour_vectors(trained: torch.Tensor, features: ItemFeatures) -> torch.Tensor:
+def content_neighbour_vectors(trained: torch.Tensor, features: ItemFeatures, neighbours: int = 0) -> torch.Tensor:
     """Vectors for the products after the first len(trained) rows of `features`, for a model
-    without a content tower: the mean of the trained vectors weighted by TF-IDF content similarity
-    (every trained product, no neighbour count to tune)."""
+    without a content tower: the mean of the trained vectors weighted by TF-IDF content similarity,
+    over the `neighbours` most similar trained products (ties at the last one kept; 0: all)."""
     x = tfidf_rows(features.tokens, features.n_buckets)
     n = trained.shape[0]
     weights = (x[n:] @ x[:n].T).toarray()
+    if 0 < neighbours < n:
+        kth = np.partition(weights, n - neighbours, axis=1)[:, n - neighbours : n - neighbours + 1]
+        weights[weights < kth] = 0.0
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
     return torch.from_numpy(weights.astype(np.float32)) @ trained
 
@@ -201,7 +209,7 @@ def catalogue_embeddings(
     if features.n_items == n_trained:
         return trained
     if not cfg.use_content:
-        return torch.cat([trained, content_neighbour_vectors(trained, features)])
+        return torch.cat([trained, content_neighbour_vectors(trained, features, cfg.new_item_neighbours)])
     new = ItemFeatures(features.tokens[n_trained:], features.n_buckets)
     content_only = ModelConfig(**{**vars(cfg), "use_item_id": False})
     tower = ItemTower(new.n_items, content_only)

@@ -14,7 +14,7 @@ from fedrec.baselines import content_profile_scores
 from fedrec.config import load_config
 from fedrec.data import PurchaseLog, pooled
 from fedrec.datasets.protocol import cold_start_split, temporal_split
-from fedrec.features import build_item_features
+from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ItemTower, ModelConfig, catalogue_embeddings, content_neighbour_vectors, scoring_vectors
@@ -170,3 +170,57 @@ def test_cold_start_section_in_evaluate(tiny_csv):
         assert len(res[name]["recall@20_per_seed"]) == 2 and 0 <= res[name]["recall@20"] <= 1
     assert 0 <= res["content_only"]["recall@20"] <= 1
     assert res["random_expectation"] == pytest.approx(min(20, res["new_products"]) / res["new_products"], abs=1e-4)
+
+
+def test_content_neighbours_keep_only_the_most_similar_trained_products():
+    pad = 9
+    # trained 0-3, new 4: shares two tokens with item 0, one with item 1, one rare one with 2, none with 3
+    tokens = torch.tensor([[0, 1, 2], [0, 3, pad], [4, 5, pad], [6, 7, pad], [0, 1, 4]])
+    features = ItemFeatures(tokens=tokens, n_buckets=pad)
+    every = content_neighbour_vectors(torch.eye(4), features)
+    assert torch.equal(every, content_neighbour_vectors(torch.eye(4), features, 0))
+    assert (every[0, :3] > 0).all() and every[0, 3] == 0
+    for k in (1, 2):
+        some = content_neighbour_vectors(torch.eye(4), features, k)
+        kept = torch.argsort(every[0], descending=True)[:k]
+        assert set(torch.nonzero(some[0]).ravel().tolist()) == set(kept.tolist())  # the k most similar
+        torch.testing.assert_close(some[0, kept], every[0, kept] / every[0, kept].sum())  # same weights, renormed
+    torch.testing.assert_close(content_neighbour_vectors(torch.eye(4), features, 10), every)  # k >= trained: all
+
+
+def test_cold_start_split_on_validation_reads_no_test_purchase(tiny_dataset):
+    known, new = cold_start_split(tiny_dataset, period="validation")
+    train = sum(np.asarray(m.train.sum(0)).ravel() for m in tiny_dataset.merchants)
+    val = sum(np.asarray(m.val.sum(0)).ravel() for m in tiny_dataset.merchants)
+    assert new.size > 0 and np.all(train[new] == 0) and np.all(val[new] > 0)
+    assert np.array_equal(new, np.flatnonzero((train == 0) & (val > 0)))
+    # the same split whatever the test slice holds
+    no_test = dataclasses.replace(
+        tiny_dataset,
+        merchants=[dataclasses.replace(m, test=sp.csr_matrix(m.test.shape)) for m in tiny_dataset.merchants],
+    )
+    assert np.array_equal(cold_start_split(no_test, period="validation")[1], new)
+    assert known.n_items == tiny_dataset.n_items - new.size
+    with pytest.raises(ValueError, match="period"):
+        cold_start_split(tiny_dataset, period="train")
+
+
+def test_neighbour_counts_are_scored_on_validation(tiny_csv):
+    from rich.console import Console
+
+    from fedrec.training.cold_start import choose_neighbours_on_validation
+    from fedrec.training.data import load_dataset
+
+    cfg = load_config(
+        None,
+        {"data.dataset": "file", "data.path": str(tiny_csv), "federation.rounds": 2, "model.dim": 8,
+         "model.hash_buckets": 256, "model.use_content": False},
+    )  # fmt: skip
+    ds = load_dataset(cfg.data, 0)
+    res = choose_neighbours_on_validation(cfg, ds, (0,), Console(quiet=True), candidates=(0, 1))
+    assert res["new_products"] > 0 and res["customers"] > 0
+    assert set(res["recall_at_20"]) == {"0", "1"} and {res["best"], res["runner_up"]} == {0, 1}
+    assert res["lead"] == pytest.approx(abs(res["recall_at_20"]["0"]["mean"] - res["recall_at_20"]["1"]["mean"]))
+    assert all(0 <= v["mean"] <= 1 for v in res["recall_at_20"].values())
+    with_tower = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_content=True))
+    assert "recall_at_20" not in choose_neighbours_on_validation(with_tower, ds, (0,), Console(quiet=True))

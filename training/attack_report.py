@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from pathlib import Path
 
 import numpy as np
@@ -251,8 +252,18 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
     return out
 
 
+SECTIONS = ("leakage", "membership", "poisoning", "poisoning_colluding")
+
+
 def write_attack_report(res: dict, results_dir: Path, command: str) -> Path:
-    """results/attack-report.json: the last run."""
+    """results/attack-report.json: the sections this run made replace those of an earlier run (a
+    run of some parts keeps the others); `commands` names the run behind each section."""
     path = results_dir / "attack-report.json"
-    write_json(path, {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command, **res})
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old.get("dataset", res.get("dataset")) != res.get("dataset"):
+        old = {}  # another dataset's report: nothing of it is kept
+    commands = old.get("commands") or {k: old["command"] for k in SECTIONS if k in old}
+    commands |= {k: command for k in SECTIONS if k in res}
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    write_json(path, {**old, **res, "created": created, "command": command, "commands": commands})
     return path
