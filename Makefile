@@ -126,9 +126,11 @@ DP_EPOCHS ?= $(if $(filter movielens-100k,$(DATASET)),3,1)
 privacy-report: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 --epsilons $(EPSILONS) --seeds $(SEEDS) --dp-rounds $(DP_ROUNDS) --dp-set local.epochs=$(DP_EPOCHS)
 
-# With split-noise rows (leakage and membership) at privacy-report-split's settings.
+# With split-noise rows (leakage and membership) at privacy-report-split's settings. ATTACK_PARTS
+# reruns some sections (leakage, membership, poisoning) and keeps the others in the results file.
+ATTACK_PARTS ?= leakage,membership,poisoning
 attack-report: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec attack-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 --parts $(ATTACK_PARTS) \
 		$(subst --set,--split-set,$(DP_SPLIT)) --split-set federation.rounds=$(SPLIT_ROUNDS) \
 		--split-set privacy.sample_rate=$(SPLIT_RATE) --split-set model.dim=$(SPLIT_DIM)
 
