@@ -93,6 +93,12 @@ validate-distributed-privacy: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
 		--set privacy.epsilon=8 --set federation.rounds=$(SPLIT_ROUNDS) $(DP_SPLIT) --tag split \
 		--set privacy.sample_rate=$(SPLIT_RATE) --setting model.dim --candidates 32,64
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
+		--set privacy.epsilon=8 --set federation.rounds=$(SPLIT_ROUNDS) $(DP_SPLIT) --tag split \
+		--set privacy.sample_rate=$(SPLIT_RATE) --set model.dim=$(SPLIT_DIM) --setting federation.rounds --candidates 100,200,400
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
+		--set privacy.epsilon=8 --set federation.rounds=$(SPLIT_ROUNDS) $(DP_SPLIT) --tag split \
+		--set privacy.sample_rate=$(SPLIT_RATE) --set model.dim=$(SPLIT_DIM) --setting federation.server.lr --candidates 0.005,0.01,0.02
 
 # privacy-report with the noise split across every merchant (SecAgg+): one DP step a round for
 # SPLIT_ROUNDS rounds. Sampling rate 0.1 from validate-distributed-privacy: ahead on MovieLens,
