@@ -57,7 +57,8 @@ train-federated: setup
 EVAL_WORKERS ?= 2
 evaluate: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) --set threads=1 \
-		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) $(if $(filter 0,$(ABLATIONS)),--no-ablations,)
+		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) $(if $(filter 0,$(ABLATIONS)),--no-ablations,) \
+		$(if $(filter cold-start,$(ONLY)),--only-cold-start,)
 
 # A default chosen on validation only (issue 9): federation.aggregation = auto picks rowwise.
 validate-aggregation: setup

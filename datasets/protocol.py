@@ -118,7 +118,8 @@ def cold_start_split(dataset: FederatedDataset, period: str = "test") -> tuple[F
     the dataset without them: what training would have seen before they existed.
 
     `period="validation"`: the same one slice earlier, for choosing settings: the products whose
-    every purchase before the test cut-off is in the validation slice (test is not read).
+    every purchase before the test cut-off is in the validation slice. Products sold only in test
+    do not exist yet then, so they leave the returned dataset too (test's purchases are not read).
 
     Returns (dataset over the other products, indices of the new products in `dataset.items`).
     """
@@ -131,7 +132,7 @@ def cold_start_split(dataset: FederatedDataset, period: str = "test") -> tuple[F
         before = sum(np.asarray(m.train.sum(axis=0)).ravel() for m in dataset.merchants)
         after = sum(np.asarray(m.val.sum(axis=0)).ravel() for m in dataset.merchants)
     new = (before == 0) & (after > 0)
-    known = np.flatnonzero(~new)
+    known = np.flatnonzero(before > 0) if period == "validation" else np.flatnonzero(~new)
     merchants = [
         MerchantData(m.name, m.user_ids, m.train[:, known], m.val[:, known], m.test[:, known])
         for m in dataset.merchants

@@ -61,7 +61,8 @@ def test_new_products_get_the_content_tower_alone_or_their_content_neighbours(sh
     id_only = dataclasses.replace(MODEL, use_content=False, dim=64)
     state = ItemTower(ds.n_items, id_only).state_dict()
     vecs = catalogue_embeddings(state, features, id_only)
-    torch.testing.assert_close(vecs[ds.n_items :], content_neighbour_vectors(state["item_emb.weight"], features))
+    neighbours = content_neighbour_vectors(state["item_emb.weight"], features, id_only.new_item_neighbours)
+    torch.testing.assert_close(vecs[ds.n_items :], neighbours)  # the configured count (default 100 of 190)
     # With one-hot "trained vectors", a new product's vector is its weights over the trained ones.
     weights = content_neighbour_vectors(torch.eye(ds.n_items), features)
     source = ds.items["item"].to_list().index(twin)
@@ -199,8 +200,11 @@ def test_cold_start_split_on_validation_reads_no_test_purchase(tiny_dataset):
         tiny_dataset,
         merchants=[dataclasses.replace(m, test=sp.csr_matrix(m.test.shape)) for m in tiny_dataset.merchants],
     )
-    assert np.array_equal(cold_start_split(no_test, period="validation")[1], new)
-    assert known.n_items == tiny_dataset.n_items - new.size
+    known_again, new_again = cold_start_split(no_test, period="validation")
+    assert np.array_equal(new_again, new) and known_again.items.equals(known.items)
+    # the products known then are those bought in train: the ones sold only in test do not exist yet
+    assert known.items["item"].to_list() == tiny_dataset.items["item"].to_numpy()[train > 0].tolist()
+    assert (train + val == 0).any()  # the tiny shop has products sold only in test: they are left out
     with pytest.raises(ValueError, match="period"):
         cold_start_split(tiny_dataset, period="train")
 

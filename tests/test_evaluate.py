@@ -58,7 +58,7 @@ def test_ease_lambda_is_chosen_on_validation_and_ignores_test(tiny_dataset):
     assert choose_ease_lambda(scrambled, (1.0, 10.0, 100.0)) == (lam, scores)
 
 
-def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv):
+def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv, tmp_path):
     cfg = load_config(
         None,
         {
@@ -102,6 +102,21 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
     assert "basket_same_label@10" not in res["popularity"]["diversity"]
     table = markdown_table(res)
     assert "| ease |" in table and "±" in table and "seeds 0, 1" in table
+    # Rerunning the cold-start section alone keeps every other section of the file as it was.
+    import json
+
+    from fedrec.errors import FedrecError
+    from fedrec.training.evaluate import rerun_cold_start, write_results
+
+    out = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, results_dir=str(tmp_path)))
+    with pytest.raises(FedrecError, match="no results file to update"):
+        rerun_cold_start(out, Console(quiet=True), (0,))
+    write_results(res, tmp_path)
+    paths = rerun_cold_start(out, Console(quiet=True), (0,))
+    again = json.loads(paths["json"].read_text())
+    assert again["cold_start"]["federated"]["seeds"] == [0] and res["cold_start"]["federated"]["seeds"] == [0, 1]
+    assert again["cold_start"]["command"].endswith("ONLY=cold-start")
+    assert again["federated"] == json.loads(json.dumps(res["federated"])) and again["command"] == res["command"]
 
 
 def test_one_category_baskets_take_the_most_bought_single_label_products():

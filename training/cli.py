@@ -69,12 +69,19 @@ def evaluate(
     quiet_rounds: Annotated[bool, typer.Option(help="Hide per-round lines.")] = False,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per trained method (0, 1, ...); mean and spread.")] = 3,
     ablations: Annotated[bool, typer.Option(help="Also train the variants that flip one design choice.")] = True,
+    only_cold_start: Annotated[
+        bool, typer.Option(help="Rerun only the cold-start section of the existing results file.")
+    ] = False,
 ) -> None:
     """Compare federated, centralized, local-only, popularity, implicit ALS and EASE (recall/NDCG)."""
     from fedrec.training.evaluate import evaluate as run_eval
-    from fedrec.training.evaluate import markdown_table, write_results
+    from fedrec.training.evaluate import markdown_table, rerun_cold_start, write_results
 
     cfg = _config(config, dataset, set_)
+    if only_cold_start:
+        for kind, path in rerun_cold_start(cfg, console, tuple(range(seeds))).items():
+            console.print(f"{kind}: {path}")
+        return
     res = run_eval(cfg, console, quiet_rounds=quiet_rounds, seeds=tuple(range(seeds)), ablations=ablations)
     paths = write_results(res, Path(cfg.output.results_dir))
     console.print(markdown_table(res), markup=False, highlight=False)

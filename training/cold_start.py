@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 import torch
 from rich.console import Console
@@ -62,7 +63,7 @@ def choose_neighbours_on_validation(
     if new.size == 0 or cfg.model.use_content:  # the content tower embeds new products itself
         return out
     truth = sp.vstack([m.val[:, new] for m in dataset.merchants]).tocsr()
-    features = _known_first(dataset, new, cfg)
+    features = _known_first(dataset, known, new, cfg)
     n_known = known.n_items
     train_features = dataclasses.replace(features, tokens=features.tokens[:n_known])
     scores: dict[int, list[float]] = {k: [] for k in candidates}
@@ -88,10 +89,10 @@ def choose_neighbours_on_validation(
     return out
 
 
-def _known_first(dataset: FederatedDataset, new: np.ndarray, cfg: RunConfig):  # noqa: ANN202
+def _known_first(dataset: FederatedDataset, known: FederatedDataset, new: np.ndarray, cfg: RunConfig):  # noqa: ANN202
     """Item features with the known products first (the trained rows) and the new ones after."""
-    order = np.concatenate([np.flatnonzero(~np.isin(np.arange(dataset.n_items), new)), new])
-    return build_item_features(dataset.items[order.tolist()], cfg.model.hash_buckets)
+    items = pl.concat([known.items, dataset.items[new.tolist()]])
+    return build_item_features(items, cfg.model.hash_buckets)
 
 
 def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[int, ...], console: Console) -> dict:
@@ -106,7 +107,7 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
     }
     if new.size == 0:
         return out
-    features = _known_first(dataset, new, cfg)
+    features = _known_first(dataset, known, new, cfg)
     n_known = known.n_items
     train_features = dataclasses.replace(features, tokens=features.tokens[:n_known])
     variants = {"federated": cfg.model}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -490,6 +491,22 @@ def plot_curves(res: dict, path: Path) -> None:
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def rerun_cold_start(cfg: RunConfig, console: Console, seeds: tuple[int, ...]) -> dict[str, Path]:
+    """Only the cold-start section, written into the dataset's existing results file (every other
+    section kept as its run left it); the section names its own command and date."""
+    use_threads(cfg.threads)
+    dataset = load_dataset(cfg.data, cfg.federation.seed)
+    path = Path(cfg.output.results_dir) / f"evaluation-{dataset.name}.json"
+    if not path.is_file():
+        raise FedrecError(f"{path}: no results file to update; run fedrec evaluate first")
+    res = json.loads(path.read_text())
+    res["cold_start"] = evaluate_cold_start(cfg, dataset, seeds, console) | {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": f"make evaluate DATASET={dataset.name} ONLY=cold-start",
+    }
+    return write_results(res, Path(cfg.output.results_dir))
 
 
 def write_results(res: dict, results_dir: Path) -> dict[str, Path]:
