@@ -153,10 +153,9 @@ def test_centralized_keeps_one_item_bias_per_merchant(tiny_dataset):
         torch.testing.assert_close(u[rows] @ v.T, ug @ vg.T)
 
 
-def test_cold_start_section_in_evaluate(tiny_csv):
-    from rich.console import Console
-
-    from fedrec.training.cold_start import evaluate_cold_start
+@pytest.fixture
+def id_only_shop(tiny_csv):
+    """A small run config without a content tower on the tiny shop file, and its dataset."""
     from fedrec.training.data import load_dataset
 
     cfg = load_config(
@@ -164,7 +163,15 @@ def test_cold_start_section_in_evaluate(tiny_csv):
         {"data.dataset": "file", "data.path": str(tiny_csv), "federation.rounds": 2, "model.dim": 8,
          "model.hash_buckets": 256, "model.use_content": False},
     )  # fmt: skip
-    ds = load_dataset(cfg.data, 0)
+    return cfg, load_dataset(cfg.data, 0)
+
+
+def test_cold_start_section_in_evaluate(id_only_shop):
+    from rich.console import Console
+
+    from fedrec.training.cold_start import evaluate_cold_start
+
+    cfg, ds = id_only_shop
     res = evaluate_cold_start(cfg, ds, (0, 1), Console(quiet=True))
     assert res["new_products"] > 0 and res["their_test_purchases"] >= res["customers"] > 0
     for name in ("federated", "federated_content_tower"):  # no content tower configured: both run
@@ -209,18 +216,12 @@ def test_cold_start_split_on_validation_reads_no_test_purchase(tiny_dataset):
         cold_start_split(tiny_dataset, period="train")
 
 
-def test_neighbour_counts_are_scored_on_validation(tiny_csv):
+def test_neighbour_counts_are_scored_on_validation(id_only_shop):
     from rich.console import Console
 
     from fedrec.training.cold_start import choose_neighbours_on_validation
-    from fedrec.training.data import load_dataset
 
-    cfg = load_config(
-        None,
-        {"data.dataset": "file", "data.path": str(tiny_csv), "federation.rounds": 2, "model.dim": 8,
-         "model.hash_buckets": 256, "model.use_content": False},
-    )  # fmt: skip
-    ds = load_dataset(cfg.data, 0)
+    cfg, ds = id_only_shop
     res = choose_neighbours_on_validation(cfg, ds, (0,), Console(quiet=True), candidates=(0, 1))
     assert res["new_products"] > 0 and res["customers"] > 0
     assert set(res["recall_at_20"]) == {"0", "1"} and {res["best"], res["runner_up"]} == {0, 1}
