@@ -263,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="0 = the config's default")
     ap.add_argument("--plaintext", action="store_true", help="SecAgg+ off (the coordinator sees each update)")
     ap.add_argument(
-        "--refit", action="store_true", help="then retrain on train + validation for the chosen rounds (twice as long)"
+        "--refit",
+        action="store_true",
+        help="then retrain on train + validation for the chosen rounds (twice as long); with privacy set, the "
+        "one DP run trains on train + validation instead (no longer)",
     )
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--timeout", type=float, default=3600.0)
