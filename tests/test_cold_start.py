@@ -229,3 +229,23 @@ def test_neighbour_counts_are_scored_on_validation(id_only_shop):
     assert all(0 <= v["mean"] <= 1 for v in res["recall_at_20"].values())
     with_tower = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_content=True))
     assert "recall_at_20" not in choose_neighbours_on_validation(with_tower, ds, (0,), Console(quiet=True))
+
+
+def test_validate_cold_start_command_writes_its_file_or_refuses_a_content_tower(tiny_csv, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedrec.training.cli import app
+
+    base = ["validate-cold-start", "--dataset", "file", "--seeds", "1", "--set", f"data.path={tiny_csv}",
+            "--set", f"output.results_dir={tmp_path}", "--set", "federation.rounds=2", "--set", "model.dim=8",
+            "--set", "model.hash_buckets=256"]  # fmt: skip
+    refused = CliRunner().invoke(app, [*base, "--set", "model.use_content=true"])
+    assert refused.exit_code == 2 and "the content tower embeds new products" in refused.output
+    assert "Traceback" not in refused.output and not list(tmp_path.glob("*.json"))
+    ran = CliRunner().invoke(app, [*base, "--set", "model.use_content=false"])
+    assert ran.exit_code == 0, ran.output
+    (written,) = tmp_path.glob("validation-model.new_item_neighbours-*.json")
+    res = json.loads(written.read_text())
+    assert res["seeds"] == [0] and res["configured"] == 100 and "command" in res and "created" in res

@@ -242,24 +242,9 @@ def validate_cold_start(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds (0, 1, ...).")] = 3,
 ) -> None:
     """Score model.new_item_neighbours on the validation slice's new products (test is never read)."""
-    import datetime as dt
-    import sys
+    from fedrec.training.cold_start import validate_cold_start as run_validate
 
-    from fedrec.atomic import write_json
-    from fedrec.threads import use_threads
-    from fedrec.training.cold_start import choose_neighbours_on_validation
-    from fedrec.training.data import load_dataset
-
-    cfg = _config(config, dataset, set_)
-    if cfg.model.use_content:
-        raise FedrecError("validate-cold-start: with model.use_content on, the content tower embeds new products")
-    use_threads(cfg.threads)
-    data = load_dataset(cfg.data, cfg.federation.seed)
-    res = choose_neighbours_on_validation(cfg, data, tuple(range(seeds)), console)
-    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    res |= {"created": created, "command": "fedrec " + " ".join(sys.argv[1:])}
-    path = Path(cfg.output.results_dir) / f"validation-model.new_item_neighbours-{data.name}.json"
-    write_json(path, res)
+    res, path = run_validate(_config(config, dataset, set_), console, tuple(range(seeds)))
     if "best" in res:
         verdict = "ahead by more than the spread" if res["clear"] else "its lead is within the spread"
         console.print(f"best on validation: {res['best']} ({verdict}; configured: {res['configured']})")

@@ -13,6 +13,9 @@ which uses test-period sales no real system has at launch.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -20,15 +23,19 @@ import scipy.sparse as sp
 import torch
 from rich.console import Console
 
+from fedrec.atomic import write_json
 from fedrec.baselines import content_profile_scores
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
 from fedrec.datasets.protocol import cold_start_split
+from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.metrics import per_user_metrics, seed_std
 from fedrec.model import catalogue_embeddings, content_neighbour_vectors, item_embeddings
+from fedrec.threads import use_threads
 from fedrec.training.compare_on_validation import summarise
+from fedrec.training.data import load_dataset
 
 K = 20
 
@@ -87,6 +94,22 @@ def choose_neighbours_on_validation(
         configured=cfg.model.new_item_neighbours,
     )
     return out
+
+
+def validate_cold_start(cfg: RunConfig, console: Console, seeds: tuple[int, ...]) -> tuple[dict, Path]:
+    """`fedrec validate-cold-start`: `choose_neighbours_on_validation` on the configured dataset,
+    written to results/validation-model.new_item_neighbours-<dataset>.json with its command."""
+    if cfg.model.use_content:
+        raise FedrecError("validate-cold-start: with model.use_content on, the content tower embeds new products")
+    use_threads(cfg.threads)
+    dataset = load_dataset(cfg.data, cfg.federation.seed)
+    res = choose_neighbours_on_validation(cfg, dataset, seeds, console) | {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "fedrec " + " ".join(sys.argv[1:]),
+    }
+    path = Path(cfg.output.results_dir) / f"validation-model.new_item_neighbours-{dataset.name}.json"
+    write_json(path, res)
+    return res, path
 
 
 def _known_first(dataset: FederatedDataset, known: FederatedDataset, new: np.ndarray, cfg: RunConfig):  # noqa: ANN202

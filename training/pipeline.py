@@ -71,15 +71,14 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
         card,
         run.result.item_biases,
     )
+    if res.privacy and res.refit_rounds:
+        released = "DP: one run on train + validation, the last round released"
+    elif res.refit_rounds:
+        released = f"best round {res.best_round}; released: retrained {res.refit_rounds} rounds on train + validation"
+    else:
+        released = f"best round {res.best_round}"
     console.print(
-        f"\ntrained {len(history)} rounds in {res.seconds:.1f}s ("
-        + (
-            "DP: one run on train + validation, the last round released"
-            if res.privacy and res.refit_rounds
-            else f"best round {res.best_round}"
-            + (f"; released: retrained {res.refit_rounds} rounds on train + validation" if res.refit_rounds else "")
-        )
-        + ")\n"
+        f"\ntrained {len(history)} rounds in {res.seconds:.1f}s ({released})\n"
         f"shared export:       {path}\n"
         f"merchant embeddings: {root / 'merchants'}/<merchant>/{path.name}\n"
         f"checkpoint:          {root / 'checkpoint.pt'}"
