@@ -8,6 +8,7 @@ is started in its own group and stopped by PID at the end (training/federation_d
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -234,6 +235,8 @@ def test_split_noise_dp_runs_under_secagg_like_in_process(federation) -> None:
     ds = federation["dataset"]
     cfg = load_config(default_config_path("synthetic"), {**sets, "federation.refit": True, "threads": 1})
     assert card["refit_rounds"] == 2  # the two DP rounds, on train + validation
+    # so the nodes have no validation slice: the coordinator's validation sums hold no customer
+    assert all(math.isnan(h["val_recall_at_20_previous_round"]) for h in card["history"]) and card["history"]
     features = build_item_features(ds.items, cfg.model.hash_buckets)
     mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
     res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation, dp=mech)
