@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,15 @@ evaluate: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) --set threads=1 \
 		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) $(if $(filter 0,$(ABLATIONS)),--no-ablations,) \
 		$(if $(filter cold-start,$(ONLY)),--only-cold-start,)
+
+# The defaults for a new shop's file (training/configs/file.toml) on a shop nothing was tuned on:
+# generated, sparse, no product metadata, 8 merchants (`fedrec generate-shop`), read through the
+# generic purchase-file loader -> results/evaluation-new-shop.json (+ .md).
+NEW_SHOP ?= artifacts/new-shop.csv
+evaluate-new-shop: setup
+	$(BIN)/fedrec generate-shop $(NEW_SHOP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset file --set data.path=$(NEW_SHOP) --set threads=1 \
+		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) --no-ablations
 
 # A default chosen on validation only (issue 9): federation.aggregation = auto picks rowwise.
 validate-aggregation: setup

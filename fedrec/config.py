@@ -111,6 +111,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[name] = _build(typ, value, key)
             continue
         base = getattr(typ, "__origin__", typ)
+        if base is tuple and isinstance(value, list):  # a TOML array, or a JSON list from --set
+            value = tuple(value)
         if base is float and isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
             value = math.inf
         ok = isinstance(value, base) or (base is float and isinstance(value, int) and not isinstance(value, bool))
@@ -132,6 +134,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         (2 <= cfg.data.partition_merchants <= 1000, "data.partition_merchants must be between 2 and 1000"),
         (cfg.data.partition_alpha > 0, "data.partition_alpha must be > 0"),
         (cfg.local.prox_mu >= 0, "local.prox_mu must be >= 0"),
+        (cfg.local.temperature >= 0, "local.temperature must be > 0, or 0 to choose it on validation"),
+        (
+            len(cfg.local.temperature_candidates) >= 1
+            and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0
+                for t in cfg.local.temperature_candidates
+            ),
+            "local.temperature_candidates must be a non-empty list of numbers > 0",
+        ),
+        (
+            cfg.local.temperature > 0 or not cfg.privacy.enabled,
+            "local.temperature = 0 chooses it on the validation slice, which customer-level DP does not "
+            "account for: under [privacy] set local.temperature (e.g. 1.0)",
+        ),
         (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
         (
             not cfg.local.user_solve_reg or cfg.local.loss == "softmax",
@@ -218,6 +234,11 @@ def check_networked(cfg: RunConfig) -> RunConfig:
         raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
     if cfg.federation.robust != "none":  # each robust rule reads every merchant's own delta: not a sum
         raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
+    if cfg.local.temperature == 0:
+        raise ConfigError(
+            "local.temperature = 0 (chosen on validation among local.temperature_candidates) runs in-process only: "
+            "set a temperature, e.g. the one `fedrec train` chose for this data (its model card, config.local)"
+        )
     split = cfg.privacy.noise_split if cfg.privacy.enabled else 0
     if split and not cfg.network.secagg:  # split noise protects only a sum nobody can take apart
         raise ConfigError("privacy.noise_split needs network.secagg = true: without it each share is sent in the clear")

@@ -28,6 +28,9 @@ def tiny_args(tmp_path, csv):
         "model.dim=16",
         "--set",
         "model.hash_buckets=1024",
+        # the file default (0) trains once per candidate temperature: tests/test_temperature_choice.py
+        "--set",
+        "local.temperature=0.5",
     ]
 
 

@@ -307,6 +307,8 @@ def test_cli_refuses_a_bad_privacy_setting_with_one_error_line(tmp_path):
 def test_dp_training_writes_the_spent_epsilon_into_the_model_card(tmp_path, tiny_csv):
     args = [
         "train", "--dataset", "file", "--set", f"data.path={tiny_csv}",
+        # the file default chooses it on validation, which DP refuses: fixed, as before that default
+        "--set", "local.temperature=0.5",
         "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--set", "federation.rounds=2",
         "--set", "model.dim=8", "--set", "model.hash_buckets=256",
         "--set", "privacy.epsilon=8", "--set", "privacy.sample_rate=0.5",
@@ -323,6 +325,8 @@ def test_dp_training_writes_the_spent_epsilon_into_the_model_card(tmp_path, tiny
 def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     args = [
         "privacy-report", "--dataset", "file", "--set", f"data.path={tiny_csv}",
+        # the file default chooses it on validation, which DP refuses: fixed, as before that default
+        "--set", "local.temperature=0.5",
         "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}",
         "--set", f"output.results_dir={tmp_path / 'results'}", "--set", "federation.rounds=2",
         "--set", "model.dim=8", "--set", "model.hash_buckets=256",
@@ -385,6 +389,8 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     """The attack finds the sold items in one merchant's plain update and not in its DP update."""
     args = [
         "attack-report", "--dataset", "file", "--set", f"data.path={tiny_csv}",
+        # the file default chooses it on validation, which DP refuses: fixed, as before that default
+        "--set", "local.temperature=0.5",
         "--set", f"output.results_dir={tmp_path}", "--set", "model.dim=8", "--set", "model.hash_buckets=256",
         "--set", "privacy.sample_rate=0.5", "--set", "federation.rounds=3", "--epsilon", "1", "--dp-rounds", "3",
         "--poison-rounds", "2", "--seeds", "1", "--colluders", "2",

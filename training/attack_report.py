@@ -171,7 +171,8 @@ def membership_report(
         mech = plan_mechanism(run.privacy, rounds, run.local.epochs)  # split noise: one step a round
         res = run_federated(members, features, run.model, run.local, run.federation, dp=mech)
         vecs = item_embeddings(res.item_state, features, run.model).numpy()
-        scores = np.concatenate([membership_scores(vecs, m.train, run.local.temperature) for m in eligible])
+        temperature = res.temperature or run.local.temperature  # the chosen one, where local.temperature = 0
+        scores = np.concatenate([membership_scores(vecs, m.train, temperature) for m in eligible])
         out[setting] = {"auc": auc(scores, labels), "members": int(labels.sum()), "non_members": int((~labels).sum())}
         if mech is not None:
             out[setting] |= {"epsilon": epsilon, "noise_multiplier": mech.noise_multiplier, "rounds": rounds}

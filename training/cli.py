@@ -351,6 +351,22 @@ def serve(
     )
 
 
+@app.command("generate-shop")
+@friendly
+def generate_shop(
+    out: Annotated[Path, typer.Argument(help="Purchase file to write (CSV).")],
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 1,
+) -> None:
+    """Write a generated sparse shop without product metadata (600 customers, 8 merchants), to check
+    the defaults for a new shop's file on data nothing was tuned on."""
+    import dataclasses
+
+    from fedrec.datasets.marketplace import NEW_SHOP, write_purchase_file
+
+    rows = write_purchase_file(out, dataclasses.replace(NEW_SHOP, seed=seed))
+    console.print(f"{out}: {rows} purchases; evaluate with --dataset file --set data.path={out}")
+
+
 @app.command()
 @friendly
 def download(

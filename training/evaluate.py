@@ -89,6 +89,8 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
         "recall@20_per_seed": [round(r, 4) for r in recalls],
         "seeds": list(seeds),
     }
+    if "temperature" in first:  # local.temperature = 0: each seed's choice
+        out["temperature_per_seed"] = [e["temperature"] for e in entries]
     for key in ("seconds", "rounds", "best_round", "refit_rounds"):
         if key in first:
             out[key] = round(float(np.mean([e[key] for e in entries])), 2)
@@ -199,7 +201,12 @@ def evaluate(
     out: dict = {
         "dataset": dataset.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": f"make evaluate DATASET={dataset.name}" + ("" if ablations else " ABLATIONS=0"),
+        "command": (
+            f"make evaluate DATASET={dataset.name}" + ("" if ablations else " ABLATIONS=0")
+            if cfg.data.dataset != "file"
+            else f"fedrec evaluate --dataset file --set data.path={cfg.data.path}"
+            + ("" if ablations else " --no-ablations")
+        ),
         "data": dataset.summary(),
         "protocol": dataset.protocol,
         "metrics": list(METRICS),
@@ -220,10 +227,14 @@ def evaluate(
         entry = evaluate_test_all(dataset.merchants, users, items, biases)
         entry["seconds"] = round(seconds, 2)
         if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
-            basket = tower_basket_scores(items, cfg.local.temperature)
+            temperature = (result.temperature if result is not None else None) or cfg.local.temperature
+            basket = tower_basket_scores(items, temperature)
         basket_args = None if basket is None else (baskets, basket_labels, basket)
         entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
         if result is not None:
+            if result.temperature is not None:  # local.temperature = 0: what validation chose
+                entry["temperature"] = result.temperature
+                entry["temperature_scores"] = result.temperature_scores
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
             entry["refit_rounds"] = result.refit_rounds
@@ -397,6 +408,12 @@ def markdown_table(res: dict) -> str:
         f"({'more' if checks['gap_exceeds_seed_spread'] else 'less'} than the seed spread); "
         f"federated beats local-only for {len(checks['federated_beats_local_only_for'])}/{len(merchants)} merchants.\n"
     )
+    chosen = [
+        f"{m} {', '.join(f'{t:g}' for t in res[m]['temperature_per_seed'])}"
+        for m in ("federated", "centralized") if "temperature_per_seed" in res[m]
+    ]  # fmt: skip
+    if chosen:
+        foot += f"Temperature chosen on validation (local.temperature = 0), per seed: {'; '.join(chosen)}.\n"
     abl = "".join(
         f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f} ± {v['recall@20_std']:.4f}.\n"
         for k, v in res["ablations"].items()

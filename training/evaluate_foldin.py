@@ -51,7 +51,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     items = run.item_vectors
     vecs = items.numpy()
     rng = np.random.default_rng(cfg.federation.seed)
-    temperature = cfg.local.temperature
+    temperature = run.cfg.local.temperature  # the chosen one, where local.temperature = 0
     parts: dict[str, dict[str, MetricSums]] = {"learned": {}}
     seconds: dict[str, float] = {}
     for m in run.dataset.merchants:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,12 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output.artifacts_dir) / cfg.data.dataset
 
 
+def with_temperature(cfg: RunConfig, temperature: float) -> RunConfig:
+    """`cfg` with the temperature a run chose (local.temperature = 0) in place of 0: what the model
+    was trained with, which the export's card records and the API's fold-in solves with."""
+    return dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, temperature=temperature))
+
+
 def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
     console = console or Console()
     use_threads(cfg.threads)
@@ -59,6 +66,12 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
             f"{dp.steps_per_round} steps a round"
         )
     result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer, dp=dp)
+    if result.temperature is not None:  # local.temperature = 0: the export serves the chosen one
+        console.print(
+            f"temperature {result.temperature:g}, chosen on validation recall@20 among "
+            + ", ".join(f"{t} ({v:.4f})" for t, v in result.temperature_scores.items())
+        )
+        cfg = with_temperature(cfg, result.temperature)
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     return TrainedRun(cfg, dataset, features, result, test)
@@ -77,5 +90,6 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "seconds": run.result.seconds,
         "test": run.test,
         "privacy": run.result.privacy,
+        "temperature_scores": run.result.temperature_scores,
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

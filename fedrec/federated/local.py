@@ -55,7 +55,12 @@ class LocalConfig:
     weight_decay: float = 0.1  # L2 on the rows used in a batch
     bias_lr: float = 0.05  # Adam, the merchant's own item bias (model.merchant_item_bias)
     loss: str = "softmax"
+    # Scores are divided by it before the softmax. 0: chosen on the validation slice among
+    # `temperature_candidates` (`simulation.run_federated`): the best value measured from 0.5
+    # (MovieLens) to 2 (a sparse shop without product metadata), so no one fixed value fits every
+    # shop's file (README, "A new shop's file").
     temperature: float = 0.5
+    temperature_candidates: tuple[float, ...] = (0.5, 1.0, 2.0)
     # FedProx (Li et al., 2020): (mu / 2) |w - w_received|^2 on the item tower keeps a merchant's
     # local steps near the model it received, against drift on skewed data; 0 is plain FedAvg.
     prox_mu: float = 0.0
@@ -138,6 +143,8 @@ def local_update(
     A grouped item bias (one row per merchant, `user_groups` naming each customer's row) is the
     centralized baseline's: it needs the softmax loss and no DP.
     """
+    if cfg.temperature <= 0:
+        raise ValueError("local_update needs local.temperature > 0 (0, chosen on validation, is run_federated's)")
     large = features.n_items > cfg.full_softmax_max_items
     if large and cfg.loss == "softmax" and dp is None:
         cfg = dataclasses.replace(cfg, loss="sampled_softmax", user_solve_reg=0.0)

@@ -109,6 +109,10 @@ class TrainResult:
     refit_rounds: int = 0
     # With a refit: the early-stopped model it replaced (trained on train alone), for comparison.
     early_stopped: TrainResult | None = None
+    # With local.temperature = 0: the candidate validation chose, and every candidate's validation
+    # recall@20 at its best round (keyed by the temperature as text).
+    temperature: float | None = None
+    temperature_scores: dict[str, float] = field(default_factory=dict)
 
 
 def in_order(work: Callable[[str], T], names: list[str], workers: int) -> Iterator[tuple[str, T]]:
@@ -173,6 +177,8 @@ def run_federated(
     `tamper` (attack simulations only) may replace a merchant's terms before they are sent: what a
     malicious merchant could send, knowing the tower it received.
     """
+    if local_cfg.temperature == 0:
+        return choose_temperature(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
     if trains_on_validation(fed_cfg, dp is not None):
         whole = with_validation_in_train(dataset)
         res = _train(whole, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper, True)
@@ -181,6 +187,50 @@ def run_federated(
     if not refits(fed_cfg, dp, first.best_round):
         return first
     return refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
+
+
+def choose_temperature(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    local_cfg: LocalConfig,
+    fed_cfg: FederationConfig,
+    on_round: Callable[[RoundLog], None] | None = None,
+    on_message: Callable[[str, MerchantSums], None] | None = None,
+    dp: DPMechanism | None = None,
+    tamper: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> TrainResult:
+    """`local.temperature = 0`: one early-stopped run per candidate, on train alone and from the same
+    seed; the candidate whose best round scores the highest validation recall@20 (the merchants'
+    validation sums, as early stopping reads them; a tie goes to the earlier candidate) is kept, and
+    refit like any run. The cost is one training run per candidate.
+
+    Why: the temperature sets how far the scores must spread for a confident softmax, against the
+    weight decay; dense data wants it low, sparse data high, and a new shop's file says which only
+    on its own validation slice. Under DP the choice would read validation outside the accountant.
+    """
+    if dp is not None:
+        raise ConfigError("local.temperature = 0 chooses on validation, which DP does not account for: set it")
+    runs: dict[float, TrainResult] = {}
+    scores: dict[str, float] = {}
+    for t in (float(t) for t in local_cfg.temperature_candidates):
+        run = _train(dataset, features, model_cfg, dataclasses.replace(local_cfg, temperature=t), fed_cfg,
+                     on_round, on_message, None, tamper)  # fmt: skip
+        best = {h.round: h.val_recall_at_20 for h in run.history}.get(run.best_round)
+        if best is None:
+            raise ConfigError("local.temperature = 0 chooses on the validation slice: set data.val_fraction > 0")
+        runs[t], scores[str(t)] = run, best
+    chosen = max(runs, key=lambda t: scores[str(t)])  # max keeps the first of equals
+    local_cfg = dataclasses.replace(local_cfg, temperature=chosen)
+    first = runs[chosen]
+    res = first
+    if refits(fed_cfg, None, first.best_round):
+        res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
+    # the seconds of every candidate's run count: they are what the choice cost
+    spent = sum(r.seconds for r in runs.values()) - first.seconds
+    if res.early_stopped is not None:
+        res = dataclasses.replace(res, early_stopped=dataclasses.replace(res.early_stopped, temperature=chosen))
+    return dataclasses.replace(res, seconds=res.seconds + spent, temperature=chosen, temperature_scores=scores)
 
 
 def refits(fed_cfg: FederationConfig, dp: DPMechanism | None, best_round: int) -> bool:
