@@ -62,12 +62,15 @@ evaluate: setup
 
 # The defaults for a new shop's file (training/configs/file.toml) on a shop nothing was tuned on:
 # generated, sparse, no product metadata, 8 merchants (`fedrec generate-shop`), read through the
-# generic purchase-file loader -> results/evaluation-new-shop.json (+ .md).
+# generic purchase-file loader -> results/evaluation-new-shop.json (+ .md). NEW_SHOP_SET adds
+# settings, e.g. the fixed temperature it replaced: NEW_SHOP_SET="--set local.temperature=0.5
+# --set output.results_dir=/tmp/t05" (results/evaluation-new-shop-temperature-0.5.json).
 NEW_SHOP ?= artifacts/new-shop.csv
+NEW_SHOP_SET ?=
 evaluate-new-shop: setup
 	$(BIN)/fedrec generate-shop $(NEW_SHOP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset file --set data.path=$(NEW_SHOP) --set threads=1 \
-		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) --no-ablations
+		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) --no-ablations $(NEW_SHOP_SET)
 
 # A default chosen on validation only (issue 9): federation.aggregation = auto picks rowwise.
 validate-aggregation: setup
