@@ -237,7 +237,8 @@ def check_networked(cfg: RunConfig) -> RunConfig:
     if cfg.local.temperature == 0:
         raise ConfigError(
             "local.temperature = 0 (chosen on validation among local.temperature_candidates) runs in-process only: "
-            "set a temperature, e.g. the one `fedrec train` chose for this data (its model card, config.local)"
+            "set a temperature (a merchant can choose one on its own file alone: `fedrec train --dataset file` "
+            "prints the choice)"
         )
     split = cfg.privacy.noise_split if cfg.privacy.enabled else 0
     if split and not cfg.network.secagg:  # split noise protects only a sum nobody can take apart
