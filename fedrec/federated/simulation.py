@@ -211,23 +211,23 @@ def choose_temperature(
     """
     if dp is not None:
         raise ConfigError("local.temperature = 0 chooses on validation, which DP does not account for: set it")
-    runs: dict[float, TrainResult] = {}
     scores: dict[str, float] = {}
+    chosen, first, spent = 0.0, None, 0.0  # only the leading run is held: each holds a whole model
     for t in (float(t) for t in local_cfg.temperature_candidates):
         run = _train(dataset, features, model_cfg, dataclasses.replace(local_cfg, temperature=t), fed_cfg,
                      on_round, on_message, None, tamper)  # fmt: skip
         best = {h.round: h.val_recall_at_20 for h in run.history}.get(run.best_round)
         if best is None:
             raise ConfigError("local.temperature = 0 chooses on the validation slice: set data.val_fraction > 0")
-        runs[t], scores[str(t)] = run, best
-    chosen = max(runs, key=lambda t: scores[str(t)])  # max keeps the first of equals
+        scores[str(t)] = best
+        spent += run.seconds  # every candidate's run counts: it is what the choice cost
+        if first is None or best > scores[str(chosen)]:  # a tie keeps the earlier candidate
+            chosen, first = t, run
     local_cfg = dataclasses.replace(local_cfg, temperature=chosen)
-    first = runs[chosen]
     res = first
     if refits(fed_cfg, None, first.best_round):
         res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
-    # the seconds of every candidate's run count: they are what the choice cost
-    spent = sum(r.seconds for r in runs.values()) - first.seconds
+    spent -= first.seconds  # already in res.seconds
     if res.early_stopped is not None:
         res = dataclasses.replace(res, early_stopped=dataclasses.replace(res.early_stopped, temperature=chosen))
     return dataclasses.replace(res, seconds=res.seconds + spent, temperature=chosen, temperature_scores=scores)
