@@ -119,7 +119,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if base is int and isinstance(value, bool):
             ok = False
         if not ok:
-            raise ConfigError(f"{key}: expected {getattr(base, '__name__', base)}, got {value!r}")
+            kind = "list" if base is tuple else getattr(base, "__name__", base)  # a TOML array or --set [..]
+            raise ConfigError(f"{key}: expected {kind}, got {value!r}")
         kwargs[name] = float(value) if base is float else value
     return cls(**kwargs)
 
@@ -146,7 +147,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (
             cfg.local.temperature > 0 or not cfg.privacy.enabled,
             "local.temperature = 0 chooses it on the validation slice, which customer-level DP does not "
-            "account for: under [privacy] set local.temperature (e.g. 1.0)",
+            "account for: with privacy on, set local.temperature (e.g. 1.0)",
         ),
         (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
         (

@@ -85,6 +85,7 @@ def test_config_reads_the_candidates_and_refuses_what_cannot_run():
         ({"local.temperature": -1.0}, "local.temperature"),
         ({"local.temperature_candidates": []}, "temperature_candidates"),
         ({"local.temperature_candidates": [1.0, 0.0]}, "temperature_candidates"),
+        ({"local.temperature_candidates": "abc"}, "temperature_candidates: expected list"),
         ({"local.temperature": 0.0, "privacy.epsilon": 8.0}, "DP"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -136,3 +137,11 @@ def test_evaluate_records_each_methods_chosen_temperature(tiny_csv):
     for method in ("federated", "centralized"):
         assert res[method]["temperature_per_seed"][0] in (0.5, 2.0)
     assert "Temperature chosen on validation" in markdown_table(res)
+
+
+def test_a_file_run_with_dp_says_what_to_set(tmp_path, tiny_csv):
+    args = ["train", "--dataset", "file", "--set", f"data.path={tiny_csv}", "--set", "privacy.epsilon=8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "with privacy on, set local.temperature" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
