@@ -145,3 +145,10 @@ def test_a_file_run_with_dp_says_what_to_set(tmp_path, tiny_csv):
     assert result.exit_code == 2
     assert "with privacy on, set local.temperature" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_an_error_naming_a_config_table_keeps_its_brackets(tmp_path, tiny_csv):
+    args = ["evaluate", "--dataset", "file", "--set", f"data.path={tiny_csv}", "--set", "privacy.epsilon=8",
+            "--set", "local.temperature=0.5"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "unset [privacy]" in " ".join(result.output.split())
