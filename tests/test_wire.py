@@ -285,3 +285,33 @@ def test_an_exchange_is_retried_until_answered_and_stops_after_max_failed_rounds
     with pytest.raises(FedrecError, match="round 4 failed 3 times in a row"):
         _answered(coord, "train", 4, {}, "round 4")
     assert len(calls) == 3
+
+
+class _SlowLink:
+    """A Grid whose replies arrive over several pulls: one per node, on the pull given."""
+
+    def __init__(self, arrives_at: dict[str, int]) -> None:
+        self.arrives_at, self.pulls, self.pushed = arrives_at, 0, []
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        self.pushed = [m for m in messages]
+        return list(self.arrives_at)
+
+    def pull_messages(self, ids):  # noqa: ANN001, ANN201
+        self.pulls += 1
+        ready = [i for i in ids if self.arrives_at[i] == self.pulls]
+        return [type("Reply", (), {"metadata": type("Meta", (), {"reply_to_message_id": i})()})() for i in ready]
+
+
+def test_reply_pull_collects_every_reply_and_stops_at_the_last_or_at_the_timeout() -> None:
+    from fedrec.training.flower_server import pull_replies
+
+    link = _SlowLink({"a": 1, "b": 3, "c": 3})
+    replies = pull_replies(link, ["m1", "m2", "m3"], timeout=None, poll_s=0.0)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert link.pulls == 3  # no pull after the last reply
+    assert link.pushed == ["m1", "m2", "m3"]
+    late = _SlowLink({"a": 1, "b": 10**9})
+    got = pull_replies(late, ["m1", "m2"], timeout=0.05, poll_s=0.01)
+    assert [r.metadata.reply_to_message_id for r in got] == ["a"]  # what came in time, no more
+    assert late.pulls >= 2
