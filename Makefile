@@ -180,7 +180,7 @@ bench-serve: setup
 ROUNDS ?= 5
 federation-demo: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.federation_demo --rounds $(ROUNDS) $(if $(PLAINTEXT),--plaintext,) \
-		$(if $(REFIT),--refit,)
+		$(if $(REFIT),--refit,) --results results/federation-demo.json
 
 # Demo CA, the coordinator's TLS certificate and node key pairs (production: your own PKI; see README).
 CREDENTIALS ?= artifacts/federation/credentials
