@@ -220,6 +220,7 @@ def pull_replies(grid, messages: list[Message], timeout: float | None, poll_s: f
 
 class AuditGrid:
     """Counts what the coordinator sends and receives; in audit mode also keeps every reply.
+    Every exchange of the run goes through it, so it also pulls the replies (`pull_replies`).
 
     Recording plays an honest-but-curious coordinator for the leakage test: it keeps exactly what
     Flower's ServerApp receives from each node (under SecAgg+, key shares, ciphertexts and masked
