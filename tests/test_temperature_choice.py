@@ -139,7 +139,7 @@ def test_evaluate_records_each_methods_chosen_temperature(tiny_csv):
     assert "Temperature chosen on validation" in markdown_table(res)
 
 
-def test_a_file_run_with_dp_says_what_to_set(tmp_path, tiny_csv):
+def test_a_file_run_with_dp_says_what_to_set(tiny_csv):
     args = ["train", "--dataset", "file", "--set", f"data.path={tiny_csv}", "--set", "privacy.epsilon=8"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
@@ -147,7 +147,7 @@ def test_a_file_run_with_dp_says_what_to_set(tmp_path, tiny_csv):
     assert "Traceback" not in result.output
 
 
-def test_an_error_naming_a_config_table_keeps_its_brackets(tmp_path, tiny_csv):
+def test_an_error_naming_a_config_table_keeps_its_brackets(tiny_csv):
     args = ["evaluate", "--dataset", "file", "--set", f"data.path={tiny_csv}", "--set", "privacy.epsilon=8",
             "--set", "local.temperature=0.5"]  # fmt: skip
     result = CliRunner().invoke(app, args)

@@ -294,7 +294,7 @@ class _SlowLink:
         self.arrives_at, self.pulls, self.pushed = arrives_at, 0, []
 
     def push_messages(self, messages):  # noqa: ANN001, ANN201
-        self.pushed = [m for m in messages]
+        self.pushed = list(messages)
         return list(self.arrives_at)
 
     def pull_messages(self, ids):  # noqa: ANN001, ANN201

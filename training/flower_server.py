@@ -227,8 +227,8 @@ class AuditGrid:
     vectors; without it, the plain sums).
     """
 
-    def __init__(self, grid, record: Path | None = None, poll_s: float = REPLY_POLL_SECONDS) -> None:  # noqa: ANN001
-        self.grid, self.record, self.poll_s = grid, record, poll_s
+    def __init__(self, grid, record: Path | None = None) -> None:  # noqa: ANN001
+        self.grid, self.record = grid, record
         self.sent = self.received = 0
         if record is not None:
             record.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ class AuditGrid:
     def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
         messages = list(messages)
         self.sent += sum(payload_bytes(m.content) for m in messages)
-        replies = pull_replies(self.grid, messages, timeout, self.poll_s)
+        replies = pull_replies(self.grid, messages, timeout, REPLY_POLL_SECONDS)
         for msg in replies:
             if msg.has_error():
                 continue
