@@ -53,12 +53,13 @@ train-federated: setup
 # One torch thread: the same seed gives the same numbers (with 2, a rerun can move recall@20).
 # EVAL_WORKERS merchants train at once on threads: the same numbers bit for bit as one at a time
 # (measured 1.65x faster on MovieLens on 2 cores). ABLATIONS=0 skips the variants that each flip
-# one design choice (three more federated runs a seed).
+# one design choice (three more federated runs a seed). ONLY=cold-start or ONLY=references reruns
+# that section alone (references: implicit ALS, popularity, EASE) in the existing results file.
 EVAL_WORKERS ?= 2
 evaluate: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset $(DATASET) --set threads=1 \
 		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) $(if $(filter 0,$(ABLATIONS)),--no-ablations,) \
-		$(if $(filter cold-start,$(ONLY)),--only-cold-start,)
+		$(if $(filter cold-start,$(ONLY)),--only-cold-start,) $(if $(filter references,$(ONLY)),--only-references,)
 
 # The defaults for a new shop's file (training/configs/file.toml) on a shop nothing was tuned on:
 # generated, sparse, no product metadata, 8 merchants (`fedrec generate-shop`), read through the

@@ -88,6 +88,12 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     result = runner.invoke(app, ["export", "--set", f"output.artifacts_dir={tmp_path / 'none'}"])
     assert result.exit_code == 2 and "no checkpoint" in result.output
 
+    result = runner.invoke(app, ["evaluate", "--only-cold-start", "--only-references"])
+    assert result.exit_code == 2 and "--only-cold-start and --only-references: give one" in result.output
+    empty = f"output.results_dir={tmp_path / 'none'}"
+    result = runner.invoke(app, ["evaluate", "--dataset", "synthetic", "--only-references", "--set", empty])
+    assert result.exit_code == 2 and "no results file to update" in result.output
+
     for setting, message in (
         ("data.partition=random", "data.partition must be one of"),
         ("data.partition_merchants=5000", "data.partition_merchants must be between 2 and 1000"),

@@ -9,12 +9,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from fedrec.baselines import ease_weights
+from fedrec.baselines import ALS_GRID, ease_weights
 from fedrec.config import load_config
 from fedrec.training.evaluate import (
     METHODS,
     TRAINED,
     _split_rows,
+    choose_als_settings,
     choose_ease_lambda,
     evaluate,
     markdown_table,
@@ -58,6 +59,20 @@ def test_ease_lambda_is_chosen_on_validation_and_ignores_test(tiny_dataset):
     assert choose_ease_lambda(scrambled, (1.0, 10.0, 100.0)) == (lam, scores)
 
 
+def test_als_settings_are_chosen_on_validation_and_ignore_test(tiny_dataset):
+    grid = {"factors": (2, 8), "regularization": (0.1,), "alpha": (1.0, 20.0)}
+    settings, scores = choose_als_settings(tiny_dataset, (0, 1), grid)
+    assert len(scores) == 4 and len(set(scores.values())) > 1  # the grid's settings really differ
+    chosen = ",".join(f"{k}={v:g}" for k, v in settings.items())
+    assert scores[chosen] == max(scores.values())
+    scrambled = dataclasses.replace(
+        tiny_dataset,
+        merchants=[dataclasses.replace(m, test=sp.csr_matrix(m.test.shape, dtype=m.test.dtype))
+                   for m in tiny_dataset.merchants],
+    )  # fmt: skip
+    assert choose_als_settings(scrambled, (0, 1), grid) == (settings, scores)
+
+
 def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv, tmp_path):
     cfg = load_config(
         None,
@@ -85,6 +100,10 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
         assert abs(res[name]["recall@20_std"] - np.std(per_seed, ddof=1)) < 1e-4
     assert res["federated"]["recall@20_per_seed"][0] != res["federated"]["recall@20_per_seed"][1]  # seeds differ
     assert "seeds" not in res["popularity"] and res["ease"]["settings"]["chosen_on"] == "validation recall@20"
+    als = res["implicit_als"]["settings"]
+    assert len(als["validation"]) == np.prod([len(v) for v in ALS_GRID.values()]) and als["validation"][
+        f"factors={als['factors']},regularization={als['regularization']:g},alpha={als['alpha']:g}"
+    ] == max(als["validation"].values())
     assert set(res["ablations"]) == {
         "aggregation=fedavg", "normalize_steps=False", "merchant_item_bias=True", "refit=False"
     }  # fmt: skip
@@ -101,12 +120,12 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
         assert 0 <= res[name]["diversity"]["basket_same_label@10"] <= 1
     assert "basket_same_label@10" not in res["popularity"]["diversity"]
     table = markdown_table(res)
-    assert "| ease |" in table and "±" in table and "seeds 0, 1" in table
+    assert "| ease |" in table and "±" in table and "seeds 0, 1" in table and "implicit ALS: " in table
     # Rerunning the cold-start section alone keeps every other section of the file as it was.
     import json
 
     from fedrec.errors import FedrecError
-    from fedrec.training.evaluate import rerun_cold_start, write_results
+    from fedrec.training.evaluate import rerun_cold_start, rerun_references, write_results
 
     out = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, results_dir=str(tmp_path)))
     with pytest.raises(FedrecError, match="no results file to update"):
@@ -115,8 +134,15 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
     paths = rerun_cold_start(out, Console(quiet=True), (0,))
     again = json.loads(paths["json"].read_text())
     assert again["cold_start"]["federated"]["seeds"] == [0] and res["cold_start"]["federated"]["seeds"] == [0, 1]
-    assert again["cold_start"]["command"].endswith("ONLY=cold-start")
+    assert again["cold_start"]["command"].endswith("--only-cold-start")  # a file dataset: the CLI flag
     assert again["federated"] == json.loads(json.dumps(res["federated"])) and again["command"] == res["command"]
+    # ... and so does rerunning the references alone (ALS's settings chosen on validation again).
+    paths = rerun_references(out, Console(quiet=True), (0,))
+    refs = json.loads(paths["json"].read_text())
+    assert refs["implicit_als"]["seeds"] == [0] and res["implicit_als"]["seeds"] == [0, 1]
+    assert refs["implicit_als"]["settings"]["chosen_on"].startswith("validation recall@20")
+    assert refs["references_rerun"]["command"].endswith("--only-references")
+    assert refs["cold_start"] == again["cold_start"] and refs["federated"] == again["federated"]
 
 
 def test_one_category_baskets_take_the_most_bought_single_label_products():

@@ -72,14 +72,21 @@ def evaluate(
     only_cold_start: Annotated[
         bool, typer.Option(help="Rerun only the cold-start section of the existing results file.")
     ] = False,
+    only_references: Annotated[
+        bool,
+        typer.Option(help="Rerun only implicit ALS, popularity and EASE in the existing results file."),
+    ] = False,
 ) -> None:
     """Compare federated, centralized, local-only, popularity, implicit ALS and EASE (recall/NDCG)."""
     from fedrec.training.evaluate import evaluate as run_eval
-    from fedrec.training.evaluate import markdown_table, rerun_cold_start, write_results
+    from fedrec.training.evaluate import markdown_table, rerun_cold_start, rerun_references, write_results
 
     cfg = _config(config, dataset, set_)
-    if only_cold_start:
-        for kind, path in rerun_cold_start(cfg, console, tuple(range(seeds))).items():
+    if only_cold_start and only_references:
+        raise FedrecError("--only-cold-start and --only-references: give one of them")
+    rerun = rerun_cold_start if only_cold_start else rerun_references if only_references else None
+    if rerun is not None:
+        for kind, path in rerun(cfg, console, tuple(range(seeds))).items():
             console.print(f"{kind}: {path}")
         return
     res = run_eval(cfg, console, quiet_rounds=quiet_rounds, seeds=tuple(range(seeds)), ablations=ablations)

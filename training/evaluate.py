@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 from rich.console import Console
 
 from fedrec.atomic import write_json, write_text, write_with
-from fedrec.baselines import EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
+from fedrec.baselines import ALS_GRID, EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset, pooled
 from fedrec.errors import FedrecError
@@ -53,6 +54,7 @@ from fedrec.training.progress import RoundPrinter
 
 METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als", "ease")
 TRAINED = ("federated", "centralized", "local_only", "implicit_als")
+REFERENCES = ("implicit_als", "popularity", "ease")  # `--only-references` reruns these
 
 
 def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,6 +182,95 @@ def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple
     return best, scores
 
 
+def choose_als_settings(
+    dataset: FederatedDataset, seeds: tuple[int, ...], grid: dict[str, tuple[float, ...]] = ALS_GRID
+) -> tuple[dict, dict[str, float]]:
+    """implicit ALS's factors, regularization and alpha by validation recall@20 (the mean over the
+    seeds' fits), fitted and ranked as `choose_ease_lambda` does: ALS gets its own choice on the
+    same slice, as EASE's lambda and the tower's temperature do, and test is never looked at."""
+    pool = pooled(dataset)
+    scores: dict[str, float] = {}
+    best: tuple[float, dict] = (-1.0, {})
+    for factors, reg, alpha in itertools.product(grid["factors"], grid["regularization"], grid["alpha"]):
+        settings = {"factors": int(factors), "regularization": float(reg), "alpha": float(alpha)}
+        fits = [implicit_als(pool.train, **settings, seed=seed) for seed in seeds]
+        val = [merchant_metric_sums(u, v, pool.train, pool.val, ("recall@20",)).means()["recall@20"] for u, v in fits]
+        key = ",".join(f"{k}={v:g}" for k, v in settings.items())
+        scores[key] = float(np.mean(val))
+        if scores[key] > best[0]:  # ties keep the earlier (smaller) setting
+            best = (scores[key], settings)
+    return best[1], scores
+
+
+Scorer = Callable[..., dict]
+
+
+def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
+    """What every method is scored by: test metrics of the same customers, and the same top-10
+    lists, similar items and one-category baskets (`diversity`)."""
+    full = pooled(dataset).full_train
+    labels = item_labels(dataset.items)
+    baskets, basket_labels = one_label_baskets(labels, np.asarray(full.sum(axis=0)).ravel())
+
+    def scored(
+        users, items, seconds: float, result: TrainResult | None = None, biases=None, similar=None, basket=None
+    ) -> dict:
+        entry = evaluate_test_all(dataset.merchants, users, items, biases)
+        entry["seconds"] = round(seconds, 2)
+        if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
+            temperature = (result.temperature if result is not None else None) or cfg.local.temperature
+            basket = tower_basket_scores(items, temperature)
+        basket_args = None if basket is None else (baskets, basket_labels, basket)
+        entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
+        if result is not None:
+            if result.temperature is not None:  # local.temperature = 0: what validation chose
+                entry["temperature"] = result.temperature
+                entry["temperature_scores"] = result.temperature_scores
+            entry["rounds"] = len(result.history)
+            entry["best_round"] = result.best_round
+            entry["refit_rounds"] = result.refit_rounds
+        return entry
+
+    return scored
+
+
+def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer, console: Console) -> dict[str, dict]:
+    """The centralized references, each on everything before the test cut-off: implicit's ALS
+    (settings chosen on validation, then one seeded fit per seed), popularity, and EASE (lambda
+    chosen on validation)."""
+    full = pooled(dataset).full_train
+    out: dict[str, dict] = {}
+    settings, als_scores = choose_als_settings(dataset, seeds)
+    entries = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        u, v = implicit_als(full, **settings, seed=seed)
+        basket = lambda b, v=v.numpy(): als_fold_in(v, b, settings["alpha"], settings["regularization"]) @ v.T  # noqa: E731
+        entries.append(scored(_split_rows(dataset, u), v, time.perf_counter() - t0, basket=basket))
+        console.print(f"[bold]implicit_als[/] (seed {seed}): recall@20 {entries[-1]['overall']['recall@20']:.4f}")
+    out["implicit_als"] = summarise(entries, list(seeds))
+    out["implicit_als"]["settings"] = {
+        **settings,
+        "iterations": 15,
+        "chosen_on": "validation recall@20, mean over the seeds",
+        "validation": als_scores,
+    }
+    t0 = time.perf_counter()
+    u, v = popularity(full)
+    out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=False)
+    t0 = time.perf_counter()
+    lam, val_scores = choose_ease_lambda(dataset)
+    u, v = ease(full, lam)
+    # EASE's "similar items" of i: the items i's purchase predicts most, row i of B (= v.T)
+    weights = v.numpy().T  # B: a basket's scores are the sum of its items' rows
+    ease_basket = lambda b: np.stack([weights[rows].sum(0) for rows in b])  # noqa: E731
+    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=weights, basket=ease_basket)
+    out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
+    for name in ("popularity", "ease"):
+        console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
+    return out
+
+
 def evaluate(
     cfg: RunConfig,
     console: Console | None = None,
@@ -216,29 +307,7 @@ def evaluate(
     quiet = Console(quiet=True)
     show = quiet if quiet_rounds else console
     per_seed: dict[str, list[dict]] = {}
-    full = pooled(dataset).full_train
-
-    labels = item_labels(dataset.items)
-    baskets, basket_labels = one_label_baskets(labels, np.asarray(full.sum(axis=0)).ravel())
-
-    def scored(
-        users, items, seconds: float, result: TrainResult | None = None, biases=None, similar=None, basket=None
-    ) -> dict:
-        entry = evaluate_test_all(dataset.merchants, users, items, biases)
-        entry["seconds"] = round(seconds, 2)
-        if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
-            temperature = (result.temperature if result is not None else None) or cfg.local.temperature
-            basket = tower_basket_scores(items, temperature)
-        basket_args = None if basket is None else (baskets, basket_labels, basket)
-        entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
-        if result is not None:
-            if result.temperature is not None:  # local.temperature = 0: what validation chose
-                entry["temperature"] = result.temperature
-                entry["temperature_scores"] = result.temperature_scores
-            entry["rounds"] = len(result.history)
-            entry["best_round"] = result.best_round
-            entry["refit_rounds"] = result.refit_rounds
-        return entry
+    scored = make_scorer(dataset, cfg)
 
     def keep(name: str, entry: dict, seed: int, result: TrainResult | None = None, curve: str | None = None) -> None:
         per_seed.setdefault(name, []).append(entry)
@@ -301,12 +370,6 @@ def evaluate(
         }
         keep("local_only", entry, seed)
 
-        # implicit's ALS (random initialisation: seeded too), on everything before the cut-off.
-        t0 = time.perf_counter()
-        u, v = implicit_als(full, seed=seed)
-        als_basket = lambda b, v=v.numpy(): als_fold_in(v, b) @ v.T  # noqa: E731
-        keep("implicit_als", scored(_split_rows(dataset, u), v, time.perf_counter() - t0, basket=als_basket), seed)
-
         # Ablations: each design choice of the federated run flipped alone.
         for label, (model_cfg, variant_fed) in (_variants(run_cfg) if ablations else {}).items():
             variant = dataclasses.replace(run_cfg, model=model_cfg, federation=variant_fed)
@@ -315,29 +378,15 @@ def evaluate(
             entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
             keep(f"ablation {label}", entry, seed, res, curve=f"federated ({label})")
 
-    for name in TRAINED:
+    for name in ("federated", "centralized", "local_only"):
         out[name] = summarise(per_seed[name], list(seeds))
-    out["implicit_als"]["settings"] = {"factors": 32, "regularization": 0.1, "alpha": 5.0, "iterations": 15}
     out["ablations"] = {
         name.removeprefix("ablation "): summarise(entries, list(seeds))
         for name, entries in per_seed.items()
         if name.startswith("ablation ")
     }
 
-    # Deterministic references on everything before the test cut-off.
-    t0 = time.perf_counter()
-    u, v = popularity(full)
-    out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=False)
-    t0 = time.perf_counter()
-    lam, val_scores = choose_ease_lambda(dataset)
-    u, v = ease(full, lam)
-    # EASE's "similar items" of i: the items i's purchase predicts most, row i of B (= v.T)
-    weights = v.numpy().T  # B: a basket's scores are the sum of its items' rows
-    ease_basket = lambda b: np.stack([weights[rows].sum(0) for rows in b])  # noqa: E731
-    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=weights, basket=ease_basket)
-    out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
-    for name in ("popularity", "ease"):
-        console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
+    out.update(references(dataset, seeds, scored, console))
 
     # New products: trained without them, embedded from their content (training/cold_start.py).
     out["cold_start"] = evaluate_cold_start(cfg, dataset, seeds, console)
@@ -401,10 +450,18 @@ def markdown_table(res: dict) -> str:
     )
     checks = res["checks"]
     seeds = ", ".join(str(s) for s in res["seeds"])
+    als = res["implicit_als"].get("settings", {})
+    als_chosen = (
+        f"implicit ALS: {als['factors']} factors, regularization {als['regularization']:g}, alpha {als['alpha']:g}, "
+        f"chosen on validation.\n"
+        if "chosen_on" in als
+        else ""
+    )
     foot = (
         f"\n\nTrained methods: mean ± standard deviation of recall@20 over seeds {seeds}; popularity and EASE "
         f"(lambda {res['ease']['settings']['lambda']:g}, chosen on validation) are deterministic.\n"
-        f"federated - centralized recall@20: {checks['federated_minus_centralized_recall@20']:+.4f} "
+        + als_chosen
+        + f"federated - centralized recall@20: {checks['federated_minus_centralized_recall@20']:+.4f} "
         f"({'more' if checks['gap_exceeds_seed_spread'] else 'less'} than the seed spread); "
         f"federated beats local-only for {len(checks['federated_beats_local_only_for'])}/{len(merchants)} merchants.\n"
     )
@@ -515,15 +572,40 @@ def rerun_cold_start(cfg: RunConfig, console: Console, seeds: tuple[int, ...]) -
     section kept as its run left it); the section names its own command and date."""
     use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
+    res = _existing_results(cfg, dataset)
+    res["cold_start"] = evaluate_cold_start(cfg, dataset, seeds, console) | {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": _command(cfg, dataset.name, "ONLY=cold-start", "--only-cold-start"),
+    }
+    return write_results(res, Path(cfg.output.results_dir))
+
+
+def rerun_references(cfg: RunConfig, console: Console, seeds: tuple[int, ...]) -> dict[str, Path]:
+    """Only the centralized references (`REFERENCES`), written into the dataset's existing results
+    file, every other section kept as its run left it; `references_rerun` names the command and date."""
+    use_threads(cfg.threads)
+    dataset = load_dataset(cfg.data, cfg.federation.seed)
+    res = _existing_results(cfg, dataset)
+    res.update(references(dataset, seeds, make_scorer(dataset, cfg), console))
+    res["references_rerun"] = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": _command(cfg, dataset.name, "ONLY=references", "--only-references"),
+        "methods": list(REFERENCES),
+    }
+    return write_results(res, Path(cfg.output.results_dir))
+
+
+def _existing_results(cfg: RunConfig, dataset: FederatedDataset) -> dict:
     path = Path(cfg.output.results_dir) / f"evaluation-{dataset.name}.json"
     if not path.is_file():
         raise FedrecError(f"{path}: no results file to update; run fedrec evaluate first")
-    res = json.loads(path.read_text())
-    res["cold_start"] = evaluate_cold_start(cfg, dataset, seeds, console) | {
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": f"make evaluate DATASET={dataset.name} ONLY=cold-start",
-    }
-    return write_results(res, Path(cfg.output.results_dir))
+    return json.loads(path.read_text())
+
+
+def _command(cfg: RunConfig, name: str, make_arg: str, cli_flag: str) -> str:
+    if cfg.data.dataset != "file":
+        return f"make evaluate DATASET={name} {make_arg}"
+    return f"fedrec evaluate --dataset file --set data.path={cfg.data.path} {cli_flag}"
 
 
 def write_results(res: dict, results_dir: Path) -> dict[str, Path]:
