@@ -140,6 +140,41 @@ def test_a_large_catalogue_switches_softmax_to_sampled_softmax_without_the_user_
     assert bool((moved_mixed & ~mixed.touched_rows).any()) and bool((moved_mixed >= mixed.touched_rows).all())
 
 
+def test_a_local_update_on_the_used_token_rows_equals_one_on_the_whole_table(monkeypatch):
+    """Cutting the token table to the rows the catalogue uses changes no number, for each loss and
+    with FedProx, and leaves every unused row's delta at exactly zero."""
+    import fedrec.federated.local as local_module
+    from fedrec.federated.token_rows import TABLE, token_rows
+
+    train, _ = _toy_merchant()
+    rng = np.random.default_rng(1)
+    model = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=4096)
+    tokens = torch.from_numpy(rng.choice(rng.choice(4096, 150, replace=False), (train.shape[1], 5)))
+    tokens[::3, 3:] = model.hash_buckets  # shorter items, padded
+    features = ItemFeatures(tokens, model.hash_buckets)
+    cut = token_rows(features, model)
+    assert cut is not None and len(cut.rows) == len(torch.unique(tokens)) - 1  # every used row, no padding
+    wider = dataclasses.replace(model, dim=16)  # the same catalogue under another model keeps that model
+    assert token_rows(features, wider).model_cfg == dataclasses.replace(wider, hash_buckets=len(cut.rows))
+    state = new_item_tower(features.n_items, model, 0).state_dict()
+    users = init_user_embeddings(train.shape[0], model, torch.Generator().manual_seed(1))
+    unused = torch.ones(model.hash_buckets + 1, dtype=torch.bool)
+    unused[cut.rows] = False
+    for cfg in (
+        LocalConfig(prox_mu=0.01),
+        LocalConfig(loss="bpr", epochs=2),
+        LocalConfig(loss="sampled_softmax", uniform_negatives=16),
+    ):
+        fast = local_update(state, users, train, features, model, cfg, seed=3)
+        with monkeypatch.context() as m:
+            m.setattr(local_module, "token_rows", lambda f, c: None)
+            whole = local_update(state, users, train, features, model, cfg, seed=3)
+        for k in state:
+            assert torch.equal(fast.delta[k], whole.delta[k]), (cfg.loss, k)
+        assert torch.equal(fast.user_embeddings, whole.user_embeddings) and fast.mean_loss == whole.mean_loss
+        assert bool((fast.delta[TABLE][unused] == 0).all()) and bool((fast.delta[TABLE][cut.rows] != 0).any())
+
+
 def test_mixed_negatives_correct_each_candidate_by_its_expected_count():
     """With K uniform negatives over N items and B in-batch ones, the loss is the cross-entropy
     over [s/T - log(B q), s'/T - log(K / N)], a row's own positive never counted as a negative."""

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from fedrec.features import ItemFeatures
+from fedrec.federated.token_rows import TABLE as TOKEN_TABLE
+from fedrec.federated.token_rows import token_rows
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors, tower_from_state
 from fedrec.privacy.accountant import DPMechanism
@@ -153,6 +155,11 @@ def local_update(
         raise ValueError("a per-merchant (grouped) item bias needs user_groups, the softmax loss and no DP")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    full_state = item_state
+    # Without DP, only the token rows the catalogue uses (DP noises every row, used or not).
+    cut = token_rows(features, model_cfg) if dp is None else None
+    if cut is not None:
+        item_state, features, model_cfg = cut.cut(item_state), cut.features, cut.model_cfg
     tower = tower_from_state(features.n_items, model_cfg, item_state)
     received = {k: v.detach() for k, v in item_state.items()}
     users = torch.nn.Parameter(user_embeddings.clone())
@@ -212,6 +219,8 @@ def local_update(
 
     new_state = tower.state_dict()
     delta = {k: (new_state[k] - item_state[k]).detach() for k in item_state}
+    if cut is not None:
+        delta = cut.expand(delta, full_state[TOKEN_TABLE].shape)
     touched = torch.from_numpy(np.asarray(train.sum(axis=0)).ravel() > 0)
     return LocalResult(
         delta=delta,
