@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -158,6 +159,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
+        (
+            re.fullmatch(r"cpu|cuda(:\d+)?", cfg.local.device) is not None,
+            f"local.device must be cpu, cuda or cuda:N, got {cfg.local.device!r}",
+        ),
+        (
+            cfg.local.device == "cpu" or not cfg.privacy.enabled,
+            "privacy: customer-level DP runs on local.device = 'cpu' only",
+        ),
         (cfg.federation.aggregation in RULES, f"federation.aggregation must be one of {RULES}"),
         (cfg.federation.robust in ROBUST_RULES, f"federation.robust must be one of {ROBUST_RULES}"),
         (0 <= cfg.federation.trim < 0.5, "federation.trim must be in [0, 0.5)"),

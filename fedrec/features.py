@@ -7,8 +7,12 @@ salted `hash()`.
 
 from __future__ import annotations
 
+import threading
+import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -28,6 +32,35 @@ class ItemFeatures:
     @property
     def n_items(self) -> int:
         return self.tokens.shape[0]
+
+
+T = TypeVar("T")
+_derived: dict[tuple[int, object], object] = {}
+_derived_lock = threading.Lock()
+
+
+def derived(features: ItemFeatures, key: object, make: Callable[[], T]) -> T:
+    """`make()` computed once per catalogue and key, and dropped with the catalogue: every local
+    update of every round asks for the same forms of it (its used token rows, a copy on a GPU)."""
+    slot = (id(features), key)
+    with _derived_lock:
+        if slot in _derived:
+            return _derived[slot]  # type: ignore[return-value]
+    value = make()  # outside the lock: two threads may both compute it, and keep the same value
+    with _derived_lock:
+        if slot not in _derived:
+            weakref.finalize(features, _derived.pop, slot, None)
+            _derived[slot] = value
+        return _derived[slot]  # type: ignore[return-value]
+
+
+def features_on(features: ItemFeatures, device: torch.device) -> ItemFeatures:
+    """The catalogue's tokens on `device` (copied there once, not at every local update)."""
+    if device.type == "cpu":
+        return features
+    return derived(
+        features, ("device", str(device)), lambda: ItemFeatures(features.tokens.to(device), features.n_buckets)
+    )
 
 
 def item_tokens(items: pl.DataFrame) -> pl.DataFrame:

@@ -62,7 +62,7 @@ def sampled_softmax_loss(
         extra = extra / temperature - float(np.log(len(neg) / n_items))
         extra = extra.masked_fill(neg[None, :] == pos[:, None], float("-inf"))  # a row's own positive
         logits = torch.cat([logits, extra], 1)
-    return F.cross_entropy(logits, torch.arange(len(pos)))
+    return F.cross_entropy(logits, torch.arange(len(pos), device=pos.device))
 
 
 def bpr_loss(

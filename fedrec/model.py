@@ -87,7 +87,7 @@ class ItemTower(nn.Module):
         if self.cfg.use_content:
             out = self.mlp(self.feat_emb(tokens))
         if self.cfg.use_item_id:
-            ids = torch.arange(features.n_items) if idx is None else idx
+            ids = torch.arange(features.n_items, device=features.tokens.device) if idx is None else idx
             out = out + self.id_vectors(ids)
         return out
 

@@ -88,6 +88,7 @@ class BenchTrainConfig:
     sim_rounds: int = 3
     sim_per_round: int = 100  # merchants sampled per round: all of them up to this many
     seed: int = 0
+    device: str = "cpu"  # where the large run's local steps run (--device); its results key names it
 
 
 SMALL = BenchTrainConfig(
@@ -273,7 +274,7 @@ def large(cfg: BenchTrainConfig) -> dict:
     prepare = time.perf_counter() - t
     model = ModelConfig(id_rows=cfg.id_rows)  # compositional ids above 2 x id_rows products, as by default
     # The default loss, softmax, switches to sampled softmax above full_softmax_max_items.
-    local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items)
+    local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items, device=cfg.device)
     # Validated once, after the last round (on a sample of customers), which is left out of the timing.
     fed = FederationConfig(
         aggregation=PINNED_RULE,
@@ -308,6 +309,22 @@ def large(cfg: BenchTrainConfig) -> dict:
         "id_rows": cfg.id_rows,
         "loss": "sampled_softmax (the default softmax, switched above full_softmax_max_items)",
         "full_softmax_max_items": cfg.full_softmax_max_items,
+        **_device_fields(cfg.device),
+    }
+
+
+def _device_fields(device: str) -> dict:
+    """The card that ran the local steps, and its peak memory, where that was not the CPU."""
+    if device == "cpu":
+        return {}
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)),
+        "device_peak_memory_mb": torch.cuda.max_memory_allocated(torch.device(device)) / 2**20,
+        "torch": torch.__version__,
+        "command": f"python -m fedrec.training.bench_train --parts large --device {device}",
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores",
     }
 
 
@@ -533,6 +550,14 @@ def markdown(res: dict) -> str:
             f"customers: {g['popularity_recall@20']:.4f}).",
             "",
         ]
+    if "large_cuda" in res:
+        g = res["large_cuda"]
+        lines += [
+            f"The same run with the local steps on {g['device_name']} (`{g['command']}`, {g['date']}): "
+            f"{g['seconds_per_round']:.1f} s per round, peak GPU memory {g['device_peak_memory_mb']:,.0f} MB, "
+            f"peak RSS {g['peak_rss_mb']:,.0f} MB, recall@20 {g['recall@20']:.4f} after {g['rounds']} rounds.",
+            "",
+        ]
     if "popularity" in res:
         refs = ", ".join(f"{k} {v['recall@20']:.4f} ({v['items']:,} products)" for k, v in res["popularity"].items())
         lines += ["## Pooled popularity on the same customers", "", refs + ".", ""]
@@ -566,8 +591,9 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--small", action="store_true", help="The CI-sized variant (seconds, not minutes).")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="Where the large part's local steps run (cpu, cuda).")
     args = parser.parse_args()
-    cfg = SMALL if args.small else BenchTrainConfig()
+    cfg = dataclasses.replace(SMALL if args.small else BenchTrainConfig(), device=args.device)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -582,8 +608,10 @@ def main() -> None:
         config=dataclasses.asdict(cfg),
     )
     for part in parts:
+        # A run on another device keeps the CPU's results beside it: "large" and "large_cuda".
+        key = part if cfg.device == "cpu" or part != "large" else f"large_{torch.device(cfg.device).type}"
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            res[part] = pool.submit(_run_part, part, cfg).result()
+            res[key] = pool.submit(_run_part, part, cfg).result()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(target, res)
     write_text(args.out / "bench-train.md", markdown(res) + "\n")

@@ -17,7 +17,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from fedrec.features import ItemFeatures
+from fedrec.errors import ConfigError
+from fedrec.features import ItemFeatures, features_on
 from fedrec.federated.token_rows import TABLE as TOKEN_TABLE
 from fedrec.federated.token_rows import token_rows
 from fedrec.losses import bpr_loss, sampled_softmax_loss, softmax_loss
@@ -78,6 +79,9 @@ class LocalConfig:
     # Sampled softmax: this many uniformly drawn negatives per step besides the in-batch ones
     # (mixed negative sampling); 0 is in-batch only. Chosen by measurement (README, "Scale").
     uniform_negatives: int = 1024
+    # Where the local steps run: "cpu" (the default; CI never needs a GPU) or "cuda" / "cuda:N".
+    # Everything the update returns is on the CPU either way; DP runs on the CPU only.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -108,13 +112,13 @@ def _batch_loss(
     if cfg.loss == "sampled_softmax":
         if not cfg.uniform_negatives:
             return sampled_softmax_loss(u, tower(features, pos), pos, log_q, cfg.temperature, bias)
-        neg = torch.randint(features.n_items, (cfg.uniform_negatives,), generator=gen)
+        neg = torch.randint(features.n_items, (cfg.uniform_negatives,), generator=gen).to(pos.device)
         v = tower(features, torch.cat([pos, neg]))
         return sampled_softmax_loss(
             u, v[: len(pos)], pos, log_q, cfg.temperature, bias, v[len(pos) :], neg, features.n_items
         )
     if cfg.loss == "bpr":
-        neg = torch.randint(features.n_items, pos.shape, generator=gen)
+        neg = torch.randint(features.n_items, pos.shape, generator=gen).to(pos.device)
         v = tower(features, torch.cat([pos, neg]))
         b_pos, b_neg = (bias[pos], bias[neg]) if bias is not None else (0.0, 0.0)
         return bpr_loss(u, v[: len(pos)], v[len(pos) :], b_pos, b_neg)
@@ -153,20 +157,27 @@ def local_update(
     grouped = item_bias is not None and item_bias.dim() == 2
     if grouped and (dp is not None or cfg.loss != "softmax" or user_groups is None):
         raise ValueError("a per-merchant (grouped) item bias needs user_groups, the softmax loss and no DP")
-    gen = torch.Generator().manual_seed(seed)
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"local.device = {cfg.device!r}: torch sees no CUDA device on this machine; use cpu")
+    if dp is not None and cfg.device != "cpu":
+        raise ConfigError("customer-level DP runs on the CPU only: set local.device = 'cpu'")
+    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same draws
     torch.manual_seed(seed)
+    dev = torch.device(cfg.device)
     full_state = item_state
     # Without DP, only the token rows the catalogue uses (DP noises every row, used or not).
     cut = token_rows(features, model_cfg) if dp is None else None
     if cut is not None:
         item_state, features, model_cfg = cut.cut(item_state), cut.features, cut.model_cfg
+    features = features_on(features, dev)
+    item_state = {k: v.to(dev) for k, v in item_state.items()}
     tower = tower_from_state(features.n_items, model_cfg, item_state)
     received = {k: v.detach() for k, v in item_state.items()}
-    users = torch.nn.Parameter(user_embeddings.clone())
+    users = torch.nn.Parameter(user_embeddings.to(dev, copy=True))
     groups = [{"params": tower.parameters(), "lr": cfg.lr}, {"params": [users], "lr": cfg.user_lr}]
     bias = None
     if item_bias is not None:
-        bias = torch.nn.Parameter(item_bias.clone())
+        bias = torch.nn.Parameter(item_bias.to(dev, copy=True))
         groups.append({"params": [bias], "lr": cfg.bias_lr})
     # For a large catalogue, the fused kernel: one pass over every parameter instead of several, 4x
     # faster on CPU for a marketplace-sized tower. It differs from the default kernel in the last
@@ -192,15 +203,15 @@ def local_update(
         )
 
     coo = train.tocoo()
-    rows = torch.from_numpy(coo.row.astype(np.int64))
-    cols = torch.from_numpy(coo.col.astype(np.int64))
-    groups = torch.from_numpy(user_groups.astype(np.int64)) if grouped else None
+    rows = torch.from_numpy(coo.row.astype(np.int64)).to(dev)
+    cols = torch.from_numpy(coo.col.astype(np.int64)).to(dev)
+    groups = torch.from_numpy(user_groups.astype(np.int64)).to(dev) if grouped else None
     counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
-    log_q = torch.from_numpy(np.log(counts / counts.sum())).float()
+    log_q = torch.from_numpy(np.log(counts / counts.sum())).float().to(dev)
 
     losses = []
     for _ in range(cfg.epochs):
-        perm = torch.randperm(len(rows), generator=gen)
+        perm = torch.randperm(len(rows), generator=gen).to(dev)
         for start in range(0, len(rows), cfg.batch_size):
             b = perm[start : start + cfg.batch_size]
             u = users[rows[b]]
@@ -215,10 +226,10 @@ def local_update(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
 
     new_state = tower.state_dict()
-    delta = {k: (new_state[k] - item_state[k]).detach() for k in item_state}
+    delta = {k: (new_state[k] - item_state[k]).detach().cpu() for k in item_state}
     if cut is not None:
         delta = cut.expand(delta, full_state[TOKEN_TABLE].shape)
     touched = torch.from_numpy(np.asarray(train.sum(axis=0)).ravel() > 0)
@@ -227,9 +238,9 @@ def local_update(
         num_examples=int(train.nnz),
         num_steps=max(1, len(losses)),
         touched_rows=touched,
-        user_embeddings=users.detach(),
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
-        item_bias=None if bias is None else bias.detach(),
+        user_embeddings=users.detach().cpu(),
+        mean_loss=float(np.mean(torch.stack(losses).tolist())) if losses else float("nan"),
+        item_bias=None if bias is None else bias.detach().cpu(),
     )
 
 
@@ -244,18 +255,19 @@ def _solve_users(
     user_groups: np.ndarray | None,
 ) -> None:
     """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
-    vecs = tower(features).double().numpy()
-    start = users.detach().double().numpy()  # last round's vectors: a warm start
+    vecs = tower(features).double().cpu().numpy()
+    start = users.detach().double().cpu().numpy()  # last round's vectors: a warm start
     if user_groups is None:
         groups = [(np.arange(train.shape[0]), bias)]
     else:
         groups = [(np.flatnonzero(user_groups == g), bias[g]) for g in np.unique(user_groups)]
     for members, offsets in groups:
+        offsets = None if offsets is None else offsets.cpu()
         rows, solved = solve_user_vectors(
             vecs, train[members], cfg.temperature, cfg.user_solve_reg,
             None if offsets is None else offsets.double().numpy(), start[members], USER_SOLVE_STEPS, USER_SOLVE_HESSIAN,
         )  # fmt: skip
-        users.data[torch.from_numpy(members[rows])] = torch.from_numpy(solved).to(users.dtype)
+        users.data[torch.from_numpy(members[rows]).to(users.device)] = torch.from_numpy(solved).to(users)
 
 
 def item_vectors_functional(

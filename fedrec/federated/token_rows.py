@@ -12,13 +12,11 @@ bit (tested), at a fraction of the cost.
 from __future__ import annotations
 
 import dataclasses
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-from fedrec.features import ItemFeatures
+from fedrec.features import ItemFeatures, derived
 from fedrec.model import ModelConfig
 
 TABLE = "feat_emb.weight"
@@ -44,30 +42,20 @@ class TokenRows:
         return {**delta, TABLE: full}
 
 
-# (used rows, renumbered features) or None, by (id(features), hash_buckets): dropped with the features.
-_cache: dict[tuple[int, int], tuple[torch.Tensor, ItemFeatures] | None] = {}
-_lock = threading.Lock()
-
-
 def token_rows(features: ItemFeatures, cfg: ModelConfig) -> TokenRows | None:
     """The catalogue's `TokenRows` (its rows found once per catalogue), or None when there is no
     content tower or the catalogue uses most of the table anyway."""
     if not cfg.use_content:
         return None
-    key = (id(features), cfg.hash_buckets)
-    with _lock:
-        known = key in _cache
-        found = _cache.get(key)
-    if not known:
-        # The padding id is the largest token, so it renumbers to len(rows): the cut table's padding.
-        used, renumbered = torch.unique(features.tokens, return_inverse=True)
-        rows = used[used != cfg.hash_buckets]
-        found = (rows, ItemFeatures(renumbered, len(rows))) if 2 * len(rows) < cfg.hash_buckets else None
-        with _lock:
-            if key not in _cache:
-                weakref.finalize(features, _cache.pop, key, None)
-            _cache[key] = found
+    found = derived(features, ("token_rows", cfg.hash_buckets), lambda: _used_rows(features, cfg.hash_buckets))
     if found is None:
         return None
     rows, cut_features = found
     return TokenRows(rows, cut_features, dataclasses.replace(cfg, hash_buckets=len(rows)))
+
+
+def _used_rows(features: ItemFeatures, buckets: int) -> tuple[torch.Tensor, ItemFeatures] | None:
+    # The padding id is the largest token, so it renumbers to len(rows): the cut table's padding.
+    used, renumbered = torch.unique(features.tokens, return_inverse=True)
+    rows = used[used != buckets]
+    return (rows, ItemFeatures(renumbered, len(rows))) if 2 * len(rows) < buckets else None
