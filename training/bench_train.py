@@ -313,6 +313,10 @@ def large(cfg: BenchTrainConfig) -> dict:
     }
 
 
+def _machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores"
+
+
 def _device_fields(device: str) -> dict:
     """The card that ran the local steps, and its peak memory, where that was not the CPU."""
     if device == "cpu":
@@ -324,7 +328,7 @@ def _device_fields(device: str) -> dict:
         "torch": torch.__version__,
         "command": f"python -m fedrec.training.bench_train --parts large --device {device}",
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores",
+        "machine": _machine(),
     }
 
 
@@ -602,7 +606,7 @@ def main() -> None:
     # The parts not run this time keep their last results (same machine and config assumed).
     res = json.loads(target.read_text()) if target.is_file() and not args.small else {}
     res.update(
-        machine=f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores",
+        machine=_machine(),
         command="make bench-train" + (" (--small)" if args.small else ""),
         date=dt.date.today().isoformat(),
         config=dataclasses.asdict(cfg),

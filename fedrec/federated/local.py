@@ -262,10 +262,10 @@ def _solve_users(
     else:
         groups = [(np.flatnonzero(user_groups == g), bias[g]) for g in np.unique(user_groups)]
     for members, offsets in groups:
-        offsets = None if offsets is None else offsets.cpu()
         rows, solved = solve_user_vectors(
             vecs, train[members], cfg.temperature, cfg.user_solve_reg,
-            None if offsets is None else offsets.double().numpy(), start[members], USER_SOLVE_STEPS, USER_SOLVE_HESSIAN,
+            None if offsets is None else offsets.double().cpu().numpy(), start[members], USER_SOLVE_STEPS,
+            USER_SOLVE_HESSIAN,
         )  # fmt: skip
         users.data[torch.from_numpy(members[rows]).to(users.device)] = torch.from_numpy(solved).to(users)
 
