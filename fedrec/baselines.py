@@ -10,6 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.features import tfidf_rows
+from fedrec.ials_users import solve_ials_users
 
 
 def popularity(train: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +49,11 @@ def als_fold_in(
 ) -> np.ndarray:
     """ALS's user vector for a new basket, as implicit's `recalculate_user` solves it: confidence
     c = alpha on the basket's items (1 elsewhere), (V'V + (c - 1) V_S'V_S + reg I) u = c V_S' 1."""
-    v = np.asarray(item_factors, dtype=np.float64)
-    gram = v.T @ v + reg * np.eye(v.shape[1])
-    return np.stack([np.linalg.solve(gram + (alpha - 1) * v[s].T @ v[s], alpha * v[s].sum(0)) for s in baskets])
+    rows = np.concatenate([np.full(len(s), i) for i, s in enumerate(baskets)])
+    cols = np.concatenate(baskets)
+    bought = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(baskets), len(item_factors)))
+    # implicit weighs a purchase alpha (not 1 + alpha): the ials solve with alpha - 1.
+    return solve_ials_users(torch.from_numpy(np.asarray(item_factors)), bought, alpha - 1.0, reg).numpy()
 
 
 # What `make evaluate` searches on the validation slice for implicit's ALS, as it searches EASE's

@@ -152,10 +152,22 @@ def validate(cfg: RunConfig) -> RunConfig:
         ),
         (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
         (
-            not cfg.local.user_solve_reg or cfg.local.loss == "softmax",
-            "local.user_solve_reg solves the softmax loss: it needs local.loss = 'softmax'",
+            not cfg.local.user_solve_reg or cfg.local.loss in ("softmax", "ials"),
+            "local.user_solve_reg solves the softmax or the ials loss: it needs local.loss = 'softmax' or 'ials'",
         ),
         (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
+        (cfg.local.ials_alpha >= 0, "local.ials_alpha must be >= 0 (the extra weight of a purchase)"),
+        (cfg.local.ials_lr > 0, "local.ials_lr must be > 0"),
+        (
+            cfg.local.loss != "ials" or cfg.local.temperature > 0,
+            "local.temperature = 0 chooses the softmax temperature on validation; the ials loss has none: "
+            "set local.temperature = 1",
+        ),
+        (
+            cfg.local.loss != "ials" or cfg.federation.aggregation != "rowwise",
+            "local.loss = 'ials' needs federation.aggregation 'fedavg' or 'auto': every merchant's update "
+            "reaches every item row",
+        ),
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
@@ -234,7 +246,7 @@ def aggregation_rule(cfg: RunConfig, n_items: int) -> str:
     """The aggregation rule a run over `n_items` products uses (`federation.aggregation` = auto
     resolved): both runtimes and the model card call this, so they always agree."""
     shapes = item_tower_shapes(n_items, cfg.model)
-    return resolve_rule(cfg.federation.aggregation, shapes, cfg.privacy.enabled, cfg.federation.robust)
+    return resolve_rule(cfg.federation.aggregation, shapes, cfg.privacy.enabled, cfg.federation.robust, cfg.local.loss)
 
 
 def check_networked(cfg: RunConfig) -> RunConfig:

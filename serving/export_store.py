@@ -72,6 +72,17 @@ class LoadedExport:
         """The softmax temperature the model was trained with (the fold-in solves the same loss)."""
         return float(self.card.get("config", {}).get("local", {}).get("temperature", 1.0))
 
+    @property
+    def training_loss(self) -> dict[str, Any]:
+        """The loss the model was trained with and its settings (the fold-in solves the same one):
+        name, ials_alpha and user_solve_reg, with the defaults of an export that predates them."""
+        local = self.card.get("config", {}).get("local", {})
+        return {
+            "name": local.get("loss", "softmax"),
+            "ials_alpha": float(local.get("ials_alpha", 5.0)),
+            "user_solve_reg": float(local.get("user_solve_reg", 0.0)),
+        }
+
     @cached_property
     def unit_vectors(self) -> np.ndarray:
         """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""

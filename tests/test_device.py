@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from fedrec.config import load_config
 from fedrec.errors import ConfigError
-from fedrec.features import ItemFeatures
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.model import ModelConfig, init_user_embeddings, item_embeddings, new_item_tower
+from tests.toy_merchant import toy_merchant
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512)
 
 
 def _merchant(n_users: int = 30, n_items: int = 200, seed: int = 0):  # noqa: ANN202
-    rng = np.random.default_rng(seed)
-    rows = np.repeat(np.arange(n_users), 5)
-    train = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, rng.integers(0, n_items, len(rows)))),
-                          shape=(n_users, n_items))  # fmt: skip
-    train.data[:] = 1.0
-    features = ItemFeatures(torch.from_numpy(rng.integers(0, 100, (n_items, 4))), MODEL.hash_buckets)
+    train, features = toy_merchant(
+        n_users, n_items, per_user=5, tokens=100, width=4, buckets=MODEL.hash_buckets, seed=seed
+    )
     state = new_item_tower(n_items, MODEL, 0).state_dict()
     users = init_user_embeddings(n_users, MODEL, torch.Generator().manual_seed(1))
     return train, features, state, users

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from fedrec.datasets.marketplace import MarketplaceConfig, generate, merchant_sizes
@@ -29,6 +28,7 @@ from fedrec.federated.upload import (
 )
 from fedrec.losses import sampled_softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_vectors, init_user_embeddings, item_tower_shapes, new_item_tower
+from tests.toy_merchant import toy_merchant
 
 SMALL_MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=64)
 
@@ -107,18 +107,8 @@ def test_half_precision_halves_tensor_bytes_and_rounds_within_float16_precision(
         round_delta(delta, "float8")
 
 
-def _toy_merchant(n_users=40, n_items=300, seed=0):
-    rng = np.random.default_rng(seed)
-    cols = rng.integers(0, n_items, n_users * 6)
-    rows = np.repeat(np.arange(n_users), 6)
-    train = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n_users, n_items))
-    train.data[:] = 1.0
-    features = ItemFeatures(torch.from_numpy(rng.integers(0, 64, (n_items, 5))), 64)
-    return train, features
-
-
 def test_a_large_catalogue_switches_softmax_to_sampled_softmax_without_the_user_solve():
-    train, features = _toy_merchant()
+    train, features = toy_merchant()
     state = new_item_tower(features.n_items, SMALL_MODEL, 0).state_dict()
     users = init_user_embeddings(train.shape[0], SMALL_MODEL, torch.Generator().manual_seed(1))
     small_limit = LocalConfig(full_softmax_max_items=100, uniform_negatives=0)  # 300 items: above it
@@ -146,7 +136,7 @@ def test_a_local_update_on_the_used_token_rows_equals_one_on_the_whole_table(mon
     import fedrec.federated.local as local_module
     from fedrec.federated.token_rows import TABLE, token_rows
 
-    train, _ = _toy_merchant()
+    train, _ = toy_merchant()
     rng = np.random.default_rng(1)
     model = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=4096)
     tokens = torch.from_numpy(rng.choice(rng.choice(4096, 150, replace=False), (train.shape[1], 5)))

@@ -303,7 +303,8 @@ def _train(
     rng = np.random.default_rng(fed_cfg.seed)
     global_state = initial_item_state(dataset.n_items, model_cfg, fed_cfg.seed)
     shapes = item_tower_shapes(dataset.n_items, model_cfg)
-    rule = resolve_rule(fed_cfg.aggregation, shapes, dp is not None, fed_cfg.robust)  # auto -> rowwise | fedavg
+    # auto -> rowwise | fedavg
+    rule = resolve_rule(fed_cfg.aggregation, shapes, dp is not None, fed_cfg.robust, local_cfg.loss)
     fed_cfg = dataclasses.replace(fed_cfg, aggregation=rule)
     expected = sum_names(shapes, fed_cfg.aggregation)
     # Each merchant's user table: created and kept "at home" (here: a dict keyed by merchant).
