@@ -53,7 +53,7 @@ def als_fold_in(
     cols = np.concatenate(baskets)
     bought = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(baskets), len(item_factors)))
     # implicit weighs a purchase alpha (not 1 + alpha): the ials solve with alpha - 1.
-    return solve_ials_users(torch.from_numpy(np.asarray(item_factors)), bought, alpha - 1.0, reg).numpy()
+    return solve_ials_users(item_factors, bought, alpha - 1.0, reg)
 
 
 # What `make evaluate` searches on the validation slice for implicit's ALS, as it searches EASE's

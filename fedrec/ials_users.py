@@ -14,35 +14,36 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 CHUNK = 8192  # purchases per outer-product chunk: bounds the chunk x dim x dim temporary
 
 
 def solve_ials_users(
-    items: torch.Tensor,
+    items: np.ndarray,
     purchases: sp.csr_matrix,
     alpha: float,
     reg: float,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
     """One vector per row of `purchases` (customers x items, nonzero = bought), in float64.
 
-    A customer without purchases gets the all-negatives optimum (zero when there is no bias)."""
-    v = items.double()
+    numpy only: the serving path, which never imports torch, folds baskets in with it too. A
+    customer without purchases gets the all-negatives optimum (zero when there is no bias)."""
+    v = np.asarray(items, dtype=np.float64)
     n_users, dim = purchases.shape[0], v.shape[1]
     coo = purchases.tocoo()
-    rows = torch.from_numpy(coo.row.astype(np.int64))
-    cols = torch.from_numpy(coo.col.astype(np.int64))
-    lhs = (v.T @ v + reg * torch.eye(dim, dtype=v.dtype)).expand(n_users, dim, dim).clone()
-    rhs = torch.zeros(n_users, dim, dtype=v.dtype)
-    b = None if bias is None else bias.double()
+    rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    lhs = np.repeat((v.T @ v + reg * np.eye(dim))[None], n_users, axis=0)
+    rhs = np.zeros((n_users, dim))
+    b = None if bias is None else np.asarray(bias, dtype=np.float64)
     for start in range(0, len(rows), CHUNK):
         r, c = rows[start : start + CHUNK], cols[start : start + CHUNK]
         vs = v[c]
-        lhs.index_add_(0, r, alpha * vs[:, :, None] * vs[:, None, :])
+        # customers x purchases of the chunk: one sparse product sums each customer's terms
+        owner = sp.csr_matrix((np.ones(len(r)), (r, np.arange(len(r)))), shape=(n_users, len(r)))
+        lhs += (owner @ (alpha * vs[:, :, None] * vs[:, None, :]).reshape(len(r), -1)).reshape(n_users, dim, dim)
         target = (1.0 + alpha) - (alpha * b[c] if b is not None else 0.0)
-        rhs.index_add_(0, r, vs * (target[:, None] if b is not None else target))
+        rhs += owner @ (vs * np.reshape(target, (-1, 1)))
     if b is not None:
         rhs -= v.T @ b
-    return torch.linalg.solve(lhs, rhs)
+    return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]

@@ -10,7 +10,6 @@ import zlib
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from fedrec.ials_users import solve_ials_users
 from fedrec.serving.export_store import LoadedExport
@@ -138,11 +137,7 @@ def ials_basket_vectors(
     cols = np.concatenate(baskets)
     basket_matrix = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(baskets), len(item_vectors)))
     basket_matrix.data[:] = 1.0
-    solved = solve_ials_users(
-        torch.from_numpy(np.asarray(item_vectors)), basket_matrix, alpha, reg,
-        None if bias is None else torch.from_numpy(np.asarray(bias)),
-    )  # fmt: skip
-    return solved.numpy()
+    return solve_ials_users(item_vectors, basket_matrix, alpha, reg, bias)
 
 
 def results(export: LoadedExport, rows: np.ndarray, scores: np.ndarray) -> list[dict]:

@@ -61,7 +61,9 @@ def test_the_gramian_form_equals_the_sum_over_every_customer_and_item():
 def test_the_user_solve_is_the_minimiser(with_bias):
     _, v, b, bought = _problem(1)
     bias = b if with_bias else None
-    solved = solve_ials_users(v, bought, ALPHA, reg=0.5, bias=bias).requires_grad_(True)
+    solved = torch.from_numpy(
+        solve_ials_users(v.numpy(), bought, ALPHA, reg=0.5, bias=None if bias is None else bias.numpy())
+    ).requires_grad_(True)
     obj = _weighted_squares(solved, v, bought.toarray(), b if with_bias else torch.zeros(15))
     (obj + 0.5 * solved.pow(2).sum()).backward()
     assert solved.grad.abs().max() < 1e-9
@@ -116,7 +118,7 @@ def test_training_with_ials_lowers_the_merchants_objective():
 def test_the_served_basket_fold_in_is_the_training_solve():
     _, v, b, bought = _problem(2)
     baskets = [bought.indices[bought.indptr[i] : bought.indptr[i + 1]] for i in range(3)]
-    want = solve_ials_users(v, bought[:3], ALPHA, 0.5, b).numpy()
+    want = solve_ials_users(v.numpy(), bought[:3], ALPHA, 0.5, b.numpy())
     np.testing.assert_allclose(ials_basket_vectors(v.numpy(), baskets, ALPHA, 0.5, b.numpy()), want)
     doubled = [np.concatenate([baskets[0], baskets[0][:1]])]  # a repeated product counts once
     np.testing.assert_allclose(ials_basket_vectors(v.numpy(), doubled, ALPHA, 0.5, b.numpy())[0], want[0])

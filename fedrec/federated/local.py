@@ -285,9 +285,10 @@ def _solve_users(
     """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
     if cfg.loss == "ials":
         bought = np.flatnonzero(np.diff(train.indptr))
-        solved = solve_ials_users(tower(features).cpu(), train[bought], cfg.ials_alpha, cfg.user_solve_reg,
-                                  None if bias is None else bias.detach().cpu())  # fmt: skip
-        users.data[torch.from_numpy(bought).to(users.device)] = solved.to(users)
+        offsets = None if bias is None else bias.double().cpu().numpy()
+        vecs = tower(features).double().cpu().numpy()
+        solved = solve_ials_users(vecs, train[bought], cfg.ials_alpha, cfg.user_solve_reg, offsets)
+        users.data[torch.from_numpy(bought).to(users.device)] = torch.from_numpy(solved).to(users)
         return
     vecs = tower(features).double().cpu().numpy()
     start = users.detach().double().cpu().numpy()  # last round's vectors: a warm start
