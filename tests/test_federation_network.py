@@ -219,6 +219,10 @@ def test_plaintext_run_leaks_what_secagg_hides(federation) -> None:
         assert abs(out["summary"]["test"]["recall@20"] - federation["secagg_recall"]) < 0.01
 
 
+# Two minutes of CI for one DP round (three SecAgg+ exchanges), so `-m slow` only. Its parts stay in
+# CI: the split mechanism, its accounting and a split delta inside SecAgg+'s range in
+# test_distributed_dp, and DP replies through SecAgg+'s quantiser in test_wire.
+@pytest.mark.slow
 def test_split_noise_dp_runs_under_secagg_like_in_process(federation) -> None:
     """Distributed DP on the networked runtime: the card certifies the sum, and the model is the
     in-process one (the same per-merchant seeds draw the same noise shares) within SecAgg+'s

@@ -83,7 +83,7 @@ class LocalConfig:
     # loss = "ials": the weight of a purchase is 1 + ials_alpha against 1 for every other item
     # (implicit's alpha); the user solve is then ALS's exact user step with user_solve_reg as reg.
     ials_alpha: float = 5.0
-    ials_lr: float = 10.0  # SGD step size of the item tower under ials (per-purchase mean loss)
+    ials_lr: float = 10.0  # SGD step size of the tower's embedding tables under ials (per-purchase mean loss)
     # Where the local steps run: "cpu" (the default; CI never needs a GPU) or "cuda" / "cuda:N".
     # Everything the update returns is on the CPU either way; DP runs on the CPU only.
     device: str = "cpu"
