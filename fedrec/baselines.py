@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.features import tfidf_rows
-from fedrec.ials_users import solve_ials_users
+from fedrec.ials_users import solve_ials_baskets
 
 
 def popularity(train: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,11 +49,8 @@ def als_fold_in(
 ) -> np.ndarray:
     """ALS's user vector for a new basket, as implicit's `recalculate_user` solves it: confidence
     c = alpha on the basket's items (1 elsewhere), (V'V + (c - 1) V_S'V_S + reg I) u = c V_S' 1."""
-    rows = np.concatenate([np.full(len(s), i) for i, s in enumerate(baskets)])
-    cols = np.concatenate(baskets)
-    bought = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(baskets), len(item_factors)))
     # implicit weighs a purchase alpha (not 1 + alpha): the ials solve with alpha - 1.
-    return solve_ials_users(item_factors, bought, alpha - 1.0, reg)
+    return solve_ials_baskets(item_factors, baskets, alpha - 1.0, reg)
 
 
 # What `make evaluate` searches on the validation slice for implicit's ALS, as it searches EASE's

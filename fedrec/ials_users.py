@@ -47,3 +47,17 @@ def solve_ials_users(
     if b is not None:
         rhs -= v.T @ b
     return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
+
+
+def solve_ials_baskets(
+    items: np.ndarray, baskets: list[np.ndarray], alpha: float, reg: float, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """`solve_ials_users` for baskets of item rows, one vector each: how the API folds a basket into
+    an ials-trained model, and implicit's ALS fold-in. A product listed twice counts once, as a
+    purchase does in training."""
+    if not baskets or any(len(b) == 0 for b in baskets):
+        raise ValueError("fold_in needs at least one item in every basket")
+    rows = np.concatenate([np.full(len(b), i) for i, b in enumerate(baskets)])
+    cols = np.concatenate(baskets)
+    bought = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(baskets), len(items)))
+    return solve_ials_users(items, bought, alpha, reg, bias)

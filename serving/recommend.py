@@ -9,9 +9,8 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-import scipy.sparse as sp
 
-from fedrec.ials_users import solve_ials_users
+from fedrec.ials_users import solve_ials_baskets
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.foldin import FoldInConfig, fold_in_many, fold_in_sampled
 from fedrec.serving.index import search_index
@@ -110,9 +109,9 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
     temperature = export.temperature
     bias = export.merchant.item_bias if export.merchant is not None else None
     loss = export.training_loss
-    if cfg.method == "softmax" and loss["name"] == "ials":
+    if cfg.method == "softmax" and loss["name"] == "ials":  # the training loss's own solve, as for the softmax
         reg = loss["user_solve_reg"] or cfg.reg
-        return ials_basket_vectors(export.item_vectors, baskets, loss["ials_alpha"], reg, bias)
+        return solve_ials_baskets(export.item_vectors, baskets, loss["ials_alpha"], reg, bias)
     if cfg.method != "softmax" or export.n_items <= cfg.full_items:
         return fold_in_many(export.item_vectors, baskets, cfg.method, cfg.reg, temperature, item_bias=bias)
     means = np.stack([export.item_vectors[rows].mean(axis=0) for rows in baskets])
@@ -123,21 +122,6 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
         sample = rng.integers(0, export.n_items, cfg.sample)
         out.append(fold_in_sampled(export.item_vectors, rows, near, sample, cfg.reg, temperature, bias))
     return np.stack(out)
-
-
-def ials_basket_vectors(
-    item_vectors: np.ndarray, baskets: list[np.ndarray], alpha: float, reg: float, bias: np.ndarray | None = None
-) -> np.ndarray:
-    """A model trained with the ials loss folds a basket in as its training solved a customer: ALS's
-    exact user step (`solve_ials_users`), over the whole catalogue (its Gramian makes that cheap).
-    A product listed twice in a basket counts once, as a purchase does in training."""
-    if not baskets or any(len(b) == 0 for b in baskets):
-        raise ValueError("fold_in needs at least one item in every basket")
-    rows = np.concatenate([np.full(len(b), i) for i, b in enumerate(baskets)])
-    cols = np.concatenate(baskets)
-    basket_matrix = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(baskets), len(item_vectors)))
-    basket_matrix.data[:] = 1.0
-    return solve_ials_users(item_vectors, basket_matrix, alpha, reg, bias)
 
 
 def results(export: LoadedExport, rows: np.ndarray, scores: np.ndarray) -> list[dict]:

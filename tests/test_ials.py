@@ -14,10 +14,9 @@ from fedrec.config import load_config
 from fedrec.errors import ConfigError
 from fedrec.federated.aggregation import resolve_rule
 from fedrec.federated.local import LocalConfig, local_update
-from fedrec.ials_users import solve_ials_users
+from fedrec.ials_users import solve_ials_baskets, solve_ials_users
 from fedrec.losses import ials_loss
 from fedrec.model import ModelConfig, init_user_embeddings, item_tower_shapes, new_item_tower
-from fedrec.serving.recommend import ials_basket_vectors
 from tests.toy_merchant import toy_merchant
 
 ALPHA = 4.0
@@ -119,11 +118,11 @@ def test_the_served_basket_fold_in_is_the_training_solve():
     _, v, b, bought = _problem(2)
     baskets = [bought.indices[bought.indptr[i] : bought.indptr[i + 1]] for i in range(3)]
     want = solve_ials_users(v.numpy(), bought[:3], ALPHA, 0.5, b.numpy())
-    np.testing.assert_allclose(ials_basket_vectors(v.numpy(), baskets, ALPHA, 0.5, b.numpy()), want)
+    np.testing.assert_allclose(solve_ials_baskets(v.numpy(), baskets, ALPHA, 0.5, b.numpy()), want)
     doubled = [np.concatenate([baskets[0], baskets[0][:1]])]  # a repeated product counts once
-    np.testing.assert_allclose(ials_basket_vectors(v.numpy(), doubled, ALPHA, 0.5, b.numpy())[0], want[0])
+    np.testing.assert_allclose(solve_ials_baskets(v.numpy(), doubled, ALPHA, 0.5, b.numpy())[0], want[0])
     with pytest.raises(ValueError, match="at least one item"):
-        ials_basket_vectors(v.numpy(), [np.array([], dtype=np.int64)], ALPHA, 0.5)
+        solve_ials_baskets(v.numpy(), [np.array([], dtype=np.int64)], ALPHA, 0.5)
 
 
 def test_auto_aggregation_is_fedavg_under_ials():

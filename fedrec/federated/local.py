@@ -111,7 +111,7 @@ def _batch_loss(
     log_q: torch.Tensor,
     gen: torch.Generator,
     bias: torch.Tensor | None,
-    share: torch.Tensor,
+    share: torch.Tensor | None,
 ) -> torch.Tensor:
     if cfg.loss == "ials":
         v = tower(features)
@@ -188,24 +188,25 @@ def local_update(
     tower = tower_from_state(features.n_items, model_cfg, item_state)
     received = {k: v.detach() for k, v in item_state.items()}
     users = torch.nn.Parameter(user_embeddings.to(dev, copy=True))
-    groups = [{"params": [users], "lr": cfg.user_lr}]
+    adam_tower, tower_opt = list(tower.parameters()), None
+    if cfg.loss == "ials":
+        # Under ials the tower's embedding tables take plain SGD steps, so a merchant's delta of a
+        # row is its gradient and the merchants' deltas add up to the federation's. Adam would scale
+        # each row's tiny all-items gradient up to a full step: every merchant that never sold a
+        # product would push it away as hard as the one that sold it (validation recall@20 on the
+        # new shop: 0.039 with Adam, 0.054 with SGD; README, "A new shop's file"). The MLP keeps Adam.
+        tables = [m.weight for m in tower.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+        adam_tower = [p for p in adam_tower if all(p is not t for t in tables)]
+        tower_opt = torch.optim.SGD(tables, lr=cfg.ials_lr)
+    groups = [{"params": adam_tower, "lr": cfg.lr}, {"params": [users], "lr": cfg.user_lr}]
     bias = None
     if item_bias is not None:
         bias = torch.nn.Parameter(item_bias.to(dev, copy=True))
         groups.append({"params": [bias], "lr": cfg.bias_lr})
-    tables = [m.weight for m in tower.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
-    dense = [p for p in tower.parameters() if all(p is not t for t in tables)]
-    groups.insert(0, {"params": dense if cfg.loss == "ials" else list(tower.parameters()), "lr": cfg.lr})
     # For a large catalogue, the fused kernel: one pass over every parameter instead of several, 4x
     # faster on CPU for a marketplace-sized tower. It differs from the default kernel in the last
     # bit, so small catalogues keep the default and reproduce earlier results exactly.
     opt = torch.optim.Adam(groups, fused=large or None)
-    # Under ials the tower's embedding tables take plain SGD steps, so a merchant's delta of a row
-    # is its gradient and the merchants' deltas add up to the federation's. Adam would scale each
-    # row's tiny all-items gradient up to a full step: every merchant that never sold a product would
-    # push it away as hard as the one that sold it (validation recall@20 on the new shop: 0.039 with
-    # Adam, 0.054 with SGD; README, "A new shop's file"). The dense MLP keeps Adam.
-    tower_opt = torch.optim.SGD(tables, lr=cfg.ials_lr) if cfg.loss == "ials" else None
     if cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
         _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
     if dp is not None:
@@ -230,7 +231,8 @@ def local_update(
     cols = torch.from_numpy(coo.col.astype(np.int64)).to(dev)
     groups = torch.from_numpy(user_groups.astype(np.int64)).to(dev) if grouped else None
     counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
-    share = (1.0 / torch.from_numpy(np.diff(train.indptr)).clamp(min=1).float()).to(dev)
+    # ials: each purchase's share of its customer's all-items term (1 / the customer's purchases)
+    share = (1.0 / torch.from_numpy(np.diff(train.indptr)).clamp(min=1).float()).to(dev) if cfg.loss == "ials" else None
     log_q = torch.from_numpy(np.log(counts / counts.sum())).float().to(dev)
 
     losses = []
@@ -241,7 +243,8 @@ def local_update(
             u = users[rows[b]]
             pos = cols[b]
             batch_bias = bias[groups[rows[b]]] if grouped else bias
-            loss = _batch_loss(tower, features, u, pos, cfg, log_q, gen, batch_bias, share[rows[b]])
+            batch_share = None if share is None else share[rows[b]]
+            loss = _batch_loss(tower, features, u, pos, cfg, log_q, gen, batch_bias, batch_share)
             if cfg.weight_decay:
                 rows_l2 = tower.id_vectors(pos).pow(2).sum(-1).mean() if model_cfg.use_item_id else 0.0
                 loss = loss + cfg.weight_decay * (u.pow(2).sum(-1).mean() + rows_l2)
@@ -283,14 +286,13 @@ def _solve_users(
     user_groups: np.ndarray | None,
 ) -> None:
     """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
-    if cfg.loss == "ials":
+    vecs = tower(features).double().cpu().numpy()
+    if cfg.loss == "ials":  # ALS's exact user step, for the customers with purchases
         bought = np.flatnonzero(np.diff(train.indptr))
         offsets = None if bias is None else bias.double().cpu().numpy()
-        vecs = tower(features).double().cpu().numpy()
         solved = solve_ials_users(vecs, train[bought], cfg.ials_alpha, cfg.user_solve_reg, offsets)
         users.data[torch.from_numpy(bought).to(users.device)] = torch.from_numpy(solved).to(users)
         return
-    vecs = tower(features).double().cpu().numpy()
     start = users.detach().double().cpu().numpy()  # last round's vectors: a warm start
     if user_groups is None:
         groups = [(np.arange(train.shape[0]), bias)]
