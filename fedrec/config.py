@@ -18,6 +18,7 @@ import yaml
 
 from fedrec.errors import ConfigError
 from fedrec.federated.aggregation import RULES, resolve_rule
+from fedrec.federated.candidates import flat_overrides
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import ROBUST_RULES
 from fedrec.federated.server_opt import SERVER_OPTIMIZERS
@@ -239,7 +240,33 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(msg)
     for msg in privacy_errors(cfg.privacy):
         raise ConfigError(msg)
-    return cfg
+    return _checked_candidates(cfg)
+
+
+def _checked_candidates(cfg: RunConfig) -> RunConfig:
+    """`cfg` with each of `local.candidates` flattened to {"section.key": value} and its values as
+    the validated settings hold them (1 -> 1.0 for a float); a candidate whose settings would not
+    validate is refused here, naming it, before anything trains. Checked only where they are used
+    (local.temperature = 0, which DP and the networked runtime refuse already)."""
+    if not cfg.local.candidates or cfg.local.temperature != 0:  # a set temperature: nothing is chosen
+        return cfg
+    base = dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, candidates=()))
+    checked = []
+    for i, raw in enumerate(cfg.local.candidates):
+        where = f"local.candidates[{i}]"
+        try:
+            flat = flat_overrides(raw, where)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            one = with_overrides(base, flat)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if one.local.temperature == 0:
+            raise ConfigError(f"{where}: local.temperature = 0 inside a candidate; give each one a temperature > 0")
+        section = {"model": one.model, "local": one.local}
+        checked.append({k: getattr(section[k.split(".")[0]], k.split(".")[1]) for k in flat})
+    return dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, candidates=tuple(checked)))
 
 
 def aggregation_rule(cfg: RunConfig, n_items: int) -> str:
@@ -258,7 +285,7 @@ def check_networked(cfg: RunConfig) -> RunConfig:
         raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
     if cfg.local.temperature == 0:
         raise ConfigError(
-            "local.temperature = 0 (chosen on validation among local.temperature_candidates) runs in-process only: "
+            "local.temperature = 0 (settings chosen on validation among local.candidates) runs in-process only: "
             "set a temperature (a merchant can choose one on its own file alone: `fedrec train --dataset file` "
             "prints the choice)"
         )

@@ -67,9 +67,10 @@ def test_the_user_solve_is_the_minimiser(with_bias):
     (obj + 0.5 * solved.pow(2).sum()).backward()
     assert solved.grad.abs().max() < 1e-9
     moved = solved.detach() + 0.05  # and it is a minimum, not just a stationary point
-    assert _weighted_squares(moved, v, bought.toarray(), b if with_bias else torch.zeros(15)) + 0.5 * moved.pow(
-        2
-    ).sum() > obj.detach() + 0.5 * solved.detach().pow(2).sum()
+    assert (
+        _weighted_squares(moved, v, bought.toarray(), b if with_bias else torch.zeros(15)) + 0.5 * moved.pow(2).sum()
+        > obj.detach() + 0.5 * solved.detach().pow(2).sum()
+    )
 
 
 def test_the_tables_take_plain_sgd_steps_so_a_delta_is_the_gradient():

@@ -45,7 +45,7 @@ def test_the_choice_is_the_candidate_with_the_best_validation_and_that_very_run(
 
     chosen = run_federated(tiny_dataset, features, MODEL, AUTO, cfg)
     assert chosen.temperature == best
-    assert chosen.temperature_scores == {str(t): s for t, s in scores.items()}
+    assert chosen.choice.scores == {str(t): s for t, s in scores.items()}
     assert chosen.best_round == runs[best].best_round
     for k, v in runs[best].item_state.items():
         assert torch.equal(chosen.item_state[k], v)
@@ -101,15 +101,18 @@ def test_a_trained_export_serves_the_chosen_temperature(tmp_path, tiny_csv):
     args = [
         "train", "--dataset", "file", "--set", f"data.path={tiny_csv}",
         "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--set", "federation.rounds=2",
-        "--set", "model.dim=16", "--set", "model.hash_buckets=1024", "--set", "local.temperature_candidates=[0.5,2.0]",
+        "--set", "model.dim=16", "--set", "model.hash_buckets=1024",
+        "--set", 'local.candidates=[{"local.temperature": 0.5}, {"local.temperature": 2.0}]',
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "chosen on validation recall@20" in result.output
     card = json.loads((tmp_path / "artifacts" / "file" / "exports" / "v0001" / "model_card.json").read_text())
-    scores = card["temperature_choice"]
-    assert set(scores) == {"0.5", "2.0"}
-    assert card["config"]["local"]["temperature"] == float(max(scores, key=scores.get))
+    scores = card["validation_choice"]["val_recall@20"]
+    assert set(scores) == {"local.temperature=0.5", "local.temperature=2.0"}
+    best = max(scores, key=scores.get)
+    assert card["validation_choice"]["chosen"] == best
+    assert card["config"]["local"]["temperature"] == float(best.split("=")[1])
 
 
 def test_generate_shop_writes_a_purchase_file_without_metadata(tmp_path):
@@ -131,12 +134,13 @@ def test_evaluate_records_each_methods_chosen_temperature(tiny_csv):
 
     cfg = load_config(default_config_path("file"), {
         "data.path": str(tiny_csv), "federation.rounds": 2, "model.dim": 16, "model.hash_buckets": 1024,
-        "local.temperature_candidates": [0.5, 2.0],
+        "local.candidates": [{"local.temperature": 0.5}, {"local.temperature": 2.0}],
     })  # fmt: skip
     res = evaluate(cfg, Console(quiet=True), quiet_rounds=True, seeds=(0,), ablations=False)
     for method in ("federated", "centralized"):
         assert res[method]["temperature_per_seed"][0] in (0.5, 2.0)
-    assert "Temperature chosen on validation" in markdown_table(res)
+        assert res[method]["choice_per_seed"][0] == f"local.temperature={res[method]['temperature_per_seed'][0]}"
+    assert "Settings chosen on validation" in markdown_table(res)
 
 
 def test_a_file_run_with_dp_says_what_to_set(tiny_csv):

@@ -36,6 +36,7 @@ from fedrec.model import catalogue_embeddings, content_neighbour_vectors, item_e
 from fedrec.threads import use_threads
 from fedrec.training.compare_on_validation import summarise
 from fedrec.training.data import load_dataset
+from fedrec.training.train import trained_with
 
 K = 20
 
@@ -77,7 +78,7 @@ def choose_neighbours_on_validation(
     for seed in seeds:
         fed = dataclasses.replace(cfg.federation, seed=seed, refit=False)
         res = run_federated(known, train_features, cfg.model, cfg.local, fed)
-        trained = item_embeddings(res.item_state, train_features, cfg.model)
+        trained = item_embeddings(res.item_state, train_features, trained_with(cfg, res).model)
         users = torch.cat([res.user_embeddings[m.name] for m in known.merchants])
         for k in candidates:
             vecs = content_neighbour_vectors(trained, features, k)
@@ -141,7 +142,8 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
         for seed in seeds:
             fed = dataclasses.replace(cfg.federation, seed=seed)
             res = run_federated(known, train_features, model_cfg, cfg.local, fed)
-            vecs = catalogue_embeddings(res.item_state, features, model_cfg, n_known)[n_known:]
+            used = trained_with(dataclasses.replace(cfg, model=model_cfg), res).model
+            vecs = catalogue_embeddings(res.item_state, features, used, n_known)[n_known:]
             users = torch.cat([res.user_embeddings[m.name] for m in known.merchants])
             recalls.append(recall_of_scores((users @ vecs.T).numpy(), truth)[0])
             console.print(f"[bold]cold start, {name}[/] (seed {seed}): recall@20 on new products {recalls[-1]:.4f}")

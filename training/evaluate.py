@@ -35,7 +35,9 @@ from fedrec.evaluation import (
     recommendation_lists,
 )
 from fedrec.features import build_item_features
+from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import TrainResult, run_federated
+from fedrec.ials_users import solve_ials_baskets
 from fedrec.metrics import (
     METRICS,
     basket_label_share,
@@ -51,6 +53,7 @@ from fedrec.threads import use_threads
 from fedrec.training.cold_start import evaluate_cold_start
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
+from fedrec.training.train import trained_with
 
 METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als", "ease")
 TRAINED = ("federated", "centralized", "local_only", "implicit_als")
@@ -91,7 +94,8 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
         "recall@20_per_seed": [round(r, 4) for r in recalls],
         "seeds": list(seeds),
     }
-    if "temperature" in first:  # local.temperature = 0: each seed's choice
+    if "choice" in first:  # local.candidates: each seed's choice
+        out["choice_per_seed"] = [e["choice"] for e in entries]
         out["temperature_per_seed"] = [e["temperature"] for e in entries]
     for key in ("seconds", "rounds", "best_round", "refit_rounds"):
         if key in first:
@@ -164,10 +168,15 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, b
     return out
 
 
-def tower_basket_scores(items: torch.Tensor, temperature: float) -> Callable[[list[np.ndarray]], np.ndarray]:
-    """An anonymous basket as the API answers it: the softmax fold-in (default reg), then u . v."""
+def tower_basket_scores(items: torch.Tensor, local: LocalConfig) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """An anonymous basket as the API answers it: the training loss's fold-in (the softmax one at
+    the default reg, or ALS's user step for an ials model, as `serving.recommend.basket_vectors`),
+    then u . v."""
     vecs = items.numpy()
-    return lambda baskets: fold_in_many(vecs, baskets, "softmax", FoldInConfig().reg, temperature) @ vecs.T
+    if local.loss == "ials":
+        reg = local.user_solve_reg or FoldInConfig().reg
+        return lambda baskets: solve_ials_baskets(vecs, baskets, local.ials_alpha, reg) @ vecs.T
+    return lambda baskets: fold_in_many(vecs, baskets, "softmax", FoldInConfig().reg, local.temperature) @ vecs.T
 
 
 def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:
@@ -218,14 +227,15 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
         entry = evaluate_test_all(dataset.merchants, users, items, biases)
         entry["seconds"] = round(seconds, 2)
         if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
-            temperature = (result.temperature if result is not None else None) or cfg.local.temperature
-            basket = tower_basket_scores(items, temperature)
+            local = trained_with(cfg, result).local if result is not None else cfg.local
+            basket = tower_basket_scores(items, local)
         basket_args = None if basket is None else (baskets, basket_labels, basket)
         entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
         if result is not None:
-            if result.temperature is not None:  # local.temperature = 0: what validation chose
-                entry["temperature"] = result.temperature
-                entry["temperature_scores"] = result.temperature_scores
+            if result.choice is not None:  # local.candidates: what validation chose
+                entry["choice"] = result.choice.label
+                entry["temperature"] = result.choice.local.temperature
+                entry["choice_scores"] = result.choice.scores
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
             entry["refit_rounds"] = result.refit_rounds
@@ -321,10 +331,11 @@ def evaluate(
 
         # Federated, with the configured aggregation rule.
         res = _neural(dataset, features, run_cfg, fed_cfg, show, f"federated, seed {seed}")
-        items = item_embeddings(res.item_state, features, cfg.model)
+        model_cfg = trained_with(run_cfg, res).model
+        items = item_embeddings(res.item_state, features, model_cfg)
         entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
         first = res.early_stopped or res  # trained on train alone: what validation may judge
-        first_items = items if first is res else item_embeddings(first.item_state, features, cfg.model)
+        first_items = items if first is res else item_embeddings(first.item_state, features, model_cfg)
         if any(b is not None for b in res.item_biases.values()):  # the served popularity_weight knob
             entry["popularity_weight"] = {
                 "validation": popularity_weight_curve(
@@ -342,7 +353,7 @@ def evaluate(
         res = _neural(central, features, run_cfg, fed_cfg, show, f"centralized, seed {seed}")
         entry = scored(
             _split_rows(dataset, res.user_embeddings["pooled"]),
-            item_embeddings(res.item_state, features, cfg.model),
+            item_embeddings(res.item_state, features, trained_with(run_cfg, res).model),
             res.seconds,
             res,
             _split_bias(dataset, res.item_biases["pooled"]),  # per merchant, as federated: the same model
@@ -357,7 +368,7 @@ def evaluate(
             alone = FederatedDataset(dataset.name, dataset.items, [m], dataset.protocol)
             res = run_federated(alone, features, cfg.model, cfg.local, fed_cfg)
             rounds = max(rounds, len(res.history))
-            own = item_embeddings(res.item_state, features, cfg.model)
+            own = item_embeddings(res.item_state, features, trained_with(run_cfg, res).model)
             parts[m.name] = evaluate_test(m, res.user_embeddings[m.name], own, res.item_biases[m.name])
             lists.append(recommendation_lists([m], res.user_embeddings, own, res.item_biases))
         entry = combine(parts)
@@ -374,7 +385,7 @@ def evaluate(
         for label, (model_cfg, variant_fed) in (_variants(run_cfg) if ablations else {}).items():
             variant = dataclasses.replace(run_cfg, model=model_cfg, federation=variant_fed)
             res = _neural(dataset, features, variant, variant_fed, show, f"federated ({label}), seed {seed}")
-            items = item_embeddings(res.item_state, features, model_cfg)
+            items = item_embeddings(res.item_state, features, trained_with(variant, res).model)
             entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
             keep(f"ablation {label}", entry, seed, res, curve=f"federated ({label})")
 
@@ -466,11 +477,11 @@ def markdown_table(res: dict) -> str:
         f"federated beats local-only for {len(checks['federated_beats_local_only_for'])}/{len(merchants)} merchants.\n"
     )
     chosen = [
-        f"{m} {', '.join(f'{t:g}' for t in res[m]['temperature_per_seed'])}"
-        for m in ("federated", "centralized") if "temperature_per_seed" in res[m]
+        f"{m} {' | '.join(res[m]['choice_per_seed'])}"
+        for m in ("federated", "centralized") if "choice_per_seed" in res[m]
     ]  # fmt: skip
     if chosen:
-        foot += f"Temperature chosen on validation (local.temperature = 0), per seed: {'; '.join(chosen)}.\n"
+        foot += f"Settings chosen on validation (local.candidates), per seed: {'; '.join(chosen)}.\n"
     abl = "".join(
         f"Ablation {k}: recall@20 {v['overall']['recall@20']:.4f} ± {v['recall@20_std']:.4f}.\n"
         for k, v in res["ablations"].items()

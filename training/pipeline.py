@@ -11,7 +11,7 @@ from fedrec.config import RunConfig, aggregation_rule, config_from_dict
 from fedrec.errors import FedrecError
 from fedrec.training.data import load_dataset
 from fedrec.training.export import export_catalogue, new_items_entry, write_export
-from fedrec.training.train import TrainedRun, run_dir, save_checkpoint, train
+from fedrec.training.train import TrainedRun, choice_entry, run_dir, save_checkpoint, train
 
 
 def _card(
@@ -23,7 +23,7 @@ def _card(
     test: dict,
     dp: dict | None = None,
     refit_rounds: int = 0,
-    temperature_scores: dict[str, float] | None = None,
+    validation_choice: dict | None = None,
 ) -> dict:
     return {
         "dataset": dataset.name,
@@ -35,8 +35,9 @@ def _card(
         # one run trained on train + validation from its first round)
         "refit_rounds": refit_rounds,
         "train_seconds": round(seconds, 2),
-        # local.temperature = 0: each candidate's validation recall@20; config.local.temperature holds the choice
-        "temperature_choice": temperature_scores or None,
+        # local.candidates (or local.temperature = 0): each candidate's validation recall@20 and the one
+        # kept; `config` holds the kept settings
+        "validation_choice": validation_choice,
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
         "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
@@ -57,14 +58,14 @@ def _card(
 
 def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path]:
     run = train(cfg, console)
-    cfg = run.cfg  # with the temperature it chose, where local.temperature = 0
+    cfg = run.cfg  # with the settings it chose on validation, if it chose
     root = run_dir(cfg)
     save_checkpoint(run, root / "checkpoint.pt")
     history = [vars(h) for h in run.result.history]
     res = run.result
     card = _card(
         cfg, run.dataset, history, res.best_round, res.seconds, run.test, res.privacy, res.refit_rounds,
-        res.temperature_scores,
+        choice_entry(res),
     )  # fmt: skip
     items, vecs = export_catalogue(cfg, run.dataset.items, run.dataset.new_items, run.result.item_state)
     path = write_export(
@@ -105,7 +106,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
     card = _card(
         export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy"),
-        ckpt.get("refit_rounds", 0), ckpt.get("temperature_scores"),
+        ckpt.get("refit_rounds", 0), ckpt.get("validation_choice"),
     )  # fmt: skip
     path = write_export(
         root,

@@ -40,10 +40,13 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output.artifacts_dir) / cfg.data.dataset
 
 
-def with_temperature(cfg: RunConfig, temperature: float) -> RunConfig:
-    """`cfg` with the temperature a run chose (local.temperature = 0) in place of 0: what the model
-    was trained with, which the export's card records and the API's fold-in solves with."""
-    return dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, temperature=temperature))
+def trained_with(cfg: RunConfig, result: TrainResult) -> RunConfig:
+    """`cfg` with the settings a run chose on validation (`local.candidates`, local.temperature = 0)
+    in place of the choice: what the model was trained with, which the export's card records, the
+    tower is rebuilt from and the API's fold-in solves with."""
+    if result.choice is None:
+        return cfg
+    return dataclasses.replace(cfg, model=result.choice.model, local=result.choice.local)
 
 
 def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
@@ -66,15 +69,23 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
             f"{dp.steps_per_round} steps a round"
         )
     result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer, dp=dp)
-    if result.temperature is not None:  # local.temperature = 0: the export serves the chosen one
+    if result.choice is not None:  # the export serves the chosen settings
+        choice = result.choice
         console.print(
-            f"temperature {result.temperature:g}, chosen on validation recall@20 among "
-            + ", ".join(f"{t} ({v:.4f})" for t, v in result.temperature_scores.items())
+            f"chosen on validation recall@20: {choice.label}; among "
+            + "; ".join(f"{label} ({v:.4f})" for label, v in choice.scores.items())
+            + "".join(f"; {label} skipped ({why})" for label, why in choice.skipped.items())
         )
-        cfg = with_temperature(cfg, result.temperature)
+        cfg = trained_with(cfg, result)
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     return TrainedRun(cfg, dataset, features, result, test)
+
+
+def choice_entry(result: TrainResult) -> dict | None:
+    """What a run chose on validation, as the model card and the checkpoint record it."""
+    c = result.choice
+    return None if c is None else {"chosen": c.label, "val_recall@20": c.scores, "skipped": c.skipped}
 
 
 def save_checkpoint(run: TrainedRun, path: Path) -> None:
@@ -90,6 +101,6 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "seconds": run.result.seconds,
         "test": run.test,
         "privacy": run.result.privacy,
-        "temperature_scores": run.result.temperature_scores,
+        "validation_choice": choice_entry(run.result),
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

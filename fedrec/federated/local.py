@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -59,12 +60,16 @@ class LocalConfig:
     weight_decay: float = 0.1  # L2 on the rows used in a batch
     bias_lr: float = 0.05  # Adam, the merchant's own item bias (model.merchant_item_bias)
     loss: str = "softmax"
-    # Scores are divided by it before the softmax. 0: chosen on the validation slice among
-    # `temperature_candidates` (`simulation.run_federated`): the best value measured from 0.5
-    # (MovieLens) to 2 (a sparse shop without product metadata), so no one fixed value fits every
-    # shop's file (README, "A new shop's file").
+    # Scores are divided by it before the softmax. 0: settings chosen on the validation slice among
+    # `candidates`, else among `temperature_candidates` (`simulation.run_federated`): the best value
+    # measured from 0.5 (MovieLens) to 2 (a sparse shop without product metadata), so no one fixed
+    # value fits every shop's file (README, "A new shop's file").
     temperature: float = 0.5
     temperature_candidates: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # With temperature 0, whole setting sets to choose between instead of the temperatures, e.g.
+    # ({"local.temperature": 2.0}, {"local.loss": "ials", "local.temperature": 1.0, "model.dim": 16});
+    # each overrides this run's settings (`fedrec/federated/candidates.py`).
+    candidates: tuple[dict[str, Any], ...] = ()
     # FedProx (Li et al., 2020): (mu / 2) |w - w_received|^2 on the item tower keeps a merchant's
     # local steps near the model it received, against drift on skewed data; 0 is plain FedAvg.
     prox_mu: float = 0.0
@@ -100,6 +105,13 @@ class LocalResult:
     user_embeddings: torch.Tensor
     mean_loss: float
     item_bias: torch.Tensor | None = None  # private, like user_embeddings
+
+
+def catalogue_refuses(cfg: LocalConfig, n_items: int) -> str | None:
+    """Why `cfg` cannot train on a catalogue of `n_items`, else None: ials has no sampled form."""
+    if cfg.loss == "ials" and n_items > cfg.full_softmax_max_items:
+        return f"local.loss = 'ials' runs over the whole catalogue: at most {cfg.full_softmax_max_items} items"
+    return None
 
 
 def _batch_loss(
@@ -165,10 +177,8 @@ def local_update(
     if large and cfg.loss == "softmax" and dp is None:
         cfg = dataclasses.replace(cfg, loss="sampled_softmax", user_solve_reg=0.0)
     grouped = item_bias is not None and item_bias.dim() == 2
-    if large and cfg.loss == "ials":
-        raise ConfigError(
-            f"local.loss = 'ials' runs over the whole catalogue: at most {cfg.full_softmax_max_items} items"
-        )
+    if (why := catalogue_refuses(cfg, features.n_items)) is not None:
+        raise ConfigError(why)
     if grouped and (dp is not None or cfg.loss != "softmax" or user_groups is None):
         raise ValueError("a per-merchant (grouped) item bias needs user_groups, the softmax loss and no DP")
     if cfg.device != "cpu" and not torch.cuda.is_available():

@@ -28,6 +28,7 @@ from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
 from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, resolve_rule, sum_names
+from fedrec.federated.candidates import Candidate, candidates_of, unsupported
 from fedrec.federated.local import LocalConfig, LocalResult, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
@@ -109,10 +110,26 @@ class TrainResult:
     refit_rounds: int = 0
     # With a refit: the early-stopped model it replaced (trained on train alone), for comparison.
     early_stopped: TrainResult | None = None
-    # With local.temperature = 0: the candidate validation chose, and every candidate's validation
-    # recall@20 at its best round (keyed by the temperature as text).
-    temperature: float | None = None
-    temperature_scores: dict[str, float] = field(default_factory=dict)
+    # With local.candidates or local.temperature = 0: what validation chose, and the settings the
+    # model was trained with; None: the run's own settings.
+    choice: Choice | None = None
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature validation chose; None without a choice."""
+        return None if self.choice is None else self.choice.local.temperature
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A choice on validation: the kept candidate, its settings, and every candidate's validation
+    recall@20 at its best round (by label; a temperature candidate's label is the temperature)."""
+
+    label: str
+    model: ModelConfig
+    local: LocalConfig
+    scores: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)  # label -> why this catalogue cannot train it
 
 
 def in_order(work: Callable[[str], T], names: list[str], workers: int) -> Iterator[tuple[str, T]]:
@@ -177,8 +194,9 @@ def run_federated(
     `tamper` (attack simulations only) may replace a merchant's terms before they are sent: what a
     malicious merchant could send, knowing the tower it received.
     """
-    if local_cfg.temperature == 0:
-        return choose_temperature(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
+    candidates = candidates_of(model_cfg, local_cfg)
+    if candidates:
+        return choose_on_validation(dataset, features, candidates, fed_cfg, on_round, on_message, dp, tamper)
     if trains_on_validation(fed_cfg, dp is not None):
         whole = with_validation_in_train(dataset)
         res = _train(whole, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper, True)
@@ -189,48 +207,53 @@ def run_federated(
     return refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
 
 
-def choose_temperature(
+def choose_on_validation(
     dataset: FederatedDataset,
     features: ItemFeatures,
-    model_cfg: ModelConfig,
-    local_cfg: LocalConfig,
+    candidates: list[Candidate],
     fed_cfg: FederationConfig,
     on_round: Callable[[RoundLog], None] | None = None,
     on_message: Callable[[str, MerchantSums], None] | None = None,
     dp: DPMechanism | None = None,
     tamper: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
-    """`local.temperature = 0`: one early-stopped run per candidate, on train alone and from the same
-    seed; the candidate whose best round scores the highest validation recall@20 (the merchants'
-    validation sums, as early stopping reads them; a tie goes to the earlier candidate) is kept, and
-    refit like any run. The cost is one training run per candidate.
+    """`local.candidates`, or `local.temperature = 0`: one early-stopped run per candidate, on train
+    alone and from the same seed; the candidate whose best round scores the highest validation
+    recall@20 (the merchants' validation sums, as early stopping reads them; a tie goes to the
+    earlier candidate) is kept, and refit like any run. The cost is one training run per candidate.
+    A candidate this catalogue cannot train (ials over `full_softmax_max_items`) is skipped.
 
-    Why: the temperature sets how far the scores must spread for a confident softmax, against the
-    weight decay; dense data wants it low, sparse data high, and a new shop's file says which only
-    on its own validation slice. Under DP the choice would read validation outside the accountant.
+    Why: how far the scores must spread (the temperature), and even which loss fits, depend on the
+    shop: dense data wants a low temperature, a sparse file without product metadata implicit ALS's
+    weighted squares; a new shop's file says which only on its own validation slice. Under DP the
+    choice would read validation outside the accountant.
     """
     if dp is not None:
-        raise ConfigError("local.temperature = 0 chooses on validation, which DP does not account for: set it")
+        raise ConfigError("choosing settings on validation (local.candidates, local.temperature = 0) is not "
+                          "covered by DP's accountant: fix the settings")  # fmt: skip
     scores: dict[str, float] = {}
-    chosen, first, spent = 0.0, None, 0.0  # only the leading run is held: each holds a whole model
-    for t in (float(t) for t in local_cfg.temperature_candidates):
-        run = _train(dataset, features, model_cfg, dataclasses.replace(local_cfg, temperature=t), fed_cfg,
-                     on_round, on_message, None, tamper)  # fmt: skip
+    skipped = {c.label: why for c in candidates if (why := unsupported(c, dataset.n_items)) is not None}
+    if len(skipped) == len(candidates):
+        raise ConfigError("no candidate can train on this catalogue: " + "; ".join(skipped.values()))
+    chosen, first, spent = candidates[0], None, 0.0  # only the leading run is held: each holds a whole model
+    for cand in (c for c in candidates if c.label not in skipped):
+        run = _train(dataset, features, cand.model, cand.local, fed_cfg, on_round, on_message, None, tamper)
         best = {h.round: h.val_recall_at_20 for h in run.history}.get(run.best_round)
         if best is None:
-            raise ConfigError("local.temperature = 0 chooses on the validation slice: set data.val_fraction > 0")
-        scores[str(t)] = best
+            raise ConfigError("choosing settings on validation needs the validation slice: set data.val_fraction > 0")
+        scores[cand.label] = best
         spent += run.seconds  # every candidate's run counts: it is what the choice cost
-        if first is None or best > scores[str(chosen)]:  # a tie keeps the earlier candidate
-            chosen, first = t, run
-    local_cfg = dataclasses.replace(local_cfg, temperature=chosen)
+        if first is None or best > scores[chosen.label]:  # a tie keeps the earlier candidate
+            chosen, first = cand, run
     res = first
     if refits(fed_cfg, None, first.best_round):
-        res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
+        res = refit_federated(dataset, features, chosen.model, chosen.local, fed_cfg, first, on_round, on_message,
+                              tamper)  # fmt: skip
     spent -= first.seconds  # already in res.seconds
+    choice = Choice(chosen.label, chosen.model, chosen.local, scores, skipped)
     if res.early_stopped is not None:
-        res = dataclasses.replace(res, early_stopped=dataclasses.replace(res.early_stopped, temperature=chosen))
-    return dataclasses.replace(res, seconds=res.seconds + spent, temperature=chosen, temperature_scores=scores)
+        res = dataclasses.replace(res, early_stopped=dataclasses.replace(res.early_stopped, choice=choice))
+    return dataclasses.replace(res, seconds=res.seconds + spent, choice=choice)
 
 
 def refits(fed_cfg: FederationConfig, dp: DPMechanism | None, best_round: int) -> bool:

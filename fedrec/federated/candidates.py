@@ -1,0 +1,93 @@
+"""Setting sets chosen between on the validation slice (`local.candidates`).
+
+A new shop's file says which model suits it only on its own validation slice: dense data wants a
+low softmax temperature, sparse data a high one, and on a sparse file without product metadata
+implicit ALS's weighted squares at a small dimension beat every softmax (README, "A new shop's
+file"). So a run may list whole setting sets; with `local.temperature = 0` (choose on validation),
+`simulation.run_federated` trains each once, early stopped on train alone, keeps the best
+validation recall@20, and refits it.
+
+A candidate changes `local.*` settings and the tower's sizes only: the features, the data and the
+federation stay the run's own, so every candidate is scored on the same customers and rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedrec.federated.local import LocalConfig, catalogue_refuses
+from fedrec.model import ModelConfig
+
+# What a candidate may set. Not the features (model.hash_buckets, use_item_id, use_content, id_rows),
+# which are built once per run, nor the choice itself (local.candidates, temperature_candidates), nor
+# where it runs (local.device).
+MODEL_KEYS = ("dim", "feature_dim", "hidden", "init_std")
+LOCAL_KEYS = tuple(
+    f.name for f in dataclasses.fields(LocalConfig) if f.name not in ("candidates", "temperature_candidates", "device")
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str  # "local.loss=ials, model.dim=16"; a temperature candidate: the temperature ("0.5")
+    model: ModelConfig
+    local: LocalConfig
+
+
+def flat_overrides(raw: Mapping[str, Any], where: str = "candidate") -> dict[str, Any]:
+    """{"local": {"loss": "ials"}} (a TOML table with dotted keys) or {"local.loss": "ials"} (JSON
+    from --set) as {"local.loss": "ials"}; a key outside `MODEL_KEYS` and `LOCAL_KEYS` is an error."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected a table of settings, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            out.update(flat_overrides({f"{key}.{k}": v for k, v in value.items()}, where))
+        else:
+            out[str(key)] = value
+    for key in out:
+        section, _, name = key.partition(".")
+        allowed = {"model": MODEL_KEYS, "local": LOCAL_KEYS}.get(section, ())
+        if name not in allowed:
+            raise ValueError(
+                f"{where}: {key} cannot differ between candidates; a candidate sets "
+                + ", ".join([*(f"model.{k}" for k in MODEL_KEYS), "local.<setting>"])
+            )
+    if not out:
+        raise ValueError(f"{where}: an empty candidate (give it at least one setting)")
+    return out
+
+
+def label_of(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def apply(model_cfg: ModelConfig, local_cfg: LocalConfig, overrides: Mapping[str, Any]) -> Candidate:
+    """The run's settings with one candidate's overrides (already checked by the config)."""
+    model = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
+    local = {k.removeprefix("local."): v for k, v in overrides.items() if k.startswith("local.")}
+    return Candidate(
+        label_of(overrides),
+        dataclasses.replace(model_cfg, **model),
+        dataclasses.replace(local_cfg, candidates=(), **local),
+    )
+
+
+def candidates_of(model_cfg: ModelConfig, local_cfg: LocalConfig) -> list[Candidate]:
+    """With `local.temperature` = 0, the run's candidates: `local.candidates`, else one per
+    `temperature_candidates`. Empty (nothing to choose) with a temperature set: setting one, as
+    `--set local.temperature=0.5` does, fixes the settings whatever candidates the config lists."""
+    if local_cfg.temperature != 0:
+        return []
+    if local_cfg.candidates:
+        return [apply(model_cfg, local_cfg, flat_overrides(c)) for c in local_cfg.candidates]
+    temps = [float(t) for t in local_cfg.temperature_candidates]
+    return [Candidate(str(t), model_cfg, dataclasses.replace(local_cfg, temperature=t)) for t in temps]
+
+
+def unsupported(candidate: Candidate, n_items: int) -> str | None:
+    """Why a candidate cannot train on this catalogue (the run skips it), else None."""
+    return catalogue_refuses(candidate.local, n_items)
