@@ -24,7 +24,7 @@ from fedrec.training.cli import app, default_config_path
 MODEL = ModelConfig(dim=16, feature_dim=16, hidden=32, hash_buckets=1024)
 LOCAL = LocalConfig(batch_size=128, lr=0.01, user_lr=0.05, temperature=0.0)
 SOFTMAX = {"local.temperature": 1.0}
-IALS = {"local.loss": "ials", "local.temperature": 1.0, "model.dim": 8}
+IALS = {"local.loss": "ials", "local.temperature": 1.0, "model.dim": 8, "model.use_content": False}
 # A softmax that cannot learn (no steps that move anything): the ials candidate must win against it.
 FROZEN = {"local.temperature": 1.0, "local.lr": 1e-12, "local.user_lr": 1e-12, "local.user_solve_reg": 0.0}
 
@@ -41,8 +41,8 @@ def best_val(res) -> float:
 def test_each_candidate_overrides_the_runs_settings():
     a, b = candidates_of(MODEL, dataclasses.replace(LOCAL, candidates=(SOFTMAX, IALS)))
     assert (a.local.loss, a.local.temperature, a.model.dim) == ("softmax", 1.0, 16)
-    assert (b.local.loss, b.model.dim, b.model.hidden) == ("ials", 8, 32)  # the rest stays the run's
-    assert b.label == "local.loss=ials, local.temperature=1.0, model.dim=8"
+    assert (b.local.loss, b.model.dim, b.model.use_content, b.model.hidden) == ("ials", 8, False, 32)
+    assert b.label == "local.loss=ials, local.temperature=1.0, model.dim=8, model.use_content=false"
     assert a.local.candidates == () and b.local.candidates == ()  # a candidate chooses nothing itself
     # a set temperature fixes the settings, whatever candidates are listed
     assert candidates_of(MODEL, dataclasses.replace(LOCAL, temperature=0.5, candidates=(SOFTMAX, IALS))) == []
@@ -95,7 +95,7 @@ def test_the_file_default_lists_softmax_temperatures_and_ials():
     labels = [c.label for c in candidates_of(cfg.model, cfg.local)]
     assert labels == [
         "local.temperature=0.5", "local.temperature=1.0", "local.temperature=2.0",
-        "local.loss=ials, local.temperature=1.0, model.dim=16",
+        "local.loss=ials, local.temperature=1.0, model.dim=16, model.use_content=false",
     ]  # fmt: skip
     # values as the settings hold them, from TOML tables or --set JSON alike
     one = load_config(None, {"local.temperature": 0, "local.candidates": [{"local": {"temperature": 2}}]})
@@ -143,10 +143,14 @@ def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
     assert "chosen on validation recall@20: local.loss=ials" in " ".join(result.output.split())
     root = tmp_path / "artifacts" / "file"
     card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
-    assert card["validation_choice"]["chosen"] == "local.loss=ials, local.temperature=1.0, model.dim=8"
+    assert (
+        card["validation_choice"]["chosen"]
+        == "local.loss=ials, local.temperature=1.0, model.dim=8, model.use_content=false"
+    )
     frozen = ", ".join(f"{k}={v}" for k, v in FROZEN.items())
     assert set(card["validation_choice"]["val_recall@20"]) == {card["validation_choice"]["chosen"], frozen}
-    assert (card["config"]["local"]["loss"], card["config"]["model"]["dim"]) == ("ials", 8)
+    model = card["config"]["model"]
+    assert (card["config"]["local"]["loss"], model["dim"], model["use_content"]) == ("ials", 8, False)
     export = load_export(root / "exports")
     assert export.item_vectors.shape[1] == 8
     basket = [np.array([0, 1, 2])]

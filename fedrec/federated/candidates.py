@@ -7,8 +7,8 @@ file"). So a run may list whole setting sets; with `local.temperature = 0` (choo
 `simulation.run_federated` trains each once, early stopped on train alone, keeps the best
 validation recall@20, and refits it.
 
-A candidate changes `local.*` settings and the tower's sizes only: the features, the data and the
-federation stay the run's own, so every candidate is scored on the same customers and rounds.
+A candidate changes `local.*` settings and the tower's parts and sizes only: the features, the data
+and the federation stay the run's own, so every candidate is scored on the same customers and rounds.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 from fedrec.federated.local import LocalConfig, catalogue_refuses
 from fedrec.model import ModelConfig
 
-# What a candidate may set. Not the features (model.hash_buckets, use_item_id, use_content, id_rows),
-# which are built once per run, nor the choice itself (local.candidates, temperature_candidates), nor
-# where it runs (local.device).
-MODEL_KEYS = ("dim", "feature_dim", "hidden", "init_std")
+# What a candidate may set: the tower's parts and sizes. Not the features (model.hash_buckets), built
+# once per run, nor the id table's layout or the served new-product rule (id_rows,
+# new_item_neighbours), nor the choice itself (local.candidates, temperature_candidates), nor where
+# it runs (local.device).
+MODEL_KEYS = ("dim", "feature_dim", "hidden", "init_std", "use_item_id", "use_content")
 LOCAL_KEYS = tuple(
     f.name for f in dataclasses.fields(LocalConfig) if f.name not in ("candidates", "temperature_candidates", "device")
 )
@@ -62,7 +63,8 @@ def flat_overrides(raw: Mapping[str, Any], where: str = "candidate") -> dict[str
 
 
 def label_of(overrides: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+    """A label like "local.loss=ials, model.use_content=false": the overrides as --set takes them."""
+    return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
 
 
 def apply(model_cfg: ModelConfig, local_cfg: LocalConfig, overrides: Mapping[str, Any]) -> Candidate:
