@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,7 @@ def compare_on_validation(
         "best_round": rounds,
         **summarise(scores),
         "date": dt.date.today().isoformat(),
+        "command": "fedrec " + " ".join(sys.argv[1:]),
     }
     out = Path(base.output.results_dir) / f"validation-{setting}{'-' + tag if tag else ''}-{dataset}.json"
     write_json(out, result)
