@@ -32,7 +32,7 @@ from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.metrics import per_user_metrics, seed_std
-from fedrec.model import catalogue_embeddings, content_neighbour_vectors, item_embeddings
+from fedrec.model import ModelConfig, catalogue_embeddings, content_neighbour_vectors, item_embeddings
 from fedrec.threads import use_threads
 from fedrec.training.compare_on_validation import summarise
 from fedrec.training.data import load_dataset
@@ -119,6 +119,13 @@ def _known_first(dataset: FederatedDataset, known: FederatedDataset, new: np.nda
     return build_item_features(items, cfg.model.hash_buckets)
 
 
+def _new_product_vectors(model_cfg: ModelConfig) -> str:
+    if model_cfg.use_content:
+        return "content tower alone"
+    over = f"the {model_cfg.new_item_neighbours} most similar" if model_cfg.new_item_neighbours else "all"
+    return f"trained vectors averaged by TF-IDF content similarity, over {over} trained products"
+
+
 def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[int, ...], console: Console) -> dict:
     """Recall@20 on new products for the federated model (mean and spread over seeds) and references."""
     known, new = cold_start_split(dataset)
@@ -138,24 +145,22 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
     if not cfg.model.use_content:  # what the content tower would have done, trained the same way
         variants["federated_content_tower"] = dataclasses.replace(cfg.model, use_content=True)
     for name, model_cfg in variants.items():
-        recalls = []
+        recalls, how = [], []
         for seed in seeds:
             fed = dataclasses.replace(cfg.federation, seed=seed)
             res = run_federated(known, train_features, model_cfg, cfg.local, fed)
-            used = trained_with(dataclasses.replace(cfg, model=model_cfg), res).model
+            used = trained_with(dataclasses.replace(cfg, model=model_cfg), res).model  # what validation chose
             vecs = catalogue_embeddings(res.item_state, features, used, n_known)[n_known:]
             users = torch.cat([res.user_embeddings[m.name] for m in known.merchants])
             recalls.append(recall_of_scores((users @ vecs.T).numpy(), truth)[0])
+            how.append(_new_product_vectors(used))
             console.print(f"[bold]cold start, {name}[/] (seed {seed}): recall@20 on new products {recalls[-1]:.4f}")
-        over = f"the {model_cfg.new_item_neighbours} most similar" if model_cfg.new_item_neighbours else "all"
         out[name] = {
             "recall@20": float(np.mean(recalls)),
             "recall@20_std": seed_std(recalls),
             "recall@20_per_seed": [round(r, 4) for r in recalls],
             "seeds": list(seeds),
-            "new_product_vectors": "content tower alone"
-            if model_cfg.use_content
-            else f"trained vectors averaged by TF-IDF content similarity, over {over} trained products",
+            "new_product_vectors": " | ".join(dict.fromkeys(how)),  # one per seed where the choices differ
         }
     bought = sp.vstack([m.full_train for m in known.merchants]).tocsr()
     content = content_profile_scores(bought, features.tokens, n_known, features.n_buckets)
