@@ -140,7 +140,9 @@ def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "chosen on validation recall@20: local.loss=ials" in " ".join(result.output.split())
+    shown = " ".join(result.output.split())
+    assert "chosen on validation recall@20: local.loss=ials" in shown
+    assert "candidate local.loss=ials" in shown and "candidate local.temperature=1.0" in shown  # each run named
     root = tmp_path / "artifacts" / "file"
     card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
     assert (

@@ -26,6 +26,8 @@ class RoundPrinter:
                 f"[bold]refit[/]: training again from the start on train + validation for the {self.best_round} "
                 "rounds validation chose; the last of them is released"
             )
+        elif log.candidate is not None and log.round == 1:
+            self.console.print(f"[bold]candidate[/] {log.candidate} (chosen on validation recall@20)")
         val, mark = log.val_recall_at_20, ""
         if val is not None and val > self.best:
             mark, self.best, self.best_round = " *", val, log.round

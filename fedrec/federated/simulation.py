@@ -93,6 +93,7 @@ class RoundLog:
     seconds: float
     upload_bytes: int = 0  # mean dense size of one merchant's message
     refit: bool = False  # a round of the refit on train + validation (`FederationConfig.refit`)
+    candidate: str | None = None  # a choice on validation: the label of the candidate this round trains
 
 
 @dataclass
@@ -237,7 +238,8 @@ def choose_on_validation(
         raise ConfigError("no candidate can train on this catalogue: " + "; ".join(skipped.values()))
     chosen, first, spent = candidates[0], None, 0.0  # only the leading run is held: each holds a whole model
     for cand in (c for c in candidates if c.label not in skipped):
-        run = _train(dataset, features, cand.model, cand.local, fed_cfg, on_round, on_message, None, tamper)
+        shown = None if on_round is None else (lambda h, c=cand.label: on_round(dataclasses.replace(h, candidate=c)))
+        run = _train(dataset, features, cand.model, cand.local, fed_cfg, shown, on_message, None, tamper)
         best = {h.round: h.val_recall_at_20 for h in run.history}.get(run.best_round)
         if best is None:
             raise ConfigError("choosing settings on validation needs the validation slice: set data.val_fraction > 0")
