@@ -23,6 +23,7 @@ from fedrec.atomic import write_json
 from fedrec.config import RunConfig
 from fedrec.data import MerchantData
 from fedrec.evaluation import MetricSums, combine, evaluate_test
+from fedrec.ials_users import solve_ials_baskets
 from fedrec.metrics import eligible_users
 from fedrec.serving.foldin import EXACT_TOL, fold_in_many
 from fedrec.training.train import train
@@ -45,6 +46,15 @@ METRICS = ("recall@20", "ndcg@20")
 BATCH = 16  # baskets per solve, as a busy server's micro-batches
 
 
+def rules_for(loss: str) -> list[tuple[str, float, str]]:
+    """`RULES`, where an ials model's "softmax" rows are ALS's exact user step at the same regs: the
+    fold-in the API runs for a model trained with that loss (`serving.recommend.basket_vectors`)."""
+    if loss != "ials":
+        return list(RULES)
+    return [("ials", reg, "exact") if m == "softmax" else (m, reg, solve) for m, reg, solve in RULES
+            if not (m == "softmax" and solve == "serving")]  # fmt: skip
+
+
 def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 300) -> dict:
     """Train once, then fold in up to `users_per_merchant` sampled test customers per shop."""
     run = train(cfg, Console(quiet=True))
@@ -52,6 +62,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     vecs = items.numpy()
     rng = np.random.default_rng(cfg.federation.seed)
     temperature = run.cfg.local.temperature  # the chosen one, where local.temperature = 0
+    rules, alpha = rules_for(run.cfg.local.loss), run.cfg.local.ials_alpha
     parts: dict[str, dict[str, MetricSums]] = {"learned": {}}
     seconds: dict[str, float] = {}
     for m in run.dataset.merchants:
@@ -63,17 +74,18 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
         parts["learned"][m.name] = evaluate_test(sub, learned, items, bias)
         baskets = sub.full_train
         rows = [baskets.indices[baskets.indptr[u] : baskets.indptr[u + 1]] for u in range(baskets.shape[0])]
-        for method, reg, solve in RULES:
+        for method, reg, solve in rules:
             name = f"{method}" if method == "mean" else f"{method} reg={reg:g}"
             name += " (serving solve)" if solve == "serving" else ""
+            b = None if bias is None else bias.numpy()
             t0 = time.perf_counter()
             folded = np.concatenate(
                 [
-                    fold_in_many(vecs, rows[i : i + BATCH], method, reg, temperature,
-                                 item_bias=None if bias is None else bias.numpy(), **SOLVES[solve])
+                    solve_ials_baskets(vecs, rows[i : i + BATCH], alpha, reg, b) if method == "ials"
+                    else fold_in_many(vecs, rows[i : i + BATCH], method, reg, temperature, item_bias=b, **SOLVES[solve])
                     for i in range(0, len(rows), BATCH)
                 ]
-            )  # fmt: skip
+            ).astype(vecs.dtype, copy=False)  # fmt: skip
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
             parts.setdefault(name, {})[m.name] = evaluate_test(sub, torch.from_numpy(folded), items, bias)
     out: dict = {
