@@ -285,9 +285,9 @@ def check_networked(cfg: RunConfig) -> RunConfig:
         raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
     if cfg.local.temperature == 0:
         raise ConfigError(
-            "local.temperature = 0 (settings chosen on validation among local.candidates) runs in-process only: "
-            "set a temperature (a merchant can choose one on its own file alone: `fedrec train --dataset file` "
-            "prints the choice)"
+            "local.temperature = 0 (settings chosen on validation among local.candidates, or the temperatures) runs "
+            "in-process only: set a temperature, and the other settings of the candidate you want (a merchant can "
+            "choose on its own file alone: `fedrec train --dataset file` prints the choice)"
         )
     split = cfg.privacy.noise_split if cfg.privacy.enabled else 0
     if split and not cfg.network.secagg:  # split noise protects only a sum nobody can take apart
