@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedrec.ials_users import solve_ials_baskets
 from fedrec.softmax_foldin import EXACT_TOL, FAST_HESSIAN_ITEMS, FAST_TOL, fold_in_softmax_batch
 
-__all__ = ["EXACT_TOL", "FAST_HESSIAN_ITEMS", "FAST_TOL", "FoldInConfig", "fold_in", "fold_in_many", "fold_in_sampled"]
+__all__ = [
+    "EXACT_TOL", "FAST_HESSIAN_ITEMS", "FAST_TOL", "FoldInConfig", "fold_in", "fold_in_ials", "fold_in_many",
+    "fold_in_sampled",
+]  # fmt: skip
 
 FOLDIN_METHODS = ("softmax", "mean", "ridge")
 
@@ -34,6 +38,20 @@ class FoldInConfig:
     full_items: int = 5_000  # the softmax runs over the whole catalogue up to this many items
     candidates: int = 1_000  # else over this many items nearest to the basket ...
     sample: int = 1_000  # ... plus this many drawn uniformly (importance-weighted)
+
+
+def fold_in_ials(
+    item_vectors: np.ndarray,
+    baskets: list[np.ndarray],
+    ials_alpha: float,
+    user_solve_reg: float,
+    reg: float,
+    item_bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """The "softmax" rule for a model trained with the ials loss: that loss's own user solve (ALS's
+    exact user step) at the training's `user_solve_reg` (`reg` where training had none), so a basket
+    folds in as training solved a customer. The API and `make evaluate` both fold in through it."""
+    return solve_ials_baskets(item_vectors, baskets, ials_alpha, user_solve_reg or reg, item_bias)
 
 
 def fold_in_mean(basket: np.ndarray) -> np.ndarray:

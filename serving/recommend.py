@@ -10,9 +10,8 @@ import zlib
 
 import numpy as np
 
-from fedrec.ials_users import solve_ials_baskets
 from fedrec.serving.export_store import LoadedExport
-from fedrec.serving.foldin import FoldInConfig, fold_in_many, fold_in_sampled
+from fedrec.serving.foldin import FoldInConfig, fold_in_ials, fold_in_many, fold_in_sampled
 from fedrec.serving.index import search_index
 
 
@@ -110,8 +109,7 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
     bias = export.merchant.item_bias if export.merchant is not None else None
     loss = export.training_loss
     if cfg.method == "softmax" and loss["name"] == "ials":  # the training loss's own solve, as for the softmax
-        reg = loss["user_solve_reg"] or cfg.reg
-        return solve_ials_baskets(export.item_vectors, baskets, loss["ials_alpha"], reg, bias)
+        return fold_in_ials(export.item_vectors, baskets, loss["ials_alpha"], loss["user_solve_reg"], cfg.reg, bias)
     if cfg.method != "softmax" or export.n_items <= cfg.full_items:
         return fold_in_many(export.item_vectors, baskets, cfg.method, cfg.reg, temperature, item_bias=bias)
     means = np.stack([export.item_vectors[rows].mean(axis=0) for rows in baskets])

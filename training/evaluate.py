@@ -37,7 +37,6 @@ from fedrec.evaluation import (
 from fedrec.features import build_item_features
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import TrainResult, run_federated
-from fedrec.ials_users import solve_ials_baskets
 from fedrec.metrics import (
     METRICS,
     basket_label_share,
@@ -48,7 +47,7 @@ from fedrec.metrics import (
     top1_share,
 )
 from fedrec.model import item_embeddings
-from fedrec.serving.foldin import FoldInConfig, fold_in_many
+from fedrec.serving.foldin import FoldInConfig, fold_in_ials, fold_in_many
 from fedrec.threads import use_threads
 from fedrec.training.cold_start import evaluate_cold_start
 from fedrec.training.data import load_dataset
@@ -172,11 +171,10 @@ def tower_basket_scores(items: torch.Tensor, local: LocalConfig) -> Callable[[li
     """An anonymous basket as the API answers it: the training loss's fold-in (the softmax one at
     the default reg, or ALS's user step for an ials model, as `serving.recommend.basket_vectors`),
     then u . v."""
-    vecs = items.numpy()
+    vecs, reg = items.numpy(), FoldInConfig().reg
     if local.loss == "ials":
-        reg = local.user_solve_reg or FoldInConfig().reg
-        return lambda baskets: solve_ials_baskets(vecs, baskets, local.ials_alpha, reg) @ vecs.T
-    return lambda baskets: fold_in_many(vecs, baskets, "softmax", FoldInConfig().reg, local.temperature) @ vecs.T
+        return lambda baskets: fold_in_ials(vecs, baskets, local.ials_alpha, local.user_solve_reg, reg) @ vecs.T
+    return lambda baskets: fold_in_many(vecs, baskets, "softmax", reg, local.temperature) @ vecs.T
 
 
 def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:
