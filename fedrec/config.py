@@ -19,6 +19,7 @@ import yaml
 from fedrec.errors import ConfigError
 from fedrec.federated.aggregation import RULES, resolve_rule
 from fedrec.federated.candidates import flat_overrides
+from fedrec.federated.ials_item_step import exact_step_problems
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import ROBUST_RULES
 from fedrec.federated.server_opt import SERVER_OPTIMIZERS
@@ -169,6 +170,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             "local.loss = 'ials' needs federation.aggregation 'fedavg' or 'auto': every merchant's update "
             "reaches every item row",
         ),
+        (cfg.local.ials_item_step in ("sgd", "exact"), "local.ials_item_step must be sgd or exact"),
+        *((False, why) for why in exact_step_problems(cfg.model, cfg.local, cfg.federation)),
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
@@ -273,7 +276,8 @@ def aggregation_rule(cfg: RunConfig, n_items: int) -> str:
     """The aggregation rule a run over `n_items` products uses (`federation.aggregation` = auto
     resolved): both runtimes and the model card call this, so they always agree."""
     shapes = item_tower_shapes(n_items, cfg.model)
-    return resolve_rule(cfg.federation.aggregation, shapes, cfg.privacy.enabled, cfg.federation.robust, cfg.local.loss)
+    fed, local = cfg.federation, cfg.local
+    return resolve_rule(fed.aggregation, shapes, cfg.privacy.enabled, fed.robust, local.loss, local.ials_item_step)
 
 
 def check_networked(cfg: RunConfig) -> RunConfig:
@@ -288,6 +292,11 @@ def check_networked(cfg: RunConfig) -> RunConfig:
             "local.temperature = 0 (settings chosen on validation among local.candidates, or the temperatures) runs "
             "in-process only: set a temperature, and the other settings of the candidate you want (a merchant can "
             "choose on its own file alone: `fedrec train --dataset file` prints the choice)"
+        )
+    if cfg.local.ials_item_step == "exact":  # sums of u u' over customers: no bound the config fixes
+        raise ConfigError(
+            "local.ials_item_step = 'exact' runs in-process only: its terms (sums of u u' over customers) have no "
+            "public bound to scale into SecAgg+'s fixed range; use local.ials_item_step = 'sgd'"
         )
     split = cfg.privacy.noise_split if cfg.privacy.enabled else 0
     if split and not cfg.network.secagg:  # split noise protects only a sum nobody can take apart

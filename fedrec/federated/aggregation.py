@@ -17,7 +17,11 @@ that had a purchase of item i, so a merchant that never sold an item does not dr
 zero: S[n 1_i delta_i] / S[n 1_i] (with the FedNova terms likewise). Rows no merchant of the round
 touched fall back to fedavg. Only this rule sends the per-row weights n 1_i, which tell who sold
 what unless secure aggregation hides the terms; fedavg never sends them.
-auto (the default): rowwise wherever it applies, else fedavg (`resolve_rule`). Chosen on the
+als (with `local.ials_item_step = "exact"`): the merchants send sums of ALS's normal-equation terms
+instead of a delta, and the coordinator solves the item table from them
+(`fedrec/federated/ials_item_step.py`).
+auto (the default): als with the exact item step, else rowwise wherever it applies, else fedavg
+(`resolve_rule`). Chosen on the
 validation slice: rowwise had the higher best validation recall@20 on both shipped datasets
 (results/validation-federation.aggregation-<dataset>.json, `make validate-aggregation`).
 """
@@ -29,9 +33,11 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from fedrec.errors import ConfigError
+from fedrec.federated.ials_item_step import item_step_names
 
 AGGREGATIONS = ("fedavg", "rowwise")
 RULES = ("auto", *AGGREGATIONS)  # what federation.aggregation accepts
+ALS = "als"  # auto's rule for the exact ials item step: solved, not averaged
 ROW_TENSORS = ("item_emb.weight",)
 WEIGHT, STEPS, LOSS = "n", "n_tau", "n_loss"
 ROW_WEIGHT, ROW_STEPS = "rows/n", "rows/n_tau"
@@ -39,9 +45,15 @@ DELTA, ROW_DELTA = "delta/", "rows/delta/"
 
 
 def resolve_rule(
-    rule: str, shapes: Mapping[str, tuple[int, ...]], private: bool, robust: str, loss: str = "softmax"
+    rule: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    private: bool,
+    robust: str,
+    loss: str = "softmax",
+    item_step: str = "sgd",
 ) -> str:
-    """The rule a run uses: `auto` is rowwise where rowwise applies, else fedavg.
+    """The rule a run uses: `auto` is als for the exact ials item step, else rowwise where rowwise
+    applies, else fedavg.
 
     Rowwise needs one id row per product (hashed ids share rows between products), and it sends
     per-row weights that say which rows had purchases: differential privacy does not noise them,
@@ -52,12 +64,16 @@ def resolve_rule(
     """
     if rule != "auto":
         return rule
+    if loss == "ials" and item_step == "exact":
+        return ALS
     per_product_ids = ROW_TENSORS[0] in shapes and "item_emb_q.weight" not in shapes
     return "rowwise" if per_product_ids and not private and robust == "none" and loss != "ials" else "fedavg"
 
 
 def sum_names(shapes: Mapping[str, tuple[int, ...]], rule: str) -> dict[str, tuple[int, ...]]:
     """Every tensor a merchant's message holds under `rule`, with its shape (the message whitelist)."""
+    if rule == ALS:
+        return {WEIGHT: (), STEPS: (), LOSS: (), **item_step_names(shapes)}
     if rule not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
     names = {WEIGHT: (), STEPS: (), LOSS: ()}
@@ -82,14 +98,21 @@ def merchant_sums(
     mean_loss: float,
     rule: str,
     normalize_steps: bool,
+    item_terms: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One merchant's terms of the round's sums (pure). n_k and tau_k only appear multiplied in."""
+    """One merchant's terms of the round's sums (pure). n_k and tau_k only appear multiplied in.
+    Under als, `item_terms` (the exact item step's, unweighted: they are sums over customers
+    already) replace the delta."""
     if num_examples <= 0 or num_steps <= 0:
         raise ValueError("num_examples and num_steps must be positive")
     n = torch.tensor(float(num_examples))
     tau = torch.tensor(float(num_steps))
     scale = n / tau if normalize_steps else n
     out = {WEIGHT: n, STEPS: n * tau, LOSS: n * float(mean_loss)}
+    if (rule == ALS) != (item_terms is not None):
+        raise ValueError("the als rule sends the exact item step's terms, and only it does")
+    if rule == ALS:
+        return {**out, **{k: v.float() for k, v in item_terms.items()}}
     out.update({DELTA + k: (scale * v).float() for k, v in delta.items()})
     if rule == "rowwise":
         touched = touched_rows.float()
@@ -126,7 +149,8 @@ def sum_all(messages: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.T
 def aggregate_sums(
     total: Mapping[str, torch.Tensor], rule: str, normalize_steps: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The pseudo-gradient from the round's sums: sums divided by sums (pure)."""
+    """The pseudo-gradient from the round's sums: sums divided by sums (pure). The als rule's is
+    solved instead: `ials_item_step.item_step_delta`."""
     if rule not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
     n = total[WEIGHT]

@@ -16,10 +16,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedrec.federated.ials_item_step import exact_step_problems
 from fedrec.federated.local import LocalConfig, catalogue_refuses
 from fedrec.model import ModelConfig
+
+if TYPE_CHECKING:
+    from fedrec.federated.simulation import FederationConfig
 
 # What a candidate may set: the tower's parts and sizes. Not the features (model.hash_buckets), built
 # once per run, nor the id table's layout or the served new-product rule (id_rows,
@@ -90,6 +94,9 @@ def candidates_of(model_cfg: ModelConfig, local_cfg: LocalConfig) -> list[Candid
     return [Candidate(str(t), model_cfg, dataclasses.replace(local_cfg, temperature=t)) for t in temps]
 
 
-def unsupported(candidate: Candidate, n_items: int) -> str | None:
-    """Why a candidate cannot train on this catalogue (the run skips it), else None."""
-    return catalogue_refuses(candidate.local, n_items)
+def unsupported(candidate: Candidate, n_items: int, fed: FederationConfig) -> str | None:
+    """Why a candidate cannot train on this catalogue or under this federation (the run skips it),
+    else None. The config refuses such a candidate for its own federation; a run that changes the
+    federation (an ablation of `make evaluate`) may still list it."""
+    problems = exact_step_problems(candidate.model, candidate.local, fed)
+    return catalogue_refuses(candidate.local, n_items) or (problems[0] if problems else None)

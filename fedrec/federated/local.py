@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fedrec.errors import ConfigError
 from fedrec.features import ItemFeatures, features_on
+from fedrec.federated.ials_item_step import item_step_terms
 from fedrec.federated.token_rows import TABLE as TOKEN_TABLE
 from fedrec.federated.token_rows import token_rows
 from fedrec.ials_users import solve_ials_users
@@ -89,6 +90,10 @@ class LocalConfig:
     # (implicit's alpha); the user solve is then ALS's exact user step with user_solve_reg as reg.
     ials_alpha: float = 5.0
     ials_lr: float = 10.0  # SGD step size of the tower's embedding tables under ials (per-purchase mean loss)
+    # The item side under ials: "sgd" steps of size ials_lr on the tower's tables, or "exact": ALS's
+    # item step, solved by the coordinator from the merchants' summed normal-equation terms with
+    # user_solve_reg as reg, for an id-only tower (`fedrec/federated/ials_item_step.py`).
+    ials_item_step: str = "sgd"
     # Where the local steps run: "cpu" (the default; CI never needs a GPU) or "cuda" / "cuda:N".
     # Everything the update returns is on the CPU either way; DP runs on the CPU only.
     device: str = "cpu"
@@ -105,6 +110,9 @@ class LocalResult:
     user_embeddings: torch.Tensor
     mean_loss: float
     item_bias: torch.Tensor | None = None  # private, like user_embeddings
+    # The exact ials item step's terms (`ials_item_step.item_step_terms`), sent instead of a delta
+    # (then empty); None for every other update.
+    item_terms: dict[str, torch.Tensor] | None = None
 
 
 def catalogue_refuses(cfg: LocalConfig, n_items: int) -> str | None:
@@ -219,6 +227,8 @@ def local_update(
     opt = torch.optim.Adam(groups, fused=large or None)
     if cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
         _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
+    if cfg.loss == "ials" and cfg.ials_item_step == "exact":
+        return _exact_item_step(tower, users, train, features, cfg, dp, bias)
     if dp is not None:
         if dp.noise_split:
             delta = _distributed_step(tower, users, bias, opt, train, features, cfg, dp, gen)
@@ -282,6 +292,37 @@ def local_update(
         user_embeddings=users.detach().cpu(),
         mean_loss=float(np.mean(torch.stack(losses).tolist())) if losses else float("nan"),
         item_bias=None if bias is None else bias.detach().cpu(),
+    )
+
+
+@torch.no_grad()
+def _exact_item_step(
+    tower: ItemTower,
+    users: torch.nn.Parameter,
+    train: sp.csr_matrix,
+    features: ItemFeatures,
+    cfg: LocalConfig,
+    dp: DPMechanism | None,
+    bias: torch.nn.Parameter | None,
+) -> LocalResult:
+    """The merchant's part of ALS's item step, after ALS's user step: no local SGD, only the terms
+    (the loss reported is the iALS loss at the received items and the solved customers)."""
+    if dp is not None or bias is not None or not cfg.user_solve_reg:
+        raise ConfigError("local.ials_item_step = 'exact' needs local.user_solve_reg > 0, no item bias and no DP")
+    u = users.detach().cpu()
+    coo = train.tocoo()
+    rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+    v = tower(features).cpu()
+    share = 1.0 / torch.from_numpy(np.diff(train.indptr)).clamp(min=1).float()
+    loss = ials_loss(u[rows], v[cols], v.T @ v, share[rows], cfg.ials_alpha) if len(rows) else torch.tensor(0.0)
+    return LocalResult(
+        delta={},
+        num_examples=int(train.nnz),
+        num_steps=1,
+        touched_rows=torch.from_numpy(np.asarray(train.sum(axis=0)).ravel() > 0),
+        user_embeddings=u,
+        mean_loss=float(loss),
+        item_terms=item_step_terms(u.numpy(), train, cfg.ials_alpha),
     )
 
 

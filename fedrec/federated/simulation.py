@@ -27,8 +27,17 @@ from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
-from fedrec.federated.aggregation import add_sums, aggregate_sums, mean_loss, merchant_sums, resolve_rule, sum_names
+from fedrec.federated.aggregation import (
+    ALS,
+    add_sums,
+    aggregate_sums,
+    mean_loss,
+    merchant_sums,
+    resolve_rule,
+    sum_names,
+)
 from fedrec.federated.candidates import Candidate, candidates_of, unsupported
+from fedrec.federated.ials_item_step import item_step_delta
 from fedrec.federated.local import LocalConfig, LocalResult, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
@@ -222,7 +231,8 @@ def choose_on_validation(
     alone and from the same seed; the candidate whose best round scores the highest validation
     recall@20 (the merchants' validation sums, as early stopping reads them; a tie goes to the
     earlier candidate) is kept, and refit like any run. The cost is one training run per candidate.
-    A candidate this catalogue cannot train (ials over `full_softmax_max_items`) is skipped.
+    A candidate this run cannot train (ials over `full_softmax_max_items`, the exact item step
+    under a federation it cannot use) is skipped.
 
     Why: how far the scores must spread (the temperature), and even which loss fits, depend on the
     shop: dense data wants a low temperature, a sparse file without product metadata implicit ALS's
@@ -233,7 +243,7 @@ def choose_on_validation(
         raise ConfigError("choosing settings on validation (local.candidates, local.temperature = 0) is not "
                           "covered by DP's accountant: fix the settings")  # fmt: skip
     scores: dict[str, float] = {}
-    skipped = {c.label: why for c in candidates if (why := unsupported(c, dataset.n_items)) is not None}
+    skipped = {c.label: why for c in candidates if (why := unsupported(c, dataset.n_items, fed_cfg)) is not None}
     if len(skipped) == len(candidates):
         raise ConfigError("no candidate can train on this catalogue: " + "; ".join(skipped.values()))
     chosen, first, spent = candidates[0], None, 0.0  # only the leading run is held: each holds a whole model
@@ -328,8 +338,10 @@ def _train(
     rng = np.random.default_rng(fed_cfg.seed)
     global_state = initial_item_state(dataset.n_items, model_cfg, fed_cfg.seed)
     shapes = item_tower_shapes(dataset.n_items, model_cfg)
-    # auto -> rowwise | fedavg
-    rule = resolve_rule(fed_cfg.aggregation, shapes, dp is not None, fed_cfg.robust, local_cfg.loss)
+    # auto -> als | rowwise | fedavg
+    rule = resolve_rule(
+        fed_cfg.aggregation, shapes, dp is not None, fed_cfg.robust, local_cfg.loss, local_cfg.ials_item_step
+    )
     fed_cfg = dataclasses.replace(fed_cfg, aggregation=rule)
     expected = sum_names(shapes, fed_cfg.aggregation)
     # Each merchant's user table: created and kept "at home" (here: a dict keyed by merchant).
@@ -364,6 +376,7 @@ def _train(
                 result.mean_loss,
                 fed_cfg.aggregation,
                 fed_cfg.normalize_steps,
+                result.item_terms,
             )
             message = MerchantSums(terms if tamper is None else tamper(name, terms, global_state))
             message.validate(expected)
@@ -375,6 +388,8 @@ def _train(
             total = add_sums(total, message.tensors)
         if kept:
             delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim)
+        elif fed_cfg.aggregation == ALS:
+            delta = item_step_delta(total, global_state, local_cfg.user_solve_reg)
         else:
             delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)
