@@ -19,7 +19,9 @@ touched fall back to fedavg. Only this rule sends the per-row weights n 1_i, whi
 what unless secure aggregation hides the terms; fedavg never sends them.
 als (with `local.ials_item_step = "exact"`): the merchants send sums of ALS's normal-equation terms
 instead of a delta, and the coordinator solves the item table from them
-(`fedrec/federated/ials_item_step.py`).
+(`fedrec/federated/ials_item_step.py`). A merchant's per-product terms are zero for the products
+it did not sell, so like rowwise's weights they tell who sold what; the networked runtime, whose
+secure aggregation would hide that, does not run this rule yet.
 auto (the default): als with the exact item step, else rowwise wherever it applies, else fedavg
 (`resolve_rule`). Chosen on the
 validation slice: rowwise had the higher best validation recall@20 on both shipped datasets
