@@ -114,6 +114,7 @@ def test_the_message_holds_the_terms_and_no_delta():
         ({"federation.fraction": 0.5}, "federation.fraction = 1"),
         ({"federation.server.name": "fedadam"}, "federation.server.lr = 1"),
         ({"federation.server.lr": 0.5}, "federation.server.lr = 1"),
+        ({"federation.upload_precision": "float16"}, "upload_precision = 'float32'"),
         ({"local.ials_item_step": "newton"}, "must be sgd or exact"),
     ],
 )

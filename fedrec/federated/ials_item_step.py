@@ -8,14 +8,16 @@ With every customer's vector u fixed (each merchant has just solved its own: ALS
 with U_i the customers who bought i (Hu et al., 2008). Every term is a sum over customers, so a
 sum over merchants: merchant k sends U_k'U_k, and per product alpha U_ki'U_ki and (1 + alpha) U_ki'1
 (`item_step_terms`); the round's sum of these (added in the clear or by secure aggregation) is all
-the coordinator needs to solve the table (`item_step_delta`). The federation then runs exactly
+the coordinator needs to solve the table (`item_step_delta`). In-process they are added in the
+clear; the networked runtime does not run this step yet, as its terms have no public bound to
+scale into SecAgg+'s fixed range (`config.check_networked`). The federation then runs exactly
 centralized ALS on the pooled purchases (tested against it), with no step size to choose: the SGD
 item step (`local.ials_item_step = "sgd"`) needs `local.ials_lr` and moves a row a little per round.
 
 What it costs and shows: the message holds n_items x (dim^2 + dim) numbers, so it suits the small
 dimensions ALS uses (16 here: 1.1 KB a product), and only id-table towers (no content MLP to
-solve for). Like any delta, a merchant's terms are non-zero only for the products it sold; only
-secure aggregation hides which merchant's those are.
+solve for). Like any delta, a merchant's terms are non-zero only for the products it sold, so they
+tell the coordinator what each merchant sold.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def exact_step_problems(model: ModelConfig, local: LocalConfig, fed: FederationC
             fed.fraction == 1,
             "solves each product from every merchant that sold it; a round without some merchants would zero "
             "their products: set federation.fraction = 1",
+        ),
+        (
+            fed.upload_precision == "float32",
+            "sends sums of squares that half precision would round or overflow: set federation.upload_precision = "
+            "'float32'",
         ),
         (
             fed.server.name == "fedavg" and fed.server.lr == 1,
