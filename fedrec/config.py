@@ -261,14 +261,20 @@ def _checked_candidates(cfg: RunConfig) -> RunConfig:
             flat = flat_overrides(raw, where)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        # The exact item step's limits depend on the run (its federation, its item bias), so a
+        # candidate that asks for it is checked without it here, and skipped when the run starts
+        # if the run cannot give it (`candidates.unsupported`): a file run with a merchant item
+        # bias still chooses among the other candidates.
+        exact = flat.get("local.ials_item_step") == "exact"
         try:
-            one = with_overrides(base, flat)
+            one = with_overrides(base, {**flat, "local.ials_item_step": "sgd"} if exact else flat)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if one.local.temperature == 0:
             raise ConfigError(f"{where}: local.temperature = 0 inside a candidate; give each one a temperature > 0")
         section = {"model": one.model, "local": one.local}
-        checked.append({k: getattr(section[k.split(".")[0]], k.split(".")[1]) for k in flat})
+        values = {k: getattr(section[k.split(".")[0]], k.split(".")[1]) for k in flat}
+        checked.append({**values, "local.ials_item_step": "exact"} if exact else values)
     return dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, candidates=tuple(checked)))
 
 

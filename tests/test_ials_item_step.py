@@ -16,18 +16,20 @@ from fedrec.config import check_networked, load_config
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import ALS, merchant_sums, resolve_rule, sum_names
+from fedrec.federated.candidates import candidates_of, unsupported
 from fedrec.federated.ials_item_step import GRAM, LHS, RHS, item_step_terms, solve_item_table
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.ials_users import solve_ials_users
 from fedrec.model import ModelConfig, initial_item_state, item_tower_shapes
-from fedrec.training.cli import app
+from fedrec.training.cli import app, default_config_path
 
 ALPHA, REG = 4.0, 1.0
 MODEL = ModelConfig(dim=8, use_content=False, hash_buckets=64)
 LOCAL = LocalConfig(loss="ials", temperature=1.0, ials_alpha=ALPHA, user_solve_reg=REG, ials_item_step="exact")
 EXACT = {"data.dataset": "synthetic", "local.loss": "ials", "local.temperature": 1.0, "local.ials_item_step": "exact",
          "model.use_content": False}  # fmt: skip
+EXACT_CANDIDATE = {"local.loss": "ials", "local.temperature": 1.0, "local.ials_item_step": "exact"}
 
 
 def _merchants(seed: int = 0) -> list[tuple[np.ndarray, sp.csr_matrix]]:
@@ -151,3 +153,17 @@ def test_a_candidate_a_changed_federation_cannot_use_is_skipped_with_why(tiny_da
     assert list(res.choice.scores) == ["local.temperature=1.0"]
     (why,) = res.choice.skipped.values()
     assert "federation.aggregation = 'auto'" in why
+
+
+def test_a_file_run_with_a_merchant_bias_skips_the_exact_candidate_instead_of_refusing(tiny_dataset):
+    """The exact step's limits come from the run (here its item bias), so the file default stays
+    usable with `model.merchant_item_bias = true`: the other candidates are chosen between."""
+    cfg = load_config(default_config_path("file"), {"data.path": "x.csv", "model.merchant_item_bias": True})
+    cands = candidates_of(cfg.model, cfg.local)
+    why = {c.label: unsupported(c, tiny_dataset.n_items, cfg.federation) for c in cands}
+    exact = [label for label in why if "ials_item_step=exact" in label]
+    assert len(exact) == 1 and "merchant_item_bias = false" in why[exact[0]]
+    assert [w for label, w in why.items() if label not in exact] == [None] * (len(cands) - 1)
+    # a candidate's own settings that no run could honour are still refused up front
+    with pytest.raises(ConfigError, match=r"local.candidates\[0\]: local.ials_alpha must be >= 0"):
+        load_config(None, {"local.temperature": 0, "local.candidates": [{**EXACT_CANDIDATE, "local.ials_alpha": -1}]})
