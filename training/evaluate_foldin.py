@@ -70,6 +70,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
         pick = np.sort(rng.choice(keep, size=min(users_per_merchant, len(keep)), replace=False))
         sub = MerchantData(m.name, m.user_ids[pick], m.train[pick], m.val[pick], m.test[pick])
         bias = run.result.item_biases.get(m.name)
+        b = None if bias is None else bias.numpy()
         learned = run.result.user_embeddings[m.name][torch.from_numpy(pick)]
         parts["learned"][m.name] = evaluate_test(sub, learned, items, bias)
         baskets = sub.full_train
@@ -77,7 +78,6 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
         for method, reg, solve in rules:
             name = f"{method}" if method == "mean" else f"{method} reg={reg:g}"
             name += " (serving solve)" if solve == "serving" else ""
-            b = None if bias is None else bias.numpy()
             t0 = time.perf_counter()
             folded = np.concatenate(
                 [

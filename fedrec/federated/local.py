@@ -115,6 +115,12 @@ class LocalResult:
     item_terms: dict[str, torch.Tensor] | None = None
 
 
+def purchase_shares(train: sp.csr_matrix) -> torch.Tensor:
+    """Per customer, 1 / their purchases: each purchase's share of its customer's all-items term
+    under the ials loss (`losses.ials_loss`), so a pass over the purchases counts each customer once."""
+    return 1.0 / torch.from_numpy(np.diff(train.indptr)).clamp(min=1).float()
+
+
 def catalogue_refuses(cfg: LocalConfig, n_items: int) -> str | None:
     """Why `cfg` cannot train on a catalogue of `n_items`, else None: ials has no sampled form."""
     if cfg.loss == "ials" and n_items > cfg.full_softmax_max_items:
@@ -251,8 +257,7 @@ def local_update(
     cols = torch.from_numpy(coo.col.astype(np.int64)).to(dev)
     groups = torch.from_numpy(user_groups.astype(np.int64)).to(dev) if grouped else None
     counts = np.asarray(train.sum(axis=0)).ravel() + 1.0
-    # ials: each purchase's share of its customer's all-items term (1 / the customer's purchases)
-    share = (1.0 / torch.from_numpy(np.diff(train.indptr)).clamp(min=1).float()).to(dev) if cfg.loss == "ials" else None
+    share = purchase_shares(train).to(dev) if cfg.loss == "ials" else None
     log_q = torch.from_numpy(np.log(counts / counts.sum())).float().to(dev)
 
     losses = []
@@ -313,7 +318,7 @@ def _exact_item_step(
     coo = train.tocoo()
     rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
     v = tower(features).cpu()
-    share = 1.0 / torch.from_numpy(np.diff(train.indptr)).clamp(min=1).float()
+    share = purchase_shares(train)
     loss = ials_loss(u[rows], v[cols], v.T @ v, share[rows], cfg.ials_alpha) if len(rows) else torch.tensor(0.0)
     return LocalResult(
         delta={},
