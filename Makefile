@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -72,6 +72,14 @@ evaluate-new-shop: setup
 	$(BIN)/fedrec generate-shop $(NEW_SHOP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec evaluate --dataset file --set data.path=$(NEW_SHOP) --set threads=1 \
 		--set federation.workers=$(EVAL_WORKERS) $(CONFIG_ARG) --no-ablations $(NEW_SHOP_SET)
+
+# The same defaults on a shipped dataset written as a plain purchase file (SOURCE=synthetic, with
+# its product metadata, or SOURCE=movielens, without; the CSV stays in a temporary folder), 3
+# seeds -> results/probe-file-default-$(SOURCE).json, beside the shipped config's numbers.
+SOURCE ?= synthetic
+probe-file-default: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.probe_file_default --source $(SOURCE) \
+		--workers $(EVAL_WORKERS)
 
 # A default chosen on validation only (issue 9): federation.aggregation = auto picks rowwise.
 validate-aggregation: setup

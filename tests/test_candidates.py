@@ -160,3 +160,27 @@ def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
     loss = export.training_loss
     want = solve_ials_baskets(export.item_vectors, basket, loss["ials_alpha"], loss["user_solve_reg"])
     np.testing.assert_allclose(basket_vectors(export, basket, FoldInConfig()), want)
+
+
+def test_a_chosen_merchant_bias_candidate_keeps_each_merchants_bias_at_home(tmp_path, tiny_csv):
+    """model.merchant_item_bias may differ between candidates: the shared tower is the same shape,
+    and the chosen one's per-merchant biases are written to each merchant's own export only."""
+    bias = {"local.temperature": 1.0, "model.merchant_item_bias": True}
+    sets = json.dumps([FROZEN, bias])
+    args = [
+        "train", "--dataset", "file", "--set", f"data.path={tiny_csv}",
+        "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--set", "federation.rounds=2",
+        "--set", "model.dim=16", "--set", "model.hash_buckets=1024", "--set", f"local.candidates={sets}",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "artifacts" / "file"
+    card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
+    assert card["validation_choice"]["chosen"] == "local.temperature=1.0, model.merchant_item_bias=true"
+    assert card["config"]["model"]["merchant_item_bias"] is True
+    assert not list((root / "exports").rglob("item_bias.npy"))  # never in the shared export
+    biases = sorted((root / "merchants").glob("*/v0001/item_bias.npy"))
+    assert len(biases) == len(card["merchants"]) >= 2
+    values = [np.load(p) for p in biases]
+    assert all(v.shape == (card["data"]["items"],) for v in values)
+    assert not np.allclose(values[0], values[1])  # each merchant's own, trained on its own customers

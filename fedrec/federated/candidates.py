@@ -25,11 +25,12 @@ from fedrec.model import ModelConfig
 if TYPE_CHECKING:
     from fedrec.federated.simulation import FederationConfig
 
-# What a candidate may set: the tower's parts and sizes. Not the features (model.hash_buckets), built
-# once per run, nor the id table's layout or the served new-product rule (id_rows,
-# new_item_neighbours), nor the choice itself (local.candidates, temperature_candidates), nor where
-# it runs (local.device).
-MODEL_KEYS = ("dim", "feature_dim", "hidden", "init_std", "use_item_id", "use_content")
+# What a candidate may set: the tower's parts and sizes, and whether each merchant keeps a private
+# item bias (it never travels: the shared tower is the same either way). Not the features
+# (model.hash_buckets), built once per run, nor the id table's layout or the served new-product
+# rule (id_rows, new_item_neighbours), nor the choice itself (local.candidates,
+# temperature_candidates), nor where it runs (local.device).
+MODEL_KEYS = ("dim", "feature_dim", "hidden", "init_std", "use_item_id", "use_content", "merchant_item_bias")
 LOCAL_KEYS = tuple(
     f.name for f in dataclasses.fields(LocalConfig) if f.name not in ("candidates", "temperature_candidates", "device")
 )

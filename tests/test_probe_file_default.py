@@ -1,0 +1,59 @@
+"""The file-default probe writes shipped data as a plain purchase file the generic loader reads back
+whole, and records the shipped config's references beside its own numbers."""
+
+import json
+
+import pytest
+
+from fedrec.datasets import movielens, purchases, synthetic
+from fedrec.training.probe_file_default import main, shipped_references, write_plain_file
+from tests.conftest import movielens_dir
+
+
+def test_the_synthetic_shop_as_a_file_keeps_every_purchase_and_its_product_columns(tmp_path):
+    path = tmp_path / "shop.csv"
+    write_plain_file("synthetic", path)
+    log = purchases.load(path)
+    shipped = synthetic.load()
+    assert log.interactions.height == shipped.interactions.height
+    assert set(log.interactions["merchant"].unique()) == set(shipped.interactions["merchant"].unique())
+    assert log.items["category"].null_count() == 0 and log.items["price"].null_count() == 0
+    assert (log.items["title"] != log.items["item"]).all()
+    # the loader knows only purchased products, as with a real shop's file
+    assert log.items.height == shipped.interactions["item"].n_unique()
+
+
+def test_movielens_as_a_file_has_no_titles_or_genres(tmp_path):
+    movielens_dir()  # skips when ../shared/datasets is absent
+    path = tmp_path / "ml.csv"
+    write_plain_file("movielens", path)
+    log = purchases.load(path)
+    assert log.interactions.height == movielens.load().interactions.height
+    # no metadata: the loader names each product by its id and knows no category
+    assert (log.items["title"] == log.items["item"]).all()
+    assert log.items["category"].null_count() == log.items.height
+
+
+def test_unknown_source_and_the_shipped_references(tmp_path):
+    with pytest.raises(ValueError, match="one of movielens, synthetic"):
+        write_plain_file("nope", tmp_path / "x.csv")
+    assert shipped_references("synthetic", tmp_path) is None
+    fake = {
+        "federated": {"overall": {"recall@20": 0.27}, "recall@20_std": 0.002},
+        "implicit_als": {"overall": {"recall@20": 0.25}, "recall@20_std": 0.001},
+        "ease": {"overall": {"recall@20": 0.24}},
+    }
+    (tmp_path / "evaluation-synthetic.json").write_text(json.dumps(fake))
+    refs = shipped_references("synthetic", tmp_path)
+    assert refs["federated"] == {"recall@20": 0.27, "recall@20_std": 0.002}
+    assert refs["implicit_als"]["recall@20"] == 0.25 and refs["ease"]["recall@20_std"] is None
+
+
+def test_missing_movielens_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(movielens, "SHARED_DIR", tmp_path / "absent")
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(movielens.ENV_VAR, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--source", "movielens", "--results", str(tmp_path)])
+    assert str(exit_.value).startswith("error: MovieLens-100K: no MovieLens folder was found")
+    assert not list(tmp_path.glob("probe-*.json"))

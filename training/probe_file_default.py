@@ -1,0 +1,124 @@
+"""The file default on data it was not tuned on: a shipped dataset written as a plain purchase file.
+
+Issue 9 judges the defaults of `--dataset file` on a held-back shop. This probe does what a new
+user would: write a shipped dataset's purchases as one CSV (MovieLens without titles or genres,
+the synthetic shop with its product metadata), train it with `training/configs/file.toml` and
+nothing else, and record which candidate validation chose and the refit's test metrics.
+The CSV lives in a temporary folder only: MovieLens may not be copied into the project.
+
+`python -m fedrec.training.probe_file_default --source synthetic` writes
+`results/probe-file-default-synthetic.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from fedrec.atomic import write_json
+from fedrec.config import load_config
+from fedrec.errors import FedrecError
+from fedrec.training.train import choice_entry, train
+
+SOURCES = ("movielens", "synthetic")
+RESULTS = Path("results")
+# The same purchases under their shipped configs, from `make evaluate`: what the file default is held to.
+SHIPPED = {"movielens": "evaluation-movielens-100k.json", "synthetic": "evaluation-synthetic.json"}
+
+
+def write_plain_file(source: str, path: Path) -> None:
+    """`source`'s purchases as the generic loader reads them: merchant, user, item, timestamp, and
+    for the synthetic shop its product columns (title, description, category, price)."""
+    if source == "movielens":
+        from fedrec.datasets import movielens
+
+        movielens.load().interactions.select("merchant", "user", "item", "timestamp").write_csv(path)
+    elif source == "synthetic":
+        from fedrec.datasets import synthetic
+
+        purchases, products = synthetic.generate()
+        purchases.join(products, on="item").write_csv(path)
+    else:
+        raise ValueError(f"source {source!r}: one of {', '.join(SOURCES)}")
+
+
+def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -> dict:
+    """Train the file default on `source` written as a file, once per seed; the run's choice and test metrics."""
+    from fedrec.training.cli import default_config_path
+
+    per_seed = {}
+    with tempfile.TemporaryDirectory(prefix="fedrec-probe-") as tmp:
+        path = Path(tmp) / f"{source}.csv"
+        write_plain_file(source, path)
+        for seed in seeds:
+            overrides = {
+                "data.path": str(path),
+                "output.artifacts_dir": str(Path(tmp) / "artifacts"),
+                "threads": 1,
+                "federation.workers": workers,
+                "federation.seed": seed,
+            }
+            run = train(load_config(default_config_path("file"), overrides), console)
+            res = run.result
+            per_seed[seed] = {
+                "validation_choice": choice_entry(res),
+                "best_round": res.best_round,
+                "refit_rounds": res.refit_rounds,
+                "train_seconds": round(res.seconds, 2),
+                "test": run.test["overall"],
+            }
+    recall = [per_seed[s]["test"]["recall@20"] for s in seeds]
+    return {
+        "what": f"the file default (training/configs/file.toml) on {source} written as a plain purchase file",
+        "command": f"make probe-file-default SOURCE={source} EVAL_WORKERS={workers}",
+        "date": datetime.date.today().isoformat(),
+        "seeds": list(seeds),
+        "recall@20": statistics.mean(recall),
+        "recall@20_std": statistics.stdev(recall) if len(recall) > 1 else 0.0,
+        "recall@20_per_seed": recall,
+        "per_seed": per_seed,
+    }
+
+
+def shipped_references(source: str, results: Path) -> dict | None:
+    """recall@20 of the shipped config's federated model, ALS and EASE on the same purchases, if measured."""
+    path = results / SHIPPED[source]
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    return {
+        "file": str(path),
+        **{
+            name: {"recall@20": r[name]["overall"]["recall@20"], "recall@20_std": r[name].get("recall@20_std")}
+            for name in ("federated", "implicit_als", "ease")
+            if name in r
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", choices=SOURCES, required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="merchants trained at once (same numbers as 1)")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    try:
+        res = probe(args.source, tuple(range(args.seeds)), args.workers, Console())
+    except FedrecError as e:  # e.g. MovieLens not found: one line, no traceback
+        sys.exit(f"error: {e}")
+    res["shipped_config"] = shipped_references(args.source, args.results)
+    out = args.results / f"probe-file-default-{args.source}.json"
+    write_json(out, res)
+    print(f"recall@20 {res['recall@20']:.4f} ± {res['recall@20_std']:.4f}; results: {out}")
+
+
+if __name__ == "__main__":
+    main()
