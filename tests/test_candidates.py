@@ -95,6 +95,7 @@ def test_the_file_default_lists_softmax_temperatures_and_ials():
     labels = [c.label for c in candidates_of(cfg.model, cfg.local)]
     assert labels == [
         "local.temperature=0.5", "local.temperature=1.0", "local.temperature=2.0",
+        "local.temperature=1.0, local.user_lr=0.05, model.merchant_item_bias=true, model.use_content=false",
         "local.loss=ials, local.ials_item_step=exact, local.ials_alpha=10.0, local.temperature=1.0, model.dim=16,"
         " model.use_content=false",
     ]  # fmt: skip
