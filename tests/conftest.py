@@ -80,6 +80,9 @@ def served_root(tmp_path_factory, tiny_frames) -> Path:
             f"federation.seed={seed}",
             "model.dim=16",
             "model.hash_buckets=1024",
+            # One fixed softmax model, not the file default's choice: these exports rank by u . v, and
+            # the choice could pick a candidate with a merchant item bias (served and tested apart).
+            "local.temperature=1.0",
         ):
             args += ["--set", setting]
         result = CliRunner().invoke(app, args)
