@@ -133,8 +133,9 @@ def test_cli_reports_a_bad_candidate_without_a_traceback(tiny_csv):
     assert "Traceback" not in result.output
 
 
-def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
-    sets = json.dumps([FROZEN, IALS])
+def train_tiny_file(tmp_path, tiny_csv, candidates: list[dict]):
+    """`fedrec train` on the tiny shop's file choosing among `candidates`: (CLI result, its model card)."""
+    sets = json.dumps(candidates)
     args = [
         "train", "--dataset", "file", "--set", f"data.path={tiny_csv}",
         "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--set", "federation.rounds=2",
@@ -142,11 +143,16 @@ def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    card = tmp_path / "artifacts" / "file" / "exports" / "v0001" / "model_card.json"
+    return result, json.loads(card.read_text())
+
+
+def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
+    result, card = train_tiny_file(tmp_path, tiny_csv, [FROZEN, IALS])
     shown = " ".join(result.output.split())
     assert "chosen on validation recall@20: local.loss=ials" in shown
     assert "candidate local.loss=ials" in shown and "candidate local.temperature=1.0" in shown  # each run named
     root = tmp_path / "artifacts" / "file"
-    card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
     assert (
         card["validation_choice"]["chosen"]
         == "local.loss=ials, local.temperature=1.0, model.dim=8, model.use_content=false"
@@ -167,16 +173,8 @@ def test_a_chosen_merchant_bias_candidate_keeps_each_merchants_bias_at_home(tmp_
     """model.merchant_item_bias may differ between candidates: the shared tower is the same shape,
     and the chosen one's per-merchant biases are written to each merchant's own export only."""
     bias = {"local.temperature": 1.0, "model.merchant_item_bias": True}
-    sets = json.dumps([FROZEN, bias])
-    args = [
-        "train", "--dataset", "file", "--set", f"data.path={tiny_csv}",
-        "--set", f"output.artifacts_dir={tmp_path / 'artifacts'}", "--set", "federation.rounds=2",
-        "--set", "model.dim=16", "--set", "model.hash_buckets=1024", "--set", f"local.candidates={sets}",
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    _, card = train_tiny_file(tmp_path, tiny_csv, [FROZEN, bias])
     root = tmp_path / "artifacts" / "file"
-    card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
     assert card["validation_choice"]["chosen"] == "local.temperature=1.0, model.merchant_item_bias=true"
     assert card["config"]["model"]["merchant_item_bias"] is True
     assert not list((root / "exports").rglob("item_bias.npy"))  # never in the shared export
