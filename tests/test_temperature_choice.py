@@ -140,6 +140,10 @@ def test_evaluate_records_each_methods_chosen_temperature(tiny_csv):
     for method in ("federated", "centralized"):
         assert res[method]["temperature_per_seed"][0] in (0.5, 2.0)
         assert res[method]["choice_per_seed"][0] == f"local.temperature={res[method]['temperature_per_seed'][0]}"
+    # local-only: every merchant chooses alone, on its own validation slice
+    (alone,) = res["local_only"]["choice_per_merchant_per_seed"]
+    assert set(alone) == set(res["federated"]["per_merchant"])
+    assert set(alone.values()) <= {"local.temperature=0.5", "local.temperature=2.0"}
     assert "Settings chosen on validation" in markdown_table(res)
 
 

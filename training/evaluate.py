@@ -96,6 +96,8 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
     if "choice" in first:  # local.candidates: each seed's choice
         out["choice_per_seed"] = [e["choice"] for e in entries]
         out["temperature_per_seed"] = [e["temperature"] for e in entries]
+    if "choice_per_merchant" in first:  # local-only: each merchant's own choice, per seed
+        out["choice_per_merchant_per_seed"] = [e["choice_per_merchant"] for e in entries]
     for key in ("seconds", "rounds", "best_round", "refit_rounds"):
         if key in first:
             out[key] = round(float(np.mean([e[key] for e in entries])), 2)
@@ -360,17 +362,21 @@ def evaluate(
 
         # Local-only: every merchant trains the same model on its own customers alone.
         parts: dict[str, MetricSums] = {}
-        lists = []
+        lists, chosen = [], {}
         t0, rounds = time.perf_counter(), 0
         for m in dataset.merchants:
             alone = FederatedDataset(dataset.name, dataset.items, [m], dataset.protocol)
             res = run_federated(alone, features, cfg.model, cfg.local, fed_cfg)
             rounds = max(rounds, len(res.history))
+            if res.choice is not None:  # each merchant alone chooses on its own validation slice
+                chosen[m.name] = res.choice.label
             own = item_embeddings(res.item_state, features, trained_with(run_cfg, res).model)
             parts[m.name] = evaluate_test(m, res.user_embeddings[m.name], own, res.item_biases[m.name])
             lists.append(recommendation_lists([m], res.user_embeddings, own, res.item_biases))
         entry = combine(parts)
         entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
+        if chosen:
+            entry["choice_per_merchant"] = chosen
         # each shop has its own item vectors, so "similar items" has no single answer here
         lists = np.vstack(lists)
         entry["diversity"] = {
