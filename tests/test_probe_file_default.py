@@ -49,7 +49,7 @@ def test_unknown_source_and_the_shipped_references(tmp_path):
     assert refs["implicit_als"]["recall@20"] == 0.25 and refs["ease"]["recall@20_std"] is None
 
 
-def test_missing_movielens_is_one_error_line(tmp_path, monkeypatch, capsys):
+def test_missing_movielens_is_one_error_line(tmp_path, monkeypatch):
     monkeypatch.setattr(movielens, "SHARED_DIR", tmp_path / "absent")
     monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(movielens.ENV_VAR, raising=False)

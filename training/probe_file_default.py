@@ -25,6 +25,7 @@ from rich.console import Console
 from fedrec.atomic import write_json
 from fedrec.config import load_config
 from fedrec.errors import FedrecError
+from fedrec.metrics import seed_std
 from fedrec.training.train import choice_entry, train
 
 SOURCES = ("movielens", "synthetic")
@@ -81,7 +82,7 @@ def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -
         "date": datetime.date.today().isoformat(),
         "seeds": list(seeds),
         "recall@20": statistics.mean(recall),
-        "recall@20_std": statistics.stdev(recall) if len(recall) > 1 else 0.0,
+        "recall@20_std": seed_std(recall),
         "recall@20_per_seed": recall,
         "per_seed": per_seed,
     }
