@@ -261,15 +261,21 @@ def _checked_candidates(cfg: RunConfig) -> RunConfig:
             flat = flat_overrides(raw, where)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        # The exact item step's limits depend on the run (its federation, its item bias), so a
-        # candidate that asks for it is checked without it here, and skipped when the run starts
-        # if the run cannot give it (`candidates.unsupported`): a file run with a merchant item
-        # bias still chooses among the other candidates.
+        # The exact item step's limits depend partly on the run (its federation, its item bias), so
+        # a candidate that asks for it is validated as the SGD step here and skipped when the run
+        # starts if the run cannot give it (`candidates.unsupported`): a file run with a merchant
+        # item bias still chooses among the other candidates. What the candidate's own settings
+        # break (it asks for the exact step and an item bias, say) no run can give: refused here.
         exact = flat.get("local.ials_item_step") == "exact"
         try:
             one = with_overrides(base, {**flat, "local.ials_item_step": "sgd"} if exact else flat)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        if exact:
+            exact_local = dataclasses.replace(one.local, ials_item_step="exact")
+            own = exact_step_problems(one.model, exact_local, one.federation, set_keys=flat.keys())
+            if own:
+                raise ConfigError(f"{where}: {own[0]}")
         if one.local.temperature == 0:
             raise ConfigError(f"{where}: local.temperature = 0 inside a candidate; give each one a temperature > 0")
         section = {"model": one.model, "local": one.local}

@@ -167,3 +167,25 @@ def test_a_file_run_with_a_merchant_bias_skips_the_exact_candidate_instead_of_re
     # a candidate's own settings that no run could honour are still refused up front
     with pytest.raises(ConfigError, match=r"local.candidates\[0\]: local.ials_alpha must be >= 0"):
         load_config(None, {"local.temperature": 0, "local.candidates": [{**EXACT_CANDIDATE, "local.ials_alpha": -1}]})
+
+
+@pytest.mark.parametrize(
+    ("own", "names"),
+    [
+        ({"model.merchant_item_bias": True}, "model.merchant_item_bias = false"),
+        ({"local.loss": "softmax"}, "local.loss = 'ials'"),
+        ({"local.user_solve_reg": 0.0}, "local.user_solve_reg > 0"),
+        ({"model.use_content": True}, "model.use_content = false"),
+    ],
+)
+def test_a_candidate_that_breaks_the_exact_step_by_itself_is_refused_up_front(own, names):
+    """What the candidate's own settings break no run can give, so the config refuses it, naming
+    the candidate and the setting, rather than a run skipping it after the others have trained."""
+    bad = {**EXACT_CANDIDATE, "model.use_content": False, **own}
+    with pytest.raises(ConfigError, match=r"local.candidates\[1\]: local.ials_item_step = 'exact'") as err:
+        load_config(None, {"local.temperature": 0, "local.candidates": [{"local.temperature": 1.0}, bad]})
+    assert names in str(err.value)
+    # the same candidate without its own breaking setting loads (the run's limits are checked at run time)
+    fine = {**EXACT_CANDIDATE, "model.use_content": False}
+    cfg = load_config(None, {"local.temperature": 0, "local.candidates": [fine]})
+    assert cfg.local.candidates[0]["local.ials_item_step"] == "exact"

@@ -22,7 +22,7 @@ tell the coordinator what each merchant sold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,39 +41,61 @@ GRAM, LHS, RHS = "als/gram", "als/lhs", "als/rhs"
 TABLE = "item_emb.weight"  # the one tensor of an id-only tower with one row per product
 
 
-def exact_step_problems(model: ModelConfig, local: LocalConfig, fed: FederationConfig) -> list[str]:
+def exact_step_problems(
+    model: ModelConfig, local: LocalConfig, fed: FederationConfig, *, set_keys: Collection[str] | None = None
+) -> list[str]:
     """Why these settings cannot take the exact item step, one message each ([] when they can, or
     when they do not ask for it). The config refuses a run with any; a candidate with any is
     skipped (`candidates.unsupported`): the coordinator solves an id table from every customer's
-    terms, and its delta lands the table on the solution."""
+    terms, and its delta lands the table on the solution. With `set_keys` ("local.loss", ...),
+    only the problems that one of those settings causes: what a candidate breaks by itself, which
+    the config refuses up front, rather than what the run it joins cannot give."""
     if local.ials_item_step != "exact":
         return []
     need = "local.ials_item_step = 'exact' "
     checks = [
-        (local.loss == "ials", "is the ials loss's item step: set local.loss = 'ials'"),
-        (local.user_solve_reg > 0, "follows ALS's user step: set local.user_solve_reg > 0 (its reg)"),
+        (("local.loss",), local.loss == "ials", "is the ials loss's item step: set local.loss = 'ials'"),
         (
-            model.use_item_id and not model.use_content and not model.merchant_item_bias,
-            "solves an id table alone: set model.use_content = false and model.merchant_item_bias = false",
+            ("local.user_solve_reg",),
+            local.user_solve_reg > 0,
+            "follows ALS's user step: set local.user_solve_reg > 0 (its reg)",
         ),
-        (fed.aggregation == "auto", "is aggregated by solving: set federation.aggregation = 'auto'"),
-        (fed.robust == "none", "solves from the sum of every merchant's terms: set federation.robust = 'none'"),
+        (("model.use_item_id",), model.use_item_id, "solves an id table: set model.use_item_id = true"),
+        (("model.use_content",), not model.use_content, "solves an id table alone: set model.use_content = false"),
         (
+            ("model.merchant_item_bias",),
+            not model.merchant_item_bias,
+            "solves an id table alone: set model.merchant_item_bias = false",
+        ),
+        (
+            ("federation.aggregation",),
+            fed.aggregation == "auto",
+            "is aggregated by solving: set federation.aggregation = 'auto'",
+        ),
+        (
+            ("federation.robust",),
+            fed.robust == "none",
+            "solves from the sum of every merchant's terms: set federation.robust = 'none'",
+        ),
+        (
+            ("federation.fraction",),
             fed.fraction == 1,
             "solves each product from every merchant that sold it; a round without some merchants would zero "
             "their products: set federation.fraction = 1",
         ),
         (
+            ("federation.upload_precision",),
             fed.upload_precision == "float32",
             "sends sums of squares that half precision would round or overflow: set federation.upload_precision = "
             "'float32'",
         ),
         (
+            ("federation.server.name", "federation.server.lr"),
             fed.server.name == "fedavg" and fed.server.lr == 1,
             "lands the table on the solution: set federation.server.name = 'fedavg' and federation.server.lr = 1",
         ),
     ]
-    return [need + why for ok, why in checks if not ok]
+    return [need + why for keys, ok, why in checks if not ok and (set_keys is None or any(k in set_keys for k in keys))]
 
 
 def item_step_names(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
