@@ -96,8 +96,8 @@ def test_the_file_default_lists_softmax_temperatures_and_ials():
     assert labels == [
         "local.temperature=0.5", "local.temperature=1.0", "local.temperature=2.0",
         "local.temperature=1.0, local.user_lr=0.05, model.merchant_item_bias=true, model.use_content=false",
-        "local.loss=ials, local.ials_item_step=exact, local.ials_alpha=10.0, local.temperature=1.0, model.dim=16,"
-        " model.use_content=false",
+        *(f"local.loss=ials, local.ials_item_step=exact, local.ials_alpha={a}, local.temperature=1.0, model.dim=16,"
+          " model.use_content=false" for a in (5.0, 10.0, 20.0)),
     ]  # fmt: skip
     # values as the settings hold them, from TOML tables or --set JSON alike
     one = load_config(None, {"local.temperature": 0, "local.candidates": [{"local": {"temperature": 2}}]})
