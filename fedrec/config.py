@@ -154,8 +154,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         ),
         (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
         (
-            not cfg.local.user_solve_reg or cfg.local.loss in ("softmax", "ials"),
-            "local.user_solve_reg solves the softmax or the ials loss: it needs local.loss = 'softmax' or 'ials'",
+            not cfg.local.user_solve_reg or cfg.local.loss in ("softmax", "sampled_softmax", "ials"),
+            "local.user_solve_reg solves the softmax (full or sampled) or the ials loss: it needs local.loss = "
+            "'softmax', 'sampled_softmax' or 'ials'",
         ),
         (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
         (cfg.local.ials_alpha >= 0, "local.ials_alpha must be >= 0 (the extra weight of a purchase)"),

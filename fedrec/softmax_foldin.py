@@ -11,6 +11,8 @@ its user table is never under-fit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -138,3 +140,61 @@ def solve_user_vectors(
             init=None if init is None else init[part], max_steps=max_steps,
         )  # fmt: skip
     return rows, out
+
+
+def sampled_pool(
+    exact: np.ndarray, sample: np.ndarray, n_items: int, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates for a softmax over a catalogue too large to score whole, and their score offsets.
+
+    The normaliser sum_i exp(s_i) runs exactly over `exact` (sorted, unique item ids) and estimates
+    the rest from the items of `sample` (drawn uniformly) outside them, each standing in for
+    (others / drawn) items: an importance weight that enters as an offset of T log w on its score
+    (the solve divides offsets by T). Returns (pool: `exact` first, then the drawn; offsets).
+    """
+    far = np.setdiff1d(sample, exact)
+    pool = np.concatenate([exact, far])
+    offsets = np.zeros(len(pool))
+    if len(far):
+        offsets[len(exact) :] = temperature * np.log((n_items - len(exact)) / len(far))
+    return pool, offsets
+
+
+def solve_user_vectors_sampled(
+    item_vectors: Callable[[np.ndarray], np.ndarray],
+    purchases: sp.csr_matrix,
+    n_items: int,
+    temperature: float,
+    reg: float,
+    negatives: int,
+    rng: np.random.Generator,
+    init: np.ndarray | None = None,
+    offsets: np.ndarray | None = None,
+    max_steps: int = 25,
+    hessian_items: int = FAST_HESSIAN_ITEMS,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`solve_user_vectors` for a catalogue too large to score whole: each chunk of customers is
+    solved over the products they bought, exactly, plus `negatives` uniform draws standing in for
+    the rest (`sampled_pool`), the estimate that sampled softmax training makes with its uniform
+    negatives. The objective stays convex, so Newton solves it as before, at chunk x (bought +
+    drawn) x dim a step instead of chunk x catalogue x dim. `item_vectors(ids)` gives the vectors
+    of product ids (the tower on just those items); `offsets` (one per product of the catalogue)
+    add a fixed score, as in `solve_user_vectors`.
+    """
+    rows = np.flatnonzero(purchases.getnnz(axis=1) > 0)
+    parts = [np.empty((0, item_vectors(np.empty(0, dtype=np.int64)).shape[1]))]
+    for start in range(0, rows.size, chunk):
+        part = rows[start : start + chunk]
+        sub = purchases[part]
+        bought = np.unique(sub.indices)
+        pool, shift = sampled_pool(bought, rng.integers(0, n_items, size=negatives), n_items, temperature)
+        if offsets is not None:
+            shift = shift + offsets[pool]
+        pos = np.searchsorted(bought, sub.indices)  # each purchase's place in the pool
+        baskets = [pos[sub.indptr[r] : sub.indptr[r + 1]] for r in range(len(part))]
+        parts.append(fold_in_softmax_batch(
+            item_vectors(pool), baskets, temperature, reg, max_steps=max_steps, offsets=shift, tol=FAST_TOL,
+            hessian_items=hessian_items, init=None if init is None else init[part],
+        ))  # fmt: skip
+    return rows, np.concatenate(parts)

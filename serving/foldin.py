@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrec.ials_users import solve_ials_baskets
-from fedrec.softmax_foldin import EXACT_TOL, FAST_HESSIAN_ITEMS, FAST_TOL, fold_in_softmax_batch
+from fedrec.softmax_foldin import EXACT_TOL, FAST_HESSIAN_ITEMS, FAST_TOL, fold_in_softmax_batch, sampled_pool
 
 __all__ = [
     "EXACT_TOL", "FAST_HESSIAN_ITEMS", "FAST_TOL", "FoldInConfig", "fold_in", "fold_in_ials", "fold_in_many",
@@ -127,11 +127,9 @@ def fold_in_sampled(
     """
     rows = np.asarray(rows, dtype=np.int64)
     close = np.union1d(near, rows)
-    far = np.setdiff1d(sample, close)
-    pool = np.concatenate([close, far])
-    offsets = np.zeros(len(pool)) if item_bias is None else item_bias[pool].astype(np.float64)
-    if len(far):
-        offsets[len(close) :] += temperature * np.log((len(item_vectors) - len(close)) / len(far))
+    pool, offsets = sampled_pool(close, sample, len(item_vectors), temperature)
+    if item_bias is not None:
+        offsets = offsets + item_bias[pool].astype(np.float64)
     positives = np.searchsorted(close, rows)
     u = fold_in_softmax_batch(
         item_vectors[pool], [positives], temperature, reg, offsets=offsets, tol=FAST_TOL,

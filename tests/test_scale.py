@@ -107,14 +107,18 @@ def test_half_precision_halves_tensor_bytes_and_rounds_within_float16_precision(
         round_delta(delta, "float8")
 
 
-def test_a_large_catalogue_switches_softmax_to_sampled_softmax_without_the_user_solve():
+def test_a_large_catalogue_switches_softmax_to_sampled_softmax_and_the_user_solve_to_its_sampled_form():
     train, features = toy_merchant()
     state = new_item_tower(features.n_items, SMALL_MODEL, 0).state_dict()
     users = init_user_embeddings(train.shape[0], SMALL_MODEL, torch.Generator().manual_seed(1))
     small_limit = LocalConfig(full_softmax_max_items=100, uniform_negatives=0)  # 300 items: above it
     switched = local_update(state, users, train, features, SMALL_MODEL, small_limit, seed=3)
-    explicit = dataclasses.replace(small_limit, loss="sampled_softmax", user_solve_reg=0.0)
+    explicit = dataclasses.replace(small_limit, loss="sampled_softmax")
     same = local_update(state, users, train, features, SMALL_MODEL, explicit, seed=3)
+    unsolved = local_update(
+        state, users, train, features, SMALL_MODEL, dataclasses.replace(explicit, user_solve_reg=0.0), seed=3
+    )  # fmt: skip
+    assert not torch.equal(switched.user_embeddings, unsolved.user_embeddings)  # the solve stays on
     kept = local_update(state, users, train, features, SMALL_MODEL, LocalConfig(), seed=3)
     for k in state:
         assert torch.equal(switched.delta[k], same.delta[k])

@@ -14,7 +14,7 @@ from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.model import ItemTower, ModelConfig, init_user_embeddings
-from fedrec.softmax_foldin import EXACT_TOL, fold_in_softmax_batch, solve_user_vectors
+from fedrec.softmax_foldin import EXACT_TOL, fold_in_softmax_batch, solve_user_vectors, solve_user_vectors_sampled
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512, use_content=False)
 
@@ -93,3 +93,64 @@ def test_a_grouped_bias_solves_each_merchants_customers_with_that_merchants_own_
         rows = np.flatnonzero(pool.user_groups == g)
         alone = local_update(state, users[rows], pool.train[rows], features, model, only_solve, 1, bias[g])
         torch.testing.assert_close(grouped.user_embeddings[rows], alone.user_embeddings)
+
+
+def _zipf_purchases(rng: np.random.Generator, customers: int, items: int) -> sp.csr_matrix:
+    pop = rng.zipf(1.5, items).astype(float)
+    pop /= pop.sum()
+    baskets = [rng.choice(items, rng.integers(1, 12), replace=False, p=pop) for _ in range(customers)]
+    rows = np.repeat(np.arange(customers), [len(b) for b in baskets])
+    return sp.csr_matrix((np.ones(len(rows)), (rows, np.concatenate(baskets))), shape=(customers, items))
+
+
+def test_the_sampled_solve_is_the_exact_one_when_the_draw_covers_the_catalogue():
+    """Above the full-softmax switch each chunk is solved over what it bought plus uniform draws,
+    each standing in for (others / drawn) products; a draw that covers every product is exact."""
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(60, 5))
+    purchases = _zipf_purchases(rng, 30, 60)
+    rows, exact = solve_user_vectors(items, purchases, 0.5, 2.0, hessian_items=None)
+    rows_s, sampled = solve_user_vectors_sampled(
+        lambda ids: items[ids], purchases, 60, 0.5, 2.0, 6000, np.random.default_rng(1), hessian_items=None
+    )  # fmt: skip
+    np.testing.assert_array_equal(rows_s, rows)
+    np.testing.assert_allclose(sampled, exact, atol=1e-6)
+
+
+def test_the_sampled_solve_needs_its_uniform_draws_to_track_the_full_solve():
+    """What the importance weights buy: the bought products alone miss most of the normaliser."""
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(5000, 8))
+    purchases = _zipf_purchases(rng, 200, 5000)
+    _, exact = solve_user_vectors(items, purchases, 1.0, 1.0, hessian_items=None)
+
+    def error(negatives: int) -> float:
+        _, got = solve_user_vectors_sampled(
+            lambda ids: items[ids], purchases, 5000, 1.0, 1.0, negatives, np.random.default_rng(1), hessian_items=None
+        )  # fmt: skip
+        return float(np.median(np.linalg.norm(got - exact, axis=1) / np.linalg.norm(exact, axis=1)))
+
+    assert error(2000) < 0.1 < 0.3 < error(0)
+
+
+def test_a_local_update_above_the_switch_solves_users_over_a_sample(tiny_dataset):
+    """A catalogue above `full_softmax_max_items` trains the sampled softmax and solves its users
+    the same way: with the tower frozen, every customer's full-catalogue objective improves."""
+    m = tiny_dataset.merchants[0]
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    torch.manual_seed(0)
+    state = ItemTower(tiny_dataset.n_items, MODEL).state_dict()
+    users = init_user_embeddings(m.n_users, MODEL, torch.Generator().manual_seed(0))
+    frozen = LocalConfig(lr=0.0, user_lr=0.0, temperature=1.0, user_solve_reg=3.0, full_softmax_max_items=10,
+                         uniform_negatives=tiny_dataset.n_items)  # fmt: skip
+    solved = local_update(state, users, m.train, features, MODEL, frozen, 1)
+    off = local_update(state, users, m.train, features, MODEL, dataclasses.replace(frozen, user_solve_reg=0.0), 1)
+    torch.testing.assert_close(off.user_embeddings, users)
+    vecs = ItemTower(tiny_dataset.n_items, MODEL)
+    vecs.load_state_dict(state)
+    with torch.no_grad():
+        items = vecs(features).double().numpy()
+    active = np.flatnonzero(m.train.getnnz(axis=1) > 0)
+    before = objective(items, m.train, users.double().numpy(), 1.0, 3.0)[active]
+    after = objective(items, m.train, solved.user_embeddings.double().numpy(), 1.0, 3.0)[active]
+    assert np.all(after < before)

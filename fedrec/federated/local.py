@@ -42,7 +42,7 @@ from fedrec.privacy.dp_sgd import (
     padded_baskets,
     poisson_sample,
 )
-from fedrec.softmax_foldin import solve_user_vectors
+from fedrec.softmax_foldin import solve_user_vectors, solve_user_vectors_sampled
 
 # The per-round user solve refines last round's vectors rather than solving from zero: two Newton
 # steps, each Hessian from the 64 most probable items (the gradient stays exact). Its effect on
@@ -80,8 +80,9 @@ class LocalConfig:
     # validation slices of both shipped datasets (README, "User solve").
     user_solve_reg: float = 3.0
     # Above this many catalogue items, "softmax" steps use sampled softmax instead, and the user
-    # solve (a full softmax per customer) is skipped: each would cost O(catalogue) per step, the
-    # sampled step O(batch). Chosen by measurement (`make bench-train`, README "Scale").
+    # solve the same sampled softmax (what each chunk of customers bought plus uniform negatives,
+    # `solve_user_vectors_sampled`): the full forms cost O(catalogue) per step, the sampled ones
+    # O(batch). Chosen by measurement (`make bench-train`, README "Scale").
     full_softmax_max_items: int = 20_000
     # Sampled softmax: this many uniformly drawn negatives per step besides the in-batch ones
     # (mixed negative sampling); 0 is in-batch only. Chosen by measurement (README, "Scale").
@@ -189,7 +190,7 @@ def local_update(
         raise ValueError("local_update needs local.temperature > 0 (0, chosen on validation, is run_federated's)")
     large = features.n_items > cfg.full_softmax_max_items
     if large and cfg.loss == "softmax" and dp is None:
-        cfg = dataclasses.replace(cfg, loss="sampled_softmax", user_solve_reg=0.0)
+        cfg = dataclasses.replace(cfg, loss="sampled_softmax")
     grouped = item_bias is not None and item_bias.dim() == 2
     if (why := catalogue_refuses(cfg, features.n_items)) is not None:
         raise ConfigError(why)
@@ -232,7 +233,7 @@ def local_update(
     # bit, so small catalogues keep the default and reproduce earlier results exactly.
     opt = torch.optim.Adam(groups, fused=large or None)
     if cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
-        _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
+        _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None, seed)
     if cfg.loss == "ials" and cfg.ials_item_step == "exact":
         return _exact_item_step(tower, users, train, features, cfg, dp, bias)
     if dp is not None:
@@ -340,8 +341,15 @@ def _solve_users(
     features: ItemFeatures,
     cfg: LocalConfig,
     user_groups: np.ndarray | None,
+    seed: int = 0,
 ) -> None:
-    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
+    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group).
+
+    Above `full_softmax_max_items` the softmax is the sampled one, and so is the solve: each chunk
+    of customers over what they bought plus uniform negatives (`solve_user_vectors_sampled`)."""
+    if features.n_items > cfg.full_softmax_max_items and cfg.loss == "sampled_softmax":
+        _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
+        return
     vecs = tower(features).double().cpu().numpy()
     if cfg.loss == "ials":  # ALS's exact user step, for the customers with purchases
         bought = np.flatnonzero(np.diff(train.indptr))
@@ -361,6 +369,28 @@ def _solve_users(
             USER_SOLVE_HESSIAN,
         )  # fmt: skip
         users.data[torch.from_numpy(members[rows]).to(users.device)] = torch.from_numpy(solved).to(users)
+
+
+def _solve_users_sampled(
+    tower: ItemTower,
+    users: torch.nn.Parameter,
+    bias: torch.nn.Parameter | None,
+    train: sp.csr_matrix,
+    features: ItemFeatures,
+    cfg: LocalConfig,
+    seed: int,
+) -> None:
+    dev = features.tokens.device
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        return tower(features, torch.from_numpy(ids).to(dev)).double().cpu().numpy()
+
+    rows, solved = solve_user_vectors_sampled(
+        vectors, train, features.n_items, cfg.temperature, cfg.user_solve_reg, cfg.uniform_negatives,
+        np.random.default_rng(seed), users.detach().double().cpu().numpy(),
+        None if bias is None else bias.double().cpu().numpy(), USER_SOLVE_STEPS, USER_SOLVE_HESSIAN,
+    )  # fmt: skip
+    users.data[torch.from_numpy(rows).to(users.device)] = torch.from_numpy(solved).to(users)
 
 
 def item_vectors_functional(
