@@ -153,6 +153,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             "account for: with privacy on, set local.temperature (e.g. 1.0)",
         ),
         (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
+        (cfg.local.sampled_user_solve_reg >= 0, "local.sampled_user_solve_reg must be >= 0 (0 is off)"),
         (
             not cfg.local.user_solve_reg or cfg.local.loss in ("softmax", "sampled_softmax", "ials"),
             "local.user_solve_reg solves the softmax (full or sampled) or the ials loss: it needs local.loss = "

@@ -116,7 +116,7 @@ def test_a_large_catalogue_switches_softmax_to_sampled_softmax_and_the_user_solv
     explicit = dataclasses.replace(small_limit, loss="sampled_softmax")
     same = local_update(state, users, train, features, SMALL_MODEL, explicit, seed=3)
     unsolved = local_update(
-        state, users, train, features, SMALL_MODEL, dataclasses.replace(explicit, user_solve_reg=0.0), seed=3
+        state, users, train, features, SMALL_MODEL, dataclasses.replace(explicit, sampled_user_solve_reg=0.0), seed=3
     )  # fmt: skip
     assert not torch.equal(switched.user_embeddings, unsolved.user_embeddings)  # the solve stays on
     kept = local_update(state, users, train, features, SMALL_MODEL, LocalConfig(), seed=3)
@@ -243,7 +243,7 @@ def run_small_bench_train(parts: str, out_dir) -> dict:  # noqa: ANN001
 def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""
-    res = run_small_bench_train("switch,losses,uploads,large", tmp_path)
+    res = run_small_bench_train("switch,losses,uploads,user_solve,large", tmp_path)
     assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
     assert set(res["losses"]["variants"]) == {"softmax", "sampled_in_batch", "sampled_mixed_1024"}
     assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
@@ -254,7 +254,14 @@ def test_bench_train_small_variant(tmp_path):
     assert large["upload_bytes_per_merchant"] == sent["compositional_fp32"]
     assert res["uploads"]["items"] < large["items_with_purchases"]  # two catalogue sizes, one upload size
     assert 0.0 <= large["recall@20"] <= 1.0 and large["peak_rss_mb"] > 0
+    assert large["sampled_user_solve_reg"] > 0 and str(large["released_round"]) in large["val_recall@20_by_round"]
+    solve = res["user_solve"]["variants"]
+    assert set(solve) == {"sampled_user_solve_reg=0.0", "sampled_user_solve_reg=3.0"}
+    for v in solve.values():
+        assert list(v["val_recall@20_by_round"]) == ["1", "2"] and 0.0 <= v["test_recall@20"] <= 1.0
+        assert v["val_recall@20_by_round"][str(v["released_round"])] == max(v["val_recall@20_by_round"].values())
     assert "Marketplace scale" in (tmp_path / "bench-train.md").read_text()
+    assert "User solve above the switch" in (tmp_path / "bench-train.md").read_text()
 
 
 @pytest.mark.slow

@@ -135,16 +135,19 @@ def test_the_sampled_solve_needs_its_uniform_draws_to_track_the_full_solve():
 
 def test_a_local_update_above_the_switch_solves_users_over_a_sample(tiny_dataset):
     """A catalogue above `full_softmax_max_items` trains the sampled softmax and solves its users
-    the same way: with the tower frozen, every customer's full-catalogue objective improves."""
+    the same way, with their own weight (`sampled_user_solve_reg`; `user_solve_reg` is the full
+    solve's): with the tower frozen, every customer's full-catalogue objective improves."""
     m = tiny_dataset.merchants[0]
     features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
     torch.manual_seed(0)
     state = ItemTower(tiny_dataset.n_items, MODEL).state_dict()
     users = init_user_embeddings(m.n_users, MODEL, torch.Generator().manual_seed(0))
-    frozen = LocalConfig(lr=0.0, user_lr=0.0, temperature=1.0, user_solve_reg=3.0, full_softmax_max_items=10,
-                         uniform_negatives=tiny_dataset.n_items)  # fmt: skip
+    frozen = LocalConfig(lr=0.0, user_lr=0.0, temperature=1.0, user_solve_reg=0.0, sampled_user_solve_reg=3.0,
+                         full_softmax_max_items=10, uniform_negatives=tiny_dataset.n_items)  # fmt: skip
     solved = local_update(state, users, m.train, features, MODEL, frozen, 1)
-    off = local_update(state, users, m.train, features, MODEL, dataclasses.replace(frozen, user_solve_reg=0.0), 1)
+    off = local_update(
+        state, users, m.train, features, MODEL, dataclasses.replace(frozen, sampled_user_solve_reg=0.0), 1
+    )
     torch.testing.assert_close(off.user_embeddings, users)
     vecs = ItemTower(tiny_dataset.n_items, MODEL)
     vecs.load_state_dict(state)

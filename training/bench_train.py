@@ -8,6 +8,9 @@ Parts (each in a fresh process, so each peak RSS is its own):
 - `uploads`: on the largest generated catalogue where a dense id table still fits, recall@20 and
   upload bytes per merchant for the encodings of fedrec/federated/upload.py and the id-row
   budget of `ModelConfig.id_rows`.
+- `user_solve`: on the `uploads` catalogue, the per-round user solve's sampled form (above the
+  switch) against none, at a few weights: validation recall@20 by round and the released model's
+  test recall@20.
 - `large`: 1,000 merchants (a tenth sampled per round) on a 1,000,000-product generated
   marketplace (datasets/marketplace.py, ~5M purchases) with the default large-catalogue settings:
   seconds per round, peak RSS, upload bytes per merchant, and the test recall@20 of the model a
@@ -60,7 +63,7 @@ RESULTS = Path("results")
 # The benchmarks measure the fedavg message (upload bytes, seconds): rowwise, which `auto` picks on
 # catalogues with one id row per product, adds per-row weights to it.
 PINNED_RULE = "fedavg"
-PARTS = ("switch", "losses", "uploads", "large", "popularity", "time_to_target", "flower_simulation")
+PARTS = ("switch", "losses", "uploads", "user_solve", "large", "popularity", "time_to_target", "flower_simulation")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ class BenchTrainConfig:
     loss_merchants: int = 20
     loss_customers: int = 20_000
     loss_rounds: int = 10
+    user_solve_regs: tuple[float, ...] = (0.0, 3.0, 10.0, 30.0)  # 0: no user solve
+    user_solve_rounds: int = 20
+    user_solve_val_every: int = 5
     switch_sizes: tuple[int, ...] = (1_000, 10_000, 50_000, 100_000, 1_000_000)
     switch_steps: int = 20
     full_softmax_max_items: int = LocalConfig.full_softmax_max_items  # the small variant lowers it
@@ -107,6 +113,9 @@ SMALL = BenchTrainConfig(
     loss_merchants=5,
     loss_customers=1_000,
     loss_rounds=2,
+    user_solve_regs=(0.0, 3.0),
+    user_solve_rounds=2,
+    user_solve_val_every=1,
     switch_sizes=(1_000, 5_000),
     switch_steps=2,
     full_softmax_max_items=1_000,
@@ -221,7 +230,7 @@ def uploads(cfg: BenchTrainConfig) -> dict:
     """Recall@20 and bytes per merchant per round for each upload encoding, on one catalogue."""
     torch.set_num_threads(2)
     ds, features = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
-    local = LocalConfig(loss="sampled_softmax", user_solve_reg=0.0)
+    local = LocalConfig(loss="sampled_softmax", user_solve_reg=0.0, sampled_user_solve_reg=0.0)
     fed = fixed_rounds(cfg.compare_rounds, cfg.seed)
     variants = {
         "dense_fp32": (ModelConfig(id_rows=0), "float32"),
@@ -267,6 +276,36 @@ def uploads(cfg: BenchTrainConfig) -> dict:
     }
 
 
+def user_solve(cfg: BenchTrainConfig) -> dict:
+    """Above the full-softmax switch, the per-round user solve in its sampled form against none, and
+    its weight, on the `uploads` catalogue: validation recall@20 every `user_solve_val_every` rounds
+    (every customer), the best round released, as `fedrec train` does without the refit."""
+    torch.set_num_threads(2)
+    ds, features = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
+    model = ModelConfig(id_rows=cfg.id_rows)
+    fed = FederationConfig(
+        aggregation=PINNED_RULE, rounds=cfg.user_solve_rounds, patience=0, val_every=cfg.user_solve_val_every,
+        seed=cfg.seed, refit=False,
+    )  # fmt: skip
+    out = {}
+    for reg in cfg.user_solve_regs:
+        local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items, sampled_user_solve_reg=reg)
+        res = run_federated(ds, features, model, local, fed)
+        out[f"sampled_user_solve_reg={reg}"] = {
+            "val_recall@20_by_round": {
+                h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None
+            },
+            "released_round": res.best_round,
+            "test_recall@20": sampled_test_recall(res, ds, features, model, 0),
+            "seconds_per_round": float(
+                np.mean([h.seconds for h in res.history if h.val_recall_at_20 is None] or [0.0])
+            ),
+        }
+        print(f"user_solve reg {reg}: {out[f'sampled_user_solve_reg={reg}']}", flush=True)
+    return {"items": ds.n_items, "merchants": len(ds.merchants), "rounds": cfg.user_solve_rounds, "seed": cfg.seed,
+            "id_rows": cfg.id_rows, "popularity_test_recall@20": popularity_recall(ds, 0), "variants": out}  # fmt: skip
+
+
 def large(cfg: BenchTrainConfig) -> dict:
     """The 1,000-merchant, 1M-product run with the default settings for a large catalogue."""
     torch.set_num_threads(2)
@@ -308,7 +347,7 @@ def large(cfg: BenchTrainConfig) -> dict:
         "recall@20": recall,
         "released_round": res.best_round,
         "val_recall@20_by_round": {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None},
-        "user_solve": "sampled" if local.user_solve_reg else "off",
+        "sampled_user_solve_reg": local.sampled_user_solve_reg,
         "popularity_recall@20": popularity_recall(ds, cfg.test_customers),
         "recall_customers_per_merchant": cfg.test_customers,
         "id_rows": cfg.id_rows,
@@ -506,7 +545,7 @@ def flower_simulation(cfg: BenchTrainConfig) -> list[dict] | None:
 
 
 def _run_part(part: str, cfg: BenchTrainConfig) -> dict | list | None:
-    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "large": large}
+    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "user_solve": user_solve, "large": large}
     parts["popularity"] = popularity_references
     return {**parts, "time_to_target": time_to_target, "flower_simulation": flower_simulation}[part](cfg)
 
@@ -545,6 +584,19 @@ def markdown(res: dict) -> str:
                 f"| {name} | {v['upload_bytes_per_merchant'] / 1e6:.2f} | {v['recall@20']:.4f} | "
                 f"{v['recall_vs_dense_fp32']:.2f} |"
             )
+        lines.append("")
+    if "user_solve" in res:
+        g = res["user_solve"]
+        lines += [
+            f"## User solve above the switch ({g['items']:,} products, {g['merchants']} merchants, {g['rounds']} "
+            f"rounds, seed {g['seed']}; popularity {g['popularity_test_recall@20']:.4f})",
+            "",
+            "| variant | validation recall@20 by round | released round | test recall@20 |",
+            "|---|---|---:|---:|",
+        ]
+        for name, v in g["variants"].items():
+            curve = ", ".join(f"{r}: {x:.4f}" for r, x in v["val_recall@20_by_round"].items())
+            lines.append(f"| {name} | {curve} | {v['released_round']} | {v['test_recall@20']:.4f} |")
         lines.append("")
     if "large" in res:
         g = res["large"]

@@ -81,9 +81,13 @@ class LocalConfig:
     user_solve_reg: float = 3.0
     # Above this many catalogue items, "softmax" steps use sampled softmax instead, and the user
     # solve the same sampled softmax (what each chunk of customers bought plus uniform negatives,
-    # `solve_user_vectors_sampled`): the full forms cost O(catalogue) per step, the sampled ones
-    # O(batch). Chosen by measurement (`make bench-train`, README "Scale").
+    # `solve_user_vectors_sampled`) with weight `sampled_user_solve_reg`: the full forms cost
+    # O(catalogue) per step, the sampled ones O(batch). Chosen by measurement (`make bench-train`,
+    # README "Scale").
     full_softmax_max_items: int = 20_000
+    # The user solve's weight above `full_softmax_max_items` (0 is off), chosen on the validation
+    # slice of a generated 62,572-product marketplace (`make bench-train TRAIN_PARTS=user_solve`).
+    sampled_user_solve_reg: float = 10.0
     # Sampled softmax: this many uniformly drawn negatives per step besides the in-batch ones
     # (mixed negative sampling); 0 is in-batch only. Chosen by measurement (README, "Scale").
     uniform_negatives: int = 1024
@@ -232,8 +236,11 @@ def local_update(
     # faster on CPU for a marketplace-sized tower. It differs from the default kernel in the last
     # bit, so small catalogues keep the default and reproduce earlier results exactly.
     opt = torch.optim.Adam(groups, fused=large or None)
-    if cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
-        _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None, seed)
+    if large and cfg.loss == "sampled_softmax":  # the sampled solve, with its own weight
+        if cfg.sampled_user_solve_reg:
+            _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
+    elif cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
+        _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
     if cfg.loss == "ials" and cfg.ials_item_step == "exact":
         return _exact_item_step(tower, users, train, features, cfg, dp, bias)
     if dp is not None:
@@ -341,15 +348,8 @@ def _solve_users(
     features: ItemFeatures,
     cfg: LocalConfig,
     user_groups: np.ndarray | None,
-    seed: int = 0,
 ) -> None:
-    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group).
-
-    Above `full_softmax_max_items` the softmax is the sampled one, and so is the solve: each chunk
-    of customers over what they bought plus uniform negatives (`solve_user_vectors_sampled`)."""
-    if features.n_items > cfg.full_softmax_max_items and cfg.loss == "sampled_softmax":
-        _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
-        return
+    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
     vecs = tower(features).double().cpu().numpy()
     if cfg.loss == "ials":  # ALS's exact user step, for the customers with purchases
         bought = np.flatnonzero(np.diff(train.indptr))
@@ -371,6 +371,7 @@ def _solve_users(
         users.data[torch.from_numpy(members[rows]).to(users.device)] = torch.from_numpy(solved).to(users)
 
 
+@torch.no_grad()
 def _solve_users_sampled(
     tower: ItemTower,
     users: torch.nn.Parameter,
@@ -380,13 +381,15 @@ def _solve_users_sampled(
     cfg: LocalConfig,
     seed: int,
 ) -> None:
+    """Above `full_softmax_max_items`: each chunk of customers solved over what they bought plus
+    uniform negatives (`solve_user_vectors_sampled`), with weight `cfg.sampled_user_solve_reg`."""
     dev = features.tokens.device
 
     def vectors(ids: np.ndarray) -> np.ndarray:
         return tower(features, torch.from_numpy(ids).to(dev)).double().cpu().numpy()
 
     rows, solved = solve_user_vectors_sampled(
-        vectors, train, features.n_items, cfg.temperature, cfg.user_solve_reg, cfg.uniform_negatives,
+        vectors, train, features.n_items, cfg.temperature, cfg.sampled_user_solve_reg, cfg.uniform_negatives,
         np.random.default_rng(seed), users.detach().double().cpu().numpy(),
         None if bias is None else bias.double().cpu().numpy(), USER_SOLVE_STEPS, USER_SOLVE_HESSIAN,
     )  # fmt: skip
