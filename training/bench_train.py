@@ -276,6 +276,18 @@ def uploads(cfg: BenchTrainConfig) -> dict:
     }
 
 
+def seconds_per_training_round(history: list) -> float:
+    """Mean seconds of the rounds that did not validate (all rounds where every one did): what a
+    round of training costs, without the validation the benchmark adds."""
+    plain = [h for h in history if h.val_recall_at_20 is None] or history
+    return float(np.mean([h.seconds for h in plain]))
+
+
+def validation_curve(history: list) -> dict[int, float]:
+    """Validation recall@20 by round, for the rounds that validated."""
+    return {h.round: h.val_recall_at_20 for h in history if h.val_recall_at_20 is not None}
+
+
 def user_solve(cfg: BenchTrainConfig) -> dict:
     """Above the full-softmax switch, the per-round user solve in its sampled form against none, and
     its weight, on the `uploads` catalogue: validation recall@20 every `user_solve_val_every` rounds
@@ -292,14 +304,10 @@ def user_solve(cfg: BenchTrainConfig) -> dict:
         local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items, sampled_user_solve_reg=reg)
         res = run_federated(ds, features, model, local, fed)
         out[f"sampled_user_solve_reg={reg}"] = {
-            "val_recall@20_by_round": {
-                h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None
-            },
+            "val_recall@20_by_round": validation_curve(res.history),
             "released_round": res.best_round,
             "test_recall@20": sampled_test_recall(res, ds, features, model, 0),
-            "seconds_per_round": float(
-                np.mean([h.seconds for h in res.history if h.val_recall_at_20 is None] or [0.0])
-            ),
+            "seconds_per_round": seconds_per_training_round(res.history),
         }
         print(f"user_solve reg {reg}: {out[f'sampled_user_solve_reg={reg}']}", flush=True)
     return {"items": ds.n_items, "merchants": len(ds.merchants), "rounds": cfg.user_solve_rounds, "seed": cfg.seed,
@@ -329,7 +337,6 @@ def large(cfg: BenchTrainConfig) -> dict:
     )
     res = run_federated(ds, features, model, local, fed, on_round=lambda h: print(f"large: round {h.round} "
                         f"{h.seconds:.1f} s, validation recall@20 {h.val_recall_at_20}", flush=True))  # fmt: skip
-    train_rounds = [h for h in res.history if h.val_recall_at_20 is None] or res.history
     recall = sampled_test_recall(res, ds, features, model, cfg.test_customers)
     catalogue = ds.n_items + (0 if ds.new_items is None else ds.new_items.height)
     return {
@@ -340,13 +347,13 @@ def large(cfg: BenchTrainConfig) -> dict:
         "interactions": int(sum(m.train.nnz + m.val.nnz + m.test.nnz for m in ds.merchants)),
         "customers": int(sum(m.n_users for m in ds.merchants)),
         "rounds": len(res.history),
-        "seconds_per_round": float(np.mean([h.seconds for h in train_rounds])),
+        "seconds_per_round": seconds_per_training_round(res.history),
         "seconds_to_prepare_data": prepare,
         "peak_rss_mb": _peak_mb(),
         "upload_bytes_per_merchant": int(np.mean([h.upload_bytes for h in res.history])),
         "recall@20": recall,
         "released_round": res.best_round,
-        "val_recall@20_by_round": {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None},
+        "val_recall@20_by_round": validation_curve(res.history),
         "sampled_user_solve_reg": local.sampled_user_solve_reg,
         "popularity_recall@20": popularity_recall(ds, cfg.test_customers),
         "recall_customers_per_merchant": cfg.test_customers,
