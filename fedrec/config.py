@@ -155,6 +155,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.local.user_solve_reg >= 0, "local.user_solve_reg must be >= 0 (0 is off)"),
         (cfg.local.sampled_user_solve_reg >= 0, "local.sampled_user_solve_reg must be >= 0 (0 is off)"),
         (
+            all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                for w in cfg.local.sampled_popularity_weights
+            ),
+            "local.sampled_popularity_weights must be a list of finite numbers >= 0 ([] is off)",
+        ),
+        (
             not cfg.local.user_solve_reg or cfg.local.loss in ("softmax", "sampled_softmax", "ials"),
             "local.user_solve_reg solves the softmax (full or sampled) or the ials loss: it needs local.loss = "
             "'softmax', 'sampled_softmax' or 'ials'",

@@ -260,6 +260,13 @@ def test_bench_train_small_variant(tmp_path):
     for v in solve.values():
         assert list(v["val_recall@20_by_round"]) == ["1", "2"] and 0.0 <= v["test_recall@20"] <= 1.0
         assert v["val_recall@20_by_round"][str(v["released_round"])] == max(v["val_recall@20_by_round"].values())
+        # above the switch the popularity prior is chosen on validation: its weight 0 is the released
+        # round's validation score, and the weight kept scores the most
+        prior = v["popularity_prior_val_recall@20"]
+        assert prior["0.0"] == pytest.approx(v["val_recall@20_by_round"][str(v["released_round"])])
+        assert prior[str(v["popularity_prior_weight"])] == max(prior.values())
+        assert 0.0 <= v["test_recall@20_without_prior"] <= 1.0
+    assert large["popularity_prior_weight"] in (0.0, 0.1, 0.3, 1.0, 3.0)
     assert "Marketplace scale" in (tmp_path / "bench-train.md").read_text()
     assert "User solve above the switch" in (tmp_path / "bench-train.md").read_text()
 

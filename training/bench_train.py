@@ -146,6 +146,20 @@ def sampled_test_recall(res, ds: FederatedDataset, features: ItemFeatures, model
     )
 
 
+def prior_fields(res, ds: FederatedDataset, features: ItemFeatures, model: ModelConfig, cap: int) -> dict:
+    """The popularity prior the run chose on validation, and the released model's test recall@20
+    without it (the prior is already in `res.item_biases`)."""
+    if res.popularity is None:
+        return {"popularity_prior_weight": None}
+    offsets = res.popularity.offsets
+    plain = dataclasses.replace(res, item_biases={k: b - offsets for k, b in res.item_biases.items()})
+    return {
+        "popularity_prior_weight": res.popularity.weight,
+        "popularity_prior_val_recall@20": {str(w): v for w, v in res.popularity.scores.items()},
+        "test_recall@20_without_prior": sampled_test_recall(plain, ds, features, model, cap),
+    }
+
+
 def popularity_recall(ds: FederatedDataset, cap: int) -> float:
     """The same customers ranked by the pooled count of buyers before the cut-off: a reference."""
     counts = sum(np.asarray(m.full_train.sum(axis=0)).ravel() for m in ds.merchants)
@@ -307,6 +321,7 @@ def user_solve(cfg: BenchTrainConfig) -> dict:
             "val_recall@20_by_round": validation_curve(res.history),
             "released_round": res.best_round,
             "test_recall@20": sampled_test_recall(res, ds, features, model, 0),
+            **prior_fields(res, ds, features, model, 0),
             "seconds_per_round": seconds_per_training_round(res.history),
         }
         print(f"user_solve reg {reg}: {out[f'sampled_user_solve_reg={reg}']}", flush=True)
@@ -352,6 +367,7 @@ def large(cfg: BenchTrainConfig) -> dict:
         "peak_rss_mb": _peak_mb(),
         "upload_bytes_per_merchant": int(np.mean([h.upload_bytes for h in res.history])),
         "recall@20": recall,
+        **prior_fields(res, ds, features, model, cfg.test_customers),
         "released_round": res.best_round,
         "val_recall@20_by_round": validation_curve(res.history),
         "sampled_user_solve_reg": local.sampled_user_solve_reg,
@@ -557,6 +573,11 @@ def _run_part(part: str, cfg: BenchTrainConfig) -> dict | list | None:
     return {**parts, "time_to_target": time_to_target, "flower_simulation": flower_simulation}[part](cfg)
 
 
+def _maybe(value: float | None, spec: str) -> str:
+    """A number in `spec`, or "-" where the run had none (a result from before the field existed)."""
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(res: dict) -> str:
     lines = ["# bench-train", "", f"Machine: {res['machine']}; command: `{res['command']}`.", ""]
     if "switch" in res:
@@ -598,12 +619,16 @@ def markdown(res: dict) -> str:
             f"## User solve above the switch ({g['items']:,} products, {g['merchants']} merchants, {g['rounds']} "
             f"rounds, seed {g['seed']}; popularity {g['popularity_test_recall@20']:.4f})",
             "",
-            "| variant | validation recall@20 by round | released round | test recall@20 |",
-            "|---|---|---:|---:|",
+            "| variant | validation recall@20 by round | released round | prior weight | test recall@20 | "
+            "without the prior |",
+            "|---|---|---:|---:|---:|---:|",
         ]
         for name, v in g["variants"].items():
             curve = ", ".join(f"{r}: {x:.4f}" for r, x in v["val_recall@20_by_round"].items())
-            lines.append(f"| {name} | {curve} | {v['released_round']} | {v['test_recall@20']:.4f} |")
+            lines.append(
+                f"| {name} | {curve} | {v['released_round']} | {_maybe(v.get('popularity_prior_weight'), 'g')} | "
+                f"{v['test_recall@20']:.4f} | {_maybe(v.get('test_recall@20_without_prior'), '.4f')} |"
+            )
         lines.append("")
     if "large" in res:
         g = res["large"]
@@ -615,7 +640,9 @@ def markdown(res: dict) -> str:
             f"{g['seconds_per_round']:.1f} s per round, peak RSS {g['peak_rss_mb']:,.0f} MB, "
             f"{g['upload_bytes_per_merchant'] / 1e6:.1f} MB uploaded per merchant per round, "
             f"recall@20 {g['recall@20']:.4f} for the model {g['rounds']} rounds release (round "
-            f"{g.get('released_round', g['rounds'])}, the best validated; pooled popularity on the same "
+            f"{g.get('released_round', g['rounds'])}, the best validated; popularity prior weight "
+            f"{_maybe(g.get('popularity_prior_weight'), 'g')}, without it "
+            f"{_maybe(g.get('test_recall@20_without_prior'), '.4f')}; pooled popularity on the same "
             f"customers: {g['popularity_recall@20']:.4f}).",
             "",
         ]

@@ -42,8 +42,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.features import build_item_features
+from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import aggregate_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
@@ -384,6 +385,8 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
     check_networked(cfg)
+    if (why := popularity_prior.networked_refuses(cfg.local, features.n_items, cfg.privacy.enabled)) is not None:
+        raise ConfigError(why)
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)

@@ -11,7 +11,7 @@ from fedrec.config import RunConfig, aggregation_rule, config_from_dict
 from fedrec.errors import FedrecError
 from fedrec.training.data import load_dataset
 from fedrec.training.export import export_catalogue, new_items_entry, write_export
-from fedrec.training.train import TrainedRun, choice_entry, run_dir, save_checkpoint, train
+from fedrec.training.train import TrainedRun, choice_entry, popularity_entry, run_dir, save_checkpoint, train
 
 
 def _card(
@@ -24,6 +24,7 @@ def _card(
     dp: dict | None = None,
     refit_rounds: int = 0,
     validation_choice: dict | None = None,
+    popularity_prior: dict | None = None,
 ) -> dict:
     return {
         "dataset": dataset.name,
@@ -38,6 +39,9 @@ def _card(
         # local.candidates (or local.temperature = 0): each candidate's validation recall@20 and the one
         # kept; `config` holds the kept settings
         "validation_choice": validation_choice,
+        # Above the full-softmax switch: the weight of w log(1 + buyers) added to every score, chosen on
+        # validation (fedrec/federated/popularity_prior.py); null: no prior
+        "popularity_prior": popularity_prior,
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
         "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
@@ -65,7 +69,7 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     res = run.result
     card = _card(
         cfg, run.dataset, history, res.best_round, res.seconds, run.test, res.privacy, res.refit_rounds,
-        choice_entry(res),
+        choice_entry(res), popularity_entry(res),
     )  # fmt: skip
     items, vecs = export_catalogue(cfg, run.dataset.items, run.dataset.new_items, run.result.item_state)
     path = write_export(
@@ -106,7 +110,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     export_cfg = RunConfig(**{**vars(train_cfg), "output": cfg.output})
     card = _card(
         export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy"),
-        ckpt.get("refit_rounds", 0), ckpt.get("validation_choice"),
+        ckpt.get("refit_rounds", 0), ckpt.get("validation_choice"), ckpt.get("popularity_prior"),
     )  # fmt: skip
     path = write_export(
         root,

@@ -77,6 +77,12 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
             + "".join(f"; {label} skipped ({why})" for label, why in choice.skipped.items())
         )
         cfg = trained_with(cfg, result)
+    if result.popularity is not None:  # a large catalogue: the prior's weight, chosen on validation
+        prior = result.popularity
+        console.print(
+            f"popularity prior chosen on validation recall@20: weight {prior.weight:g}; among "
+            + "; ".join(f"{w:g} ({v:.4f})" for w, v in prior.scores.items())
+        )
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     return TrainedRun(cfg, dataset, features, result, test)
@@ -86,6 +92,11 @@ def choice_entry(result: TrainResult) -> dict | None:
     """What a run chose on validation, as the model card and the checkpoint record it."""
     c = result.choice
     return None if c is None else {"chosen": c.label, "val_recall@20": c.scores, "skipped": c.skipped}
+
+
+def popularity_entry(result: TrainResult) -> dict | None:
+    """The popularity prior a large-catalogue run chose on validation, as the card records it."""
+    return None if result.popularity is None else result.popularity.entry()
 
 
 def save_checkpoint(run: TrainedRun, path: Path) -> None:
@@ -102,5 +113,6 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "test": run.test,
         "privacy": run.result.privacy,
         "validation_choice": choice_entry(run.result),
+        "popularity_prior": popularity_entry(run.result),
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

@@ -88,6 +88,10 @@ class LocalConfig:
     # The user solve's weight above `full_softmax_max_items` (0 is off), chosen on the validation
     # slice of a generated 62,572-product marketplace (`make bench-train TRAIN_PARTS=user_solve`).
     sampled_user_solve_reg: float = 10.0
+    # Above the switch, a popularity prior w log(1 + buyers) added to the released model's scores,
+    # with w chosen on the validation slice among these (`fedrec/federated/popularity_prior.py`);
+    # () is off. The grid runs from none to mostly popularity.
+    sampled_popularity_weights: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
     # Sampled softmax: this many uniformly drawn negatives per step besides the in-batch ones
     # (mixed negative sampling); 0 is in-batch only. Chosen by measurement (README, "Scale").
     uniform_negatives: int = 1024

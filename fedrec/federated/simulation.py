@@ -27,6 +27,7 @@ from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
+from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import (
     ALS,
     add_sums,
@@ -123,6 +124,9 @@ class TrainResult:
     # With local.candidates or local.temperature = 0: what validation chose, and the settings the
     # model was trained with; None: the run's own settings.
     choice: Choice | None = None
+    # Above the full-softmax switch: the popularity prior validation chose, already added to
+    # `item_biases` (`fedrec/federated/popularity_prior.py`); None: no prior.
+    popularity: popularity_prior.PopularityPrior | None = None
 
     @property
     def temperature(self) -> float | None:
@@ -206,15 +210,52 @@ def run_federated(
     """
     candidates = candidates_of(model_cfg, local_cfg)
     if candidates:
-        return choose_on_validation(dataset, features, candidates, fed_cfg, on_round, on_message, dp, tamper)
-    if trains_on_validation(fed_cfg, dp is not None):
+        res = choose_on_validation(dataset, features, candidates, fed_cfg, on_round, on_message, dp, tamper)
+    elif trains_on_validation(fed_cfg, dp is not None):
         whole = with_validation_in_train(dataset)
         res = _train(whole, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper, True)
-        return dataclasses.replace(res, refit_rounds=len(res.history))
-    first = _train(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
-    if not refits(fed_cfg, dp, first.best_round):
-        return first
-    return refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, first, on_round, on_message, tamper)
+        res = dataclasses.replace(res, refit_rounds=len(res.history))
+    else:
+        res = _train(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
+        if refits(fed_cfg, dp, res.best_round):
+            res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, res, on_round, on_message, tamper)
+    return with_popularity_prior(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
+
+
+def with_popularity_prior(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    local_cfg: LocalConfig,
+    fed_cfg: FederationConfig,
+    res: TrainResult,
+    private: bool,
+) -> TrainResult:
+    """Above the full-softmax switch: the popularity prior's weight chosen on the validation slice
+    with the early-stopped model (trained on train alone, so validation is unseen), then its
+    offsets, from the buyers of the data each model trained on, added to the item biases of the
+    released model and of the early-stopped one (`fedrec/federated/popularity_prior.py`)."""
+    if res.choice is not None:  # the settings validation kept
+        model_cfg, local_cfg = res.choice.model, res.choice.local
+    if not popularity_prior.applies(local_cfg, dataset.n_items, private):
+        return res
+    judged = res.early_stopped or res
+    val_rows = {m.name: sample_customers(m.val, fed_cfg.val_customers, fed_cfg.seed) for m in dataset.merchants}
+    weight, scores = popularity_prior.choose_weight(
+        dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
+        judged.item_biases, local_cfg.sampled_popularity_weights, val_rows,
+    )  # fmt: skip
+
+    def shifted(run: TrainResult, with_validation: bool) -> TrainResult:
+        buyers = popularity_prior.pooled_buyers(dataset.merchants, with_validation)
+        offsets = popularity_prior.prior_offsets(buyers, weight)
+        chosen = popularity_prior.PopularityPrior(weight, scores, offsets)
+        return dataclasses.replace(
+            run, item_biases=popularity_prior.with_offsets(run.item_biases, offsets), popularity=chosen
+        )
+
+    early = None if res.early_stopped is None else shifted(res.early_stopped, False)
+    return dataclasses.replace(shifted(res, res.refit_rounds > 0), early_stopped=early)
 
 
 def choose_on_validation(
