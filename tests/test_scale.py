@@ -243,7 +243,7 @@ def run_small_bench_train(parts: str, out_dir) -> dict:  # noqa: ANN001
 def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""
-    res = run_small_bench_train("switch,losses,uploads,user_solve,large", tmp_path)
+    res = run_small_bench_train("switch,losses,uploads,user_solve,als_reference,large", tmp_path)
     assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
     assert set(res["losses"]["variants"]) == {"softmax", "sampled_in_batch", "sampled_mixed_1024"}
     assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
@@ -267,6 +267,10 @@ def test_bench_train_small_variant(tmp_path):
         assert prior[str(v["popularity_prior_weight"])] == max(prior.values())
         assert 0.0 <= v["test_recall@20_without_prior"] <= 1.0
     assert large["popularity_prior_weight"] in (0.0, 0.1, 0.3, 1.0, 3.0)
+    als = res["als_reference"]  # chosen on validation from its small grid: the best of two fits
+    assert set(als["val_recall@20"]) == {"factors=4,regularization=0.1,alpha=5", "factors=4,regularization=1,alpha=5"}
+    kept = f"factors={als['settings']['factors']},regularization={als['settings']['regularization']:g},alpha=5"
+    assert als["val_recall@20"][kept] == max(als["val_recall@20"].values()) and 0.0 <= als["test_recall@20"] <= 1.0
     assert "Marketplace scale" in (tmp_path / "bench-train.md").read_text()
     assert "User solve above the switch" in (tmp_path / "bench-train.md").read_text()
 

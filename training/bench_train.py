@@ -63,7 +63,10 @@ RESULTS = Path("results")
 # The benchmarks measure the fedavg message (upload bytes, seconds): rowwise, which `auto` picks on
 # catalogues with one id row per product, adds per-row weights to it.
 PINNED_RULE = "fedavg"
-PARTS = ("switch", "losses", "uploads", "user_solve", "large", "popularity", "time_to_target", "flower_simulation")
+PARTS = (
+    "switch", "losses", "uploads", "user_solve", "als_reference", "large", "popularity", "time_to_target",
+    "flower_simulation",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class BenchTrainConfig:
     user_solve_regs: tuple[float, ...] = (0.0, 3.0, 10.0, 30.0)  # 0: no user solve
     user_solve_rounds: int = 20
     user_solve_val_every: int = 5
+    # implicit's ALS beside the user_solve part, chosen on validation among these (8 fits: the whole
+    # of `make evaluate`'s ALS_GRID, 96 fits, would cost more than the part it stands beside)
+    als_factors: tuple[int, ...] = (16, 64)
+    als_regs: tuple[float, ...] = (0.1, 10.0)
+    als_alphas: tuple[float, ...] = (5.0, 20.0)
     switch_sizes: tuple[int, ...] = (1_000, 10_000, 50_000, 100_000, 1_000_000)
     switch_steps: int = 20
     full_softmax_max_items: int = LocalConfig.full_softmax_max_items  # the small variant lowers it
@@ -116,6 +124,9 @@ SMALL = BenchTrainConfig(
     user_solve_regs=(0.0, 3.0),
     user_solve_rounds=2,
     user_solve_val_every=1,
+    als_factors=(4,),
+    als_regs=(0.1, 1.0),
+    als_alphas=(5.0,),
     switch_sizes=(1_000, 5_000),
     switch_steps=2,
     full_softmax_max_items=1_000,
@@ -327,6 +338,30 @@ def user_solve(cfg: BenchTrainConfig) -> dict:
         print(f"user_solve reg {reg}: {out[f'sampled_user_solve_reg={reg}']}", flush=True)
     return {"items": ds.n_items, "merchants": len(ds.merchants), "rounds": cfg.user_solve_rounds, "seed": cfg.seed,
             "id_rows": cfg.id_rows, "popularity_test_recall@20": popularity_recall(ds, 0), "variants": out}  # fmt: skip
+
+
+def als_reference(cfg: BenchTrainConfig) -> dict:
+    """implicit's ALS on the pooled data of the `user_solve` catalogue: settings chosen on the
+    validation slice (`als_*`), refit on train + validation, test recall@20 of every customer. A
+    centralized reference beside popularity for what the federated model reaches there."""
+    from fedrec.baselines import implicit_als
+    from fedrec.training.evaluate import choose_als_settings
+
+    ds, _ = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
+    grid = {"factors": cfg.als_factors, "regularization": cfg.als_regs, "alpha": cfg.als_alphas}
+    settings, scores = choose_als_settings(ds, (cfg.seed,), grid)
+    users, items = implicit_als(pooled(ds).full_train, **settings, seed=cfg.seed)
+    bounds = np.cumsum([0] + [m.n_users for m in ds.merchants])
+    rows = {m.name: users[bounds[i] : bounds[i + 1]] for i, m in enumerate(ds.merchants)}
+    out = {
+        "items": ds.n_items,
+        "seed": cfg.seed,
+        "settings": settings,
+        "val_recall@20": scores,
+        "test_recall@20": _sampled_recall(ds, 0, lambda m: (rows[m.name], items)),
+    }
+    print(f"als_reference: {out}", flush=True)
+    return out
 
 
 def large(cfg: BenchTrainConfig) -> dict:
@@ -568,7 +603,8 @@ def flower_simulation(cfg: BenchTrainConfig) -> list[dict] | None:
 
 
 def _run_part(part: str, cfg: BenchTrainConfig) -> dict | list | None:
-    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "user_solve": user_solve, "large": large}
+    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "user_solve": user_solve,
+             "als_reference": als_reference, "large": large}  # fmt: skip
     parts["popularity"] = popularity_references
     return {**parts, "time_to_target": time_to_target, "flower_simulation": flower_simulation}[part](cfg)
 
@@ -630,6 +666,14 @@ def markdown(res: dict) -> str:
                 f"{v['test_recall@20']:.4f} | {_maybe(v.get('test_recall@20_without_prior'), '.4f')} |"
             )
         lines.append("")
+    if "als_reference" in res:
+        g = res["als_reference"]
+        lines += [
+            f"implicit's ALS on the pooled data of the same catalogue ({g['items']:,} products; "
+            + ", ".join(f"{k} {v:g}" for k, v in g["settings"].items())
+            + f", chosen on validation): test recall@20 {g['test_recall@20']:.4f}.",
+            "",
+        ]
     if "large" in res:
         g = res["large"]
         lines += [
