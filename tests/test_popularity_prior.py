@@ -53,7 +53,7 @@ def test_pooled_buyers_counts_customers_per_product_over_merchants():
 def test_offsets_add_to_every_kind_of_item_bias():
     offsets = torch.tensor([1.0, 2.0, 3.0])
     out = prior.with_offsets({"none": None, "own": torch.ones(3), "grouped": torch.zeros(2, 3)}, offsets)
-    torch.testing.assert_close(out["none"], offsets)
+    assert out["none"] is offsets  # shared, not copied per merchant
     torch.testing.assert_close(out["own"], offsets + 1)
     torch.testing.assert_close(out["grouped"], offsets.expand(2, 3))
 

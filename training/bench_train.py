@@ -163,7 +163,10 @@ def prior_fields(res, ds: FederatedDataset, features: ItemFeatures, model: Model
     if res.popularity is None:
         return {"popularity_prior_weight": None}
     offsets = res.popularity.offsets
-    plain = dataclasses.replace(res, item_biases={k: b - offsets for k, b in res.item_biases.items()})
+    # shared by every merchant without a bias of its own (`popularity_prior.shifted`): no copies
+    plain = dataclasses.replace(
+        res, item_biases={k: None if b is offsets else b - offsets for k, b in res.item_biases.items()}
+    )
     return {
         "popularity_prior_weight": res.popularity.weight,
         "popularity_prior_val_recall@20": {str(w): v for w, v in res.popularity.scores.items()},

@@ -246,7 +246,7 @@ def with_popularity_prior(
         judged.item_biases, local_cfg.sampled_popularity_weights, val_rows,
     )  # fmt: skip
 
-    def shifted(run: TrainResult, with_validation: bool) -> TrainResult:
+    def prior_added(run: TrainResult, with_validation: bool) -> TrainResult:
         buyers = popularity_prior.pooled_buyers(dataset.merchants, with_validation)
         offsets = popularity_prior.prior_offsets(buyers, weight)
         chosen = popularity_prior.PopularityPrior(weight, scores, offsets)
@@ -254,8 +254,8 @@ def with_popularity_prior(
             run, item_biases=popularity_prior.with_offsets(run.item_biases, offsets), popularity=chosen
         )
 
-    early = None if res.early_stopped is None else shifted(res.early_stopped, False)
-    return dataclasses.replace(shifted(res, res.refit_rounds > 0), early_stopped=early)
+    early = None if res.early_stopped is None else prior_added(res.early_stopped, False)
+    return dataclasses.replace(prior_added(res, res.refit_rounds > 0), early_stopped=early)
 
 
 def choose_on_validation(
