@@ -7,11 +7,11 @@ trained model's scores, after training, lifted validation recall@20 from 0.036 t
 (popularity alone: 0.036). Training with the prior inside the loss did worse on validation (one
 probe: 0.024, 0.004 and 0.031 at rounds 5, 10 and 15), so it is added to the released scores only.
 
-The counts are the sum over merchants of each one's buyers per product: one dense vector per
-merchant, what a secure sum (SecAgg+) would reveal and no more; the tower's own sum already moves
-the rows of the products sold. It is not differentially private, so DP runs never use it. The
-networked runtime has no exchange for it yet and refuses a large catalogue that asks for it
-(`networked_refuses`).
+The counts are the sum over merchants of each one's buyers per product, and only that sum enters
+the prior: a secure sum (SecAgg+) of one dense vector per merchant would reveal exactly it. The
+in-process runtime, which sees every merchant's sums anyway, adds them in the clear; the networked
+runtime has no exchange for it yet and refuses a large catalogue that asks for it
+(`networked_refuses`). The counts carry no noise, so DP runs never use the prior.
 
 The prior enters as an item bias (`scoring_vectors`: [u, 1] . [v, b]), so evaluation, the export
 (each merchant's `item_bias.npy`), FAISS and the fold-in rank with it unchanged.
