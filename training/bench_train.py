@@ -348,14 +348,13 @@ def als_reference(cfg: BenchTrainConfig) -> dict:
     validation slice (`als_*`), refit on train + validation, test recall@20 of every customer. A
     centralized reference beside popularity for what the federated model reaches there."""
     from fedrec.baselines import implicit_als
-    from fedrec.training.evaluate import choose_als_settings
+    from fedrec.training.evaluate import _split_rows, choose_als_settings
 
     ds, _ = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
     grid = {"factors": cfg.als_factors, "regularization": cfg.als_regs, "alpha": cfg.als_alphas}
     settings, scores = choose_als_settings(ds, (cfg.seed,), grid)
     users, items = implicit_als(pooled(ds).full_train, **settings, seed=cfg.seed)
-    bounds = np.cumsum([0] + [m.n_users for m in ds.merchants])
-    rows = {m.name: users[bounds[i] : bounds[i + 1]] for i, m in enumerate(ds.merchants)}
+    rows = _split_rows(ds, users)
     out = {
         "items": ds.n_items,
         "seed": cfg.seed,

@@ -45,7 +45,7 @@ class PopularityPrior:
         return {
             "weight": self.weight,
             "val_recall@20": {str(w): s for w, s in self.scores.items()},
-            "counts": "buyers per product, summed over merchants (a secure sum's output)",
+            "counts": "buyers per product, summed over merchants (in-process: added in the clear)",
         }
 
 
@@ -111,5 +111,4 @@ def choose_weight(
                 "data.val_fraction > 0, or local.sampled_popularity_weights = [] (no prior)"
             )
         scores[float(w)] = total.means()["recall@20"]
-    best = max(scores, key=lambda w: (scores[w], -list(scores).index(w)))
-    return best, scores
+    return max(scores, key=scores.get), scores  # max keeps the first of equals: the earlier weight

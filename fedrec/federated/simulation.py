@@ -222,6 +222,12 @@ def run_federated(
     return with_popularity_prior(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
 
 
+def validation_rows(dataset: FederatedDataset, fed_cfg: FederationConfig) -> dict[str, np.ndarray | None]:
+    """Each merchant's validation customers (`val_customers`, seeded): early stopping and the
+    popularity prior's choice score the same ones, so the prior's weight 0 scores the best round."""
+    return {m.name: sample_customers(m.val, fed_cfg.val_customers, fed_cfg.seed) for m in dataset.merchants}
+
+
 def with_popularity_prior(
     dataset: FederatedDataset,
     features: ItemFeatures,
@@ -240,7 +246,7 @@ def with_popularity_prior(
     if not popularity_prior.applies(local_cfg, dataset.n_items, private):
         return res
     judged = res.early_stopped or res
-    val_rows = {m.name: sample_customers(m.val, fed_cfg.val_customers, fed_cfg.seed) for m in dataset.merchants}
+    val_rows = validation_rows(dataset, fed_cfg)
     weight, scores = popularity_prior.choose_weight(
         dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
         judged.item_biases, local_cfg.sampled_popularity_weights, val_rows,
@@ -392,7 +398,7 @@ def _train(
     }
     biases = {m.name: init_item_bias(dataset.n_items, model_cfg, m.user_groups) for m in dataset.merchants}
     server = ServerOptimizer(fed_cfg.server)
-    val_rows = {m.name: sample_customers(m.val, fed_cfg.val_customers, fed_cfg.seed) for m in dataset.merchants}
+    val_rows = validation_rows(dataset, fed_cfg)
     history: list[RoundLog] = []
     best = (-1.0, 0, global_state, dict(users), dict(biases))
     for rnd in range(1, rounds + 1):
