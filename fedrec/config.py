@@ -196,6 +196,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.federation.robust in ROBUST_RULES, f"federation.robust must be one of {ROBUST_RULES}"),
         (0 <= cfg.federation.trim < 0.5, "federation.trim must be in [0, 0.5)"),
         (
+            cfg.federation.clip_multiple >= 1,
+            "federation.clip_multiple must be >= 1 (norm_clip's bounds, in multiples of the round's medians)",
+        ),
+        (
             cfg.federation.robust == "none" or cfg.federation.aggregation != "rowwise",
             "federation.robust needs federation.aggregation = 'fedavg' or 'auto' (a robust rule reads whole deltas)",
         ),

@@ -48,6 +48,20 @@ def test_norm_clip_bounds_each_delta_and_each_weight_by_the_rounds_median():
     assert torch.allclose(got, want[None])
 
 
+def test_norm_clip_multiple_scales_both_bounds_and_at_a_large_one_is_the_weighted_mean():
+    msgs = [message([3.0, 4.0], 1), message([0.0, 1.0], 2), message([30.0, 40.0], 1000)]
+    # multiple 4: norms bounded at 4 x 5 = 20 (the last scaled by 0.4), weights capped at 4 x 2 = 8
+    got = robust_delta(msgs, "norm_clip", clip_multiple=4.0)["item_emb.weight"]
+    want = (1 * torch.tensor([3.0, 4.0]) + 2 * torch.tensor([0.0, 1.0]) + 8 * torch.tensor([12.0, 16.0])) / 11
+    assert torch.allclose(got, want[None])
+    # bounds above every norm and weight: nothing is clipped, so it is fedavg's weighted mean
+    loose = robust_delta(msgs, "norm_clip", clip_multiple=1000.0)["item_emb.weight"]
+    fedavg = (1 * torch.tensor([3.0, 4.0]) + 2 * torch.tensor([0.0, 1.0]) + 1000 * torch.tensor([30.0, 40.0])) / 1003
+    assert torch.allclose(loose, fedavg[None])
+    with pytest.raises(ValueError, match="clip_multiple"):
+        robust_delta(msgs, "norm_clip", clip_multiple=0.5)
+
+
 def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():
     honest = [message([1.0, 1.0], 10), message([1.2, 0.8], 10), message([0.9, 1.1], 10)]
     evil = message([-1000.0, 1000.0], 10_000)
@@ -86,6 +100,8 @@ def test_bad_robust_settings_are_refused():
         load_config(None, {"federation.robust": "krum"})
     with pytest.raises(ConfigError, match="federation.trim"):
         load_config(None, {"federation.trim": 0.5})
+    with pytest.raises(ConfigError, match="federation.clip_multiple"):
+        load_config(None, {"federation.clip_multiple": 0.9})
     with pytest.raises(ConfigError, match="fedavg"):
         load_config(None, {"federation.robust": "median", "federation.aggregation": "rowwise"})
 

@@ -434,6 +434,21 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert set(partial["commands"]) == {"leakage", "membership", "poisoning", "poisoning_colluding"}
     bad = CliRunner().invoke(app, [*args, "--parts", "leakage,spying"])
     assert bad.exit_code != 0 and "choose from leakage, membership, poisoning" in bad.output
+    # Some rules rerun: their rows are added or replaced, the other rules' rows stay.
+    loose = [*args, "--parts", "poisoning", "--rules", "norm_clip", "--clip-multiples", "1,1000", "--colluders", "1"]
+    result = CliRunner().invoke(app, loose)
+    assert result.exit_code == 0, result.output
+    after = json.loads((tmp_path / "attack-report.json").read_text())
+    rows = after["poisoning"]["rules"]
+    assert list(rows) == ["rowwise", "norm_clip", "trimmed_mean", "median", "norm_clip_x1000"]
+    assert rows["rowwise"] == poison["rules"]["rowwise"] and "command" in rows["rowwise"]
+    assert rows["norm_clip"]["clip_multiple"] == 1.0 and rows["norm_clip_x1000"]["clip_multiple"] == 1000.0
+    assert rows["norm_clip_x1000"]["command"] == after["command"]  # each row names the run that made it
+    assert after["poisoning_colluding"] == report["poisoning_colluding"]  # --colluders 1: not rerun
+    assert all(0 < r["clean_val_recall@20"] < 1 for r in (rows["norm_clip"], rows["norm_clip_x1000"]))
+    for flag, value in (("--clip-multiples", "0.5"), ("--clip-multiples", "x"), ("--rules", "krum")):
+        bad = CliRunner().invoke(app, [*loose, flag, value])
+        assert bad.exit_code != 0 and flag in bad.output and "Traceback" not in bad.output, bad.output
 
 
 def test_attack_report_refuses_split_rows_without_a_split(tmp_path):

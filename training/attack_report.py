@@ -192,6 +192,9 @@ class PoisonConfig:
     boost: float = 100.0
     strength: float = 20.0  # the crafted target row's length, in units of the longest other row
     rules: tuple[str, ...] = ("none", "norm_clip", "trimmed_mean", "median")
+    # norm_clip runs once per multiple of the round's medians (`federation.clip_multiple`); a row
+    # other than 1 is named norm_clip_x<multiple>
+    clip_multiples: tuple[float, ...] = (1.0,)
     # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
     # same target along the same direction each round (one shared random stream).
     attackers: int = 1
@@ -215,11 +218,11 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
     n_fake = max(1, round(pc.fake_share * sum(m.n_users for m in honest)))
     out: dict = {"attackers": pc.attackers, "fake_customers": n_fake, "boost": pc.boost, "strength": pc.strength,
                  "filler": pc.filler, "rounds": pc.rounds, "seeds": list(pc.seeds), "rules": {}}  # fmt: skip
-    for rule in pc.rules:
+    for rule, multiple in _rule_rows(pc):
         runs = []
         for seed in pc.seeds:
             target = pick_target(counts, seed)
-            fed = dataclasses.replace(cfg.federation, robust=rule, rounds=pc.rounds, seed=seed)
+            fed = dataclasses.replace(cfg.federation, robust=rule, rounds=pc.rounds, seed=seed, clip_multiple=multiple)
             names = ["mallory", *(f"mallory{j}" for j in range(1, pc.attackers))]
             fakes = [
                 fake_merchant(dataset.n_items, target, popular, n_fake, pc.filler, 1000 * j + seed, name)
@@ -236,21 +239,32 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
                 row[f"{label}_exposure"] = exposure(honest, res.user_embeddings, vecs, res.item_biases, target)
                 test = evaluate_test_all(honest, res.user_embeddings, vecs, res.item_biases)
                 row[f"{label}_recall@20"] = test["overall"]["recall@20"]
+                if label == "clean":  # what a setting may be chosen by: the early-stopped round's validation
+                    row["clean_val_recall@20"] = {h.round: h.val_recall_at_20 for h in res.history}.get(res.best_round)
             runs.append(row)
-            console.print(f"  poisoning, {rule}, seed {seed}: {row}")
+            console.print(f"  poisoning, {rule} (multiple {multiple:g}), seed {seed}: {row}")
         # no robust rule: the configured aggregation as run (auto resolves to rowwise on a shop
         # with one id row per product), the rule that works under secure aggregation
         name = aggregation_rule(cfg, dataset.n_items) if rule == "none" else rule
+        if rule == "norm_clip" and multiple != 1:
+            name = f"norm_clip_x{multiple:g}"
         mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k.endswith(("exposure", "recall@20"))}
         out["rules"][name] = {
             "target_exposure": mean["attacked_exposure"],
             "clean_exposure": mean["clean_exposure"],
             "recall@20": mean["attacked_recall@20"],
             "clean_recall@20": mean["clean_recall@20"],
+            "clean_val_recall@20": mean["clean_val_recall@20"],
             "secure_aggregation_compatible": rule == "none",
+            **({"clip_multiple": multiple} if rule == "norm_clip" else {}),
             "runs": runs,
         }
     return out
+
+
+def _rule_rows(pc: PoisonConfig) -> list[tuple[str, float]]:
+    """(rule, clip multiple) for each row of the report: norm_clip once per multiple."""
+    return [(rule, m) for rule in pc.rules for m in (pc.clip_multiples if rule == "norm_clip" else (1.0,))]
 
 
 SECTIONS = ("leakage", "membership", "poisoning", "poisoning_colluding")
@@ -265,6 +279,22 @@ def write_attack_report(res: dict, results_dir: Path, command: str) -> Path:
         old = {}  # another dataset's report: nothing of it is kept
     commands = old.get("commands") or {k: old["command"] for k in SECTIONS if k in old}
     commands |= {k: command for k in SECTIONS if k in res}
+    res = dict(res)
+    for k in ("poisoning", "poisoning_colluding"):
+        if k not in res:
+            continue
+        rows = {rule: {**r, "command": command} for rule, r in res[k]["rules"].items()}
+        if _same_attack(old.get(k), res[k]):  # a run of some rules keeps the other rules' rows
+            rows = {rule: {"command": commands.get(k, ""), **r} for rule, r in old[k]["rules"].items()} | rows
+        res[k] = {**res[k], "rules": rows}
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_json(path, {**old, **res, "created": created, "command": command, "commands": commands})
     return path
+
+
+def _same_attack(old: dict | None, new: dict) -> bool:
+    """Whether two poisoning sections ran the same attack (then their rows compare, rule by rule)."""
+    return old is not None and all(old.get(k) == new.get(k) for k in ATTACK_KEYS)
+
+
+ATTACK_KEYS = ("attackers", "fake_customers", "boost", "strength", "filler", "rounds", "seeds")

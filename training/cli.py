@@ -156,6 +156,13 @@ def attack_report_cmd(
     parts: Annotated[
         str, typer.Option(help="Comma-separated: leakage, membership, poisoning; the file keeps the others.")
     ] = "leakage,membership,poisoning",
+    rules: Annotated[
+        str,
+        typer.Option(help="Poisoning: comma-separated aggregation rules to run; the file keeps the other rules' rows."),
+    ] = "none,norm_clip,trimmed_mean,median",
+    clip_multiples: Annotated[
+        str, typer.Option(help="Poisoning: norm_clip's bounds to run, in multiples of the round's medians (>= 1).")
+    ] = "1",
 ) -> None:
     """Leakage (with and without SecAgg and DP), membership and poisoning attacks: results/attack-report.json."""
     import dataclasses
@@ -195,7 +202,12 @@ def attack_report_cmd(
     if "membership" in chosen:
         res["membership"] = membership_report(cfg, epsilon, dp_rounds, console, split)
     if "poisoning" in chosen:
-        poison = PoisonConfig(rounds=poison_rounds, seeds=tuple(range(seeds)))
+        poison = PoisonConfig(
+            rounds=poison_rounds,
+            seeds=tuple(range(seeds)),
+            rules=_robust_rules(rules),
+            clip_multiples=_clip_multiples(clip_multiples),
+        )
         res["poisoning"] = poisoning_report(cfg, console, poison)
         if colluders > 1:
             res["poisoning_colluding"] = poisoning_report(
@@ -213,6 +225,25 @@ def attack_report_cmd(
                 f"(clean {r['clean_exposure']:.3f}), recall@20 {r['recall@20']:.4f} (clean {r['clean_recall@20']:.4f})"
             )
     console.print(f"results: {path}")
+
+
+def _robust_rules(text: str) -> tuple[str, ...]:
+    from fedrec.federated.robust import ROBUST_RULES
+
+    chosen = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not chosen or set(chosen) - set(ROBUST_RULES):
+        raise FedrecError(f"--rules {text!r}: choose from {', '.join(ROBUST_RULES)}")
+    return chosen
+
+
+def _clip_multiples(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not v >= 1 for v in values):
+        raise FedrecError(f"--clip-multiples {text!r}: expected comma-separated numbers >= 1, e.g. 1,2,4")
+    return values
 
 
 @app.command("compare-on-validation")

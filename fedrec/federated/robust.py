@@ -7,9 +7,11 @@ here reads every merchant's own delta, so it needs the coordinator to see them: 
 run under secure aggregation**, which shows the coordinator only the sum. That is the trade-off
 the operator chooses (`federation.robust`, in-process runtime; the networked runtime refuses it).
 
-- norm_clip: each merchant's delta is scaled down to at most the round's median delta norm, and its
-  weight capped at the round's median n_k (Sun et al., 2019, "Can you really backdoor FL?", with
-  the bound taken from the round itself); then the weighted mean. Costs big honest merchants weight.
+- norm_clip: each merchant's delta is scaled down to at most `clip_multiple` times the round's
+  median delta norm, and its weight capped at `clip_multiple` times the round's median n_k (Sun et
+  al., 2019, "Can you really backdoor FL?", with the bound taken from the round itself); then the
+  weighted mean. At 1 it costs big honest merchants most of their weight; a larger multiple lets
+  them through and lets an attacker in further (`make attack-report`, README "Attacks").
 - trimmed_mean: per coordinate, the `trim` share of largest and of smallest values is dropped and
   the rest averaged, unweighted (Yin et al., 2018).
 - median: the coordinate-wise median, unweighted (Yin et al., 2018).
@@ -34,18 +36,24 @@ def _norm(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def robust_delta(
-    messages: Sequence[Mapping[str, torch.Tensor]], rule: str, normalize_steps: bool = False, trim: float = 0.2
+    messages: Sequence[Mapping[str, torch.Tensor]],
+    rule: str,
+    normalize_steps: bool = False,
+    trim: float = 0.2,
+    clip_multiple: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The round's pseudo-gradient from every merchant's own message (pure)."""
     if rule not in ROBUST_RULES or rule == "none":
         raise ValueError(f"unknown robust rule {rule!r}; choose one of {ROBUST_RULES[1:]}")
+    if not clip_multiple >= 1:
+        raise ValueError(f"clip_multiple {clip_multiple} must be >= 1 (below it even the median merchant is clipped)")
     if not messages:
         raise ValueError("no updates to aggregate")
     deltas = [aggregate_sums(m, "fedavg", normalize_steps) for m in messages]
     if rule == "norm_clip":
         norms = torch.stack([_norm(d) for d in deltas])
         weights = torch.stack([m[WEIGHT].double() for m in messages])
-        bound, cap = norms.median(), weights.median()
+        bound, cap = clip_multiple * norms.median(), clip_multiple * weights.median()
         clip = torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
         capped = torch.clamp(weights, max=cap)
         total = float(capped.sum())

@@ -79,6 +79,7 @@ class FederationConfig:
     # delta, so it is incompatible with secure aggregation. "none" is the sum form.
     robust: str = "none"
     trim: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
+    clip_multiple: float = 1.0  # norm_clip: the bounds on a delta's norm and weight, times the round's medians
     # After early stopping has chosen the number of rounds on the validation slice, train again
     # from the same start on every purchase before the cut-off (the validation slice included) for
     # that many rounds, and release that model (`refit_federated`). The validation slice holds each
@@ -434,7 +435,7 @@ def _train(
                 kept.append(message.tensors)
             total = add_sums(total, message.tensors)
         if kept:
-            delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim)
+            delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim, fed_cfg.clip_multiple)
         elif fed_cfg.aggregation == ALS:
             delta = item_step_delta(total, global_state, local_cfg.user_solve_reg)
         else:
