@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -385,7 +386,7 @@ def test_leakage_metrics_score_a_perfect_and_a_blind_attacker():
     assert auc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
 
 
-def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_csv):
+def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_csv, monkeypatch):
     """The attack finds the sold items in one merchant's plain update and not in its DP update."""
     args = [
         "attack-report", "--dataset", "file", "--set", f"data.path={tiny_csv}",
@@ -436,12 +437,16 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert bad.exit_code != 0 and "choose from leakage, membership, poisoning" in bad.output
     # Some rules rerun: their rows are added or replaced, the other rules' rows stay.
     loose = [*args, "--parts", "poisoning", "--rules", "norm_clip", "--clip-multiples", "1,1000", "--colluders", "1"]
-    result = CliRunner().invoke(app, loose)
+    with monkeypatch.context() as m:  # the command the file records for this run
+        m.setattr(sys, "argv", ["fedrec", "attack-report", "--rules", "norm_clip"])
+        result = CliRunner().invoke(app, loose)
     assert result.exit_code == 0, result.output
     after = json.loads((tmp_path / "attack-report.json").read_text())
     rows = after["poisoning"]["rules"]
     assert list(rows) == ["rowwise", "norm_clip", "trimmed_mean", "median", "norm_clip_x1000"]
-    assert rows["rowwise"] == poison["rules"]["rowwise"] and "command" in rows["rowwise"]
+    assert after["command"] == "fedrec attack-report --rules norm_clip"
+    assert rows["rowwise"] == poison["rules"]["rowwise"]  # kept as it was, naming the first run
+    assert rows["rowwise"]["command"] == report["commands"]["poisoning"] != after["command"]
     assert rows["norm_clip"]["clip_multiple"] == 1.0 and rows["norm_clip_x1000"]["clip_multiple"] == 1000.0
     assert rows["norm_clip_x1000"]["command"] == after["command"]  # each row names the run that made it
     assert after["poisoning_colluding"] == report["poisoning_colluding"]  # --colluders 1: not rerun
@@ -449,6 +454,26 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     for flag, value in (("--clip-multiples", "0.5"), ("--clip-multiples", "x"), ("--rules", "krum")):
         bad = CliRunner().invoke(app, [*loose, flag, value])
         assert bad.exit_code != 0 and flag in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_a_rerun_of_some_poisoning_rules_keeps_the_others_rows_only_for_the_same_attack(tmp_path):
+    from fedrec.training.attack_report import write_attack_report
+
+    attack = {"attackers": 1, "fake_customers": 5, "boost": 100.0, "strength": 20.0, "filler": 4, "rounds": 2,
+              "seeds": [0]}  # fmt: skip
+    # a file written before rows named their run: its section's command stands for them
+    before = {"rowwise": {"target_exposure": 0.5}, "norm_clip": {"target_exposure": 0.0}}
+    old = {"dataset": "d", "commands": {"poisoning": "old run"}, "poisoning": {**attack, "rules": before}}
+    (tmp_path / "attack-report.json").write_text(json.dumps(old))
+    new = {"dataset": "d", "poisoning": {**attack, "rules": {"norm_clip": {"target_exposure": 0.1}}}}
+    rows = json.loads(write_attack_report(new, tmp_path, "new run").read_text())["poisoning"]["rules"]
+    assert rows == {
+        "rowwise": {"command": "old run", "target_exposure": 0.5},
+        "norm_clip": {"command": "new run", "target_exposure": 0.1},
+    }
+    other = {"dataset": "d", "poisoning": {**attack, "rounds": 3, "rules": {"median": {"target_exposure": 0.0}}}}
+    rows = json.loads(write_attack_report(other, tmp_path, "third run").read_text())["poisoning"]["rules"]
+    assert rows == {"median": {"command": "third run", "target_exposure": 0.0}}  # another attack: nothing kept
 
 
 def test_attack_report_refuses_split_rows_without_a_split(tmp_path):

@@ -25,7 +25,11 @@ who all bought one unpopular target product (and a few popular ones) crafts the 
 each aggregation rule (FedAvg, the sum form secure aggregation allows, and the robust rules of
 `fedrec.federated.robust`, which need to see every merchant's delta), the target's exposure (share
 of real test customers with it in their top-20) with and without the attacker, and the honest
-merchants' test recall@20; a new target and seed each time, mean over seeds.
+merchants' test recall@20; a new target and seed each time, mean over seeds. norm_clip runs
+once per bound (`--clip-multiples`, in multiples of the round's medians), and each clean run
+records its validation recall@20 too, so that a bound can be chosen without reading test labels
+(exposure reads none: it counts the target in customers' top-20 lists). `--rules` reruns some
+rules and keeps the others' rows.
 """
 
 from __future__ import annotations
@@ -277,15 +281,15 @@ def write_attack_report(res: dict, results_dir: Path, command: str) -> Path:
     old = json.loads(path.read_text()) if path.is_file() else {}
     if old.get("dataset", res.get("dataset")) != res.get("dataset"):
         old = {}  # another dataset's report: nothing of it is kept
-    commands = old.get("commands") or {k: old["command"] for k in SECTIONS if k in old}
-    commands |= {k: command for k in SECTIONS if k in res}
+    earlier = old.get("commands") or {k: old["command"] for k in SECTIONS if k in old}
+    commands = earlier | {k: command for k in SECTIONS if k in res}
     res = dict(res)
     for k in ("poisoning", "poisoning_colluding"):
         if k not in res:
             continue
         rows = {rule: {**r, "command": command} for rule, r in res[k]["rules"].items()}
         if _same_attack(old.get(k), res[k]):  # a run of some rules keeps the other rules' rows
-            rows = {rule: {"command": commands.get(k, ""), **r} for rule, r in old[k]["rules"].items()} | rows
+            rows = {rule: {"command": earlier.get(k, ""), **r} for rule, r in old[k]["rules"].items()} | rows
         res[k] = {**res[k], "rules": rows}
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_json(path, {**old, **res, "created": created, "command": command, "commands": commands})
