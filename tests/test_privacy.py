@@ -451,6 +451,13 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert rows["norm_clip_x1000"]["command"] == after["command"]  # each row names the run that made it
     assert after["poisoning_colluding"] == report["poisoning_colluding"]  # --colluders 1: not rerun
     assert all(0 < r["clean_val_recall@20"] < 1 for r in (rows["norm_clip"], rows["norm_clip_x1000"]))
+    # without --clip-multiples, norm_clip runs at the configured bound
+    configured = [*args, "--parts", "poisoning", "--rules", "norm_clip", "--colluders", "1", "--set",
+                  "federation.clip_multiple=3"]  # fmt: skip
+    result = CliRunner().invoke(app, configured)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]["rules"]
+    assert list(rows)[-1] == "norm_clip_x3" and rows["norm_clip_x3"]["clip_multiple"] == 3.0
     for flag, value in (("--clip-multiples", "0.5"), ("--clip-multiples", "x"), ("--rules", "krum")):
         bad = CliRunner().invoke(app, [*loose, flag, value])
         assert bad.exit_code != 0 and flag in bad.output and "Traceback" not in bad.output, bad.output

@@ -252,7 +252,11 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
         name = aggregation_rule(cfg, dataset.n_items) if rule == "none" else rule
         if rule == "norm_clip" and multiple != 1:
             name = f"norm_clip_x{multiple:g}"
-        mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k.endswith(("exposure", "recall@20"))}
+        mean = {
+            k: None if any(r[k] is None for r in runs) else float(np.mean([r[k] for r in runs]))
+            for k in runs[0]
+            if k.endswith(("exposure", "recall@20"))
+        }  # the validation recall is None where a run had no validation slice
         out["rules"][name] = {
             "target_exposure": mean["attacked_exposure"],
             "clean_exposure": mean["clean_exposure"],

@@ -161,8 +161,12 @@ def attack_report_cmd(
         typer.Option(help="Poisoning: comma-separated aggregation rules to run; the file keeps the other rules' rows."),
     ] = "none,norm_clip,trimmed_mean,median",
     clip_multiples: Annotated[
-        str, typer.Option(help="Poisoning: norm_clip's bounds to run, in multiples of the round's medians (>= 1).")
-    ] = "1",
+        str | None,
+        typer.Option(
+            help="Poisoning: norm_clip's bounds to run, in multiples of the round's medians (>= 1); "
+            "default: the configured federation.clip_multiple."
+        ),
+    ] = None,
 ) -> None:
     """Leakage (with and without SecAgg and DP), membership and poisoning attacks: results/attack-report.json."""
     import dataclasses
@@ -206,7 +210,9 @@ def attack_report_cmd(
             rounds=poison_rounds,
             seeds=tuple(range(seeds)),
             rules=_robust_rules(rules),
-            clip_multiples=_clip_multiples(clip_multiples),
+            clip_multiples=(cfg.federation.clip_multiple,)
+            if clip_multiples is None
+            else _clip_multiples(clip_multiples),
         )
         res["poisoning"] = poisoning_report(cfg, console, poison)
         if colluders > 1:
