@@ -461,6 +461,12 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     for flag, value in (("--clip-multiples", "0.5"), ("--clip-multiples", "x"), ("--rules", "krum")):
         bad = CliRunner().invoke(app, [*loose, flag, value])
         assert bad.exit_code != 0 and flag in bad.output and "Traceback" not in bad.output, bad.output
+    # a bad poisoning flag is refused before the first report (leakage) runs, not after it
+    import fedrec.training.attack_report as attack_report
+
+    monkeypatch.setattr(attack_report, "leakage_report", lambda *a, **k: pytest.fail("leakage ran before the check"))
+    bad = CliRunner().invoke(app, [*args, "--rules", "krum"])
+    assert bad.exit_code != 0 and "--rules 'krum': choose from none, norm_clip" in bad.output, bad.output
 
 
 def test_a_rerun_of_some_poisoning_rules_keeps_the_others_rows_only_for_the_same_attack(tmp_path):

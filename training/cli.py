@@ -173,6 +173,7 @@ def attack_report_cmd(
     import sys
 
     from fedrec.config import parse_sets, with_overrides
+    from fedrec.federated.robust import ROBUST_RULES
     from fedrec.training.attack_report import (
         PoisonConfig,
         leakage_report,
@@ -193,10 +194,10 @@ def attack_report_cmd(
         if "privacy.epsilon" in sets:  # every row is labelled with --epsilon: one budget for all
             raise FedrecError("--split-set privacy.epsilon: the split-noise rows use --epsilon, like the others")
         split = with_overrides(cfg, {"privacy.epsilon": epsilon, **sets})
-    chosen = [p.strip() for p in parts.split(",") if p.strip()]
-    unknown = sorted(set(chosen) - {"leakage", "membership", "poisoning"})
-    if unknown or not chosen:
-        raise FedrecError(f"--parts {parts!r}: choose from leakage, membership, poisoning")
+    # every flag is checked before the first report runs: a bad one fails at once, not after leakage
+    chosen = _comma_choices("--parts", parts, ("leakage", "membership", "poisoning"))
+    robust_rules = _comma_choices("--rules", rules, ROBUST_RULES)
+    multiples = (cfg.federation.clip_multiple,) if clip_multiples is None else _clip_multiples(clip_multiples)
     if "leakage" in chosen:
         res = leakage_report(cfg, epsilon, dp_rounds, console, split)
     else:  # the dataset's name, which says whether an earlier report's other sections can stay
@@ -209,10 +210,8 @@ def attack_report_cmd(
         poison = PoisonConfig(
             rounds=poison_rounds,
             seeds=tuple(range(seeds)),
-            rules=_robust_rules(rules),
-            clip_multiples=(cfg.federation.clip_multiple,)
-            if clip_multiples is None
-            else _clip_multiples(clip_multiples),
+            rules=robust_rules,
+            clip_multiples=multiples,
         )
         res["poisoning"] = poisoning_report(cfg, console, poison)
         if colluders > 1:
@@ -233,12 +232,11 @@ def attack_report_cmd(
     console.print(f"results: {path}")
 
 
-def _robust_rules(text: str) -> tuple[str, ...]:
-    from fedrec.federated.robust import ROBUST_RULES
-
-    chosen = tuple(r.strip() for r in text.split(",") if r.strip())
-    if not chosen or set(chosen) - set(ROBUST_RULES):
-        raise FedrecError(f"--rules {text!r}: choose from {', '.join(ROBUST_RULES)}")
+def _comma_choices(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated option's values, each one of `allowed`, at least one."""
+    chosen = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not chosen or set(chosen) - set(allowed):
+        raise FedrecError(f"{flag} {text!r}: choose from {', '.join(allowed)}")
     return chosen
 
 
