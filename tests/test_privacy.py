@@ -458,6 +458,14 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]["rules"]
     assert list(rows)[-1] == "norm_clip_x3" and rows["norm_clip_x3"]["clip_multiple"] == 3.0
+    # a trimmed mean at another trim gets its own row; the default trim's row stays
+    trimmed = [*args, "--parts", "poisoning", "--rules", "trimmed_mean", "--colluders", "1", "--set",
+               "federation.trim=0.4"]  # fmt: skip
+    result = CliRunner().invoke(app, trimmed)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]["rules"]
+    assert list(rows)[-1] == "trimmed_mean_t0.4" and rows["trimmed_mean_t0.4"]["trim"] == 0.4
+    assert rows["trimmed_mean"] == poison["rules"]["trimmed_mean"]  # kept as it was
     for flag, value in (("--clip-multiples", "0.5"), ("--clip-multiples", "x"), ("--rules", "krum")):
         bad = CliRunner().invoke(app, [*loose, flag, value])
         assert bad.exit_code != 0 and flag in bad.output and "Traceback" not in bad.output, bad.output

@@ -53,7 +53,7 @@ from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
 from fedrec.federated.local import local_update
-from fedrec.federated.simulation import run_federated
+from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import init_item_bias, init_user_embeddings, initial_item_state, item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
@@ -252,6 +252,8 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
         name = aggregation_rule(cfg, dataset.n_items) if rule == "none" else rule
         if rule == "norm_clip" and multiple != 1:
             name = f"norm_clip_x{multiple:g}"
+        if rule == "trimmed_mean" and fed.trim != DEFAULT_TRIM:  # a rerun at another trim adds a row
+            name = f"trimmed_mean_t{fed.trim:g}"
         mean = {
             k: None if any(r[k] is None for r in runs) else float(np.mean([r[k] for r in runs]))
             for k in runs[0]
@@ -265,6 +267,7 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
             "clean_val_recall@20": mean["clean_val_recall@20"],
             "secure_aggregation_compatible": rule == "none",
             **({"clip_multiple": multiple} if rule == "norm_clip" else {}),
+            **({"trim": fed.trim} if rule == "trimmed_mean" else {}),
             "runs": runs,
         }
     return out
@@ -276,6 +279,7 @@ def _rule_rows(pc: PoisonConfig) -> list[tuple[str, float]]:
 
 
 SECTIONS = ("leakage", "membership", "poisoning", "poisoning_colluding")
+DEFAULT_TRIM = FederationConfig().trim  # rows at another trim are named for it
 
 
 def write_attack_report(res: dict, results_dir: Path, command: str) -> Path:
