@@ -451,19 +451,19 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert rows["norm_clip_x1000"]["command"] == after["command"]  # each row names the run that made it
     assert after["poisoning_colluding"] == report["poisoning_colluding"]  # --colluders 1: not rerun
     assert all(0 < r["clean_val_recall@20"] < 1 for r in (rows["norm_clip"], rows["norm_clip_x1000"]))
+
+    def one_rule_at(rule: str, setting: str) -> dict:
+        """The poisoning rows after a rerun of `rule` with `--set setting`."""
+        result = CliRunner().invoke(app, [*args, "--parts", "poisoning", "--rules", rule, "--colluders", "1",
+                                          "--set", setting])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]["rules"]
+
     # without --clip-multiples, norm_clip runs at the configured bound
-    configured = [*args, "--parts", "poisoning", "--rules", "norm_clip", "--colluders", "1", "--set",
-                  "federation.clip_multiple=3"]  # fmt: skip
-    result = CliRunner().invoke(app, configured)
-    assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]["rules"]
+    rows = one_rule_at("norm_clip", "federation.clip_multiple=3")
     assert list(rows)[-1] == "norm_clip_x3" and rows["norm_clip_x3"]["clip_multiple"] == 3.0
     # a trimmed mean at another trim gets its own row; the default trim's row stays
-    trimmed = [*args, "--parts", "poisoning", "--rules", "trimmed_mean", "--colluders", "1", "--set",
-               "federation.trim=0.4"]  # fmt: skip
-    result = CliRunner().invoke(app, trimmed)
-    assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]["rules"]
+    rows = one_rule_at("trimmed_mean", "federation.trim=0.4")
     assert list(rows)[-1] == "trimmed_mean_t0.4" and rows["trimmed_mean_t0.4"]["trim"] == 0.4
     assert rows["trimmed_mean"] == poison["rules"]["trimmed_mean"]  # kept as it was
     for flag, value in (("--clip-multiples", "0.5"), ("--clip-multiples", "x"), ("--rules", "krum")):
