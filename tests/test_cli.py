@@ -106,6 +106,18 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         assert result.exit_code == 2, setting
         assert message in result.output and "Traceback" not in result.output
 
+    # comma-separated numbers: refused before any run, with the message for the kind of mistake
+    for flags, message in (
+        (["privacy-report", "--epsilons", "1,x"], "--epsilons '1,x': expected numbers or inf, e.g. 1,8,inf"),
+        (["privacy-report", "--epsilons", "0,8"], "--epsilons '0,8': every budget must be > 0 (inf = no DP)"),
+        (["privacy-report", "--epsilons", "nan"], "--epsilons 'nan': every budget must be > 0"),
+        (["privacy-report", "--epsilons", ","], "--epsilons ',': every budget must be > 0"),
+        (["attack-report", "--clip-multiples", "nan"], "--clip-multiples 'nan': expected comma-separated numbers >= 1"),
+    ):
+        result = runner.invoke(app, flags)
+        assert result.exit_code == 2, flags
+        assert message in result.output and "Traceback" not in result.output, result.output
+
 
 def test_a_dirichlet_partition_trains_end_to_end(tmp_path, tiny_csv):
     """Customers regrouped into 4 category-skewed merchants (m000..m003), trained and exported."""

@@ -5,6 +5,7 @@ Every user-fixable problem (FedrecError) is printed as one `error:` line with ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -115,12 +116,10 @@ def privacy_report_cmd(
 
     from fedrec.training.privacy_report import privacy_report, write_report
 
-    try:
-        eps = [float(e) for e in epsilons.split(",") if e.strip()]
-    except ValueError:
-        raise FedrecError(f"--epsilons {epsilons!r}: expected numbers or inf, e.g. 1,8,inf") from None
-    if not eps or any(not e > 0 for e in eps):
-        raise FedrecError(f"--epsilons {epsilons!r}: every budget must be > 0 (inf = no DP)")
+    eps = _comma_numbers(
+        "--epsilons", epsilons, lambda e: e > 0, "expected numbers or inf, e.g. 1,8,inf",
+        "every budget must be > 0 (inf = no DP)",
+    )  # fmt: skip
     from fedrec.config import parse_sets
 
     cfg = _config(config, dataset, set_)
@@ -128,7 +127,7 @@ def privacy_report_cmd(
     for key in dp_sets:
         if "." not in key:
             raise FedrecError(f"--dp-set {key!r}: expected SECTION.KEY=VALUE, e.g. privacy.noise_split=6")
-    rows = privacy_report(cfg, eps, list(range(seeds)), dp_rounds, console, dp_sets)
+    rows = privacy_report(cfg, list(eps), list(range(seeds)), dp_rounds, console, dp_sets)
     paths = write_report(rows, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
     console.print(f"results: {paths['json']}, {paths['md']}, {paths['png']}")
 
@@ -197,7 +196,13 @@ def attack_report_cmd(
     # every flag is checked before the first report runs: a bad one fails at once, not after leakage
     chosen = _comma_choices("--parts", parts, ("leakage", "membership", "poisoning"))
     robust_rules = _comma_choices("--rules", rules, ROBUST_RULES)
-    multiples = (cfg.federation.clip_multiple,) if clip_multiples is None else _clip_multiples(clip_multiples)
+    multiples = (
+        (cfg.federation.clip_multiple,)
+        if clip_multiples is None
+        else _comma_numbers(
+            "--clip-multiples", clip_multiples, lambda m: m >= 1, "expected comma-separated numbers >= 1, e.g. 1,2,4"
+        )
+    )
     if "leakage" in chosen:
         res = leakage_report(cfg, epsilon, dp_rounds, console, split)
     else:  # the dataset's name, which says whether an earlier report's other sections can stay
@@ -240,13 +245,17 @@ def _comma_choices(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str,
     return chosen
 
 
-def _clip_multiples(text: str) -> tuple[float, ...]:
+def _comma_numbers(
+    flag: str, text: str, valid: Callable[[float], bool], not_numbers: str, out_of_range: str | None = None
+) -> tuple[float, ...]:
+    """A comma-separated option's numbers, at least one, each passing `valid` (a comparison, so NaN
+    fails it); `out_of_range` is the message when one does not (default: `not_numbers`)."""
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        values = ()
-    if not values or any(not v >= 1 for v in values):
-        raise FedrecError(f"--clip-multiples {text!r}: expected comma-separated numbers >= 1, e.g. 1,2,4")
+        raise FedrecError(f"{flag} {text!r}: {not_numbers}") from None
+    if not values or not all(valid(v) for v in values):
+        raise FedrecError(f"{flag} {text!r}: {out_of_range or not_numbers}")
     return values
 
 
