@@ -232,8 +232,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.network.round_timeout > 0, "network.round_timeout must be > 0"),
         (cfg.network.max_failed_rounds >= 1, "network.max_failed_rounds must be >= 1 (1: stop at the first failure)"),
         (
-            not cfg.privacy.enabled or cfg.local.loss == "softmax",
-            "privacy: customer-level DP is implemented for local.loss = 'softmax' only",
+            not cfg.privacy.enabled or cfg.privacy.mechanism != "dp_sgd" or cfg.local.loss == "softmax",
+            "privacy: customer-level DP-SGD is implemented for local.loss = 'softmax' only "
+            "(privacy.mechanism = 'als' is the ials loss's)",
+        ),
+        (
+            not cfg.privacy.enabled
+            or cfg.privacy.mechanism != "als"
+            or (cfg.local.loss == "ials" and cfg.local.ials_item_step == "exact"),
+            "privacy.mechanism = 'als' noises ALS's item step: set local.loss = 'ials' and local.ials_item_step = "
+            "'exact'",
         ),
         (
             not cfg.privacy.enabled or cfg.federation.aggregation != "rowwise",
@@ -241,7 +249,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             "purchases, and DP does not noise them)",
         ),
         (
-            not (cfg.privacy.enabled and cfg.privacy.noise_split) or cfg.federation.server.name != "fedavg",
+            not (cfg.privacy.enabled and cfg.privacy.noise_split and cfg.privacy.mechanism == "dp_sgd")
+            or cfg.federation.server.name != "fedavg",
             "privacy.noise_split: the coordinator takes the round's one DP-SGD step on the noisy sum, so it needs "
             "an adaptive optimiser: set federation.server.name = fedadam (and federation.server.lr, e.g. 0.01)",
         ),

@@ -347,7 +347,7 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert plain["noise_multiplier"] == 0.0 and plain["epsilon_spent"] == ["inf", "inf"]
     assert dp["command"] == plain["command"] == report["command"]  # each row names the run that made it
     table = (tmp_path / "results" / "privacy-report.md").read_text()
-    assert "| file | per merchant | 4.0 |" in table and "| file | none | inf |" in table
+    assert "| file | per merchant, dp_sgd | 4.0 |" in table and "| file | none | inf |" in table
     assert (tmp_path / "results" / "privacy-report.png").read_bytes()[:4] == b"\x89PNG"
     # Split noise: its own rows beside the per-merchant ones; the --dp-set settings reach DP runs only.
     split = [
@@ -363,7 +363,21 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert kept["recall@20_std"] == pytest.approx(dp["recall@20_std"])  # the earlier row, merged unchanged
     row = next(r for r in runs if r["noise_split"] == 3)
     assert row["rounds"] == 3 and row["epsilon_if_other_merchants_collude"] > row["epsilon_spent"][0]
-    assert "| file | split over 3 | 4.0 |" in (tmp_path / "results" / "privacy-report.md").read_text()
+    assert "| file | split over 3, dp_sgd | 4.0 |" in (tmp_path / "results" / "privacy-report.md").read_text()
+    # DP-ALS: rows of their own beside DP-SGD's of the same epsilon and noise split
+    als = [
+        *args[: args.index("--epsilons")], "--epsilons", "4", "--seeds", "1", "--dp-rounds", "2",
+        "--dp-set", "privacy.mechanism=als", "--dp-set", "local.loss=ials", "--dp-set", "local.ials_item_step=exact",
+        "--dp-set", "local.temperature=1", "--dp-set", "model.use_content=false", "--dp-set", "privacy.clip=0.05",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, als)
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "results" / "privacy-report.json").read_text())["runs"]
+    assert len(runs) == 4
+    row = next(r for r in runs if r.get("mechanism") == "als")
+    assert (row["noise_split"], row["sample_rate"], row["max_purchases"], row["rounds"]) == (0, 1.0, 2.0, 2)
+    assert next(r for r in runs if r["epsilon"] == 4.0 and r["noise_split"] == 0 and r["mechanism"] == "dp_sgd")
+    assert "| file | per merchant, als | 4.0 |" in (tmp_path / "results" / "privacy-report.md").read_text()
     bad = CliRunner().invoke(app, [*split[:-2], "--dp-set", "lr=0.01"])
     assert bad.exit_code == 2 and "--dp-set 'lr'" in bad.output and "Traceback" not in bad.output
     unknown = CliRunner().invoke(app, [*split[:-2], "--dp-set", "federation.nope.lr=0.01"])

@@ -50,9 +50,11 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "epsilon_spent": spent,
         "noise_multiplier": mech["noise_multiplier"] if mech else 0.0,
         "clip": cfg.privacy.clip if mech else None,
-        "sample_rate": cfg.privacy.sample_rate if mech else None,
+        "sample_rate": mech["sample_rate"] if mech else None,
         "rounds": mech["rounds"] if mech else None,
         "noise_split": cfg.privacy.noise_split if mech else 0,
+        "mechanism": cfg.privacy.mechanism if mech else None,
+        "max_purchases": cfg.privacy.max_purchases if mech and cfg.privacy.mechanism == "als" else None,
         # what the released model trained on: under DP with the refit on, one run on train + validation
         "trained_on": "train+validation" if cfg.federation.refit else "train",
         "epsilon_if_other_merchants_collude": mech.get("epsilon_if_other_merchants_collude") if mech else None,
@@ -78,18 +80,24 @@ def privacy_report(
     return rows
 
 
-def _key(r: dict) -> tuple[str, str, int]:
-    return r["dataset"], str(r["epsilon"]), r.get("noise_split", 0)
+def _mechanism(r: dict) -> str:
+    """A row's DP mechanism; rows written before there was a choice are DP-SGD's."""
+    return "none" if r["epsilon"] == "inf" else r.get("mechanism") or "dp_sgd"
+
+
+def _key(r: dict) -> tuple[str, str, int, str]:
+    return r["dataset"], str(r["epsilon"]), r.get("noise_split", 0), _mechanism(r)
 
 
 def _noise(r: dict) -> str:
     if r["epsilon"] == "inf":
         return "none"
-    return f"split over {r['noise_split']}" if r.get("noise_split") else "per merchant"
+    where = f"split over {r['noise_split']}" if r.get("noise_split") else "per merchant"
+    return f"{where}, {_mechanism(r)}"
 
 
 def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str, Path]:
-    """Merge rows into results/privacy-report.json by (dataset, epsilon, noise split); table and
+    """Merge rows into results/privacy-report.json by (dataset, epsilon, noise split, mechanism); table and
     curves beside it. Every row's std is derived here from its per-seed recalls (`seed_std`, as in
     every other report), so rows kept from older runs, which wrote the population std, are
     stated the same way as new ones."""
@@ -110,7 +118,8 @@ def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str,
         part = [r for r in runs if r["dataset"] == ds]
         ref = next((r["recall@20"] for r in part if r["epsilon"] == "inf"), None)
         order = sorted(
-            part, key=lambda r: (r.get("noise_split", 0), math.inf if r["epsilon"] == "inf" else r["epsilon"])
+            part,
+            key=lambda r: (_mechanism(r), r.get("noise_split", 0), math.inf if r["epsilon"] == "inf" else r["epsilon"]),
         )
         for r in order:
             ratio = f"{r['recall@20'] / ref:.2f}" if ref else "-"
@@ -128,31 +137,33 @@ def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str,
 
 
 def _plot(runs: list[dict], target: Path) -> None:
+    """One panel per dataset: a curve per (mechanism, noise mode), the non-private model as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for ds in sorted({r["dataset"] for r in runs}):
+    datasets = sorted({r["dataset"] for r in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
         part = [r for r in runs if r["dataset"] == ds]
-        color = None
-        for split in sorted({r.get("noise_split", 0) for r in part if r["epsilon"] != "inf"}):
-            dp = sorted((r for r in part if r["epsilon"] != "inf" and r.get("noise_split", 0) == split),
-                        key=lambda r: r["epsilon"])  # fmt: skip
-            line = ax.errorbar(
+        modes = sorted({(_mechanism(r), r.get("noise_split", 0)) for r in part if r["epsilon"] != "inf"})
+        for mechanism, split in modes:
+            dp = sorted((r for r in part if r["epsilon"] != "inf" and (_mechanism(r), r.get("noise_split", 0))
+                         == (mechanism, split)), key=lambda r: r["epsilon"])  # fmt: skip
+            ax.errorbar(
                 [r["epsilon"] for r in dp], [r["recall@20"] for r in dp], yerr=[r["recall@20_std"] for r in dp],
-                marker="o" if split else "s", ls="-" if split else ":", capsize=3, color=color,
-                label=f"{ds}, DP, noise {_noise(dp[0])}",
+                marker="o" if split else "s", ls="-" if mechanism == "dp_sgd" else "--", capsize=3,
+                label=_noise(dp[0]),
             )  # fmt: skip
-            color = line[0].get_color()
         ref = next((r for r in part if r["epsilon"] == "inf"), None)
         if ref:
-            ax.axhline(ref["recall@20"], ls="--", color=color, label=f"{ds}, no DP")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("epsilon (delta = 1e-5)")
-    ax.set_ylabel("test recall@20")
-    ax.legend(fontsize=8)
+            ax.axhline(ref["recall@20"], ls=":", color="black", label="no DP")
+        ax.set_title(ds)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epsilon (delta = 1e-5)")
+        ax.set_ylabel("test recall@20")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(target, format="png")
     plt.close(fig)

@@ -35,11 +35,14 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from fedrec.errors import ConfigError
-from fedrec.federated.ials_item_step import item_step_names
+from fedrec.federated.ials_item_step import TABLE, item_step_names
+from fedrec.privacy import noisy_als
 
 AGGREGATIONS = ("fedavg", "rowwise")
 RULES = ("auto", *AGGREGATIONS)  # what federation.aggregation accepts
 ALS = "als"  # auto's rule for the exact ials item step: solved, not averaged
+ALS_DP = "als_dp"  # the same under privacy.mechanism = 'als': clipped, noised sums (privacy/noisy_als.py)
+ITEM_STEP_RULES = (ALS, ALS_DP)
 ROW_TENSORS = ("item_emb.weight",)
 WEIGHT, STEPS, LOSS = "n", "n_tau", "n_loss"
 ROW_WEIGHT, ROW_STEPS = "rows/n", "rows/n_tau"
@@ -67,7 +70,7 @@ def resolve_rule(
     if rule != "auto":
         return rule
     if loss == "ials" and item_step == "exact":
-        return ALS
+        return ALS_DP if private else ALS
     per_product_ids = ROW_TENSORS[0] in shapes and "item_emb_q.weight" not in shapes
     return "rowwise" if per_product_ids and not private and robust == "none" and loss != "ials" else "fedavg"
 
@@ -76,6 +79,10 @@ def sum_names(shapes: Mapping[str, tuple[int, ...]], rule: str) -> dict[str, tup
     """Every tensor a merchant's message holds under `rule`, with its shape (the message whitelist)."""
     if rule == ALS:
         return {WEIGHT: (), STEPS: (), LOSS: (), **item_step_names(shapes)}
+    if rule == ALS_DP:
+        item_step_names(shapes)  # the same tower check: an id table with one row per product
+        n_items, dim = shapes[TABLE]
+        return {WEIGHT: (), STEPS: (), LOSS: (), noisy_als.GRAM: (dim, dim), noisy_als.RHS: (n_items, dim)}
     if rule not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {rule!r}; choose one of {AGGREGATIONS}")
     names = {WEIGHT: (), STEPS: (), LOSS: ()}
@@ -111,9 +118,9 @@ def merchant_sums(
     tau = torch.tensor(float(num_steps))
     scale = n / tau if normalize_steps else n
     out = {WEIGHT: n, STEPS: n * tau, LOSS: n * float(mean_loss)}
-    if (rule == ALS) != (item_terms is not None):
-        raise ValueError("the als rule sends the exact item step's terms, and only it does")
-    if rule == ALS:
+    if (rule in ITEM_STEP_RULES) != (item_terms is not None):
+        raise ValueError("the als rules send the item step's terms, and only they do")
+    if rule in ITEM_STEP_RULES:
         return {**out, **{k: v.float() for k, v in item_terms.items()}}
     out.update({DELTA + k: (scale * v).float() for k, v in delta.items()})
     if rule == "rowwise":

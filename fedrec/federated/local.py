@@ -26,6 +26,7 @@ from fedrec.federated.token_rows import token_rows
 from fedrec.ials_users import solve_ials_users
 from fedrec.losses import bpr_loss, ials_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors, tower_from_state
+from fedrec.privacy import noisy_als
 from fedrec.privacy.accountant import DPMechanism
 from fedrec.privacy.closed_form import (
     FEAT,
@@ -246,7 +247,7 @@ def local_update(
     elif cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
         _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
     if cfg.loss == "ials" and cfg.ials_item_step == "exact":
-        return _exact_item_step(tower, users, train, features, cfg, dp, bias)
+        return _exact_item_step(tower, users, train, features, cfg, dp, bias, gen)
     if dp is not None:
         if dp.noise_split:
             delta = _distributed_step(tower, users, bias, opt, train, features, cfg, dp, gen)
@@ -321,12 +322,27 @@ def _exact_item_step(
     cfg: LocalConfig,
     dp: DPMechanism | None,
     bias: torch.nn.Parameter | None,
+    gen: torch.Generator,
 ) -> LocalResult:
     """The merchant's part of ALS's item step, after ALS's user step: no local SGD, only the terms
-    (the loss reported is the iALS loss at the received items and the solved customers)."""
-    if dp is not None or bias is not None or not cfg.user_solve_reg:
-        raise ConfigError("local.ials_item_step = 'exact' needs local.user_solve_reg > 0, no item bias and no DP")
+    (the loss reported is the iALS loss at the received items and the solved customers). Under DP
+    (privacy.mechanism = 'als') the terms are `noisy_als`'s clipped, noised sums instead."""
+    if bias is not None or not cfg.user_solve_reg:
+        raise ConfigError("local.ials_item_step = 'exact' needs local.user_solve_reg > 0 and no item bias")
+    if dp is not None and dp.mechanism != "als":
+        raise ConfigError("local.ials_item_step = 'exact' under DP needs privacy.mechanism = 'als'")
     u = users.detach().cpu()
+    if dp is not None:  # bounded, noised sums; what the merchant exposes besides them is public
+        terms = noisy_als.clipped_terms(u.numpy(), train, dp.clip, dp.max_purchases)
+        return LocalResult(
+            delta={},
+            num_examples=1,
+            num_steps=1,
+            touched_rows=torch.zeros(features.n_items, dtype=torch.bool),
+            user_embeddings=u,
+            mean_loss=0.0,
+            item_terms=noisy_als.noised_terms(terms, dp.clip, dp.max_purchases, dp.share_std / dp.clip, gen),
+        )
     coo = train.tocoo()
     rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
     v = tower(features).cpu()

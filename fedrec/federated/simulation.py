@@ -30,6 +30,7 @@ from fedrec.features import ItemFeatures
 from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import (
     ALS,
+    ALS_DP,
     add_sums,
     aggregate_sums,
     mean_loss,
@@ -53,6 +54,7 @@ from fedrec.model import (
     item_tower_shapes,
 )
 from fedrec.privacy.accountant import DPMechanism, privacy_entry, rounds_within_budget
+from fedrec.privacy.noisy_als import noisy_item_step_delta
 
 T = TypeVar("T")
 
@@ -438,6 +440,8 @@ def _train(
             delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim, fed_cfg.clip_multiple)
         elif fed_cfg.aggregation == ALS:
             delta = item_step_delta(total, global_state, local_cfg.user_solve_reg)
+        elif fed_cfg.aggregation == ALS_DP:
+            delta = noisy_item_step_delta(total, global_state, local_cfg.ials_alpha, local_cfg.user_solve_reg)
         else:
             delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)

@@ -8,4 +8,6 @@ or calls the API).
   accountant (no home-made accounting).
 - `dp_sgd.py`: the merchant's private step: Poisson-sampled customers, per-customer gradients
   (torch.func), clipping, Gaussian noise, all before anything leaves the merchant.
+- `noisy_als.py` (`privacy.mechanism = "als"`): ALS's item step from each merchant's clipped,
+  noised sums, one Gaussian release a round.
 """

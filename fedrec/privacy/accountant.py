@@ -38,6 +38,8 @@ class DPMechanism:
     delta: float
     target_epsilon: float  # inf when the noise multiplier was set by hand with no budget
     noise_split: int = 0  # > 0: each merchant adds 1 / sqrt(noise_split) of the noise (one step a round)
+    mechanism: str = "dp_sgd"  # or "als": one noised release of the item step's sums a round (noisy_als)
+    max_purchases: float = 0.0  # als: the purchase-weight bound (`noisy_als.purchase_weights`)
 
     @property
     def share_std(self) -> float:
@@ -53,6 +55,8 @@ class DPMechanism:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon if math.isfinite(self.target_epsilon) else "inf",
             "noise_split": self.noise_split,
+            "mechanism": self.mechanism,
+            **({"max_purchases": self.max_purchases} if self.mechanism == "als" else {}),
         }
 
 
@@ -95,7 +99,9 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
     """
     if not cfg.enabled:
         return None
-    per_round = 1 if cfg.noise_split else epochs * steps_per_epoch(cfg.sample_rate)
+    als = cfg.mechanism == "als"  # one release of every customer's bounded terms a round: no sampling
+    sample_rate = 1.0 if als else cfg.sample_rate
+    per_round = 1 if cfg.noise_split or als else epochs * steps_per_epoch(cfg.sample_rate)
     sigma = cfg.noise_multiplier
     if sigma <= 0:
         try:
@@ -103,7 +109,7 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
                 get_noise_multiplier(
                     target_epsilon=cfg.epsilon,
                     target_delta=cfg.delta,
-                    sample_rate=cfg.sample_rate,
+                    sample_rate=sample_rate,
                     steps=rounds * per_round,
                     accountant="rdp",
                     epsilon_tolerance=0.005 * cfg.epsilon,
@@ -113,13 +119,17 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
         except ValueError as exc:
             raise ConfigError(
                 f"privacy: epsilon={cfg.epsilon} at delta={cfg.delta} cannot be met by {rounds} rounds "
-                f"x {per_round} steps at sample_rate={cfg.sample_rate} ({exc})"
+                f"x {per_round} steps at sample_rate={sample_rate} ({exc})"
             ) from None
-    mech = DPMechanism(cfg.clip, sigma, cfg.sample_rate, per_round, cfg.delta, cfg.epsilon, cfg.noise_split)
+    mech = DPMechanism(
+        cfg.clip, sigma, sample_rate, per_round, cfg.delta, cfg.epsilon, cfg.noise_split, cfg.mechanism,
+        cfg.max_purchases if als else 0.0,
+    )  # fmt: skip
     if math.isfinite(cfg.epsilon) and rounds_within_budget(mech, 1) < 1:
         raise ConfigError(
             f"privacy: noise_multiplier={sigma} spends {epsilon_spent(mech, 1):.3g} > epsilon={cfg.epsilon} "
-            f"in the first round alone; raise privacy.noise_multiplier or lower privacy.sample_rate"
+            f"in the first round alone; raise privacy.noise_multiplier"
+            + ("" if als else " or lower privacy.sample_rate")
         )
     return mech
 
@@ -136,8 +146,15 @@ def privacy_entry(mech: DPMechanism | None, rounds: int) -> dict | None:
         "accountant": "opacus RDP (Poisson-subsampled Gaussian), every round counted for every merchant",
         "unit": "one customer's whole purchase history at one merchant",
     }
-    if mech.noise_split:
+    if mech.mechanism == "als":
+        entry["accountant"] = (
+            "opacus RDP (Gaussian mechanism, no subsampling), one release of the item step's sums a round"
+        )
+        if mech.noise_split:
+            entry["accountant"] += ", on the sum over merchants"
+    elif mech.noise_split:
         entry["accountant"] = "opacus RDP (Poisson-subsampled Gaussian), one step a round on the sum over merchants"
+    if mech.noise_split:
         entry["trust"] = (
             "certified for what the secure sum releases: the coordinator sees only the sum (SecAgg+), and no "
             "merchant pools its own noise share with the coordinator"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MECHANISMS = ("dp_sgd", "als")
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -31,6 +33,14 @@ class PrivacyConfig:
     # pool their noise with it; every round must hold at least n merchants, and the coordinator's
     # optimiser takes the step (an adaptive one: federation.server.name = fedadam).
     noise_split: int = 0
+    # "dp_sgd": noisy local steps on the softmax loss (above). "als": ALS's item step from clipped,
+    # noised sums (`fedrec/privacy/noisy_als.py`; local.loss = 'ials', local.ials_item_step =
+    # 'exact'), one Gaussian release a round, no subsampling: `clip` bounds each customer's user
+    # vector and `sample_rate` is unused.
+    mechanism: str = "dp_sgd"
+    # als only: each customer's purchases weigh min(1, sqrt(max_purchases / n)), bounding their part
+    # of the per-product sums by clip x sqrt(max_purchases) however much they bought.
+    max_purchases: float = 2.0
 
     @property
     def enabled(self) -> bool:
@@ -46,5 +56,10 @@ def privacy_errors(cfg: PrivacyConfig) -> list[str]:
         (cfg.clip > 0, f"privacy.clip must be > 0, got {cfg.clip}"),
         (0 < cfg.sample_rate <= 1, f"privacy.sample_rate must be in (0, 1], got {cfg.sample_rate}"),
         (cfg.noise_split >= 0, f"privacy.noise_split must be >= 0 (0: no split), got {cfg.noise_split}"),
+        (
+            cfg.mechanism in MECHANISMS,
+            f"privacy.mechanism must be one of {', '.join(MECHANISMS)}, got {cfg.mechanism!r}",
+        ),
+        (cfg.max_purchases > 0, f"privacy.max_purchases must be > 0, got {cfg.max_purchases}"),
     ]
     return [msg for ok, msg in checks if not ok]

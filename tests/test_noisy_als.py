@@ -1,0 +1,163 @@
+"""privacy.mechanism = 'als': ALS's item step from clipped, noised sums (DP-ALS).
+
+What the guarantee rests on, each checked so that it fails if it stops being true: one customer's
+part of a merchant's scaled sums is at most 1 in L2 (whatever their vector and however much
+they bought), the noise has the configured scale, the accountant composes one unsampled Gaussian
+release a round as Opacus does, and a merchant's message holds only the noised sums and public
+weights.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+
+from fedrec.config import aggregation_rule, load_config
+from fedrec.errors import ConfigError
+from fedrec.features import build_item_features
+from fedrec.federated.aggregation import ALS_DP, sum_names
+from fedrec.federated.local import LocalConfig, local_update
+from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.model import ModelConfig, initial_item_state, item_tower_shapes
+from fedrec.privacy import noisy_als
+from fedrec.privacy.accountant import ALPHAS, DPMechanism, epsilon_spent, plan_mechanism
+from fedrec.privacy.config import PrivacyConfig
+
+MODEL = ModelConfig(dim=8, use_content=False, hash_buckets=64)
+LOCAL = LocalConfig(loss="ials", temperature=1.0, ials_alpha=5.0, user_solve_reg=3.0, ials_item_step="exact")
+PRIVATE = {"local.loss": "ials", "local.temperature": 1.0, "local.ials_item_step": "exact", "model.use_content": False,
+           "privacy.mechanism": "als", "privacy.epsilon": 8.0}  # fmt: skip
+
+
+def _scaled(terms: dict, clip: float, max_purchases: float) -> np.ndarray:
+    """The sums as the Gaussian mechanism sees them: each block over its scale, the Gram's upper triangle."""
+    s_rhs, s_gram = noisy_als.block_scales(clip, max_purchases)
+    gram = terms[noisy_als.GRAM][np.triu_indices(terms[noisy_als.GRAM].shape[0])]
+    return np.concatenate([terms[noisy_als.RHS].ravel() / s_rhs, gram / s_gram])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    customers=st.integers(1, 10),
+    items=st.integers(2, 30),
+    dim=st.integers(1, 6),
+    clip=st.floats(0.01, 5.0),
+    max_purchases=st.floats(0.5, 20.0),
+    scale=st.floats(1e-3, 1e3),
+    quantity=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_one_customer_moves_a_merchants_scaled_sums_by_at_most_one(
+    customers, items, dim, clip, max_purchases, scale, quantity, seed
+):
+    rng = np.random.default_rng(seed)
+    users = rng.normal(size=(customers, dim)) * scale
+    # any number of purchases per customer (none included), quantities above 1 included
+    bought = (rng.random((customers, items)) < rng.random((customers, 1))).astype(float) * quantity
+    purchases = sp.csr_matrix(bought)
+    full = _scaled(noisy_als.clipped_terms(users, purchases, clip, max_purchases), clip, max_purchases)
+    for c in range(customers):
+        keep = np.arange(customers) != c
+        # the others' vectors do not depend on customer c (each is solved from its own purchases)
+        rest = noisy_als.clipped_terms(users[keep], purchases[keep], clip, max_purchases)
+        diff = np.linalg.norm(full - _scaled(rest, clip, max_purchases))
+        assert diff <= 1.0 + 1e-9
+        if purchases[c].nnz and np.linalg.norm(users[c]) >= clip and purchases[c].nnz >= max_purchases:
+            assert diff > 0.5  # the bound is not loose: a heavy buyer at the clip uses most of it
+
+
+def test_noise_has_the_configured_scale_and_the_gram_stays_symmetric():
+    clip, m, std = 0.05, 2.0, 1.3
+    terms = {noisy_als.RHS: np.zeros((20_000, 8)), noisy_als.GRAM: np.zeros((8, 8))}
+    noisy = noisy_als.noised_terms(terms, clip, m, std, torch.Generator().manual_seed(0))
+    s_rhs, s_gram = noisy_als.block_scales(clip, m)
+    assert noisy[noisy_als.RHS].std().item() == pytest.approx(std * s_rhs, rel=0.01)
+    gram = noisy[noisy_als.GRAM]
+    assert torch.equal(gram, gram.T) and gram.abs().min() > 0
+    grams = torch.stack([
+        noisy_als.noised_terms(terms, clip, m, std, torch.Generator().manual_seed(s))[noisy_als.GRAM]
+        for s in range(400)
+    ])  # fmt: skip
+    assert grams.std(0).mean().item() == pytest.approx(std * s_gram, rel=0.05)
+    # the shares add to one sensitivity: 0.95 of it to the per-product sums
+    assert (clip * math.sqrt(m) / s_rhs) ** 2 + (clip * clip / s_gram) ** 2 == pytest.approx(1.0)
+
+
+def test_the_solve_is_alss_item_step_without_the_per_product_confidence_term():
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(30, 4)) * 0.03  # below the clip: unchanged
+    purchases = sp.random(30, 12, density=0.3, random_state=1, format="csr")
+    terms = noisy_als.clipped_terms(users, purchases, clip=1.0, max_purchases=100.0)  # no weight below 1
+    total = {k: torch.from_numpy(v).float() for k, v in terms.items()}
+    got = noisy_als.solve_item_table(total, alpha=4.0, reg=2.0).double().numpy()
+    bought = (purchases > 0).astype(float).toarray()
+    want = 5.0 * np.linalg.solve(users.T @ users + 2.0 * np.eye(4), (bought.T @ users).T).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_the_accountant_composes_one_unsampled_gaussian_release_a_round_as_opacus_does():
+    cfg = PrivacyConfig(epsilon=8.0, mechanism="als", sample_rate=0.1)
+    mech = plan_mechanism(cfg, rounds=3, epochs=2)
+    assert (mech.sample_rate, mech.steps_per_round, mech.mechanism) == (1.0, 1, "als")  # sample_rate unused
+    acc = RDPAccountant()
+    for _ in range(3):
+        acc.step(noise_multiplier=mech.noise_multiplier, sample_rate=1.0)
+    eps = acc.get_epsilon(delta=cfg.delta, alphas=ALPHAS)
+    assert eps == pytest.approx(epsilon_spent(mech, 3), rel=1e-9) and 7.9 < eps <= 8.0
+    # one more round would overspend: the budget fixes the schedule
+    assert epsilon_spent(mech, 4) > 8.0
+
+
+def test_a_merchant_sends_only_the_noised_sums_and_public_weights(tiny_dataset):
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    m = tiny_dataset.merchants[0]
+    state = initial_item_state(tiny_dataset.n_items, MODEL, 0)
+    users = torch.zeros(m.n_users, MODEL.dim)
+    mech = DPMechanism(0.05, 1.0, 1.0, 1, 1e-5, 8.0, mechanism="als", max_purchases=2.0)
+    out = [local_update(state, users, m.train, features, MODEL, LOCAL, seed, dp=mech) for seed in (0, 0, 1)]
+    names = sum_names(item_tower_shapes(tiny_dataset.n_items, MODEL), ALS_DP)
+    assert set(out[0].item_terms) == {k for k in names if k.startswith("dp_als/")}
+    assert (out[0].num_examples, out[0].num_steps, out[0].mean_loss) == (1, 1, 0.0)
+    assert not out[0].touched_rows.any()
+    # the same seed draws the same noise; another seed other noise
+    assert torch.equal(out[0].item_terms[noisy_als.RHS], out[1].item_terms[noisy_als.RHS])
+    assert not torch.equal(out[0].item_terms[noisy_als.RHS], out[2].item_terms[noisy_als.RHS])
+    # the noise is there: the sums differ from the clipped sums by about its scale
+    clean = noisy_als.clipped_terms(out[0].user_embeddings.numpy(), m.train, 0.05, 2.0)[noisy_als.RHS]
+    noise = out[0].item_terms[noisy_als.RHS].double().numpy() - clean
+    assert noise.std() == pytest.approx(noisy_als.block_scales(0.05, 2.0)[0], rel=0.2)
+
+
+def test_a_private_als_run_spends_its_budget_in_rounds_and_records_the_mechanism(tiny_dataset):
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    cfg = load_config(None, {**PRIVATE, "model.dim": 8, "federation.rounds": 5, "privacy.noise_multiplier": 2.0})
+    assert aggregation_rule(cfg, tiny_dataset.n_items) == ALS_DP
+    mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+    fed = FederationConfig(rounds=5, patience=0, refit=False)
+    res = run_federated(tiny_dataset, features, cfg.model, cfg.local, fed, dp=mech)
+    assert len(res.history) == 5 and res.best_round == 5  # the last round is released
+    assert res.privacy["mechanism"] == "als" and res.privacy["max_purchases"] == 2.0
+    assert res.privacy["epsilon"] == pytest.approx(epsilon_spent(mech, 5))
+    assert "no subsampling" in res.privacy["accountant"]
+    table = res.item_state["item_emb.weight"]
+    assert torch.isfinite(table).all() and table.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"privacy.mechanism": "laplace"}, "privacy.mechanism must be one of dp_sgd, als"),
+        ({"privacy.max_purchases": 0}, "privacy.max_purchases must be > 0"),
+        ({"privacy.max_purchases": float("nan")}, "privacy.max_purchases must be > 0"),
+        ({"local.loss": "softmax", "local.ials_item_step": "sgd"}, "privacy.mechanism = 'als' noises ALS's item step"),
+        ({"privacy.mechanism": "dp_sgd"}, "DP-SGD is implemented for local.loss = 'softmax' only"),
+    ],
+)
+def test_settings_the_private_item_step_cannot_honour_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, {**PRIVATE, **overrides})
