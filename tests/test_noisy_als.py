@@ -161,3 +161,39 @@ def test_a_private_als_run_spends_its_budget_in_rounds_and_records_the_mechanism
 def test_settings_the_private_item_step_cannot_honour_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, {**PRIVATE, **overrides})
+
+
+def test_the_best_test_for_one_customer_in_a_merchants_message_is_held_to_the_gaussian_bound(tiny_dataset):
+    """The strongest attack on one customer: the coordinator knows every other customer's part of a
+    merchant's sums and asks whether this customer's is in the message (a likelihood-ratio test along
+    their contribution). Without noise it always answers right; with the noise its AUC over many
+    draws stays at the Gaussian mechanism's bound for sensitivity 1, Phi(1 / (sigma sqrt 2)), however
+    long the customer's vector and however much they bought; without the clip it would not."""
+    from scipy.stats import norm
+
+    from fedrec.privacy.attacks import auc
+
+    m = tiny_dataset.merchants[0]
+    heavy = int(np.argmax(np.diff(m.train.indptr)))
+    users = np.random.default_rng(0).normal(size=(m.n_users, MODEL.dim)) * 0.05
+    users[heavy] *= 100.0  # far beyond the clip
+    clip, cap, sigma = 0.05, 2.0, 1.1
+    keep = np.arange(m.n_users) != heavy
+    with_c = _scaled(noisy_als.clipped_terms(users, m.train, clip, cap), clip, cap)
+    without = _scaled(noisy_als.clipped_terms(users[keep], m.train[keep], clip, cap), clip, cap)
+    contribution = with_c - without
+    assert np.linalg.norm(contribution) == pytest.approx(1.0, rel=0.05)  # the bound, nearly used
+    direction = contribution / np.linalg.norm(contribution)
+
+    def statistic(terms: dict, seed: int) -> float:
+        noised = noisy_als.noised_terms(terms, clip, cap, sigma, torch.Generator().manual_seed(seed))
+        return float((_scaled({k: v.double().numpy() for k, v in noised.items()}, clip, cap) - without) @ direction)
+
+    present = noisy_als.clipped_terms(users, m.train, clip, cap)
+    absent = noisy_als.clipped_terms(users[keep], m.train[keep], clip, cap)
+    scores = [statistic(present, s) for s in range(300)] + [statistic(absent, 1000 + s) for s in range(300)]
+    labels = np.array([True] * 300 + [False] * 300)
+    bound = norm.cdf(1.0 / (sigma * math.sqrt(2.0)))  # 0.74
+    assert 0.6 < auc(np.array(scores), labels) < bound + 0.05
+    # without noise the statistic is the customer's part (about 1) or exactly 0: always told apart
+    assert contribution @ direction > 0.95
