@@ -63,10 +63,16 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
     printer = RoundPrinter(console, "federated", len(dataset.merchants))
     dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
     if dp is not None:
+        how = (
+            f"DP-ALS, user vectors clipped to {dp.clip}, purchases weighted to at most {dp.max_purchases}, one "
+            "release a round"
+            if dp.mechanism == "als"
+            else f"clip {dp.clip}, sample rate {dp.sample_rate}, {dp.steps_per_round} steps a round"
+        )
         console.print(
             f"customer-level DP: epsilon {cfg.privacy.epsilon} at delta {cfg.privacy.delta}, noise multiplier "
-            f"{dp.noise_multiplier:.3f}, clip {dp.clip}, sample rate {dp.sample_rate}, "
-            f"{dp.steps_per_round} steps a round"
+            f"{dp.noise_multiplier:.3f}, {how}"
+            + (f", noise split over {dp.noise_split} merchants" if dp.noise_split else "")
         )
     result = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation, on_round=printer, dp=dp)
     if result.choice is not None:  # the export serves the chosen settings
