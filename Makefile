@@ -138,22 +138,29 @@ privacy-report-split: setup
 # DP-ALS (privacy.mechanism = als, fedrec/privacy/noisy_als.py): ALS's item step from each
 # merchant's clipped, noised sums, one Gaussian release a round. Its settings were chosen at epsilon 8
 # with the noise split over every merchant, on validation (make validate-privacy-als,
-# results/validation-*-als-<dataset>.json; one setting at a time from rounds 3 and dimension 8, a lead
-# within the spread keeps the base): the synthetic shop took 4 rounds and 16 dimensions, MovieLens kept both.
-ALS_ROUNDS ?= $(if $(filter synthetic,$(DATASET)),4,3)
-ALS_DIM ?= $(if $(filter synthetic,$(DATASET)),16,8)
+# results/validation-*-als*-<dataset>.json): rounds, purchase weights and width one at a time, a lead
+# within the spread keeping the base; the clip and the user step's reg together (they set one scale:
+# reg shrinks the user vectors, the clip cuts them), as one clip search per reg. MovieLens kept the
+# first base (3 rounds, 8 dimensions, clip 0.05, reg 3); the synthetic shop took 4 rounds, 16
+# dimensions, clip 0.03 and reg 10.
+SYNTHETIC_ALS = $(filter synthetic,$(DATASET))
+ALS_ROUNDS ?= $(if $(SYNTHETIC_ALS),4,3)
+ALS_DIM ?= $(if $(SYNTHETIC_ALS),16,8)
+ALS_CLIP ?= $(if $(SYNTHETIC_ALS),0.03,0.05)
+ALS_REG ?= $(if $(SYNTHETIC_ALS),10,3)
 DP_ALS = --set privacy.mechanism=als --set local.loss=ials --set local.ials_item_step=exact \
 	--set local.temperature=1 --set model.use_content=false --set model.merchant_item_bias=false \
-	--set model.dim=$(ALS_DIM) --set privacy.clip=0.05 --set privacy.max_purchases=2
+	--set model.dim=$(ALS_DIM) --set privacy.clip=$(ALS_CLIP) --set privacy.max_purchases=2 \
+	--set local.user_solve_reg=$(ALS_REG)
 ALS_VALIDATE = OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec compare-on-validation --dataset $(DATASET) $(CONFIG_ARG) \
 	--set threads=1 --set privacy.epsilon=8 --set federation.rounds=$(ALS_ROUNDS) $(DP_ALS) \
 	--set privacy.noise_split=$(NOISE_SPLIT) --tag als
 validate-privacy-als: setup
 	$(ALS_VALIDATE) --setting federation.rounds --candidates 2,3,4
-	$(ALS_VALIDATE) --setting privacy.clip --candidates 0.03,0.05,0.1
 	$(ALS_VALIDATE) --setting privacy.max_purchases --candidates 1,2,4
 	$(ALS_VALIDATE) --setting model.dim --candidates 8,16
-	$(ALS_VALIDATE) --setting local.user_solve_reg --candidates 1,3,10
+	$(foreach reg,3 10 30,$(ALS_VALIDATE) --set local.user_solve_reg=$(reg) --tag als-reg$(reg) \
+		--setting privacy.clip --candidates 0.03,0.05,0.1 &&) true
 # privacy-report rows for DP-ALS, per merchant and with the noise split over every merchant.
 privacy-report-als: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \

@@ -85,6 +85,11 @@ def test_the_federation_runs_centralized_als_round_for_round(tiny_dataset):
     got = res.item_state["item_emb.weight"].double().numpy()
     np.testing.assert_allclose(got, items, rtol=1e-3, atol=1e-4)
     assert res.history[-1].loss < res.history[0].loss  # ALS lowers its objective round after round
+    # ALS ends on a user step: every merchant's customers belong to the table released with them
+    for m in tiny_dataset.merchants:
+        bought = np.diff(m.train.indptr) > 0
+        want = solve_ials_users(got, m.train[bought], ALPHA, REG)
+        np.testing.assert_allclose(res.user_embeddings[m.name].double().numpy()[bought], want, rtol=1e-3, atol=1e-5)
 
 
 def test_the_message_holds_the_terms_and_no_delta():

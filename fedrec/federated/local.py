@@ -391,6 +391,25 @@ def _solve_users(
         users.data[torch.from_numpy(members[rows]).to(users.device)] = torch.from_numpy(solved).to(users)
 
 
+def ials_user_step(
+    item_state: dict[str, torch.Tensor],
+    users: torch.Tensor,
+    train: sp.csr_matrix,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    cfg: LocalConfig,
+) -> torch.Tensor:
+    """ALS's user step against `item_state` (each customer from their own purchases, at home).
+
+    After the coordinator's exact item step the table a merchant's customers were solved against
+    is gone: run this on the new one, so the users the merchant validates, keeps and serves with
+    belong to the table released with them (ALS ends on a user step too)."""
+    tower = tower_from_state(features.n_items, model_cfg, item_state)
+    fresh = torch.nn.Parameter(users.clone())
+    _solve_users(tower, fresh, None, train, features, cfg, None)
+    return fresh.detach()
+
+
 @torch.no_grad()
 def _solve_users_sampled(
     tower: ItemTower,

@@ -31,6 +31,7 @@ from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import (
     ALS,
     ALS_DP,
+    ITEM_STEP_RULES,
     add_sums,
     aggregate_sums,
     mean_loss,
@@ -40,7 +41,7 @@ from fedrec.federated.aggregation import (
 )
 from fedrec.federated.candidates import Candidate, candidates_of, unsupported
 from fedrec.federated.ials_item_step import item_step_delta
-from fedrec.federated.local import LocalConfig, LocalResult, local_update
+from fedrec.federated.local import LocalConfig, LocalResult, ials_user_step, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
@@ -445,6 +446,13 @@ def _train(
         else:
             delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
         global_state = server.step(global_state, delta)
+        if fed_cfg.aggregation in ITEM_STEP_RULES:  # ALS's user step on the new table, at every merchant
+
+            def user_step(name: str, state: dict[str, torch.Tensor] = global_state) -> torch.Tensor:
+                m = dataset.merchant(name)
+                return ials_user_step(state, users[name], m.train, features, model_cfg, local_cfg)
+
+            users.update(in_order(user_step, chosen, fed_cfg.workers))
 
         val_total = None
         if not release_last and (rnd % fed_cfg.val_every == 0 or rnd == rounds):
