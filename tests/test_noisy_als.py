@@ -57,9 +57,18 @@ def test_one_customer_moves_a_merchants_scaled_sums_by_at_most_one(
 ):
     rng = np.random.default_rng(seed)
     users = rng.normal(size=(customers, dim)) * scale
-    # any number of purchases per customer (none included), quantities above 1 included
+    # any number of purchases per customer (none included), quantities above 1 included, and the same
+    # product stored twice for a customer (a matrix whose duplicates were never summed)
     bought = (rng.random((customers, items)) < rng.random((customers, 1))).astype(float) * quantity
     purchases = sp.csr_matrix(bought)
+    rows, cols = bought.nonzero()
+    if quantity > 1 and len(rows):
+        twice = np.concatenate([np.arange(len(rows)), [0, 0]])  # the first purchase stored three times
+        # built from raw arrays: a coo -> csr conversion would sum the duplicates
+        order = np.argsort(rows[twice], kind="stable")
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[twice], minlength=customers))])
+        purchases = sp.csr_matrix((np.ones(len(twice)), cols[twice][order], indptr), shape=bought.shape)
+        assert not purchases.has_canonical_format
     full = _scaled(noisy_als.clipped_terms(users, purchases, clip, max_purchases), clip, max_purchases)
     for c in range(customers):
         keep = np.arange(customers) != c

@@ -54,11 +54,15 @@ def block_scales(clip: float, max_purchases: float) -> tuple[float, float]:
 
 def clipped_terms(users: np.ndarray, purchases: sp.csr_matrix, clip: float, max_purchases: float) -> dict:
     """One merchant's bounded sums, before noise (pure): RHS (items x d) and GRAM (d x d), float64."""
+    # a product counts once per customer, whatever quantity or repeated entries the matrix holds: a
+    # repeated entry would add w_c u_c twice to one row, past the bound
+    bought = sp.csr_matrix(purchases, dtype=np.float64, copy=True)
+    bought.sum_duplicates()
+    bought.eliminate_zeros()
+    bought.data[:] = 1.0
     u = clip_rows(np.asarray(users, dtype=np.float64), clip)
-    u[np.diff(purchases.indptr) == 0] = 0.0  # a customer without purchases adds nothing
-    # each stored entry is one purchase, whatever quantity it holds (as in `ials_normal_terms`)
-    bought = sp.csr_matrix((np.ones(purchases.nnz), purchases.indices, purchases.indptr), shape=purchases.shape)
-    weighted = sp.diags(purchase_weights(purchases, max_purchases)) @ bought
+    u[np.diff(bought.indptr) == 0] = 0.0  # a customer without purchases adds nothing
+    weighted = sp.diags(purchase_weights(bought, max_purchases)) @ bought
     return {RHS: np.asarray(weighted.T @ u), GRAM: u.T @ u}
 
 
