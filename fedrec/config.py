@@ -180,7 +180,15 @@ def validate(cfg: RunConfig) -> RunConfig:
             "reaches every item row",
         ),
         (cfg.local.ials_item_step in ("sgd", "exact"), "local.ials_item_step must be sgd or exact"),
-        *((False, why) for why in exact_step_problems(cfg.model, cfg.local, cfg.federation)),
+        *(
+            (False, why)
+            for why in exact_step_problems(
+                cfg.model,
+                cfg.local,
+                cfg.federation,
+                counted_bias=cfg.privacy.enabled and cfg.privacy.mechanism == "als" and cfg.privacy.count_share > 0,
+            )
+        ),
         (cfg.local.epochs >= 1, "local.epochs must be >= 1"),
         (cfg.local.uniform_negatives >= 0, "local.uniform_negatives must be >= 0 (0: in-batch negatives only)"),
         (cfg.local.batch_size >= 1, "local.batch_size must be >= 1"),
@@ -242,6 +250,14 @@ def validate(cfg: RunConfig) -> RunConfig:
             or (cfg.local.loss == "ials" and cfg.local.ials_item_step == "exact"),
             "privacy.mechanism = 'als' noises ALS's item step: set local.loss = 'ials' and local.ials_item_step = "
             "'exact'",
+        ),
+        (
+            not (cfg.privacy.enabled and cfg.privacy.mechanism == "als")
+            or cfg.model.merchant_item_bias == (cfg.privacy.count_share > 0),
+            "privacy.mechanism = 'als': a merchant item bias comes from the merchant's noised purchase counts, so "
+            "model.merchant_item_bias = true needs privacy.count_share > 0 (e.g. 0.3) and count_share > 0 needs "
+            f"the bias (got merchant_item_bias = {str(cfg.model.merchant_item_bias).lower()}, "
+            f"count_share = {cfg.privacy.count_share})",
         ),
         (
             not cfg.privacy.enabled or cfg.federation.aggregation != "rowwise",

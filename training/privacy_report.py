@@ -55,6 +55,9 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "noise_split": cfg.privacy.noise_split if mech else 0,
         "mechanism": cfg.privacy.mechanism if mech else None,
         "max_purchases": cfg.privacy.max_purchases if mech and cfg.privacy.mechanism == "als" else None,
+        # DP-ALS's merchant item bias from noised counts (0: none)
+        "count_share": mech.get("count_share", 0.0) if mech else None,
+        "count_weight": mech.get("count_weight") if mech else None,
         # what the released model trained on: under DP with the refit on, one run on train + validation
         "trained_on": "train+validation" if cfg.federation.refit else "train",
         "epsilon_if_other_merchants_collude": mech.get("epsilon_if_other_merchants_collude") if mech else None,
@@ -75,7 +78,8 @@ def privacy_report(
     rows = []
     dp_overrides = {"federation.rounds": dp_rounds, **(dp_sets or {})}
     for eps in epsilons:
-        run_cfg = with_overrides(cfg, dp_overrides) if math.isfinite(eps) else cfg
+        # the budget comes with the overrides: some settings are only valid under DP (a DP-ALS count bias)
+        run_cfg = with_overrides(cfg, {**dp_overrides, "privacy.epsilon": eps}) if math.isfinite(eps) else cfg
         rows.append(_row(run_cfg, eps, seeds, console))
     return rows
 

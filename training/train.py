@@ -66,6 +66,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         how = (
             f"DP-ALS, user vectors clipped to {dp.clip}, purchases weighted to at most {dp.max_purchases}, one "
             "release a round"
+            + (f" (with each merchant's counts at {dp.count_share} of it, for its item bias)" if dp.count_share else "")
             if dp.mechanism == "als"
             else f"clip {dp.clip}, sample rate {dp.sample_rate}, {dp.steps_per_round} steps a round"
         )

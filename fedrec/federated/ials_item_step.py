@@ -42,14 +42,20 @@ TABLE = "item_emb.weight"  # the one tensor of an id-only tower with one row per
 
 
 def exact_step_problems(
-    model: ModelConfig, local: LocalConfig, fed: FederationConfig, *, set_keys: Collection[str] | None = None
+    model: ModelConfig,
+    local: LocalConfig,
+    fed: FederationConfig,
+    *,
+    set_keys: Collection[str] | None = None,
+    counted_bias: bool = False,
 ) -> list[str]:
     """Why these settings cannot take the exact item step, one message each ([] when they can, or
     when they do not ask for it). The config refuses a run with any; a candidate with any is
     skipped (`candidates.unsupported`): the coordinator solves an id table from every customer's
     terms, and its delta lands the table on the solution. With `set_keys` ("local.loss", ...),
     only the problems that one of those settings causes: what a candidate breaks by itself, which
-    the config refuses up front, rather than what the run it joins cannot give."""
+    the config refuses up front, rather than what the run it joins cannot give. `counted_bias`: DP-ALS
+    sets the merchant item bias from noised counts (`noisy_als.count_bias`), not by solving."""
     if local.ials_item_step != "exact":
         return []
     need = "local.ials_item_step = 'exact' "
@@ -64,8 +70,8 @@ def exact_step_problems(
         (("model.use_content",), not model.use_content, "solves an id table alone: set model.use_content = false"),
         (
             ("model.merchant_item_bias",),
-            not model.merchant_item_bias,
-            "solves an id table alone: set model.merchant_item_bias = false",
+            counted_bias or not model.merchant_item_bias,
+            "solves an id table alone: set model.merchant_item_bias = false (DP-ALS: or privacy.count_share > 0)",
         ),
         (
             ("federation.aggregation",),

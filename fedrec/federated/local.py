@@ -187,13 +187,15 @@ def local_update(
     item_bias: torch.Tensor | None = None,
     dp: DPMechanism | None = None,
     user_groups: np.ndarray | None = None,
+    release: int = 1,
 ) -> LocalResult:
     """Train the received item tower, the local user table (and item bias) for `cfg.epochs` on `train`.
 
     With `dp`, the steps are customer-level DP-SGD (`_private_steps`), and what the result exposes
     to the coordinator is public: weight 1, the scheduled number of steps, no loss.
     A grouped item bias (one row per merchant, `user_groups` naming each customer's row) is the
-    centralized baseline's: it needs the softmax loss and no DP.
+    centralized baseline's: it needs the softmax loss and no DP. `release`: under DP-ALS with a
+    count bias, which of this merchant's rounds this is (1-based; its counts' running mean).
     """
     if cfg.temperature <= 0:
         raise ValueError("local_update needs local.temperature > 0 (0, chosen on validation, is run_federated's)")
@@ -245,9 +247,10 @@ def local_update(
         if cfg.sampled_user_solve_reg:
             _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
     elif cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
-        _solve_users(tower, users, bias, train, features, cfg, user_groups if grouped else None)
+        exact = cfg.loss == "ials" and cfg.ials_item_step == "exact"  # DP-ALS's count bias only ranks, as ALS's
+        _solve_users(tower, users, None if exact else bias, train, features, cfg, user_groups if grouped else None)
     if cfg.loss == "ials" and cfg.ials_item_step == "exact":
-        return _exact_item_step(tower, users, train, features, cfg, dp, bias, gen)
+        return _exact_item_step(tower, users, train, features, cfg, dp, bias, gen, release)
     if dp is not None:
         if dp.noise_split:
             delta = _distributed_step(tower, users, bias, opt, train, features, cfg, dp, gen)
@@ -323,17 +326,27 @@ def _exact_item_step(
     dp: DPMechanism | None,
     bias: torch.nn.Parameter | None,
     gen: torch.Generator,
+    release: int,
 ) -> LocalResult:
     """The merchant's part of ALS's item step, after ALS's user step: no local SGD, only the terms
     (the loss reported is the iALS loss at the received items and the solved customers). Under DP
     (privacy.mechanism = 'als') the terms are `noisy_als`'s clipped, noised sums instead."""
-    if bias is not None or not cfg.user_solve_reg:
-        raise ConfigError("local.ials_item_step = 'exact' needs local.user_solve_reg > 0 and no item bias")
+    counted = dp is not None and dp.count_share > 0  # DP-ALS's bias from the merchant's noised counts
+    if (bias is not None) != counted or not cfg.user_solve_reg:
+        raise ConfigError(
+            "local.ials_item_step = 'exact' needs local.user_solve_reg > 0 and no item bias (under DP-ALS: an item "
+            "bias exactly when privacy.count_share > 0)"
+        )
     if dp is not None and dp.mechanism != "als":
         raise ConfigError("local.ials_item_step = 'exact' under DP needs privacy.mechanism = 'als'")
     u = users.detach().cpu()
     if dp is not None:  # bounded, noised sums; what the merchant exposes besides them is public
         terms = noisy_als.clipped_terms(u.numpy(), train, dp.clip, dp.max_purchases)
+        sums = noisy_als.noised_terms(terms, dp.clip, dp.max_purchases, dp.share_std / dp.clip, gen, dp.count_share)
+        if counted:  # the counts take the whole noise: they stay here, unsummed, and other lists read them
+            fresh = noisy_als.noised_counts(terms, dp.clip, dp.max_purchases, dp.count_share, dp.noise_multiplier, gen)
+            counts = noisy_als.averaged_counts(bias.detach().cpu(), fresh, dp.count_weight, release)
+            bias = noisy_als.count_bias(counts, dp.count_weight)
         return LocalResult(
             delta={},
             num_examples=1,
@@ -341,7 +354,8 @@ def _exact_item_step(
             touched_rows=torch.zeros(features.n_items, dtype=torch.bool),
             user_embeddings=u,
             mean_loss=0.0,
-            item_terms=noisy_als.noised_terms(terms, dp.clip, dp.max_purchases, dp.share_std / dp.clip, gen),
+            item_terms=sums,
+            item_bias=bias,
         )
     coo = train.tocoo()
     rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))

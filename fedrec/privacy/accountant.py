@@ -40,6 +40,8 @@ class DPMechanism:
     noise_split: int = 0  # > 0: each merchant adds 1 / sqrt(noise_split) of the noise (one step a round)
     mechanism: str = "dp_sgd"  # or "als": one noised release of the item step's sums a round (noisy_als)
     max_purchases: float = 0.0  # als: the purchase-weight bound (`noisy_als.purchase_weights`)
+    count_share: float = 0.0  # als: the merchant's counts' share of the sensitivity (0: no counts block)
+    count_weight: float = 0.0  # als with counts: the item bias's weight on log(1 + count)
 
     @property
     def share_std(self) -> float:
@@ -57,6 +59,7 @@ class DPMechanism:
             "noise_split": self.noise_split,
             "mechanism": self.mechanism,
             **({"max_purchases": self.max_purchases} if self.mechanism == "als" else {}),
+            **({"count_share": self.count_share, "count_weight": self.count_weight} if self.count_share else {}),
         }
 
 
@@ -123,7 +126,8 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
             ) from None
     mech = DPMechanism(
         cfg.clip, sigma, sample_rate, per_round, cfg.delta, cfg.epsilon, cfg.noise_split, cfg.mechanism,
-        cfg.max_purchases if als else 0.0,
+        cfg.max_purchases if als else 0.0, cfg.count_share if als else 0.0,
+        cfg.count_weight if als and cfg.count_share else 0.0,
     )  # fmt: skip
     if math.isfinite(cfg.epsilon) and rounds_within_budget(mech, 1) < 1:
         raise ConfigError(

@@ -41,6 +41,11 @@ class PrivacyConfig:
     # als only: each customer's purchases weigh min(1, sqrt(max_purchases / n)), bounding their part
     # of the per-product sums by clip x sqrt(max_purchases) however much they bought.
     max_purchases: float = 2.0
+    # als with model.merchant_item_bias only: the share of each round's squared sensitivity given to
+    # the merchant's own weighted buyer counts (`noisy_als.COUNTS`), whose noised value sets its item
+    # bias, count_weight x log(1 + count); 0: no counts block (needs merchant_item_bias off).
+    count_share: float = 0.0
+    count_weight: float = 0.1
 
     @property
     def enabled(self) -> bool:
@@ -61,5 +66,7 @@ def privacy_errors(cfg: PrivacyConfig) -> list[str]:
             f"privacy.mechanism must be one of {', '.join(MECHANISMS)}, got {cfg.mechanism!r}",
         ),
         (cfg.max_purchases > 0, f"privacy.max_purchases must be > 0, got {cfg.max_purchases}"),
+        (0 <= cfg.count_share < 1, f"privacy.count_share must be in [0, 1), got {cfg.count_share}"),
+        (cfg.count_weight > 0, f"privacy.count_weight must be > 0, got {cfg.count_weight}"),
     ]
     return [msg for ok, msg in checks if not ok]
