@@ -343,10 +343,12 @@ def check_networked(cfg: RunConfig) -> RunConfig:
             "in-process only: set a temperature, and the other settings of the candidate you want (a merchant can "
             "choose on its own file alone: `fedrec train --dataset file` prints the choice)"
         )
-    if cfg.local.ials_item_step == "exact":  # sums of u u' over customers: no bound the config fixes
+    dp_als = cfg.privacy.enabled and cfg.privacy.mechanism == "als"  # its sums are bounded: clipped vectors
+    if cfg.local.ials_item_step == "exact" and not dp_als:  # sums of u u' over customers: no bound the config fixes
         raise ConfigError(
-            "local.ials_item_step = 'exact' runs in-process only: its terms (sums of u u' over customers) have no "
-            "public bound to scale into SecAgg+'s fixed range; use local.ials_item_step = 'sgd'"
+            "local.ials_item_step = 'exact' runs in-process only without DP: its terms (sums of u u' over customers) "
+            "have no public bound to scale into SecAgg+'s fixed range; use local.ials_item_step = 'sgd' (or DP-ALS, "
+            "privacy.mechanism = 'als', whose clipped sums have one)"
         )
     split = cfg.privacy.noise_split if cfg.privacy.enabled else 0
     if split and not cfg.network.secagg:  # split noise protects only a sum nobody can take apart

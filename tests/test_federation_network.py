@@ -250,6 +250,33 @@ def test_split_noise_dp_runs_under_secagg_like_in_process(federation) -> None:
     assert abs(out["summary"]["test"]["recall@20"] - inproc) < 0.01, (out["summary"]["test"], inproc)
 
 
+# Like the split DP-SGD test above: about two minutes of CI for one round, so `-m slow` only. Its math
+# is in CI without processes (tests/test_wire.py, test_dp_als_over_the_wire_equals_the_in_process_runtime).
+@pytest.mark.slow
+def test_dp_als_runs_under_secagg_like_in_process(federation) -> None:
+    """DP-ALS on the networked runtime: the nodes' clipped, noised item-step sums go through SecAgg+,
+    the coordinator solves the table, each node re-solves its customers and keeps its count bias;
+    the card certifies the mechanism, and test recall@20 is the in-process one within 0.01 (the
+    tolerance of the split DP-SGD test: SecAgg+'s rounding)."""
+    sets = {"privacy.epsilon": 8, "privacy.mechanism": "als", "local.loss": "ials", "local.ials_item_step": "exact",
+            "local.temperature": 1, "model.use_content": False, "model.merchant_item_bias": True,
+            "model.dim": 16, "privacy.clip": 0.03, "local.user_solve_reg": 10, "privacy.count_share": 0.3,
+            "privacy.noise_split": 3, "federation.rounds": 1, "federation.refit": True}  # fmt: skip
+    out = _run(federation, "dp-als", *(f"{k}={json.dumps(v)}" for k, v in sets.items()))
+    card = json.loads((out["workdir"] / "exports" / out["summary"]["version"] / "model_card.json").read_text())
+    dp = card["privacy"]["differential_privacy"]
+    assert (dp["mechanism"], dp["noise_split"], dp["count_share"], dp["rounds"]) == ("als", 3, 0.3, 1)
+    assert 0 < dp["epsilon"] <= 8
+    ds = federation["dataset"]
+    cfg = load_config(default_config_path("synthetic"), {**sets, "threads": 1})
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+    res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation, dp=mech)
+    vecs = item_embeddings(res.item_state, features, cfg.model)
+    inproc = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)["overall"]["recall@20"]
+    assert abs(out["summary"]["test"]["recall@20"] - inproc) < 0.01, (out["summary"]["test"], inproc)
+
+
 def _wait_for(path: Path, text: str, timeout: float, proc=None) -> bool:  # noqa: ANN001
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -13,13 +13,15 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
-from fedrec.federated.aggregation import aggregate_sums, merchant_sums, sum_names
+from fedrec.federated.aggregation import ALS_DP, aggregate_sums, delta_from_sums, merchant_sums, sum_names
 from fedrec.federated.merchant_node import MerchantNode, load_bundle, write_bundles
 from fedrec.federated.protocol import stage_format, state_from_arrays, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.wire import check_arrays, from_wire, sum_arrays, to_wire, wire_format
-from fedrec.model import new_item_tower
+from fedrec.model import initial_item_state, new_item_tower
+from fedrec.privacy import noisy_als
+from fedrec.privacy.accountant import plan_mechanism
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
 
@@ -315,3 +317,53 @@ def test_reply_pull_collects_every_reply_and_stops_at_the_last_or_at_the_timeout
     got = pull_replies(late, ["m1", "m2"], timeout=0.05, poll_s=0.01)
     assert [r.metadata.reply_to_message_id for r in got] == ["a"]  # what came in time, no more
     assert late.pulls >= 2
+
+
+DP_ALS = {"privacy.mechanism": "als", "local.loss": "ials", "local.ials_item_step": "exact", "local.temperature": 1.0,
+          "model.use_content": False, "model.dim": 16, "privacy.clip": 0.03, "local.user_solve_reg": 10.0,
+          "privacy.count_share": 0.3, "privacy.epsilon": 8.0, "privacy.noise_split": 6, "federation.rounds": 2,
+          "federation.refit": False}  # fmt: skip
+
+
+def test_dp_als_over_the_wire_equals_the_in_process_runtime(synthetic_bundles, tmp_path) -> None:
+    """DP-ALS in the networked runtime: its sums get public scales from the config (max_weight x
+    clip, x clip^2), the nodes' noised sums through the wire, and through SecAgg+'s quantisation,
+    solve to the in-process table; each node's customers, re-solved against the received table,
+    and its count bias are the in-process ones. Tolerances: float32 on the wire (1e-4); SecAgg+'s
+    rounding in the sums has under a tenth of the noise's standard deviation (1% of its variance;
+    not accounted for)."""
+    _, ds, out = synthetic_bundles
+    cfg = load_config(default_config_path("synthetic"), {**DP_ALS, "threads": 1})
+    assert aggregation_rule(cfg, ds.n_items) == ALS_DP
+    mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation, dp=mech)
+
+    fmt = stage_format("train", ds.n_items, cfg)
+    scales = dict(zip(fmt.names, fmt.scales, strict=True))
+    assert scales[noisy_als.RHS] == pytest.approx(cfg.network.max_weight * 0.03)
+    assert scales[noisy_als.GRAM] == pytest.approx(cfg.network.max_weight * 0.03**2)
+    assert noisy_als.COUNTS not in scales  # the counts never leave the merchant
+    nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
+    clip, q = cfg.network.clipping_range, cfg.network.quantization_range
+    state = initial_item_state(ds.n_items, cfg.model, cfg.federation.seed)
+    np.random.seed(0)
+    for rnd in (1, 2):
+        received = state_from_arrays(state_to_arrays(state), ds.n_items, cfg.model)
+        msgs = [to_wire(n.train(received, rnd, 0, fmt.expected), fmt, clip) for n in nodes]
+        summed = [sum(parts) for parts in zip(*[quantize(m, clip, q) for m in msgs], strict=True)]
+        decoded = [a - (len(msgs) - 1) * clip for a in dequantize(summed, clip, q)]
+        plain, secure = from_wire(sum_arrays(msgs), fmt), from_wire(decoded, fmt)
+        # SecAgg+'s rounding, against the noise the sum carries (the whole noise multiplier, split 6 ways)
+        s_rhs, s_gram, _ = noisy_als.block_scales(mech.clip, mech.max_purchases, mech.count_share)
+        for name, unit in ((noisy_als.RHS, s_rhs), (noisy_als.GRAM, s_gram)):
+            rounding = (secure[name] - plain[name]).double()
+            assert 0 < rounding.std().item() < 0.1 * mech.noise_multiplier * unit, name
+        args = (ALS_DP, state, cfg.federation.normalize_steps, cfg.local.ials_alpha, cfg.local.user_solve_reg)
+        delta = delta_from_sums(plain, *args)
+        state = {noisy_als.TABLE: state[noisy_als.TABLE] + delta[noisy_als.TABLE]}  # fedavg at lr 1: the solution
+    torch.testing.assert_close(state[noisy_als.TABLE], inproc.item_state[noisy_als.TABLE], rtol=1e-4, atol=1e-4)
+    for n in nodes:
+        users, bias = n.state_at(2)
+        torch.testing.assert_close(n._users_for(state, users), inproc.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(bias, inproc.item_biases[n.name])

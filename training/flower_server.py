@@ -3,7 +3,7 @@
 Each exchange sends the item tower and a stage to the round's merchants and gets back one total:
 under SecAgg+ (`SecAggPlusWorkflow`) Flower unmasks only the sum of the merchants' replies; with
 it off the coordinator adds the replies itself after checking each one. Either way the loop then
-does what the in-process runtime does, with the same pure functions: `aggregate_sums`, the
+does what the in-process runtime does, with the same pure functions: `delta_from_sums`, the
 server optimiser, best-round tracking on the validation sums. The merchants' validation sums for
 the model of round r arrive with the replies of round r + 1 (one exchange per round, no extra
 trip); a last `validate` exchange scores the final model; with `federation.refit` the `refit`
@@ -45,7 +45,7 @@ from fedrec.config import RunConfig, aggregation_rule, check_networked, load_con
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated import popularity_prior
-from fedrec.federated.aggregation import aggregate_sums, mean_loss
+from fedrec.federated.aggregation import delta_from_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
@@ -368,7 +368,10 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
     while ck.refit_round < ck.best_round:
         r = ck.refit_round + 1
         total, t0 = _answered(coord, "refit", ck.round + 1 + r, ck.refit_state, f"refit round {r}", refit_round=r)
-        delta = aggregate_sums(total, aggregation_rule(cfg, n_items), fed.normalize_steps)
+        delta = delta_from_sums(
+            total, aggregation_rule(cfg, n_items), ck.refit_state, fed.normalize_steps, cfg.local.ials_alpha,
+            cfg.local.user_solve_reg,
+        )  # fmt: skip
         ck.refit_state = server.step(ck.refit_state, delta)
         ck.refit_m, ck.refit_v, ck.refit_round = server.m, server.v, r
         entry = {"round": r, "merchants": coord.strategy.contributors, "loss": mean_loss(total)}
@@ -424,7 +427,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             val_prev = _val(total)  # the received model's, i.e. round rnd - 1's
             if rnd > 1 and val_prev > ck.best_val:
                 ck.best_val, ck.best_round, ck.best_state = val_prev, rnd - 1, ck.state
-            delta = aggregate_sums(total, rule, fed.normalize_steps)
+            delta = delta_from_sums(
+                total, rule, ck.state, fed.normalize_steps, cfg.local.ials_alpha, cfg.local.user_solve_reg
+            )
             ck.state = server.step(ck.state, delta)
             ck.m, ck.v, ck.round = server.m, server.v, rnd
             entry = {

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from fedrec.errors import ConfigError
-from fedrec.federated.ials_item_step import TABLE, item_step_names
+from fedrec.federated.ials_item_step import TABLE, item_step_delta, item_step_names
 from fedrec.privacy import noisy_als
 
 AGGREGATIONS = ("fedavg", "rowwise")
@@ -178,6 +178,24 @@ def aggregate_sums(
             by_row = t / safe.reshape(shape) * row_rescale.reshape(shape)
             out[k] = torch.where(touched.reshape(shape), by_row, out[k])
     return out
+
+
+def delta_from_sums(
+    total: Mapping[str, torch.Tensor],
+    rule: str,
+    item_state: Mapping[str, torch.Tensor],
+    normalize_steps: bool,
+    ials_alpha: float,
+    reg: float,
+) -> dict[str, torch.Tensor]:
+    """The round's delta under any rule, for both runtimes: sums divided by sums, or ALS's item step
+    solved from the summed terms (a delta that lands the table on the solution). `ials_alpha` and
+    `reg` are the ials loss's (local.ials_alpha, local.user_solve_reg); only the als rules read them."""
+    if rule == ALS:
+        return item_step_delta(total, item_state, reg)
+    if rule == ALS_DP:
+        return noisy_als.noisy_item_step_delta(total, item_state, ials_alpha, reg)
+    return aggregate_sums(total, rule, normalize_steps)
 
 
 def mean_loss(total: Mapping[str, torch.Tensor]) -> float:

@@ -13,6 +13,10 @@ Stages, each answering with sums only:
   validate  validation sums of the received model (the last round's, for the best-round choice)
   refit     `train` on train + validation, by `refit_node()` (its own state directory, round numbers)
   finish    test sums of the released model, and the merchant's own export files
+
+With ALS's exact item step (DP-ALS, `privacy.mechanism = "als"`) every stage that receives a new
+table first re-solves the customers against it (`ials_user_step`), as the in-process runtime does
+right after the coordinator's solve: the users validated, tested and exported belong to it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test, evaluate_val
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.aggregation import merchant_sums
-from fedrec.federated.local import local_update
+from fedrec.federated.local import ials_user_step, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.wire import TEST_PREFIX, TEST_USERS, VAL_HITS, VAL_USERS
 from fedrec.metrics import METRICS
@@ -207,7 +211,15 @@ class MerchantNode:
                 (self.state_dir / f"round-{r:04d}.pt").unlink(missing_ok=True)
 
     # -- stages ----------------------------------------------------------------------------------
+    def _users_for(self, item_state: dict[str, torch.Tensor], users: torch.Tensor) -> torch.Tensor:
+        """The customers for `item_state`: as saved, or under the exact item step solved against it."""
+        if self.cfg.local.ials_item_step != "exact":
+            return users
+        m = self.bundle.merchant
+        return ials_user_step(item_state, users, m.train, self.features, self.cfg.model, self.cfg.local)
+
     def _val_sums(self, item_state: dict[str, torch.Tensor], users, bias) -> dict[str, torch.Tensor]:
+        users = self._users_for(item_state, users)
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
         val = evaluate_val(self.bundle.merchant, users, vecs, bias)
         return {VAL_HITS: torch.tensor(val.sums["recall@20"]), VAL_USERS: torch.tensor(float(val.users))}
@@ -221,11 +233,11 @@ class MerchantNode:
         seed = fed.seed * 1_000_003 + rnd * 1009 + self.bundle.index
         m = self.bundle.merchant
         res = local_update(
-            item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, self.dp
+            item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, self.dp, None, rnd
         )
         sums = merchant_sums(
             res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss,
-            aggregation_rule(self.cfg, self.features.n_items), fed.normalize_steps,
+            aggregation_rule(self.cfg, self.features.n_items), fed.normalize_steps, res.item_terms,
         )  # fmt: skip
         out.update(sums)
         MerchantSums(out).validate(expected)  # the node's own check, before anything is sent
@@ -239,6 +251,7 @@ class MerchantNode:
     def finish(self, item_state: dict[str, torch.Tensor], best_round: int, version: str, out_root: Path) -> dict:
         """Test sums of the chosen model; writes this merchant's export under out_root."""
         users, bias = self.state_at(best_round)
+        users = self._users_for(item_state, users)
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
         m = self.bundle.merchant
         test = evaluate_test(m, users, vecs, bias)

@@ -33,6 +33,8 @@ def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
         expected = metric_names(METRICS)
     else:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    if cfg.privacy.enabled and cfg.privacy.mechanism == "als":  # weight 1, one step, bounded item-step sums
+        return wire_format(expected, cfg.network.max_weight, 1.0, train_weight=1.0, dp_als_clip=cfg.privacy.clip)
     if cfg.privacy.enabled and cfg.privacy.noise_split:
         # One step a round: the delta is a clipped-gradient sum over the sampled customers. Scaled so
         # that clip x (the expected batch of a max_weight-customer shop) fits the range: only a batch

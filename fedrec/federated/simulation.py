@@ -3,7 +3,7 @@
 Per round: sample merchants, send each the item tower, run `local_update`; each merchant turns
 its result into its terms of the round's sums (`merchant_sums`), which are added up as they
 arrive (a running sum, as secure aggregation would compute it); the coordinator divides sums by
-sums (`aggregate_sums`) and applies the server optimiser; then the merchants' validation metric
+sums (`delta_from_sums`) and applies the server optimiser; then the merchants' validation metric
 sums are added up the same way. The best round (validation recall@20) is kept (early stopping).
 Each merchant's private tensors (user table, optional item bias) live in dicts keyed by
 merchant that only that merchant's `local_update` call reads or writes.
@@ -29,18 +29,15 @@ from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_cus
 from fedrec.features import ItemFeatures
 from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import (
-    ALS,
-    ALS_DP,
     ITEM_STEP_RULES,
     add_sums,
-    aggregate_sums,
+    delta_from_sums,
     mean_loss,
     merchant_sums,
     resolve_rule,
     sum_names,
 )
 from fedrec.federated.candidates import Candidate, candidates_of, unsupported
-from fedrec.federated.ials_item_step import item_step_delta
 from fedrec.federated.local import LocalConfig, LocalResult, ials_user_step, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
@@ -55,7 +52,6 @@ from fedrec.model import (
     item_tower_shapes,
 )
 from fedrec.privacy.accountant import DPMechanism, privacy_entry, rounds_within_budget
-from fedrec.privacy.noisy_als import noisy_item_step_delta
 
 T = TypeVar("T")
 
@@ -439,12 +435,11 @@ def _train(
             total = add_sums(total, message.tensors)
         if kept:
             delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim, fed_cfg.clip_multiple)
-        elif fed_cfg.aggregation == ALS:
-            delta = item_step_delta(total, global_state, local_cfg.user_solve_reg)
-        elif fed_cfg.aggregation == ALS_DP:
-            delta = noisy_item_step_delta(total, global_state, local_cfg.ials_alpha, local_cfg.user_solve_reg)
         else:
-            delta = aggregate_sums(total, fed_cfg.aggregation, fed_cfg.normalize_steps)
+            delta = delta_from_sums(
+                total, fed_cfg.aggregation, global_state, fed_cfg.normalize_steps, local_cfg.ials_alpha,
+                local_cfg.user_solve_reg,
+            )  # fmt: skip
         global_state = server.step(global_state, delta)
         if fed_cfg.aggregation in ITEM_STEP_RULES:  # ALS's user step on the new table, at every merchant
 

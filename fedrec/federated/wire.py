@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedrec.federated.aggregation import LOSS, ROW_STEPS, STEPS
+from fedrec.privacy import noisy_als
 
 VAL_HITS, VAL_USERS = "val/recall@20", "val/users"
 TEST_PREFIX, TEST_USERS = "test/", "test/users"
@@ -39,7 +40,9 @@ class WireFormat:
         return dict(zip(self.names, self.shapes, strict=True))
 
 
-def public_scale(name: str, max_weight: float, max_steps: float, train_weight: float | None = None) -> float:
+def public_scale(
+    name: str, max_weight: float, max_steps: float, train_weight: float | None = None, dp_als_clip: float = 0.0
+) -> float:
     """The divisor of one tensor: bounds that follow from the config alone.
 
     max_weight bounds n_k (a merchant's training purchases); max_steps bounds tau_k. A delta is
@@ -47,7 +50,15 @@ def public_scale(name: str, max_weight: float, max_steps: float, train_weight: f
     `train_weight` replaces max_weight for the training sums when the weight is a public
     constant (1 under differential privacy): dividing a weight-1 delta by max_weight would lose
     it to the quantisation step. Metric sums (a sum over customers) keep max_weight.
+    DP-ALS's sums (`dp_als_clip`, its privacy.clip) add one clipped vector, or its outer product,
+    per customer with purchases, so at most max_weight of them: max_weight x clip (per-product
+    sums, each purchase weighted at most 1) and max_weight x clip^2 (the Gram); the noise is far
+    below either.
     """
+    if name == noisy_als.RHS and dp_als_clip:
+        return max_weight * dp_als_clip
+    if name == noisy_als.GRAM and dp_als_clip:
+        return max_weight * dp_als_clip**2
     if train_weight is not None and not name.startswith(("val/", "test/")):
         max_weight = train_weight
     if name in (STEPS, ROW_STEPS):
@@ -58,13 +69,17 @@ def public_scale(name: str, max_weight: float, max_steps: float, train_weight: f
 
 
 def wire_format(
-    expected: Mapping[str, tuple[int, ...]], max_weight: float, max_steps: float, train_weight: float | None = None
+    expected: Mapping[str, tuple[int, ...]],
+    max_weight: float,
+    max_steps: float,
+    train_weight: float | None = None,
+    dp_als_clip: float = 0.0,
 ) -> WireFormat:
     names = tuple(sorted(expected))
     return WireFormat(
         names,
         tuple(tuple(expected[n]) for n in names),
-        tuple(public_scale(n, max_weight, max_steps, train_weight) for n in names),
+        tuple(public_scale(n, max_weight, max_steps, train_weight, dp_als_clip) for n in names),
     )
 
 
