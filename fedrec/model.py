@@ -15,6 +15,10 @@ from torch import nn
 
 from fedrec.features import ItemFeatures, tfidf_rows
 
+# The state name of the per-product id table: what ALS's item step solves, DP noises row by row and
+# rowwise aggregation averages over the merchants that sold each product.
+ID_TABLE = "item_emb.weight"
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -92,7 +96,7 @@ class ItemTower(nn.Module):
         return out
 
     def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        weights = {"item_emb.weight": self.item_emb.weight}
+        weights = {ID_TABLE: self.item_emb.weight}
         if self.id_rows:
             weights["item_emb_q.weight"] = self.item_emb_q.weight
         return id_vectors(weights, ids, self.id_rows)
@@ -101,8 +105,8 @@ class ItemTower(nn.Module):
 def id_vectors(weights: dict[str, torch.Tensor], ids: torch.Tensor, id_rows: int) -> torch.Tensor:
     """The id part of item vectors `ids`: a row per product, or the sum of its two compositional rows."""
     if not id_rows:
-        return F.embedding(ids, weights["item_emb.weight"])
-    return F.embedding(ids % id_rows, weights["item_emb.weight"]) + F.embedding(
+        return F.embedding(ids, weights[ID_TABLE])
+    return F.embedding(ids % id_rows, weights[ID_TABLE]) + F.embedding(
         (ids // id_rows + ids * SPREAD) % id_rows, weights["item_emb_q.weight"]
     )
 
@@ -201,9 +205,9 @@ def catalogue_embeddings(
     tower gives it `content_neighbour_vectors`. `n_trained` may be left out when the tower has one
     id row per product (it is then the table's length)."""
     if n_trained is None:
-        if "item_emb_q.weight" in state or "item_emb.weight" not in state:
+        if "item_emb_q.weight" in state or ID_TABLE not in state:
             raise ValueError("catalogue_embeddings: without one id row per product, n_trained must be given")
-        n_trained = state["item_emb.weight"].shape[0]
+        n_trained = state[ID_TABLE].shape[0]
     trained_features = ItemFeatures(features.tokens[:n_trained], features.n_buckets)
     trained = item_embeddings(state, trained_features, cfg)
     if features.n_items == n_trained:

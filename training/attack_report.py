@@ -54,6 +54,7 @@ from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
 from fedrec.federated.local import local_update
 from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.model import ID_TABLE as TABLE
 from fedrec.model import init_item_bias, init_user_embeddings, initial_item_state, item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
@@ -61,8 +62,6 @@ from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
 from fedrec.serving.foldin import fold_in_many
 from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
-
-TABLE = "item_emb.weight"
 
 
 def leakage_report(

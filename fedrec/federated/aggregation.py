@@ -43,7 +43,7 @@ RULES = ("auto", *AGGREGATIONS)  # what federation.aggregation accepts
 ALS = "als"  # auto's rule for the exact ials item step: solved, not averaged
 ALS_DP = "als_dp"  # the same under privacy.mechanism = 'als': clipped, noised sums (privacy/noisy_als.py)
 ITEM_STEP_RULES = (ALS, ALS_DP)
-ROW_TENSORS = ("item_emb.weight",)
+ROW_TENSORS = (TABLE,)
 WEIGHT, STEPS, LOSS = "n", "n_tau", "n_loss"
 ROW_WEIGHT, ROW_STEPS = "rows/n", "rows/n_tau"
 DELTA, ROW_DELTA = "delta/", "rows/delta/"

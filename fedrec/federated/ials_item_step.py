@@ -31,6 +31,7 @@ import torch
 
 from fedrec.errors import ConfigError
 from fedrec.ials_users import ials_normal_terms
+from fedrec.model import ID_TABLE as TABLE  # the one tensor of an id-only tower with one row per product
 
 if TYPE_CHECKING:
     from fedrec.federated.local import LocalConfig
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from fedrec.model import ModelConfig
 
 GRAM, LHS, RHS = "als/gram", "als/lhs", "als/rhs"
-TABLE = "item_emb.weight"  # the one tensor of an id-only tower with one row per product
 
 
 def exact_step_problems(

@@ -342,7 +342,7 @@ def _exact_item_step(
     u = users.detach().cpu()
     if dp is not None:  # bounded, noised sums; what the merchant exposes besides them is public
         terms = noisy_als.clipped_terms(u.numpy(), train, dp.clip, dp.max_purchases)
-        sums = noisy_als.noised_terms(terms, dp.clip, dp.max_purchases, dp.share_std / dp.clip, gen, dp.count_share)
+        sums = noisy_als.noised_terms(terms, dp.clip, dp.max_purchases, dp.share_multiplier, gen, dp.count_share)
         if counted:  # the counts take the whole noise: they stay here, unsummed, and other lists read them
             fresh = noisy_als.noised_counts(terms, dp.clip, dp.max_purchases, dp.count_share, dp.noise_multiplier, gen)
             counts = noisy_als.averaged_counts(bias.detach().cpu(), fresh, dp.count_weight, release)

@@ -44,9 +44,14 @@ class DPMechanism:
     count_weight: float = 0.0  # als with counts: the item bias's weight on log(1 + count)
 
     @property
+    def share_multiplier(self) -> float:
+        """The noise one merchant adds per unit of sensitivity: all of it, or its share of the split."""
+        return self.noise_multiplier / math.sqrt(max(1, self.noise_split))
+
+    @property
     def share_std(self) -> float:
-        """The noise standard deviation one merchant adds: all of it, or its share of the split."""
-        return self.noise_multiplier * self.clip / math.sqrt(max(1, self.noise_split))
+        """The noise standard deviation one merchant adds to a sum of gradients clipped to `clip`."""
+        return self.share_multiplier * self.clip
 
     def to_dict(self) -> dict:
         return {

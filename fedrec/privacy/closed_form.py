@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-TABLE = "item_emb.weight"
+from fedrec.model import ID_TABLE as TABLE
+
 FEAT = "feat_emb.weight"
 W1, B1, W2, B2 = "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"
 

@@ -39,9 +39,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedrec.model import ID_TABLE as TABLE  # the id table it solves (one row per product, no content tower)
+
 GRAM, RHS = "dp_als/gram", "dp_als/rhs"  # RHS: sum of w_c u_c per product (the 1 + alpha is the solve's)
 COUNTS = "dp_als/counts"  # per product, the merchant's weighted buyers: kept at the merchant, never sent
-TABLE = "item_emb.weight"  # the id table it solves (one row per product, no content tower)
 RHS_SHARE = 0.95  # of the squared sensitivity: the per-product sums; the Gram gets the rest
 
 

@@ -24,6 +24,7 @@ import torch
 from fedrec.data import MerchantData
 from fedrec.evaluation import recommendation_lists
 from fedrec.federated.aggregation import DELTA, ROW_DELTA, STEPS, WEIGHT
+from fedrec.model import ID_TABLE
 
 Tamper = Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -60,7 +61,7 @@ def promote(
     normalize_steps: bool,
     strength: float = 20.0,
     seed: int = 0,
-    table: str = "item_emb.weight",
+    table: str = ID_TABLE,
 ) -> Tamper:
     """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
 
