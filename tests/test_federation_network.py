@@ -219,6 +219,15 @@ def test_plaintext_run_leaks_what_secagg_hides(federation) -> None:
         assert abs(out["summary"]["test"]["recall@20"] - federation["secagg_recall"]) < 0.01
 
 
+def _in_process_test_recall(ds: FederatedDataset, cfg) -> float:  # noqa: ANN001
+    """Test recall@20 of the same DP run in-process (the same seeds draw the same noise)."""
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+    res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation, dp=mech)
+    vecs = item_embeddings(res.item_state, features, cfg.model)
+    return evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)["overall"]["recall@20"]
+
+
 # Two minutes of CI for one DP round (three SecAgg+ exchanges), so `-m slow` only. Its parts stay in
 # CI: the split mechanism, its accounting and a split delta inside SecAgg+'s range in
 # test_distributed_dp, and DP replies through SecAgg+'s quantiser in test_wire.
@@ -242,11 +251,7 @@ def test_split_noise_dp_runs_under_secagg_like_in_process(federation) -> None:
     assert card["refit_rounds"] == 1  # the DP round, on train + validation
     # so the nodes have no validation slice: the coordinator's validation sums hold no customer
     assert all(math.isnan(h["val_recall_at_20_previous_round"]) for h in card["history"]) and card["history"]
-    features = build_item_features(ds.items, cfg.model.hash_buckets)
-    mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
-    res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation, dp=mech)
-    vecs = item_embeddings(res.item_state, features, cfg.model)
-    inproc = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)["overall"]["recall@20"]
+    inproc = _in_process_test_recall(ds, cfg)
     assert abs(out["summary"]["test"]["recall@20"] - inproc) < 0.01, (out["summary"]["test"], inproc)
 
 
@@ -269,11 +274,7 @@ def test_dp_als_runs_under_secagg_like_in_process(federation) -> None:
     assert 0 < dp["epsilon"] <= 8
     ds = federation["dataset"]
     cfg = load_config(default_config_path("synthetic"), {**sets, "threads": 1})
-    features = build_item_features(ds.items, cfg.model.hash_buckets)
-    mech = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
-    res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation, dp=mech)
-    vecs = item_embeddings(res.item_state, features, cfg.model)
-    inproc = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)["overall"]["recall@20"]
+    inproc = _in_process_test_recall(ds, cfg)
     assert abs(out["summary"]["test"]["recall@20"] - inproc) < 0.01, (out["summary"]["test"], inproc)
 
 
