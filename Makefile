@@ -168,7 +168,7 @@ validate-privacy-als: setup
 	$(foreach reg,3 10 30,$(ALS_VALIDATE) --set local.user_solve_reg=$(reg) --tag als-reg$(reg) \
 		--setting privacy.clip --candidates 0.03,0.05,0.1 &&) true
 	$(foreach share,0.1 0.3 0.5,$(ALS_VALIDATE) --set model.merchant_item_bias=true --set privacy.count_share=$(share) \
-		--tag als-count$(share) --setting privacy.count_weight --candidates 0.03,0.05,0.1,0.2 &&) true
+		--tag als-count$(subst .,,$(share)) --setting privacy.count_weight --candidates 0.03,0.05,0.1,0.2 &&) true
 # privacy-report rows for DP-ALS, per merchant and with the noise split over every merchant.
 privacy-report-als: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \
