@@ -278,6 +278,28 @@ def test_dp_als_runs_under_secagg_like_in_process(federation) -> None:
     assert abs(out["summary"]["test"]["recall@20"] - inproc) < 0.01, (out["summary"]["test"], inproc)
 
 
+# About three minutes (six SecAgg+ exchanges), so `-m slow` only; the same path without processes
+# is in CI (tests/test_wire.py, test_the_popularity_prior_over_the_wire_is_the_in_process_choice).
+@pytest.mark.slow
+def test_a_large_catalogue_chooses_its_popularity_prior_over_secagg(federation) -> None:
+    """The switch lowered to 1,000 products makes the shop's catalogue "large": the coordinator
+    chooses the prior from the merchants' secure sums, the card records it, and the run's weight
+    and test recall@20 are the in-process ones (within 0.01, SecAgg+'s rounding)."""
+    sets = {"federation.rounds": 1, "federation.refit": True, "local.full_softmax_max_items": 1000,
+            "local.sampled_popularity_weights": [0.1, 1.0]}  # fmt: skip
+    out = _run(federation, "prior", *(f"{k}={json.dumps(v)}" for k, v in sets.items()), timeout=400)
+    card = json.loads((out["workdir"] / "exports" / out["summary"]["version"] / "model_card.json").read_text())
+    ds = federation["dataset"]
+    cfg = load_config(default_config_path("synthetic"), {**sets, "threads": 1})
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
+    assert card["popularity_prior"]["weight"] == res.popularity.weight
+    assert "secure sum" in card["popularity_prior"]["counts"]
+    vecs = item_embeddings(res.item_state, features, cfg.model)
+    inproc = evaluate_test_all(ds.merchants, res.user_embeddings, vecs, res.item_biases)["overall"]["recall@20"]
+    assert abs(out["summary"]["test"]["recall@20"] - inproc) < 0.01, (out["summary"]["test"], inproc)
+
+
 def _wait_for(path: Path, text: str, timeout: float, proc=None) -> bool:  # noqa: ANN001
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -127,12 +127,17 @@ def test_no_prior_below_the_switch_or_under_dp(tiny_dataset, features):
     assert not prior.applies(LARGE, 200, private=True) and prior.applies(LARGE, 200, private=False)
 
 
-def test_settings_and_the_networked_runtime():
+def test_settings_and_the_networked_messages():
     assert load_config(None, {"local.sampled_popularity_weights": []}).local.sampled_popularity_weights == ()
     for bad in ([-1.0], [float("inf")], ["high"], [True]):
         with pytest.raises(ConfigError, match="local.sampled_popularity_weights must be"):
             load_config(None, {"local.sampled_popularity_weights": bad})
-    why = prior.networked_refuses(LARGE, 200, private=False)
-    assert "runs in-process only" in why and "local.sampled_popularity_weights = []" in why
-    assert prior.networked_refuses(LARGE, 40, private=False) is None  # below the switch: nothing to choose
-    assert prior.networked_refuses(dataclasses.replace(LARGE, sampled_popularity_weights=()), 200, False) is None
+    # what a merchant sends for it: two count vectors, then a hits-and-customers pair per weight
+    assert prior.buyer_names(7) == {prior.BUYERS: (7,), prior.BUYERS_FULL: (7,)}
+    assert sorted(prior.candidate_names((0.0, 3.0))) == [
+        "prior/0/val/recall@20", "prior/0/val/users", "prior/1/val/recall@20", "prior/1/val/users",
+    ]  # fmt: skip
+    a = merchant("a", [[0, 1], [1]], [[3], [0]], 5)
+    sums = prior.merchant_buyers(a)
+    np.testing.assert_array_equal(sums[prior.BUYERS].numpy(), [1, 2, 0, 0, 0])
+    np.testing.assert_array_equal(sums[prior.BUYERS_FULL].numpy(), [2, 2, 0, 1, 0])

@@ -12,14 +12,16 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import FedrecError
+from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
+from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import ALS_DP, aggregate_sums, delta_from_sums, merchant_sums, sum_names
 from fedrec.federated.merchant_node import MerchantNode, load_bundle, write_bundles
 from fedrec.federated.protocol import stage_format, state_from_arrays, state_to_arrays
 from fedrec.federated.server_opt import ServerOptimizer
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.wire import check_arrays, from_wire, sum_arrays, to_wire, wire_format
-from fedrec.model import initial_item_state, new_item_tower
+from fedrec.model import initial_item_state, item_embeddings, new_item_tower
 from fedrec.privacy import noisy_als
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.training.cli import default_config_path
@@ -127,6 +129,27 @@ def test_bundle_loader_names_the_bad_file(synthetic_bundles, tmp_path) -> None:
         load_bundle(tmp_path / "nothing-here")
 
 
+def _train_over_wire(nodes: list[MerchantNode], rounds: int, cfg, n_items: int) -> dict[int, dict[str, torch.Tensor]]:  # noqa: ANN001
+    """The coordinator's loop without a network: each round's replies through the wire, summed, the
+    delta and the server step; the model after every round."""
+    fmt = stage_format("train", n_items, cfg)
+    start = new_item_tower(n_items, cfg.model, cfg.federation.seed).state_dict()
+    state, server, states = {k: v.clone() for k, v in start.items()}, ServerOptimizer(cfg.federation.server), {}
+    for rnd in range(1, rounds + 1):
+        received = state_from_arrays(state_to_arrays(state), n_items, cfg.model)
+        replies = [to_wire(n.train(received, rnd, 0, fmt.expected), fmt, cfg.network.clipping_range) for n in nodes]
+        total = from_wire(sum_arrays(replies), fmt)
+        delta = aggregate_sums(total, aggregation_rule(cfg, n_items), cfg.federation.normalize_steps)
+        state = states[rnd] = server.step(state, delta)
+    return states
+
+
+def _exchange(nodes: list[MerchantNode], stage: str, cfg, n_items: int, answer) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """One non-training exchange: every node's `answer(node)` through the wire, summed."""
+    fmt = stage_format(stage, n_items, cfg)
+    return from_wire(sum_arrays([to_wire(answer(n), fmt, cfg.network.clipping_range) for n in nodes]), fmt)
+
+
 def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles, tmp_path) -> None:
     """Same seeds, no dropouts: the nodes' sums over the wire give the in-process model, round for round,
     in the early-stopped run and in the refit on train + validation that is released after it.
@@ -141,20 +164,9 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
     assert first is not None and inproc.refit_rounds == first.best_round
 
     nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
-    fmt = stage_format("train", ds.n_items, cfg)
 
     def run(stage_nodes: list[MerchantNode], rounds: int) -> dict[int, dict[str, torch.Tensor]]:
-        start = new_item_tower(ds.n_items, cfg.model, cfg.federation.seed).state_dict()
-        state, server, states = {k: v.clone() for k, v in start.items()}, ServerOptimizer(cfg.federation.server), {}
-        for rnd in range(1, rounds + 1):
-            received = state_from_arrays(state_to_arrays(state), ds.n_items, cfg.model)
-            replies = [
-                to_wire(n.train(received, rnd, 0, fmt.expected), fmt, cfg.network.clipping_range) for n in stage_nodes
-            ]
-            total = from_wire(sum_arrays(replies), fmt)
-            delta = aggregate_sums(total, aggregation_rule(cfg, ds.n_items), cfg.federation.normalize_steps)
-            state = states[rnd] = server.step(state, delta)
-        return states
+        return _train_over_wire(stage_nodes, rounds, cfg, ds.n_items)
 
     states = run(nodes, 2)
     assert first.history[-1].round == 2
@@ -367,3 +379,45 @@ def test_dp_als_over_the_wire_equals_the_in_process_runtime(synthetic_bundles, t
         users, bias = n.state_at(2)
         torch.testing.assert_close(n._users_for(state, users), inproc.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(bias, inproc.item_biases[n.name])
+
+
+def test_the_popularity_prior_over_the_wire_is_the_in_process_choice(synthetic_bundles, tmp_path) -> None:
+    """A large catalogue (the switch lowered to 1,000 products) in the networked runtime's path: the
+    summed buyer counts are the pooled ones, the summed candidate sums choose the in-process weight
+    with its validation scores, and the released model with the prior's offsets (of train +
+    validation, after the refit) gives the in-process test recall."""
+    _, ds, out = synthetic_bundles
+    sets = {
+        "federation.rounds": 2,
+        "federation.patience": 0,
+        "federation.refit": True,
+        "local.full_softmax_max_items": 1000,
+        "local.sampled_popularity_weights": [0.1, 1.0],  # no weight 0: the released biases carry offsets
+        "threads": 1,
+    }
+    cfg = load_config(default_config_path("synthetic"), sets)
+    assert popularity_prior.applies(cfg.local, ds.n_items, private=False)
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
+    best = inproc.early_stopped.best_round
+
+    nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
+    early = _train_over_wire(nodes, 2, cfg, ds.n_items)[best]
+    twins = [n.refit_node() for n in nodes]
+    released = _train_over_wire(twins, best, cfg, ds.n_items)[best]
+    counts = _exchange(nodes, "buyers", cfg, ds.n_items, lambda n: n.buyers())
+    buyers = {k: np.rint(v.double().numpy()) for k, v in counts.items()}
+    np.testing.assert_array_equal(buyers[popularity_prior.BUYERS], popularity_prior.pooled_buyers(ds.merchants, False))
+    np.testing.assert_array_equal(
+        buyers[popularity_prior.BUYERS_FULL], popularity_prior.pooled_buyers(ds.merchants, True)
+    )  # fmt: skip
+    train_buyers = buyers[popularity_prior.BUYERS]
+    sums = _exchange(nodes, "prior", cfg, ds.n_items, lambda n: n.prior(early, best, train_buyers))
+    weight, scores = popularity_prior.choose_from_sums(sums, cfg.local.sampled_popularity_weights)
+    assert weight == inproc.popularity.weight > 0
+    assert scores == pytest.approx(inproc.popularity.scores, abs=1e-6)
+    offsets = popularity_prior.prior_offsets(buyers[popularity_prior.BUYERS_FULL], weight)
+    test = _exchange(twins, "finish", cfg, ds.n_items, lambda n: n.finish(released, best, "v1", tmp_path, offsets))
+    vecs = item_embeddings(inproc.item_state, features, cfg.model)
+    want = evaluate_test_all(ds.merchants, inproc.user_embeddings, vecs, inproc.item_biases)["overall"]["recall@20"]
+    assert float(test["test/recall@20"] / test["test/users"]) == pytest.approx(want, abs=1e-4)

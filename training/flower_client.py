@@ -38,7 +38,8 @@ class MerchantClient(NumPyClient):
 
         from fedrec.config import config_from_dict
         from fedrec.federated.merchant_node import MerchantNode, load_bundle
-        from fedrec.federated.protocol import stage_format, state_from_arrays
+        from fedrec.federated.popularity_prior import prior_offsets
+        from fedrec.federated.protocol import stage_format, state_and_extra
         from fedrec.federated.simulation import trains_on_validation
         from fedrec.federated.wire import to_wire
         from fedrec.threads import use_threads
@@ -51,7 +52,7 @@ class MerchantClient(NumPyClient):
         node = MerchantNode(load_bundle(Path(str(self.node_config["bundle"]))), state_dir, cfg)
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
-        state = state_from_arrays(parameters, node.features.n_items, cfg.model)
+        state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)  # extra: the prior's counts
         fmt = stage_format(stage, node.features.n_items, cfg)
         if stage == "train":
             sums = node.train(state, rnd, int(config["best-round"]), fmt.expected)
@@ -59,13 +60,18 @@ class MerchantClient(NumPyClient):
             sums = node.validate(state, rnd)
         elif stage == "refit":  # its own rounds 1, 2, ...: the same seeds as the in-process refit
             sums = node.refit_node().train(state, int(config["refit-round"]), 0, fmt.expected)
+        elif stage == "buyers":
+            sums = node.buyers()
+        elif stage == "prior":  # the early-stopped model, with the pooled train counts after it
+            sums = node.prior(state, int(config["best-round"]), extra[0])
         elif stage == "finish":
             out = Path(str(self.node_config.get("artifacts-dir", node.state_dir / "artifacts")))
             refit_rounds = int(config.get("refit-rounds", 0))
+            offsets = prior_offsets(extra[0], float(config["prior-weight"])) if extra else None
             if refit_rounds:  # the released model is the refit's last round
-                sums = node.refit_node().finish(state, refit_rounds, str(config["version"]), out)
+                sums = node.refit_node().finish(state, refit_rounds, str(config["version"]), out, offsets)
             else:
-                sums = node.finish(state, int(config["best-round"]), str(config["version"]), out)
+                sums = node.finish(state, int(config["best-round"]), str(config["version"]), out, offsets)
         else:
             raise ValueError(f"unknown stage {stage!r}")
         arrays = to_wire(sums, fmt, cfg.network.clipping_range)

@@ -24,6 +24,7 @@ import math
 import resource
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
-from fedrec.errors import ConfigError, FedrecError
+from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
 from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import delta_from_sums, mean_loss
@@ -316,8 +317,16 @@ class Coordinator:
     n_items: int
     run_key: str
 
-    def exchange(self, stage: str, rnd: int, state: dict[str, torch.Tensor], **extra: object) -> dict | None:
-        """Send `state` and the stage to the round's merchants; the total of their replies, or None."""
+    def exchange(
+        self,
+        stage: str,
+        rnd: int,
+        state: dict[str, torch.Tensor],
+        arrays: Sequence[np.ndarray] = (),
+        **extra: object,
+    ) -> dict | None:
+        """Send `state` (and `arrays` after it) and the stage to the round's merchants; the total of
+        their replies, or None."""
         fmt = stage_format(stage, self.n_items, self.cfg)
         self.strategy.fmt, self.strategy.total, self.strategy.contributors = fmt, None, 0
         self.strategy.config = {
@@ -329,7 +338,7 @@ class Coordinator:
         }
         self.context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = rnd
         self.context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            ndarrays_to_parameters(state_to_arrays(state)), keep_input=True
+            ndarrays_to_parameters([*state_to_arrays(state), *arrays]), keep_input=True
         )
         self.fit_workflow(self.grid, self.context)
         if self.strategy.total is None:
@@ -381,6 +390,29 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
     return ck.refit_state
 
 
+def _choose_prior(
+    coord: Coordinator, ck: Checkpoint, rnd: int, with_validation: bool
+) -> tuple[popularity_prior.PopularityPrior, np.ndarray]:
+    """A large catalogue's popularity prior, as `simulation.with_popularity_prior` chooses it: the
+    merchants' summed buyer counts, then their summed validation sums of the early-stopped model
+    under each candidate weight. Returns the choice and the counts its offsets use in the released
+    model (train + validation after a refit)."""
+    weights = coord.cfg.local.sampled_popularity_weights
+    counts = coord.exchange("buyers", rnd, ck.best_state)
+    if counts is None:
+        raise FedrecError("the prior's counts exchange failed; rerun to retry it")
+    # counts are integers: rounding undoes SecAgg+'s quantisation (under 0.1 a merchant)
+    buyers = {k: np.rint(counts[k].double().numpy()) for k in (popularity_prior.BUYERS, popularity_prior.BUYERS_FULL)}
+    sums = coord.exchange("prior", rnd + 1, ck.best_state, [buyers[popularity_prior.BUYERS]], best_round=ck.best_round)
+    if sums is None:
+        raise FedrecError("the prior's validation exchange failed; rerun to retry it")
+    weight, scores = popularity_prior.choose_from_sums(sums, weights)
+    released = buyers[popularity_prior.BUYERS_FULL if with_validation else popularity_prior.BUYERS]
+    chosen = popularity_prior.PopularityPrior(weight, scores, popularity_prior.prior_offsets(released, weight))
+    log.info("popularity prior: weight %g chosen on validation recall@20 %s", weight, scores)
+    return chosen, released
+
+
 def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
     """The whole networked run; returns the model card's summary (also printed to the log)."""
     use_threads(cfg.threads)
@@ -388,8 +420,6 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
     features = build_item_features(items, cfg.model.hash_buckets)
     net, fed = cfg.network, cfg.federation
     check_networked(cfg)
-    if (why := popularity_prior.networked_refuses(cfg.local, features.n_items, cfg.privacy.enabled)) is not None:
-        raise ConfigError(why)
     # SecAgg+ adds each merchant's value in [0, quantization_range) modulo 2**32: more merchants would overflow
     cap = (2**32 - 1) // net.quantization_range if net.secagg else 10**9
     strategy = SumsStrategy(fed.fraction, net.min_merchants, net.secagg, net.round_timeout, cap)
@@ -463,9 +493,14 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             released, refit_rounds = _refit(coord, ck, ck_path, features.n_items), ck.best_round
         exports = workdir / "exports"
         version = next_version(exports)
+        prior, prior_arrays, prior_set = None, (), {}
+        if popularity_prior.applies(cfg.local, features.n_items, dp is not None):
+            prior, buyers = _choose_prior(coord, ck, ck.round + 2 + refit_rounds, refit_rounds > 0)
+            prior_arrays, prior_set = [buyers], {"prior_weight": prior.weight}
         test = coord.exchange(
-            "finish", ck.round + 2 + refit_rounds, released, best_round=ck.best_round, version=version,
-            refit_rounds=refit_rounds,
+            "finish", ck.round + 2 + refit_rounds + 2 * (prior is not None), released, prior_arrays,
+            best_round=ck.best_round, version=version,
+            refit_rounds=refit_rounds, **prior_set,
         )  # fmt: skip
         # the card's count of rounds on train + validation: the refit's, or under DP every round (the
         # nodes trained on it from the first; the finish exchange's refit_rounds stays 0 for them)
@@ -489,6 +524,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "federation": {**cfg.to_dict()["federation"], "aggregation": rule},
             "network": cfg.to_dict()["network"],
             "new_items": new_items_entry(cfg),
+            "popularity_prior": None
+            if prior is None
+            else prior.entry("buyers per product, summed over merchants, through the secure sum where it is on"),
             "privacy": {
                 "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
                 "user_embeddings": "kept by each merchant on its own node; never sent",

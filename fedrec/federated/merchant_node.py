@@ -12,7 +12,9 @@ Stages, each answering with sums only:
   train     validation sums of the received model, then local_update -> the round's sums
   validate  validation sums of the received model (the last round's, for the best-round choice)
   refit     `train` on train + validation, by `refit_node()` (its own state directory, round numbers)
-  finish    test sums of the released model, and the merchant's own export files
+  buyers    its customers per product (train, train + validation): a large catalogue's prior
+  prior     validation sums of the early-stopped model under each candidate prior weight
+  finish    test sums of the released model (with the chosen prior), and the merchant's own export files
 
 With ALS's exact item step (DP-ALS, `privacy.mechanism = "als"`) every stage that receives a new
 table first re-solves the customers against it (`ials_user_step`), as the in-process runtime does
@@ -39,6 +41,7 @@ from fedrec.data import FederatedDataset, MerchantData
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test, evaluate_val
 from fedrec.features import ItemFeatures, build_item_features
+from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import ials_user_step, local_update
 from fedrec.federated.messages import MerchantSums
@@ -248,10 +251,33 @@ class MerchantNode:
         users, bias = self.load_state(before=rnd)
         return self._val_sums(item_state, users, bias)
 
-    def finish(self, item_state: dict[str, torch.Tensor], best_round: int, version: str, out_root: Path) -> dict:
-        """Test sums of the chosen model; writes this merchant's export under out_root."""
+    def buyers(self) -> dict[str, torch.Tensor]:
+        return popularity_prior.merchant_buyers(self.bundle.merchant)
+
+    def prior(
+        self, item_state: dict[str, torch.Tensor], best_round: int, buyers: np.ndarray
+    ) -> dict[str, torch.Tensor]:
+        """Validation sums of the early-stopped model under each candidate weight of the prior."""
         users, bias = self.state_at(best_round)
         users = self._users_for(item_state, users)
+        vecs = item_embeddings(item_state, self.features, self.cfg.model)
+        weights = self.cfg.local.sampled_popularity_weights
+        return popularity_prior.merchant_candidate_sums(self.bundle.merchant, users, vecs, bias, buyers, weights)
+
+    def finish(
+        self,
+        item_state: dict[str, torch.Tensor],
+        best_round: int,
+        version: str,
+        out_root: Path,
+        prior_offsets: torch.Tensor | None = None,
+    ) -> dict:
+        """Test sums of the chosen model; writes this merchant's export under out_root. The chosen
+        popularity prior's offsets, where there is one, join its item bias (served with it too)."""
+        users, bias = self.state_at(best_round)
+        users = self._users_for(item_state, users)
+        if prior_offsets is not None:
+            bias = popularity_prior.shifted(bias, prior_offsets)
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
         m = self.bundle.merchant
         test = evaluate_test(m, users, vecs, bias)

@@ -8,10 +8,12 @@ trained model's scores, after training, lifted validation recall@20 from 0.036 t
 probe: 0.024, 0.004 and 0.031 at rounds 5, 10 and 15), so it is added to the released scores only.
 
 The counts are the sum over merchants of each one's buyers per product, and only that sum enters
-the prior: a secure sum (SecAgg+) of one dense vector per merchant would reveal exactly it. The
+the prior: a secure sum (SecAgg+) of one dense vector per merchant reveals exactly it. The
 in-process runtime, which sees every merchant's sums anyway, adds them in the clear; the networked
-runtime has no exchange for it yet and refuses a large catalogue that asks for it
-(`networked_refuses`). The counts carry no noise, so DP runs never use the prior.
+one asks every merchant for its counts (`merchant_buyers`) and for its validation sums under each
+candidate weight (`merchant_candidate_sums`), both through SecAgg+, and chooses from the totals
+(`choose_from_sums`), as the in-process choice does (`choose_weight` is the same functions). The
+counts carry no noise, so DP runs never use the prior.
 
 The prior enters as an item bias (`scoring_vectors`: [u, 1] . [v, b]), so evaluation, the export
 (each merchant's `item_bias.npy`), FAISS and the fold-in rank with it unchanged.
@@ -27,7 +29,7 @@ import torch
 
 from fedrec.data import MerchantData
 from fedrec.errors import ConfigError
-from fedrec.evaluation import combine_sums, evaluate_val
+from fedrec.evaluation import evaluate_val
 from fedrec.federated.local import LocalConfig
 
 
@@ -40,12 +42,12 @@ class PopularityPrior:
     scores: dict[float, float]
     offsets: torch.Tensor
 
-    def entry(self) -> dict:
-        """As the model card and the checkpoint record it."""
+    def entry(self, counts: str = "buyers per product, summed over merchants (in-process: added in the clear)") -> dict:
+        """As the model card and the checkpoint record it; `counts` says how the counts were summed."""
         return {
             "weight": self.weight,
             "val_recall@20": {str(w): s for w, s in self.scores.items()},
-            "counts": "buyers per product, summed over merchants (in-process: added in the clear)",
+            "counts": counts,
         }
 
 
@@ -54,15 +56,59 @@ def applies(cfg: LocalConfig, n_items: int, private: bool) -> bool:
     return bool(cfg.sampled_popularity_weights) and n_items > cfg.full_softmax_max_items and not private
 
 
-def networked_refuses(cfg: LocalConfig, n_items: int, private: bool) -> str | None:
-    """Why the networked runtime cannot honour `cfg` on `n_items` products, else None."""
-    if not applies(cfg, n_items, private):
-        return None
-    return (
-        f"local.sampled_popularity_weights: a catalogue of {n_items} products (above local.full_softmax_max_items "
-        f"= {cfg.full_softmax_max_items}) chooses a popularity prior on validation, which runs in-process only; "
-        "set local.sampled_popularity_weights = [] for the networked runtime"
-    )
+BUYERS, BUYERS_FULL = "prior/buyers", "prior/buyers_full"  # per product: train, train + validation
+
+
+def buyer_names(n_items: int) -> dict[str, tuple[int, ...]]:
+    """What a merchant sends for the prior's counts (the networked runtime's message whitelist)."""
+    return {BUYERS: (n_items,), BUYERS_FULL: (n_items,)}
+
+
+def candidate_names(weights: Sequence[float]) -> dict[str, tuple[int, ...]]:
+    """A merchant's validation sums under each candidate weight, by the weight's position."""
+    return {name: () for i in range(len(weights)) for name in (f"prior/{i}/val/recall@20", f"prior/{i}/val/users")}
+
+
+def merchant_buyers(m: MerchantData) -> dict[str, torch.Tensor]:
+    """One merchant's customers per product, in train and in train + validation: its terms of the sums."""
+    return {
+        BUYERS: torch.from_numpy(m.train.getnnz(axis=0).astype(np.float64)),
+        BUYERS_FULL: torch.from_numpy(m.full_train.getnnz(axis=0).astype(np.float64)),
+    }
+
+
+def merchant_candidate_sums(
+    m: MerchantData,
+    users: torch.Tensor,
+    item_vecs: torch.Tensor,
+    bias: torch.Tensor | None,
+    buyers: np.ndarray,
+    weights: Sequence[float],
+    rows: np.ndarray | None = None,
+) -> dict[str, torch.Tensor]:
+    """One merchant's validation sums (recall@20 hits, customers) with each candidate prior added
+    to its bias: its terms of the sums the weight is chosen from."""
+    out = {}
+    for i, w in enumerate(weights):  # one shifted bias at a time: no copy per candidate
+        val = evaluate_val(m, users, item_vecs, shifted(bias, prior_offsets(buyers, w)), rows)
+        out[f"prior/{i}/val/recall@20"] = torch.tensor(float(val.sums["recall@20"]), dtype=torch.float64)
+        out[f"prior/{i}/val/users"] = torch.tensor(float(val.users), dtype=torch.float64)
+    return out
+
+
+def choose_from_sums(total: dict[str, torch.Tensor], weights: Sequence[float]) -> tuple[float, dict[float, float]]:
+    """The weight with the highest validation recall@20 over the merchants' summed candidate sums; a
+    tie keeps the earlier one."""
+    scores: dict[float, float] = {}
+    for i, w in enumerate(weights):
+        users = float(total[f"prior/{i}/val/users"])
+        if users <= 0:
+            raise ConfigError(
+                "local.sampled_popularity_weights chooses on the validation slice, which is empty: set "
+                "data.val_fraction > 0, or local.sampled_popularity_weights = [] (no prior)"
+            )
+        scores[float(w)] = float(total[f"prior/{i}/val/recall@20"]) / users
+    return max(scores, key=scores.get), scores  # max keeps the first of equals: the earlier weight
 
 
 def pooled_buyers(merchants: Sequence[MerchantData], with_validation: bool) -> np.ndarray:
@@ -95,20 +141,13 @@ def choose_weight(
     val_rows: dict[str, np.ndarray | None],
 ) -> tuple[float, dict[float, float]]:
     """The weight whose prior (from train counts) scores the highest validation recall@20, summed
-    over the merchants' validation sums as early stopping reads them; a tie keeps the earlier one."""
+    over the merchants' validation sums as early stopping reads them; a tie keeps the earlier one.
+    In-process, the networked runtime's path: each merchant's candidate sums, added up."""
     buyers = pooled_buyers(merchants, with_validation=False)
-    scores: dict[float, float] = {}
-    for w in weights:
-        offsets = prior_offsets(buyers, w)  # one merchant's shifted bias at a time: no copy per merchant
-        sums = [
-            evaluate_val(m, users[m.name], item_vecs, shifted(biases[m.name], offsets), val_rows.get(m.name))
-            for m in merchants
-        ]
-        total = combine_sums(sums)
-        if not total.users:
-            raise ConfigError(
-                "local.sampled_popularity_weights chooses on the validation slice, which is empty: set "
-                "data.val_fraction > 0, or local.sampled_popularity_weights = [] (no prior)"
-            )
-        scores[float(w)] = total.means()["recall@20"]
-    return max(scores, key=scores.get), scores  # max keeps the first of equals: the earlier weight
+    total: dict[str, torch.Tensor] = {}
+    for m in merchants:
+        sums = merchant_candidate_sums(
+            m, users[m.name], item_vecs, biases[m.name], buyers, weights, val_rows.get(m.name)
+        )  # fmt: skip
+        total = {k: total.get(k, 0.0) + v for k, v in sums.items()}
+    return choose_from_sums(total, weights)

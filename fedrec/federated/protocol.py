@@ -12,14 +12,17 @@ import numpy as np
 import torch
 
 from fedrec.config import RunConfig, aggregation_rule
+from fedrec.federated import popularity_prior
 from fedrec.federated.aggregation import sum_names
 from fedrec.federated.wire import WireFormat, max_local_steps, metric_names, validation_names, wire_format
 from fedrec.metrics import METRICS
 from fedrec.model import ModelConfig, item_tower_shapes
 from fedrec.privacy.accountant import steps_per_epoch
 
-# "refit": a train round of the refit on train + validation (`federation.refit`), same reply
-STAGES = ("train", "validate", "refit", "finish")
+# "refit": a train round of the refit on train + validation (`federation.refit`), same reply;
+# "buyers" and "prior": a large catalogue's popularity prior (its counts, then each candidate
+# weight's validation sums; `fedrec/federated/popularity_prior.py`)
+STAGES = ("train", "validate", "refit", "buyers", "prior", "finish")
 
 
 def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
@@ -31,6 +34,10 @@ def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
         expected = validation_names()
     elif stage == "finish":
         expected = metric_names(METRICS)
+    elif stage == "buyers":
+        expected = popularity_prior.buyer_names(n_items)
+    elif stage == "prior":
+        expected = popularity_prior.candidate_names(cfg.local.sampled_popularity_weights)
     else:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
     if cfg.privacy.enabled and cfg.privacy.mechanism == "als":  # weight 1, one step, bounded item-step sums
@@ -52,6 +59,14 @@ def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
 
 def state_to_arrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
     return [state[k].detach().numpy().astype(np.float32) for k in state]
+
+
+def state_and_extra(
+    arrays: Sequence[np.ndarray], n_items: int, model: ModelConfig
+) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
+    """The item tower, then any arrays the stage sends after it (the prior's pooled counts)."""
+    k = len(item_tower_shapes(n_items, model))
+    return state_from_arrays(arrays[:k], n_items, model), [np.asarray(a, dtype=np.float64) for a in arrays[k:]]
 
 
 def state_from_arrays(arrays: Sequence[np.ndarray], n_items: int, model: ModelConfig) -> dict[str, torch.Tensor]:
