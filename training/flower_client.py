@@ -53,6 +53,10 @@ class MerchantClient(NumPyClient):
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
         state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)  # extra: the prior's counts
+        if len(extra) not in {"prior": (1,), "finish": (0, 1)}.get(stage, (0,)) or any(
+            a.shape != (node.features.n_items,) for a in extra
+        ):
+            raise ValueError(f"stage {stage!r}: unexpected arrays after the item tower {[a.shape for a in extra]}")
         fmt = stage_format(stage, node.features.n_items, cfg)
         if stage == "train":
             sums = node.train(state, rnd, int(config["best-round"]), fmt.expected)

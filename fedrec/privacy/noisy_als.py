@@ -27,8 +27,8 @@ customer adds w_c to each product they bought, at most sqrt(max_purchases) in L2
 `count_share` of the squared sensitivity and never leaves the merchant. Its bias, count_weight x
 log(1 + count) from the mean of the rounds' releases so far, ranks a shop's own best sellers up in
 its customers' lists (the user step does not fit around it: it only ranks). It is post-processing
-of the release, so it costs nothing beyond the round's accounted mechanism.
-Other customers' lists read it, so it takes the whole noise even when the summed blocks split it.
+of the release, so it costs nothing beyond the round's accounted mechanism. Other customers' lists
+read it, so it takes the whole noise even when the summed blocks split it.
 """
 
 from __future__ import annotations
