@@ -236,7 +236,7 @@ class MerchantNode:
         seed = fed.seed * 1_000_003 + rnd * 1009 + self.bundle.index
         m = self.bundle.merchant
         res = local_update(
-            item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, self.dp, None, rnd
+            item_state, users, m.train, self.features, self.cfg.model, self.cfg.local, seed, bias, self.dp, release=rnd
         )
         sums = merchant_sums(
             res.delta, res.num_examples, res.num_steps, res.touched_rows, res.mean_loss,

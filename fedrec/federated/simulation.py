@@ -410,8 +410,9 @@ def _train(
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
             return local_update(
-                state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp, m.user_groups, rnd
-            )
+                state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp, m.user_groups,
+                release=rnd,
+            )  # fmt: skip
 
         for name, result in in_order(update, chosen, fed_cfg.workers):
             users[name], biases[name] = result.user_embeddings, result.item_bias

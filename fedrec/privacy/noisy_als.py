@@ -130,7 +130,8 @@ def averaged_counts(previous_bias: torch.Tensor, fresh: torch.Tensor, weight: fl
     post-processing, free)."""
     if release <= 1:
         return fresh
-    return bias_counts(previous_bias, weight) + (fresh - bias_counts(previous_bias, weight)) / release
+    mean = bias_counts(previous_bias, weight)
+    return mean + (fresh - mean) / release
 
 
 def solve_item_table(total: dict[str, torch.Tensor], alpha: float, reg: float) -> torch.Tensor:
