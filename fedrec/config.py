@@ -226,6 +226,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
         (cfg.model.id_rows >= 0, "model.id_rows must be >= 0 (0: one id row per product)"),
         (cfg.model.new_item_neighbours >= 0, "model.new_item_neighbours must be >= 0 (0: every trained product)"),
+        (
+            all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                for w in cfg.model.content_match_weights
+            ),
+            "model.content_match_weights must be a list of finite numbers >= 0 ([0] or [] is off)",
+        ),
+        (cfg.model.content_match_dim >= 1, "model.content_match_dim must be >= 1"),
         (cfg.output.index in ("auto", *INDEX_KINDS), f"output.index must be auto or one of {', '.join(INDEX_KINDS)}"),
         (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
         (

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedrec.content_match import BASIS, WEIGHT, with_content
 from fedrec.features import ItemFeatures, tfidf_rows
 
 # The state name of the per-product id table: what ALS's item step solves, DP noises row by row and
@@ -43,6 +44,11 @@ class ModelConfig:
     # every trained product. Chosen on the validation slice's new products (`make validate-cold-start`,
     # README "Cold start"): 100 scored best, ahead of all by more than the spread.
     new_item_neighbours: int = 100
+    # The content match's weight w (score += w p_c . z_i, `fedrec/content_match.py`), chosen among
+    # these on the validation slice after training (0 alone: off); the basis keeps the leading
+    # `content_match_dim` singular directions of the catalogue's TF-IDF tokens.
+    content_match_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    content_match_dim: int = 64
 
 
 # The second table's row is the quotient shifted by remainder x SPREAD: products that share a
@@ -173,11 +179,18 @@ def scoring_vectors(
     return torch.cat([users, ones], 1), torch.cat([items, item_bias.to(items.dtype)[:, None]], 1)
 
 
+def tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The item tower's own tensors: a released state without the content match's basis."""
+    return {k: v for k, v in state.items() if k not in (BASIS, WEIGHT)}
+
+
 @torch.no_grad()
 def item_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig) -> torch.Tensor:
-    tower = tower_from_state(features.n_items, cfg, state)
+    """Every product's vector: the tower's, then the content match's block when the state has one."""
+    tower = tower_from_state(features.n_items, cfg, tower_state(state))
     tower.eval()
-    return tower(features)
+    vectors = tower(features)
+    return vectors if BASIS not in state else with_content(vectors, features, state[BASIS])
 
 
 def content_neighbour_vectors(trained: torch.Tensor, features: ItemFeatures, neighbours: int = 0) -> torch.Tensor:
@@ -202,12 +215,20 @@ def catalogue_embeddings(
     other rows are products no one has bought. The trained rows are the tower's output. A new
     product gets the content path alone (its id row was never trained, or with compositional ids
     is shared with trained products, and the id prior's mean is zero); a model without a content
-    tower gives it `content_neighbour_vectors`. `n_trained` may be left out when the tower has one
+    tower gives it `content_neighbour_vectors`. The content match's block, where the state has one,
+    comes from every product's own tokens. `n_trained` may be left out when the tower has one
     id row per product (it is then the table's length)."""
     if n_trained is None:
         if "item_emb_q.weight" in state or ID_TABLE not in state:
             raise ValueError("catalogue_embeddings: without one id row per product, n_trained must be given")
         n_trained = state[ID_TABLE].shape[0]
+    vectors = _catalogue_tower_vectors(tower_state(state), features, cfg, n_trained)
+    return vectors if BASIS not in state else with_content(vectors, features, state[BASIS])
+
+
+def _catalogue_tower_vectors(
+    state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig, n_trained: int
+) -> torch.Tensor:
     trained_features = ItemFeatures(features.tokens[:n_trained], features.n_buckets)
     trained = item_embeddings(state, trained_features, cfg)
     if features.n_items == n_trained:

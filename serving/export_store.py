@@ -83,6 +83,14 @@ class LoadedExport:
             "user_solve_reg": float(local.get("user_solve_reg", 0.0)),
         }
 
+    @property
+    def content_match(self) -> tuple[float, int]:
+        """The content match's weight and the width of its block at the end of every vector
+        (`fedrec/content_match.py`); (0, 0) for a model without one."""
+        match = self.card.get("content_match") or {}
+        weight = float(match.get("weight", 0.0))
+        return (weight, int(match.get("basis_rank", 0))) if weight > 0 else (0.0, 0)
+
     @cached_property
     def unit_vectors(self) -> np.ndarray:
         """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""

@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 
+from fedrec.content_profiles import with_basket_profiles
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.foldin import FoldInConfig, fold_in_ials, fold_in_many, fold_in_sampled
 from fedrec.serving.index import search_index
@@ -103,22 +104,35 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
     softmax over the `cfg.candidates` items nearest to each basket's mean plus `cfg.sample` items
     drawn uniformly (seeded by the basket, so an answer is repeatable); see `fold_in_sampled`.
 
-    With a merchant item bias the softmax fold-in scores u . v + b, as training did.
+    With a merchant item bias the softmax fold-in scores u . v + b, as training did. With the
+    content match, u is folded in against the tower's part of the vectors (training never saw the
+    match either) and the basket's own w p follows it, as a customer's does.
     """
+    weight, width = export.content_match
+    vectors = export.item_vectors[:, : export.dim - width]
+    u = _tower_basket_vectors(export, vectors, baskets, cfg)
+    if not width:
+        return u
+    return with_basket_profiles(u, baskets, export.item_vectors[:, export.dim - width :], weight)
+
+
+def _tower_basket_vectors(
+    export: LoadedExport, vectors: np.ndarray, baskets: list[np.ndarray], cfg: FoldInConfig
+) -> np.ndarray:
     temperature = export.temperature
     bias = export.merchant.item_bias if export.merchant is not None else None
     loss = export.training_loss
     if cfg.method == "softmax" and loss["name"] == "ials":  # the training loss's own solve, as for the softmax
-        return fold_in_ials(export.item_vectors, baskets, loss["ials_alpha"], loss["user_solve_reg"], cfg.reg, bias)
+        return fold_in_ials(vectors, baskets, loss["ials_alpha"], loss["user_solve_reg"], cfg.reg, bias)
     if cfg.method != "softmax" or export.n_items <= cfg.full_items:
-        return fold_in_many(export.item_vectors, baskets, cfg.method, cfg.reg, temperature, item_bias=bias)
-    means = np.stack([export.item_vectors[rows].mean(axis=0) for rows in baskets])
+        return fold_in_many(vectors, baskets, cfg.method, cfg.reg, temperature, item_bias=bias)
+    means = np.stack([export.item_vectors[rows].mean(axis=0) for rows in baskets])  # the index's own vectors
     found = search_many(export, means, [cfg.candidates] * len(baskets), [None] * len(baskets))
     out = []
     for rows, (near, _) in zip(baskets, found, strict=True):
         rng = np.random.default_rng(zlib.crc32(np.sort(rows).tobytes()))
         sample = rng.integers(0, export.n_items, cfg.sample)
-        out.append(fold_in_sampled(export.item_vectors, rows, near, sample, cfg.reg, temperature, bias))
+        out.append(fold_in_sampled(vectors, rows, near, sample, cfg.reg, temperature, bias))
     return np.stack(out)
 
 

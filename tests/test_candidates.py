@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedrec.config import load_config
+from fedrec.content_profiles import with_basket_profiles
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.candidates import candidates_of
@@ -162,11 +163,15 @@ def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
     model = card["config"]["model"]
     assert (card["config"]["local"]["loss"], model["dim"], model["use_content"]) == ("ials", 8, False)
     export = load_export(root / "exports")
-    assert export.item_vectors.shape[1] == 8
+    weight, width = export.content_match  # chosen on validation after training; (0, 0): none
+    assert export.item_vectors.shape[1] == 8 + width
     basket = [np.array([0, 1, 2])]
     loss = export.training_loss
-    want = solve_ials_baskets(export.item_vectors, basket, loss["ials_alpha"], loss["user_solve_reg"])
-    np.testing.assert_allclose(basket_vectors(export, basket, FoldInConfig()), want)
+    tower = export.item_vectors[:, :8]  # ALS's user step against the trained vectors, then w p
+    want = solve_ials_baskets(tower, basket, loss["ials_alpha"], loss["user_solve_reg"])
+    if width:
+        want = with_basket_profiles(want, basket, export.item_vectors[:, 8:], weight)
+    np.testing.assert_allclose(basket_vectors(export, basket, FoldInConfig()), want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_chosen_merchant_bias_candidate_keeps_each_merchants_bias_at_home(tmp_path, tiny_csv):

@@ -55,14 +55,16 @@ def test_train_writes_a_complete_versioned_export(tmp_path, tiny_csv):
     _, ids = index.search(vecs[:5], 3)
     assert ids.tolist() == np.argsort(-(vecs[:5] @ vecs.T), axis=1)[:, :3].tolist()
     card = json.loads((export / "model_card.json").read_text())
-    assert card["rounds"] == 3 and card["dim"] == 16 and set(card["merchants"]) == {"big", "small_a", "small_b"}
+    match = card["content_match"]  # chosen on validation; above weight 0 its block follows the tower's 16
+    width = match["basis_rank"] if match and match["weight"] > 0 else 0
+    assert card["rounds"] == 3 and card["dim"] == 16 + width and set(card["merchants"]) == {"big", "small_a", "small_b"}
     assert card["federation"]["aggregation"] == "rowwise"  # auto, as resolved for one id row per product
     # user data only under each merchant's own directory
     assert not any("user" in p.name for p in export.iterdir())
     for m in ("big", "small_a", "small_b"):
         mdir = root / "merchants" / m / "v0001"
         users = pl.read_parquet(mdir / "users.parquet")
-        assert np.load(mdir / "user_embeddings.npy").shape == (users.height, 16)
+        assert np.load(mdir / "user_embeddings.npy").shape == (users.height, 16 + width)
     # no temporary directories left behind
     assert not [p for p in root.rglob("*.tmp")]
 

@@ -145,7 +145,7 @@ def test_centralized_keeps_one_item_bias_per_merchant(tiny_dataset):
     assert (bias[0] - bias[1]).abs().max() > 1e-3  # the shops learned different popularities
     # the grouped scoring equals each merchant's own [u, 1] . [v, b]
     users, groups = res.user_embeddings["pooled"], central.merchants[0].user_groups
-    items = torch.randn(tiny_dataset.n_items, model.dim)
+    items = torch.randn(tiny_dataset.n_items, users.shape[1])  # as wide as the users (a content block too)
     u, v = scoring_vectors(users, items, bias, groups)
     for g in range(bias.shape[0]):
         rows = np.flatnonzero(groups == g)[:3]

@@ -11,10 +11,11 @@ import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedrec.config import aggregation_rule, load_config
+from fedrec.content_match import BASIS, content_basis
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
-from fedrec.federated import popularity_prior
+from fedrec.federated import content_choice, popularity_prior
 from fedrec.federated.aggregation import ALS_DP, aggregate_sums, delta_from_sums, merchant_sums, sum_names
 from fedrec.federated.merchant_node import MerchantNode, load_bundle, write_bundles
 from fedrec.federated.protocol import stage_format, state_from_arrays, state_to_arrays
@@ -26,6 +27,7 @@ from fedrec.privacy import noisy_als
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
+from fedrec.training.flower_client import extra_shapes
 
 SHAPES = {"item_emb.weight": (50, 4), "mlp.bias": (4,)}
 
@@ -176,7 +178,7 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
     # the merchants' private tables after that round match too
     for n in nodes:
         users, _ = n.state_at(best)
-        torch.testing.assert_close(users, first.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(users, trained_users(first, n.name, cfg), rtol=1e-3, atol=1e-4)
 
     # The refit: each node's refit twin trains on train + validation, its own state directory.
     twins = [n.refit_node() for n in nodes]
@@ -186,9 +188,15 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
         torch.testing.assert_close(refit[k], inproc.item_state[k], rtol=1e-5, atol=1e-5)
     for t in twins:
         users, _ = t.state_at(best)
-        torch.testing.assert_close(users, inproc.user_embeddings[t.name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(users, trained_users(inproc, t.name, cfg), rtol=1e-3, atol=1e-4)
     for n in nodes:  # the early-stopped state is untouched by the refit
-        torch.testing.assert_close(n.state_at(best)[0], first.user_embeddings[n.name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(n.state_at(best)[0], trained_users(first, n.name, cfg), rtol=1e-3, atol=1e-4)
+
+
+def trained_users(res, name: str, cfg) -> torch.Tensor:
+    """A merchant's user vectors as training left them: without the content match's block, which
+    the in-process run appends after training (the nodes' training states never hold it)."""
+    return res.user_embeddings[name][:, : cfg.model.dim]
 
 
 def test_merchant_state_survives_restarts_and_repeated_rounds(synthetic_bundles, tmp_path) -> None:
@@ -421,3 +429,54 @@ def test_the_popularity_prior_over_the_wire_is_the_in_process_choice(synthetic_b
     vecs = item_embeddings(inproc.item_state, features, cfg.model)
     want = evaluate_test_all(ds.merchants, inproc.user_embeddings, vecs, inproc.item_biases)["overall"]["recall@20"]
     assert float(test["test/recall@20"] / test["test/users"]) == pytest.approx(want, abs=1e-4)
+
+
+def test_the_content_match_over_the_wire_is_the_in_process_choice(synthetic_bundles, tmp_path) -> None:
+    """The content match in the networked runtime's path: the coordinator's basis is the in-process
+    one, the merchants' summed candidate sums choose the in-process weight with its validation
+    scores, and the released model with the match (profiles of train + validation, after the refit)
+    gives the in-process test recall; each merchant's export holds [u, w p]."""
+    _, ds, out = synthetic_bundles
+    sets = {
+        "federation.rounds": 2,
+        "federation.patience": 0,
+        "federation.refit": True,
+        "model.content_match_weights": [1.0, 2.0],  # no weight 0: the released model carries the match
+        "threads": 1,
+    }
+    cfg = load_config(default_config_path("synthetic"), sets)
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
+    best = inproc.early_stopped.best_round
+
+    nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
+    early = _train_over_wire(nodes, 2, cfg, ds.n_items)[best]
+    twins = [n.refit_node() for n in nodes]
+    released = _train_over_wire(twins, best, cfg, ds.n_items)[best]
+    basis = content_basis(features, cfg.model.content_match_dim)
+    torch.testing.assert_close(basis, inproc.item_state[BASIS])
+    sums = _exchange(nodes, "content", cfg, ds.n_items, lambda n: n.content(early, best, basis))
+    weight, scores = content_choice.choose_from_sums(sums, cfg.model.content_match_weights)
+    assert weight == inproc.content_match.weight > 0
+    assert scores == pytest.approx(inproc.content_match.scores, abs=1e-6)
+    answer = lambda n: n.finish(released, best, "v1", tmp_path, None, (basis, weight))  # noqa: E731
+    test = _exchange(twins, "finish", cfg, ds.n_items, answer)
+    vecs = item_embeddings(inproc.item_state, features, cfg.model)
+    want = evaluate_test_all(ds.merchants, inproc.user_embeddings, vecs, inproc.item_biases)["overall"]["recall@20"]
+    assert float(test["test/recall@20"] / test["test/users"]) == pytest.approx(want, abs=1e-4)
+    m = ds.merchants[0]
+    exported = np.load(tmp_path / "merchants" / m.name / "v1" / "user_embeddings.npy")
+    np.testing.assert_allclose(exported, inproc.user_embeddings[m.name].numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_the_client_refuses_arrays_its_stage_does_not_expect() -> None:
+    cfg = load_config(default_config_path("synthetic"))
+    basis = np.zeros((cfg.model.hash_buckets + 1, 8))
+    assert extra_shapes("content", {}, 50, cfg, [basis]) == [basis.shape]
+    assert extra_shapes("finish", {"content-weight": 1.0}, 50, cfg, [basis]) == [basis.shape]
+    assert extra_shapes("finish", {"prior-weight": 1.0}, 50, cfg, [np.zeros(50)]) == [(50,)]
+    assert extra_shapes("finish", {}, 50, cfg, []) == []
+    wide = np.zeros((cfg.model.hash_buckets + 1, cfg.model.content_match_dim + 1))
+    assert extra_shapes("content", {}, 50, cfg, [wide]) != [wide.shape]  # wider than the configured basis
+    assert extra_shapes("content", {}, 50, cfg, [np.zeros(50)]) != [(50,)]  # counts are not a basis
+    assert extra_shapes("train", {}, 50, cfg, [np.zeros(50)]) == []

@@ -30,9 +30,9 @@ from fedrec.data import FederatedDataset
 from fedrec.datasets.protocol import cold_start_split
 from fedrec.errors import FedrecError
 from fedrec.features import build_item_features
-from fedrec.federated.simulation import run_federated
+from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import per_user_metrics, seed_std
-from fedrec.model import ModelConfig, catalogue_embeddings, content_neighbour_vectors, item_embeddings
+from fedrec.model import ModelConfig, catalogue_embeddings
 from fedrec.threads import use_threads
 from fedrec.training.compare_on_validation import summarise
 from fedrec.training.data import load_dataset
@@ -78,10 +78,11 @@ def choose_neighbours_on_validation(
     for seed in seeds:
         fed = dataclasses.replace(cfg.federation, seed=seed, refit=False)
         res = run_federated(known, train_features, cfg.model, cfg.local, fed)
-        trained = item_embeddings(res.item_state, train_features, trained_with(cfg, res).model)
+        used = trained_with(cfg, res).model
         users = torch.cat([res.user_embeddings[m.name] for m in known.merchants])
-        for k in candidates:
-            vecs = content_neighbour_vectors(trained, features, k)
+        for k in candidates:  # the export's path, with each neighbour count
+            vecs = catalogue_embeddings(res.item_state, features, dataclasses.replace(used, new_item_neighbours=k),
+                                        n_known)[n_known:]  # fmt: skip
             scores[k].append(recall_of_scores((users @ vecs.T).numpy(), truth)[0])
         shown = ", ".join(f"{k}: {scores[k][-1]:.4f}" for k in candidates)
         console.print(f"[bold]cold start on validation[/] (seed {seed}), recall@20 by neighbours: {shown}")
@@ -119,11 +120,15 @@ def _known_first(dataset: FederatedDataset, known: FederatedDataset, new: np.nda
     return build_item_features(items, cfg.model.hash_buckets)
 
 
-def _new_product_vectors(model_cfg: ModelConfig) -> str:
+def _new_product_vectors(model_cfg: ModelConfig, res: TrainResult) -> str:
     if model_cfg.use_content:
-        return "content tower alone"
-    over = f"the {model_cfg.new_item_neighbours} most similar" if model_cfg.new_item_neighbours else "all"
-    return f"trained vectors averaged by TF-IDF content similarity, over {over} trained products"
+        how = "content tower alone"
+    else:
+        over = f"the {model_cfg.new_item_neighbours} most similar" if model_cfg.new_item_neighbours else "all"
+        how = f"trained vectors averaged by TF-IDF content similarity, over {over} trained products"
+    if res.content_match is not None and res.content_match.weight > 0:
+        how += f", plus the content match (weight {res.content_match.weight:g})"
+    return how
 
 
 def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[int, ...], console: Console) -> dict:
@@ -153,7 +158,7 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
             vecs = catalogue_embeddings(res.item_state, features, used, n_known)[n_known:]
             users = torch.cat([res.user_embeddings[m.name] for m in known.merchants])
             recalls.append(recall_of_scores((users @ vecs.T).numpy(), truth)[0])
-            how.append(_new_product_vectors(used))
+            how.append(_new_product_vectors(used, res))
             console.print(f"[bold]cold start, {name}[/] (seed {seed}): recall@20 on new products {recalls[-1]:.4f}")
         out[name] = {
             "recall@20": float(np.mean(recalls)),

@@ -23,6 +23,7 @@ from rich.console import Console
 from fedrec.atomic import write_json, write_text, write_with
 from fedrec.baselines import ALS_GRID, EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
 from fedrec.config import RunConfig
+from fedrec.content_profiles import with_basket_profiles
 from fedrec.data import FederatedDataset, pooled
 from fedrec.errors import FedrecError
 from fedrec.evaluation import (
@@ -35,6 +36,7 @@ from fedrec.evaluation import (
     recommendation_lists,
 )
 from fedrec.features import build_item_features
+from fedrec.federated.content_choice import ContentMatch
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import (
@@ -96,6 +98,8 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
     if "choice" in first:  # local.candidates: each seed's choice
         out["choice_per_seed"] = [e["choice"] for e in entries]
         out["temperature_per_seed"] = [e["temperature"] for e in entries]
+    if "content_match" in first:  # each seed's content match, chosen on validation
+        out["content_match_per_seed"] = [e.get("content_match") for e in entries]
     if "choice_per_merchant" in first:  # local-only: each merchant's own choice, per seed
         out["choice_per_merchant_per_seed"] = [e["choice_per_merchant"] for e in entries]
     for key in ("seconds", "rounds", "best_round", "refit_rounds"):
@@ -169,14 +173,27 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, b
     return out
 
 
-def tower_basket_scores(items: torch.Tensor, local: LocalConfig) -> Callable[[list[np.ndarray]], np.ndarray]:
+def tower_basket_scores(
+    items: torch.Tensor, local: LocalConfig, match: ContentMatch | None = None
+) -> Callable[[list[np.ndarray]], np.ndarray]:
     """An anonymous basket as the API answers it: the training loss's fold-in (the softmax one at
-    the default reg, or ALS's user step for an ials model, as `serving.recommend.basket_vectors`),
-    then u . v."""
+    the default reg, or ALS's user step for an ials model, as `serving.recommend.basket_vectors`)
+    against the tower's part of the vectors, the basket's content profile after it where the model
+    has the content match, then the dot product."""
     vecs, reg = items.numpy(), FoldInConfig().reg
-    if local.loss == "ials":
-        return lambda baskets: fold_in_ials(vecs, baskets, local.ials_alpha, local.user_solve_reg, reg) @ vecs.T
-    return lambda baskets: fold_in_many(vecs, baskets, "softmax", reg, local.temperature) @ vecs.T
+    width = match.rank if match is not None and match.weight > 0 else 0
+    tower = vecs[:, : vecs.shape[1] - width]
+
+    def score(baskets: list[np.ndarray]) -> np.ndarray:
+        if local.loss == "ials":
+            u = fold_in_ials(tower, baskets, local.ials_alpha, local.user_solve_reg, reg)
+        else:
+            u = fold_in_many(tower, baskets, "softmax", reg, local.temperature)
+        if width:
+            u = with_basket_profiles(u, baskets, vecs[:, tower.shape[1] :], match.weight)
+        return u @ vecs.T
+
+    return score
 
 
 def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:
@@ -228,7 +245,7 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
         entry["seconds"] = round(seconds, 2)
         if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
             local = trained_with(cfg, result).local if result is not None else cfg.local
-            basket = tower_basket_scores(items, local)
+            basket = tower_basket_scores(items, local, None if result is None else result.content_match)
         basket_args = None if basket is None else (baskets, basket_labels, basket)
         entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
         if result is not None:
@@ -236,6 +253,8 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
                 entry["choice"] = result.choice.label
                 entry["temperature"] = result.choice.local.temperature
                 entry["choice_scores"] = result.choice.scores
+            if result.content_match is not None:  # its weight, chosen on validation after training
+                entry["content_match"] = result.content_match.entry()
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
             entry["refit_rounds"] = result.refit_rounds

@@ -41,7 +41,7 @@ from fedrec.features import build_item_features
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.upload import dense_bytes
 from fedrec.metrics import seed_std
-from fedrec.model import item_embeddings
+from fedrec.model import item_embeddings, tower_state
 from fedrec.threads import use_threads
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
@@ -141,7 +141,7 @@ def run_cell(grid: Grid, strategy: str, value: float, setting: Setting, seed: in
     t0 = time.perf_counter()
     res = run_federated(dataset, features, cfg.model, cfg.local, cfg.federation)
     seconds = time.perf_counter() - t0
-    tower_bytes = dense_bytes(res.item_state)  # what each sampled merchant downloads
+    tower_bytes = dense_bytes(tower_state(res.item_state))  # what each sampled merchant downloads
     sent = np.cumsum([len(h.merchants) * (h.upload_bytes + tower_bytes) for h in res.history])
     test = evaluate_test_all(
         dataset.merchants, res.user_embeddings, item_embeddings(res.item_state, features, cfg.model), res.item_biases

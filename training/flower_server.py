@@ -43,9 +43,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
+from fedrec.content_match import content_basis
 from fedrec.errors import FedrecError
-from fedrec.features import build_item_features
-from fedrec.federated import popularity_prior
+from fedrec.features import ItemFeatures, build_item_features
+from fedrec.federated import content_choice, popularity_prior
 from fedrec.federated.aggregation import delta_from_sums, mean_loss
 from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
@@ -62,7 +63,7 @@ from fedrec.federated.wire import (
     sum_arrays,
 )
 from fedrec.metrics import METRICS
-from fedrec.model import initial_item_state
+from fedrec.model import initial_item_state, tower_state
 from fedrec.privacy.accountant import plan_mechanism, privacy_entry, rounds_within_budget
 from fedrec.serving.export_store import next_version
 from fedrec.threads import use_threads
@@ -413,6 +414,23 @@ def _choose_prior(
     return chosen, released
 
 
+def _choose_content(
+    coord: Coordinator, ck: Checkpoint, rnd: int, features: ItemFeatures
+) -> tuple[content_choice.ContentMatch, torch.Tensor | None]:
+    """The content match, as `simulation.with_content_match` chooses it: the basis from the
+    catalogue (public), sent to the merchants with the early-stopped model; their summed validation
+    sums under each candidate weight choose it. Returns the choice and its basis (None: no content)."""
+    basis = content_basis(features, coord.cfg.model.content_match_dim)
+    if basis is None:
+        return content_choice.ContentMatch(0.0, {}, 0), None
+    sums = coord.exchange("content", rnd, ck.best_state, [basis.numpy()], best_round=ck.best_round)
+    if sums is None:
+        raise FedrecError("the content match's validation exchange failed; rerun to retry it")
+    weight, scores = content_choice.choose_from_sums(sums, coord.cfg.model.content_match_weights)
+    log.info("content match: weight %g chosen on validation recall@20 %s", weight, scores)
+    return content_choice.ContentMatch(weight, scores, int(basis.shape[1])), basis
+
+
 def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catalogue: Path) -> dict:  # noqa: ANN001
     """The whole networked run; returns the model card's summary (also printed to the log)."""
     use_threads(cfg.threads)
@@ -493,14 +511,22 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             released, refit_rounds = _refit(coord, ck, ck_path, features.n_items), ck.best_round
         exports = workdir / "exports"
         version = next_version(exports)
-        prior, prior_arrays, prior_set = None, (), {}
+        prior, finish_arrays, finish_set = None, (), {}
+        rnd = ck.round + 2 + refit_rounds
         if popularity_prior.applies(cfg.local, features.n_items, dp is not None):
-            prior, buyers = _choose_prior(coord, ck, ck.round + 2 + refit_rounds, refit_rounds > 0)
-            prior_arrays, prior_set = [buyers], {"prior_weight": prior.weight}
+            prior, buyers = _choose_prior(coord, ck, rnd, refit_rounds > 0)
+            finish_arrays, finish_set, rnd = [buyers], {"prior_weight": prior.weight}, rnd + 2
+        match = None
+        if content_choice.applies(cfg.model, features.n_items, cfg.local.full_softmax_max_items, dp is not None):
+            match, basis = _choose_content(coord, ck, rnd, features)
+            rnd += 0 if basis is None else 1
+            if match.weight > 0:  # the nodes add their profiles; the export's vectors get z
+                finish_arrays, finish_set = [basis.numpy()], {"content_weight": match.weight}
+                released = content_choice.with_match(released, basis, match.weight)
         test = coord.exchange(
-            "finish", ck.round + 2 + refit_rounds + 2 * (prior is not None), released, prior_arrays,
+            "finish", rnd, tower_state(released), finish_arrays,
             best_round=ck.best_round, version=version,
-            refit_rounds=refit_rounds, **prior_set,
+            refit_rounds=refit_rounds, **finish_set,
         )  # fmt: skip
         # the card's count of rounds on train + validation: the refit's, or under DP every round (the
         # nodes trained on it from the first; the finish exchange's refit_rounds stays 0 for them)
@@ -527,6 +553,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "popularity_prior": None
             if prior is None
             else prior.entry("buyers per product, summed over merchants, through the secure sum where it is on"),
+            "content_match": None if match is None else match.entry(),
             "privacy": {
                 "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
                 "user_embeddings": "kept by each merchant on its own node; never sent",

@@ -11,7 +11,15 @@ from fedrec.config import RunConfig, aggregation_rule, config_from_dict
 from fedrec.errors import FedrecError
 from fedrec.training.data import load_dataset
 from fedrec.training.export import export_catalogue, new_items_entry, write_export
-from fedrec.training.train import TrainedRun, choice_entry, popularity_entry, run_dir, save_checkpoint, train
+from fedrec.training.train import (
+    TrainedRun,
+    choice_entry,
+    content_match_entry,
+    popularity_entry,
+    run_dir,
+    save_checkpoint,
+    train,
+)
 
 
 def _card(
@@ -25,6 +33,7 @@ def _card(
     refit_rounds: int = 0,
     validation_choice: dict | None = None,
     popularity_prior: dict | None = None,
+    content_match: dict | None = None,
 ) -> dict:
     return {
         "dataset": dataset.name,
@@ -42,6 +51,9 @@ def _card(
         # Above the full-softmax switch: the weight of w log(1 + buyers) added to every score, chosen on
         # validation (fedrec/federated/popularity_prior.py); null: no prior
         "popularity_prior": popularity_prior,
+        # Products' vectors end with the content block z and customers' with w p (score += w p . z),
+        # the weight chosen on validation (fedrec/content_match.py); null or weight 0: none
+        "content_match": content_match,
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
         "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
@@ -69,7 +81,7 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     res = run.result
     card = _card(
         cfg, run.dataset, history, res.best_round, res.seconds, run.test, res.privacy, res.refit_rounds,
-        choice_entry(res), popularity_entry(res),
+        choice_entry(res), popularity_entry(res), content_match_entry(res),
     )  # fmt: skip
     items, vecs = export_catalogue(cfg, run.dataset.items, run.dataset.new_items, run.result.item_state)
     path = write_export(
@@ -111,6 +123,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     card = _card(
         export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy"),
         ckpt.get("refit_rounds", 0), ckpt.get("validation_choice"), ckpt.get("popularity_prior"),
+        ckpt.get("content_match"),
     )  # fmt: skip
     path = write_export(
         root,

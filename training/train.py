@@ -90,6 +90,12 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
             f"popularity prior chosen on validation recall@20: weight {prior.weight:g}; among "
             + "; ".join(f"{w:g} ({v:.4f})" for w, v in prior.scores.items())
         )
+    if result.content_match is not None and result.content_match.scores:
+        match = result.content_match
+        console.print(
+            f"content match chosen on validation recall@20: weight {match.weight:g}; among "
+            + "; ".join(f"{w:g} ({v:.4f})" for w, v in match.scores.items())
+        )
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     return TrainedRun(cfg, dataset, features, result, test)
@@ -104,6 +110,11 @@ def choice_entry(result: TrainResult) -> dict | None:
 def popularity_entry(result: TrainResult) -> dict | None:
     """The popularity prior a large-catalogue run chose on validation, as the card records it."""
     return None if result.popularity is None else result.popularity.entry()
+
+
+def content_match_entry(result: TrainResult) -> dict | None:
+    """The content match a run chose on validation, as the card records it (None: not chosen)."""
+    return None if result.content_match is None else result.content_match.entry()
 
 
 def save_checkpoint(run: TrainedRun, path: Path) -> None:
@@ -121,5 +132,6 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "privacy": run.result.privacy,
         "validation_choice": choice_entry(run.result),
         "popularity_prior": popularity_entry(run.result),
+        "content_match": content_match_entry(run.result),
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

@@ -14,7 +14,9 @@ Stages, each answering with sums only:
   refit     `train` on train + validation, by `refit_node()` (its own state directory, round numbers)
   buyers    its customers per product (train, train + validation): a large catalogue's prior
   prior     validation sums of the early-stopped model under each candidate prior weight
-  finish    test sums of the released model (with the chosen prior), and the merchant's own export files
+  content   validation sums of the early-stopped model under each candidate content-match weight
+  finish    test sums of the released model (with the chosen prior or content match), and the
+            merchant's own export files
 
 With ALS's exact item step (DP-ALS, `privacy.mechanism = "als"`) every stage that receives a new
 table first re-solves the customers against it (`ials_user_step`), as the in-process runtime does
@@ -37,11 +39,12 @@ import torch
 
 from fedrec.atomic import atomic_dir, write_with
 from fedrec.config import RunConfig, aggregation_rule
+from fedrec.content_match import content_vectors, with_profiles
 from fedrec.data import FederatedDataset, MerchantData
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test, evaluate_val
 from fedrec.features import ItemFeatures, build_item_features
-from fedrec.federated import popularity_prior
+from fedrec.federated import content_choice, popularity_prior
 from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import ials_user_step, local_update
 from fedrec.federated.messages import MerchantSums
@@ -264,6 +267,18 @@ class MerchantNode:
         weights = self.cfg.local.sampled_popularity_weights
         return popularity_prior.merchant_candidate_sums(self.bundle.merchant, users, vecs, bias, buyers, weights)
 
+    def content(
+        self, item_state: dict[str, torch.Tensor], best_round: int, basis: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Validation sums of the early-stopped model under each candidate content-match weight."""
+        users, bias = self.state_at(best_round)
+        users = self._users_for(item_state, users)
+        vecs = item_embeddings(item_state, self.features, self.cfg.model)
+        weights = self.cfg.model.content_match_weights
+        return content_choice.merchant_candidate_sums(
+            self.bundle.merchant, users, vecs, bias, basis, self.features, weights
+        )  # fmt: skip
+
     def finish(
         self,
         item_state: dict[str, torch.Tensor],
@@ -271,15 +286,22 @@ class MerchantNode:
         version: str,
         out_root: Path,
         prior_offsets: torch.Tensor | None = None,
+        content: tuple[torch.Tensor, float] | None = None,
     ) -> dict:
         """Test sums of the chosen model; writes this merchant's export under out_root. The chosen
-        popularity prior's offsets, where there is one, join its item bias (served with it too)."""
+        popularity prior's offsets, where there is one, join its item bias (served with it too); the
+        chosen content match (basis, weight) adds its blocks, the profiles from what this node
+        trained on (train, or train + validation for the refit's twin)."""
         users, bias = self.state_at(best_round)
         users = self._users_for(item_state, users)
         if prior_offsets is not None:
             bias = popularity_prior.shifted(bias, prior_offsets)
-        vecs = item_embeddings(item_state, self.features, self.cfg.model)
         m = self.bundle.merchant
+        if content is not None:
+            basis, weight = content
+            item_state = content_choice.with_match(item_state, basis, weight)
+            users = with_profiles(users, m.train, content_vectors(self.features, basis), weight)
+        vecs = item_embeddings(item_state, self.features, self.cfg.model)
         test = evaluate_test(m, users, vecs, bias)
         new = self.bundle.new_items
         n_catalogue = m.train.shape[1] + (0 if new is None else new.height)

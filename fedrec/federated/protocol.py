@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedrec.config import RunConfig, aggregation_rule
-from fedrec.federated import popularity_prior
+from fedrec.federated import content_choice, popularity_prior
 from fedrec.federated.aggregation import sum_names
 from fedrec.federated.wire import WireFormat, max_local_steps, metric_names, validation_names, wire_format
 from fedrec.metrics import METRICS
@@ -21,8 +21,9 @@ from fedrec.privacy.accountant import steps_per_epoch
 
 # "refit": a train round of the refit on train + validation (`federation.refit`), same reply;
 # "buyers" and "prior": a large catalogue's popularity prior (its counts, then each candidate
-# weight's validation sums; `fedrec/federated/popularity_prior.py`)
-STAGES = ("train", "validate", "refit", "buyers", "prior", "finish")
+# weight's validation sums; `fedrec/federated/popularity_prior.py`); "content": the content match's
+# candidate weights' validation sums (`fedrec/federated/content_choice.py`)
+STAGES = ("train", "validate", "refit", "buyers", "prior", "content", "finish")
 
 
 def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
@@ -38,6 +39,8 @@ def stage_format(stage: str, n_items: int, cfg: RunConfig) -> WireFormat:
         expected = popularity_prior.buyer_names(n_items)
     elif stage == "prior":
         expected = popularity_prior.candidate_names(cfg.local.sampled_popularity_weights)
+    elif stage == "content":
+        expected = content_choice.candidate_names(cfg.model.content_match_weights)
     else:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
     if cfg.privacy.enabled and cfg.privacy.mechanism == "als":  # weight 1, one step, bounded item-step sums
@@ -64,7 +67,8 @@ def state_to_arrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
 def state_and_extra(
     arrays: Sequence[np.ndarray], n_items: int, model: ModelConfig
 ) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
-    """The item tower, then any arrays the stage sends after it (the prior's pooled counts)."""
+    """The item tower, then any arrays the stage sends after it (the prior's pooled counts, or the
+    content match's basis)."""
     k = len(item_tower_shapes(n_items, model))
     return state_from_arrays(arrays[:k], n_items, model), [np.asarray(a, dtype=np.float64) for a in arrays[k:]]
 

@@ -27,7 +27,7 @@ from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
-from fedrec.federated import popularity_prior
+from fedrec.federated import content_choice, popularity_prior
 from fedrec.federated.aggregation import (
     ITEM_STEP_RULES,
     add_sums,
@@ -127,6 +127,9 @@ class TrainResult:
     # Above the full-softmax switch: the popularity prior validation chose, already added to
     # `item_biases` (`fedrec/federated/popularity_prior.py`); None: no prior.
     popularity: popularity_prior.PopularityPrior | None = None
+    # The content match validation chose (`fedrec/federated/content_choice.py`): with a weight
+    # above 0, already in `item_state` (its basis) and `user_embeddings` (w p); None: not chosen.
+    content_match: content_choice.ContentMatch | None = None
 
     @property
     def temperature(self) -> float | None:
@@ -219,7 +222,8 @@ def run_federated(
         res = _train(dataset, features, model_cfg, local_cfg, fed_cfg, on_round, on_message, dp, tamper)
         if refits(fed_cfg, dp, res.best_round):
             res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, res, on_round, on_message, tamper)
-    return with_popularity_prior(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
+    res = with_popularity_prior(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
+    return with_content_match(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
 
 
 def validation_rows(dataset: FederatedDataset, fed_cfg: FederationConfig) -> dict[str, np.ndarray | None]:
@@ -262,6 +266,41 @@ def with_popularity_prior(
 
     early = None if res.early_stopped is None else prior_added(res.early_stopped, False)
     return dataclasses.replace(prior_added(res, res.refit_rounds > 0), early_stopped=early)
+
+
+def with_content_match(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    local_cfg: LocalConfig,
+    fed_cfg: FederationConfig,
+    res: TrainResult,
+    private: bool,
+) -> TrainResult:
+    """The content match's weight chosen on the validation slice with the early-stopped model (as
+    the popularity prior's, whose offsets it scores with), then, above 0, added to the released
+    model and to the early-stopped one, each with the profiles of what it trained on."""
+    if res.choice is not None:
+        model_cfg, local_cfg = res.choice.model, res.choice.local
+    if not content_choice.applies(model_cfg, dataset.n_items, local_cfg.full_softmax_max_items, private):
+        return res
+    judged = res.early_stopped or res
+    chosen, basis = content_choice.choose(
+        dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
+        judged.item_biases, features, model_cfg, validation_rows(dataset, fed_cfg),
+    )  # fmt: skip
+    if basis is None or chosen.weight == 0:
+        early = None if res.early_stopped is None else dataclasses.replace(res.early_stopped, content_match=chosen)
+        return dataclasses.replace(res, content_match=chosen, early_stopped=early)
+
+    def match_added(run: TrainResult, with_validation: bool) -> TrainResult:
+        state, users = content_choice.matched(
+            dataset.merchants, run.item_state, run.user_embeddings, features, basis, chosen.weight, with_validation
+        )  # fmt: skip
+        return dataclasses.replace(run, item_state=state, user_embeddings=users, content_match=chosen)
+
+    early = None if res.early_stopped is None else match_added(res.early_stopped, False)
+    return dataclasses.replace(match_added(res, res.refit_rounds > 0), early_stopped=early)
 
 
 def choose_on_validation(
