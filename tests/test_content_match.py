@@ -17,6 +17,7 @@ from fedrec.content_match import (
     content_basis,
     content_vectors,
     customer_profiles,
+    top_right_singular_vectors,
     with_content,
     with_profiles,
 )
@@ -48,7 +49,8 @@ def test_basis_is_fixed_and_vectors_follow_shared_tokens():
     torch.testing.assert_close(basis, content_basis(features, 3))  # the same basis every run
     assert not basis[-1].any()  # padding adds nothing
     z = content_vectors(features, basis)
-    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    # the hose shares no token with another product: nothing to match on, a zero vector
+    torch.testing.assert_close(z.norm(dim=1), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]))
     sim = z @ z.T
     assert sim[0, 1] > sim[0, 2] and sim[2, 3] > sim[2, 0]  # scarf nearer hat; knife nearer knife
 
@@ -56,6 +58,14 @@ def test_basis_is_fixed_and_vectors_follow_shared_tokens():
 def test_no_content_no_basis():
     items = pl.DataFrame({"item": ["a", "b", "c"], "title": [None, None, None]}, schema_overrides={"title": pl.String})
     assert content_basis(build_item_features(items, 64), 8) is None
+    # a file without metadata: each title is the product's id, so only hash collisions are shared
+    ids = [f"P{i:05d}" for i in range(400)]
+    ids_only = build_item_features(pl.DataFrame({"item": ids, "title": ids}), 16384)
+    assert content_basis(ids_only, 8) is None
+    # one shared word among them is content again
+    worded = build_item_features(pl.DataFrame({"item": ids, "title": [f"{t} {'mug' if i % 2 else 'lamp'}"
+                                                                       for i, t in enumerate(ids)]}), 512)  # fmt: skip
+    assert content_basis(worded, 8) is not None
 
 
 def test_a_token_the_basis_never_saw_gives_a_zero_vector():
@@ -197,3 +207,16 @@ def test_the_api_serves_the_match_to_customers_and_baskets(tmp_path, tiny_csv):
         want[basket] = -np.inf
         assert [it["id"] for it in r.json()["items"]] == [items[i] for i in np.argsort(-want)[:10]]
         np.testing.assert_allclose([it["score"] for it in r.json()["items"]], np.sort(want)[::-1][:10], rtol=1e-4)
+
+
+def test_the_seeded_svd_finds_the_leading_directions_and_repeats_itself():
+    rng = np.random.default_rng(1)
+    x = sp.random(300, 120, density=0.05, random_state=2, format="csr") + sp.csr_matrix(
+        np.outer(rng.random(300), rng.random(120)) * 3
+    )  # a clear leading direction on top of sparse noise
+    v = top_right_singular_vectors(x, 5)
+    _, s, vt = np.linalg.svd(x.toarray(), full_matrices=False)
+    np.testing.assert_allclose(np.abs(v[:, 0] @ vt[0]), 1.0, atol=1e-6)
+    # the five found span the five leading directions (up to rotation within them)
+    np.testing.assert_allclose(np.linalg.svd(vt[:5] @ v, compute_uv=False), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(v, top_right_singular_vectors(x, 5))  # the same basis every call
