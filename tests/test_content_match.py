@@ -22,13 +22,13 @@ from fedrec.content_match import (
     with_profiles,
 )
 from fedrec.content_profiles import with_basket_profiles
-from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated import content_choice
 from fedrec.federated.local import LocalConfig
-from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.federated.simulation import FederationConfig, run_federated, with_validation_in_train
 from fedrec.model import ModelConfig, catalogue_embeddings, item_embeddings, tower_state
+from fedrec.privacy.accountant import DPMechanism
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512, use_content=False, content_match_dim=8)
 FED = FederationConfig(rounds=3, patience=0)
@@ -149,9 +149,10 @@ def tower_state_of(n_items: int) -> dict[str, torch.Tensor]:
     return initial_item_state(n_items, MODEL, 0)
 
 
-def test_an_empty_validation_slice_is_refused_with_a_clear_message():
-    with pytest.raises(ConfigError, match="content_match_weights chooses on the validation slice"):
-        content_choice.choose_from_sums({"content/0/val/recall@20": 0.0, "content/0/val/users": 0.0}, (0.0,))
+def test_without_validation_customers_the_model_stays_as_trained():
+    total = {"content/0/val/recall@20": 0.0, "content/0/val/users": 0.0,
+             "content/1/val/recall@20": 0.0, "content/1/val/users": 0.0}  # fmt: skip
+    assert content_choice.choose_from_sums(total, (0.0, 1.0)) == (0.0, {})
 
 
 def test_the_choice_keeps_the_model_as_trained_on_a_tie():
@@ -220,3 +221,24 @@ def test_the_seeded_svd_finds_the_leading_directions_and_repeats_itself():
     # the five found span the five leading directions (up to rotation within them)
     np.testing.assert_allclose(np.linalg.svd(vt[:5] @ v, compute_uv=False), 1.0, atol=1e-3)
     np.testing.assert_array_equal(v, top_right_singular_vectors(x, 5))  # the same basis every call
+
+
+def test_under_dp_only_a_fixed_weight_applies_and_validation_is_not_read(tiny_dataset):
+    mech = DPMechanism(clip=1.0, noise_multiplier=2.0, sample_rate=0.5, steps_per_round=2, delta=1e-5,
+                       target_epsilon=50.0)  # fmt: skip
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    fed = dataclasses.replace(FED, refit=False)
+    choosing = run_federated(tiny_dataset, features, MODEL, LocalConfig(), fed, dp=mech)
+    assert choosing.content_match is None  # a choice would read validation outside the accountant
+    fixed_model = dataclasses.replace(MODEL, content_match_weights=(0.5,))
+    fixed = run_federated(tiny_dataset, features, fixed_model, LocalConfig(), fed, dp=mech)
+    assert fixed.content_match.weight == 0.5 and fixed.content_match.scores == {}
+    for k, v in choosing.item_state.items():  # the DP release itself is the same; the basis is public
+        torch.testing.assert_close(tower_state(fixed.item_state)[k], v)
+    assert fixed.privacy == choosing.privacy
+    # nothing is read from validation: with none left, the fixed weight still applies ...
+    no_val = with_validation_in_train(tiny_dataset)
+    assert run_federated(no_val, features, fixed_model, LocalConfig(), fed, dp=mech).content_match.weight == 0.5
+    # ... where a non-private choice has nothing to choose on and keeps the model as trained
+    plain = run_federated(no_val, features, MODEL, LocalConfig(), fed)
+    assert plain.content_match.weight == 0 and plain.content_match.scores == {}

@@ -27,12 +27,16 @@ from rich.console import Console
 from fedrec.atomic import write_json
 from fedrec.config import RunConfig, load_config
 from fedrec.errors import ConfigError
+from fedrec.evaluation import combine_sums, evaluate_val
 from fedrec.features import build_item_features
+from fedrec.federated.content_choice import fixed_weight
 from fedrec.federated.simulation import run_federated
 from fedrec.metrics import seed_std
+from fedrec.model import item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
+from fedrec.training.train import trained_with
 
 
 def parse_candidates(text: str) -> list:
@@ -54,7 +58,8 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
     """Validation recall@20 of the model a run (refit off) releases, and that round.
 
     Non-private, that is the best round (early stopping's choice); under DP (`privacy.epsilon`
-    set) it is the last round, the one DP training releases.
+    set) it is the last round, the one DP training releases. With a fixed content-match weight
+    (the DP form) the released model is scored on validation with it.
     """
     use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
@@ -62,6 +67,18 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
     dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
     fed = dataclasses.replace(cfg.federation, refit=False)  # the refit (and DP's) would train on validation
     res = run_federated(dataset, features, cfg.model, cfg.local, fed, dp=dp)
+    model = trained_with(cfg, res).model
+    if res.content_match is not None and res.content_match.weight > 0 and fixed_weight(model) is not None:
+        # a fixed match is added after training, so the rounds' scores lack it: score the model with it
+        # (a chosen one was chosen on this slice, so its runs are compared by their rounds' scores)
+        items = item_embeddings(res.item_state, features, model)
+        parts = [
+            evaluate_val(m, res.user_embeddings[m.name], items, res.item_biases[m.name]) for m in dataset.merchants
+        ]
+        total = combine_sums(parts)
+        if not total.users:
+            raise ConfigError("no validation customers: set data.val_fraction > 0 to compare on validation")
+        return total.means()["recall@20"], res.best_round
     scored = {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None}
     if not scored:
         raise ConfigError("no validation customers: set data.val_fraction > 0 to compare on validation")

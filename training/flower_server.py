@@ -518,9 +518,14 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             finish_arrays, finish_set, rnd = [buyers], {"prior_weight": prior.weight}, rnd + 2
         match = None
         if content_choice.applies(cfg.model, features.n_items, cfg.local.full_softmax_max_items, dp is not None):
-            match, basis = _choose_content(coord, ck, rnd, features)
-            rnd += 0 if basis is None else 1
-            if match.weight > 0:  # the nodes add their profiles; the export's vectors get z
+            if dp is None:
+                match, basis = _choose_content(coord, ck, rnd, features)
+                rnd += 0 if basis is None else 1
+            else:  # a fixed weight: no exchange, nothing read from validation
+                basis = content_basis(features, cfg.model.content_match_dim)
+                rank = 0 if basis is None else int(basis.shape[1])
+                match = content_choice.ContentMatch(content_choice.fixed_weight(cfg.model) if rank else 0.0, {}, rank)
+            if basis is not None and match.weight > 0:  # the nodes add their profiles; the export's vectors get z
                 finish_arrays, finish_set = [basis.numpy()], {"content_weight": match.weight}
                 released = content_choice.with_match(released, basis, match.weight)
         test = coord.exchange(

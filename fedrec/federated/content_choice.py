@@ -17,7 +17,6 @@ import torch
 
 from fedrec.content_match import BASIS, WEIGHT, content_basis, content_vectors, with_profiles
 from fedrec.data import MerchantData
-from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_val
 from fedrec.features import ItemFeatures
 from fedrec.model import ModelConfig
@@ -42,10 +41,24 @@ class ContentMatch:
 
 
 def applies(cfg: ModelConfig, n_items: int, max_items: int, private: bool) -> bool:
-    """Whether a run chooses the match: a positive candidate, no DP (the choice reads validation
-    outside the accountant), and a catalogue within the full-softmax switch (`max_items`): each
-    candidate scores every validation customer against the whole catalogue."""
-    return any(w > 0 for w in cfg.content_match_weights) and n_items <= max_items and not private
+    """Whether a run gets the match: a positive candidate, and a catalogue within the full-softmax
+    switch (`max_items`: each candidate scores every validation customer against the whole
+    catalogue). Under DP only a fixed weight (`fixed_weight`): a choice would read validation
+    outside the accountant."""
+    if n_items > max_items or not any(w > 0 for w in cfg.content_match_weights):
+        return False
+    return not private or fixed_weight(cfg) is not None
+
+
+def fixed_weight(cfg: ModelConfig) -> float | None:
+    """The weight when there is nothing to choose (one candidate, above 0), else None.
+
+    Under DP this is the only form the match takes, and it costs no privacy: the basis is a
+    function of the public catalogue, a customer's profile is computed at their merchant from their
+    own purchases and enters only their own scores (as their user vector does, which DP leaves
+    un-noised for the same reason), and nothing is read from validation."""
+    weights = cfg.content_match_weights
+    return float(weights[0]) if len(weights) == 1 and weights[0] > 0 else None
 
 
 def candidate_names(weights: Sequence[float]) -> dict[str, tuple[int, ...]]:
@@ -78,15 +91,13 @@ def merchant_candidate_sums(
 
 def choose_from_sums(total: dict[str, torch.Tensor], weights: Sequence[float]) -> tuple[float, dict[float, float]]:
     """The weight with the highest validation recall@20 over the merchants' summed sums; a tie keeps
-    the earlier one (list 0 first: the model as trained wins ties)."""
+    the earlier one (list 0 first: the model as trained wins ties). Without validation customers
+    (data.val_fraction = 0) there is nothing to choose on: 0, the model as trained."""
     scores: dict[float, float] = {}
     for i, w in enumerate(weights):
         users = float(total[f"content/{i}/val/users"])
         if users <= 0:
-            raise ConfigError(
-                "model.content_match_weights chooses on the validation slice, which is empty: set "
-                "data.val_fraction > 0, or model.content_match_weights = [0] (off)"
-            )
+            return 0.0, {}
         scores[float(w)] = float(total[f"content/{i}/val/recall@20"]) / users
     return max(scores, key=scores.get), scores
 

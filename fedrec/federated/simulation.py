@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from fedrec.content_match import content_basis
 from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
@@ -279,16 +280,22 @@ def with_content_match(
 ) -> TrainResult:
     """The content match's weight chosen on the validation slice with the early-stopped model (as
     the popularity prior's, whose offsets it scores with), then, above 0, added to the released
-    model and to the early-stopped one, each with the profiles of what it trained on."""
+    model and to the early-stopped one, each with the profiles of what it trained on. Under DP only
+    a fixed weight applies, and validation is not read."""
     if res.choice is not None:
         model_cfg, local_cfg = res.choice.model, res.choice.local
     if not content_choice.applies(model_cfg, dataset.n_items, local_cfg.full_softmax_max_items, private):
         return res
     judged = res.early_stopped or res
-    chosen, basis = content_choice.choose(
-        dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
-        judged.item_biases, features, model_cfg, validation_rows(dataset, fed_cfg),
-    )  # fmt: skip
+    if private:  # a fixed weight, nothing chosen (`content_choice.fixed_weight`)
+        basis = content_basis(features, model_cfg.content_match_dim)
+        rank = 0 if basis is None else int(basis.shape[1])
+        chosen = content_choice.ContentMatch(content_choice.fixed_weight(model_cfg) if rank else 0.0, {}, rank)
+    else:
+        chosen, basis = content_choice.choose(
+            dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
+            judged.item_biases, features, model_cfg, validation_rows(dataset, fed_cfg),
+        )  # fmt: skip
     if basis is None or chosen.weight == 0:
         early = None if res.early_stopped is None else dataclasses.replace(res.early_stopped, content_match=chosen)
         return dataclasses.replace(res, content_match=chosen, early_stopped=early)
