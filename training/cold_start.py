@@ -165,7 +165,7 @@ def evaluate_cold_start(cfg: RunConfig, dataset: FederatedDataset, seeds: tuple[
             "recall@20_std": seed_std(recalls),
             "recall@20_per_seed": [round(r, 4) for r in recalls],
             "seeds": list(seeds),
-            "new_product_vectors": " | ".join(dict.fromkeys(how)),  # one per seed where the choices differ
+            "new_product_vectors": "; or ".join(dict.fromkeys(how)),  # one per seed where the choices differ
         }
     bought = sp.vstack([m.full_train for m in known.merchants]).tocsr()
     content = content_profile_scores(bought, features.tokens, n_known, features.n_buckets)
