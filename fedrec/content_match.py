@@ -31,17 +31,15 @@ BASIS = "content_match.basis"  # (n_buckets + 1, k): per token bucket, idf x sin
 WEIGHT = "content_match.weight"  # scalar tensor: w, the weight on the user side
 
 
-def bucket_tfidf(features: ItemFeatures, idf: np.ndarray | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Items x token buckets TF-IDF (unit rows) and the idf it used: idf from `features` itself
-    unless given (the trained catalogue's, for products added later)."""
+def bucket_tfidf(features: ItemFeatures) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Items x token buckets TF-IDF (unit rows) and its idf, per bucket."""
     tok = features.tokens.numpy()
     rows = np.repeat(np.arange(tok.shape[0]), tok.shape[1])
     keep = tok.ravel() != features.n_buckets
     x = sp.csr_matrix(
         (np.ones(int(keep.sum())), (rows[keep], tok.ravel()[keep])), shape=(tok.shape[0], features.n_buckets)
     )  # duplicates sum, as the embedding sum in `content_vectors` does
-    if idf is None:
-        idf = np.log(max(x.shape[0], 1) / np.maximum(x.getnnz(axis=0), 1))
+    idf = np.log(max(x.shape[0], 1) / np.maximum(x.getnnz(axis=0), 1))
     x = sp.csr_matrix(x.multiply(idf[None, :]))
     norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
     return sp.csr_matrix(x.multiply(1.0 / np.maximum(norms, 1e-12)[:, None])), idf
