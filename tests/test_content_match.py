@@ -242,3 +242,17 @@ def test_under_dp_only_a_fixed_weight_applies_and_validation_is_not_read(tiny_da
     # ... where a non-private choice has nothing to choose on and keeps the model as trained
     plain = run_federated(no_val, features, MODEL, LocalConfig(), fed)
     assert plain.content_match.weight == 0 and plain.content_match.scores == {}
+
+
+def test_a_customers_purchases_reach_only_their_own_profile():
+    """The claim behind the DP form: p_c enters c's own scores only (the shared side, z, is a
+    function of the catalogue alone; `content_basis` reads no purchase)."""
+    z = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    bought = sp.csr_matrix(np.random.default_rng(0).integers(0, 2, (5, 8)).astype(float))
+    changed = bought.tolil()
+    changed[2, :] = 0
+    changed[2, 7] = 3.0
+    before, after = customer_profiles(bought, z), customer_profiles(changed.tocsr(), z)
+    rows = [0, 1, 3, 4]
+    torch.testing.assert_close(before[rows], after[rows])
+    assert not torch.allclose(before[2], after[2])
