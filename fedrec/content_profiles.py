@@ -3,6 +3,8 @@ the serving app folds baskets in with them and must not import torch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -26,3 +28,18 @@ def with_basket_profiles(users: np.ndarray, baskets: list[np.ndarray], z: np.nda
     purchase history."""
     p = profiles(basket_matrix(baskets, z.shape[0]), z)
     return np.hstack([users.astype(np.float32), np.float32(weight) * p])
+
+
+def fold_in_with_match(
+    fold: Callable[[np.ndarray], np.ndarray],
+    vectors: np.ndarray,
+    baskets: list[np.ndarray],
+    weight: float,
+    width: int,
+) -> np.ndarray:
+    """Baskets' user vectors for a model whose vectors end with a content-match block `width`
+    wide (0: none): `fold` solves u against the tower's part alone (training never saw the match
+    either), then each basket's own w p follows it. The API and both evaluations fold in by this."""
+    tower = vectors[:, : vectors.shape[1] - width]
+    users = fold(tower)
+    return users if not width else with_basket_profiles(users, baskets, vectors[:, tower.shape[1] :], weight)

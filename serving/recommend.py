@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 
-from fedrec.content_profiles import with_basket_profiles
+from fedrec.content_profiles import fold_in_with_match
 from fedrec.serving.export_store import LoadedExport
 from fedrec.serving.foldin import FoldInConfig, fold_in_ials, fold_in_many, fold_in_sampled
 from fedrec.serving.index import search_index
@@ -109,11 +109,8 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
     match either) and the basket's own w p follows it, as a customer's does.
     """
     weight, width = export.content_match
-    vectors = export.item_vectors[:, : export.dim - width]
-    u = _tower_basket_vectors(export, vectors, baskets, cfg)
-    if not width:
-        return u
-    return with_basket_profiles(u, baskets, export.item_vectors[:, export.dim - width :], weight)
+    fold = lambda tower: _tower_basket_vectors(export, tower, baskets, cfg)  # noqa: E731
+    return fold_in_with_match(fold, export.item_vectors, baskets, weight, width)
 
 
 def _tower_basket_vectors(

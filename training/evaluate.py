@@ -23,7 +23,7 @@ from rich.console import Console
 from fedrec.atomic import write_json, write_text, write_with
 from fedrec.baselines import ALS_GRID, EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
 from fedrec.config import RunConfig
-from fedrec.content_profiles import with_basket_profiles
+from fedrec.content_profiles import fold_in_with_match
 from fedrec.data import FederatedDataset, pooled
 from fedrec.errors import FedrecError
 from fedrec.evaluation import (
@@ -181,19 +181,14 @@ def tower_basket_scores(
     against the tower's part of the vectors, the basket's content profile after it where the model
     has the content match, then the dot product."""
     vecs, reg = items.numpy(), FoldInConfig().reg
-    width = match.rank if match is not None and match.weight > 0 else 0
-    tower = vecs[:, : vecs.shape[1] - width]
+    weight, width = (match.weight, match.rank) if match is not None and match.weight > 0 else (0.0, 0)
 
-    def score(baskets: list[np.ndarray]) -> np.ndarray:
+    def fold(tower: np.ndarray, baskets: list[np.ndarray]) -> np.ndarray:
         if local.loss == "ials":
-            u = fold_in_ials(tower, baskets, local.ials_alpha, local.user_solve_reg, reg)
-        else:
-            u = fold_in_many(tower, baskets, "softmax", reg, local.temperature)
-        if width:
-            u = with_basket_profiles(u, baskets, vecs[:, tower.shape[1] :], match.weight)
-        return u @ vecs.T
+            return fold_in_ials(tower, baskets, local.ials_alpha, local.user_solve_reg, reg)
+        return fold_in_many(tower, baskets, "softmax", reg, local.temperature)
 
-    return score
+    return lambda baskets: fold_in_with_match(lambda t: fold(t, baskets), vecs, baskets, weight, width) @ vecs.T
 
 
 def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:

@@ -12,6 +12,7 @@ Writes results/foldin-<dataset>.json, from which `fedrec serve`'s fold-in defaul
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from rich.console import Console
 
 from fedrec.atomic import write_json
 from fedrec.config import RunConfig
+from fedrec.content_profiles import fold_in_with_match
 from fedrec.data import MerchantData
 from fedrec.evaluation import MetricSums, combine, evaluate_test
 from fedrec.ials_users import solve_ials_baskets
@@ -63,6 +65,8 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     rng = np.random.default_rng(cfg.federation.seed)
     temperature = run.cfg.local.temperature  # the chosen one, where local.temperature = 0
     rules, alpha = rules_for(run.cfg.local.loss), run.cfg.local.ials_alpha
+    match = run.result.content_match  # folds in as the API does: u against the tower's part, then w p
+    weight, width = (match.weight, match.rank) if match is not None and match.weight > 0 else (0.0, 0)
     parts: dict[str, dict[str, MetricSums]] = {"learned": {}}
     seconds: dict[str, float] = {}
     for m in run.dataset.merchants:
@@ -79,13 +83,9 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
             name = f"{method}" if method == "mean" else f"{method} reg={reg:g}"
             name += " (serving solve)" if solve == "serving" else ""
             t0 = time.perf_counter()
-            folded = np.concatenate(
-                [
-                    solve_ials_baskets(vecs, rows[i : i + BATCH], alpha, reg, b) if method == "ials"
-                    else fold_in_many(vecs, rows[i : i + BATCH], method, reg, temperature, item_bias=b, **SOLVES[solve])
-                    for i in range(0, len(rows), BATCH)
-                ]
-            ).astype(vecs.dtype, copy=False)  # fmt: skip
+            fold = functools.partial(_fold_batches, baskets=rows, method=method, reg=reg, solve=solve,
+                                     alpha=alpha, temperature=temperature, bias=b)  # fmt: skip
+            folded = fold_in_with_match(fold, vecs, rows, weight, width).astype(vecs.dtype, copy=False)
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
             parts.setdefault(name, {})[m.name] = evaluate_test(sub, torch.from_numpy(folded), items, bias)
     out: dict = {
@@ -110,6 +110,24 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     out["best"] = max(folds, key=lambda k: folds[k]["recall@20"])
     out["config"] = cfg.to_dict()
     return out
+
+
+def _fold_batches(
+    tower: np.ndarray,
+    baskets: list[np.ndarray],
+    method: str,
+    reg: float,
+    solve: str,
+    alpha: float,
+    temperature: float,
+    bias: np.ndarray | None,
+) -> np.ndarray:
+    """One rule's user vectors for every basket, solved `BATCH` baskets at a time."""
+    return np.concatenate([
+        solve_ials_baskets(tower, baskets[i : i + BATCH], alpha, reg, bias) if method == "ials"
+        else fold_in_many(tower, baskets[i : i + BATCH], method, reg, temperature, item_bias=bias, **SOLVES[solve])
+        for i in range(0, len(baskets), BATCH)
+    ])  # fmt: skip
 
 
 def write_foldin_results(res: dict, results_dir: Path) -> Path:
