@@ -389,6 +389,32 @@ def test_dp_als_over_the_wire_equals_the_in_process_runtime(synthetic_bundles, t
         torch.testing.assert_close(bias, inproc.item_biases[n.name])
 
 
+@dataclasses.dataclass
+class _BothRuntimes:
+    cfg: object
+    features: object
+    inproc: object  # the in-process run, refit on
+    best: int  # its early-stopped best round
+    nodes: list
+    twins: list  # the nodes' refit twins
+    early: dict  # the nodes' tower at the best round (over the wire)
+    released: dict  # their refit's tower after as many rounds
+
+
+def _both_runtimes(ds, out, tmp_path, sets: dict) -> _BothRuntimes:  # noqa: ANN001
+    """Two rounds of `sets` on the synthetic shop in-process, then the same early-stopped run and
+    refit through the nodes' path over the wire: what the post-training choices start from."""
+    cfg = load_config(default_config_path("synthetic"), sets)
+    features = build_item_features(ds.items, cfg.model.hash_buckets)
+    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
+    best = inproc.early_stopped.best_round
+    nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
+    early = _train_over_wire(nodes, 2, cfg, ds.n_items)[best]
+    twins = [n.refit_node() for n in nodes]
+    released = _train_over_wire(twins, best, cfg, ds.n_items)[best]
+    return _BothRuntimes(cfg, features, inproc, best, nodes, twins, early, released)
+
+
 def test_the_popularity_prior_over_the_wire_is_the_in_process_choice(synthetic_bundles, tmp_path) -> None:
     """A large catalogue (the switch lowered to 1,000 products) in the networked runtime's path: the
     summed buyer counts are the pooled ones, the summed candidate sums choose the in-process weight
@@ -403,16 +429,10 @@ def test_the_popularity_prior_over_the_wire_is_the_in_process_choice(synthetic_b
         "local.sampled_popularity_weights": [0.1, 1.0],  # no weight 0: the released biases carry offsets
         "threads": 1,
     }
-    cfg = load_config(default_config_path("synthetic"), sets)
+    run = _both_runtimes(ds, out, tmp_path, sets)
+    cfg, features, inproc, best = run.cfg, run.features, run.inproc, run.best
+    nodes, twins, early, released = run.nodes, run.twins, run.early, run.released
     assert popularity_prior.applies(cfg.local, ds.n_items, private=False)
-    features = build_item_features(ds.items, cfg.model.hash_buckets)
-    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
-    best = inproc.early_stopped.best_round
-
-    nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
-    early = _train_over_wire(nodes, 2, cfg, ds.n_items)[best]
-    twins = [n.refit_node() for n in nodes]
-    released = _train_over_wire(twins, best, cfg, ds.n_items)[best]
     counts = _exchange(nodes, "buyers", cfg, ds.n_items, lambda n: n.buyers())
     buyers = {k: np.rint(v.double().numpy()) for k, v in counts.items()}
     np.testing.assert_array_equal(buyers[popularity_prior.BUYERS], popularity_prior.pooled_buyers(ds.merchants, False))
@@ -444,15 +464,9 @@ def test_the_content_match_over_the_wire_is_the_in_process_choice(synthetic_bund
         "model.content_match_weights": [1.0, 2.0],  # no weight 0: the released model carries the match
         "threads": 1,
     }
-    cfg = load_config(default_config_path("synthetic"), sets)
-    features = build_item_features(ds.items, cfg.model.hash_buckets)
-    inproc = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
-    best = inproc.early_stopped.best_round
-
-    nodes = [MerchantNode(load_bundle(out / m.name), tmp_path / m.name, cfg) for m in ds.merchants]
-    early = _train_over_wire(nodes, 2, cfg, ds.n_items)[best]
-    twins = [n.refit_node() for n in nodes]
-    released = _train_over_wire(twins, best, cfg, ds.n_items)[best]
+    run = _both_runtimes(ds, out, tmp_path, sets)
+    cfg, features, inproc, best = run.cfg, run.features, run.inproc, run.best
+    nodes, twins, early, released = run.nodes, run.twins, run.early, run.released
     basis = content_basis(features, cfg.model.content_match_dim)
     torch.testing.assert_close(basis, inproc.item_state[BASIS])
     sums = _exchange(nodes, "content", cfg, ds.n_items, lambda n: n.content(early, best, basis))

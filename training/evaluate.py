@@ -36,6 +36,7 @@ from fedrec.evaluation import (
     recommendation_lists,
 )
 from fedrec.features import build_item_features
+from fedrec.federated import content_choice
 from fedrec.federated.content_choice import ContentMatch
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import TrainResult, run_federated
@@ -181,7 +182,7 @@ def tower_basket_scores(
     against the tower's part of the vectors, the basket's content profile after it where the model
     has the content match, then the dot product."""
     vecs, reg = items.numpy(), FoldInConfig().reg
-    weight, width = (match.weight, match.rank) if match is not None and match.weight > 0 else (0.0, 0)
+    weight, width = content_choice.block(match)
 
     def fold(tower: np.ndarray, baskets: list[np.ndarray]) -> np.ndarray:
         if local.loss == "ials":

@@ -25,6 +25,7 @@ from fedrec.config import RunConfig
 from fedrec.content_profiles import fold_in_with_match
 from fedrec.data import MerchantData
 from fedrec.evaluation import MetricSums, combine, evaluate_test
+from fedrec.federated.content_choice import block
 from fedrec.ials_users import solve_ials_baskets
 from fedrec.metrics import eligible_users
 from fedrec.serving.foldin import EXACT_TOL, fold_in_many
@@ -65,8 +66,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     rng = np.random.default_rng(cfg.federation.seed)
     temperature = run.cfg.local.temperature  # the chosen one, where local.temperature = 0
     rules, alpha = rules_for(run.cfg.local.loss), run.cfg.local.ials_alpha
-    match = run.result.content_match  # folds in as the API does: u against the tower's part, then w p
-    weight, width = (match.weight, match.rank) if match is not None and match.weight > 0 else (0.0, 0)
+    weight, width = block(run.result.content_match)  # folds in as the API does: u against the tower's part, then w p
     parts: dict[str, dict[str, MetricSums]] = {"learned": {}}
     seconds: dict[str, float] = {}
     for m in run.dataset.merchants:

@@ -522,9 +522,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
                 match, basis = _choose_content(coord, ck, rnd, features)
                 rnd += 0 if basis is None else 1
             else:  # a fixed weight: no exchange, nothing read from validation
-                basis = content_basis(features, cfg.model.content_match_dim)
-                rank = 0 if basis is None else int(basis.shape[1])
-                match = content_choice.ContentMatch(content_choice.fixed_weight(cfg.model) if rank else 0.0, {}, rank)
+                match, basis = content_choice.fixed(features, cfg.model)
             if basis is not None and match.weight > 0:  # the nodes add their profiles; the export's vectors get z
                 finish_arrays, finish_set = [basis.numpy()], {"content_weight": match.weight}
                 released = content_choice.with_match(released, basis, match.weight)

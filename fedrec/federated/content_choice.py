@@ -50,6 +50,21 @@ def applies(cfg: ModelConfig, n_items: int, max_items: int, private: bool) -> bo
     return not private or fixed_weight(cfg) is not None
 
 
+def block(match: ContentMatch | None) -> tuple[float, int]:
+    """The weight and width of the block a model's vectors end with (0, 0: none): what a basket's
+    fold-in must leave out of the tower's part and append (`fold_in_with_match`)."""
+    return (match.weight, match.rank) if match is not None and match.weight > 0 else (0.0, 0)
+
+
+def fixed(features: ItemFeatures, cfg: ModelConfig) -> tuple[ContentMatch, torch.Tensor | None]:
+    """The DP form, in both runtimes: `fixed_weight` and the catalogue's basis, nothing chosen
+    (weight 0 where the catalogue has no content)."""
+    basis = content_basis(features, cfg.content_match_dim)
+    if basis is None:
+        return ContentMatch(0.0, {}, 0), None
+    return ContentMatch(fixed_weight(cfg), {}, int(basis.shape[1])), basis
+
+
 def fixed_weight(cfg: ModelConfig) -> float | None:
     """The weight when there is nothing to choose (one candidate, above 0), else None.
 
@@ -72,14 +87,13 @@ def merchant_candidate_sums(
     users: torch.Tensor,
     items: torch.Tensor,
     bias: torch.Tensor | None,
-    basis: torch.Tensor,
-    features: ItemFeatures,
+    z: torch.Tensor,
     weights: Sequence[float],
     rows: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """One merchant's validation sums for each candidate weight, its terms of the sums the weight
-    is chosen from (`items`: the tower's vectors; profiles from train purchases). Both runtimes."""
-    z = content_vectors(features, basis)
+    is chosen from (`items`: the tower's vectors; z: `content_vectors` of the catalogue; profiles
+    from train purchases). Both runtimes."""
     scored = torch.cat([items, z.to(items.dtype)], 1)
     out: dict[str, torch.Tensor] = {}
     for i, w in enumerate(weights):
@@ -115,10 +129,11 @@ def choose(
     basis = content_basis(features, cfg.content_match_dim)
     if basis is None:
         return ContentMatch(0.0, {}, 0), None
+    z = content_vectors(features, basis)  # once for every merchant
     total: dict[str, torch.Tensor] = {}
     for m in merchants:
-        sums = merchant_candidate_sums(m, users[m.name], items, biases[m.name], basis, features,
-                                       cfg.content_match_weights, val_rows.get(m.name))  # fmt: skip
+        sums = merchant_candidate_sums(m, users[m.name], items, biases[m.name], z, cfg.content_match_weights,
+                                       val_rows.get(m.name))  # fmt: skip
         total = {k: total.get(k, 0.0) + v for k, v in sums.items()}
     weight, scores = choose_from_sums(total, cfg.content_match_weights)
     return ContentMatch(weight, scores, int(basis.shape[1])), basis

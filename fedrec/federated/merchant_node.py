@@ -224,6 +224,11 @@ class MerchantNode:
         m = self.bundle.merchant
         return ials_user_step(item_state, users, m.train, self.features, self.cfg.model, self.cfg.local)
 
+    def _customers_at(self, item_state: dict[str, torch.Tensor], rnd: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The customers and item bias saved at round `rnd`, the customers for `item_state`."""
+        users, bias = self.state_at(rnd)
+        return self._users_for(item_state, users), bias
+
     def _val_sums(self, item_state: dict[str, torch.Tensor], users, bias) -> dict[str, torch.Tensor]:
         users = self._users_for(item_state, users)
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
@@ -261,8 +266,7 @@ class MerchantNode:
         self, item_state: dict[str, torch.Tensor], best_round: int, buyers: np.ndarray
     ) -> dict[str, torch.Tensor]:
         """Validation sums of the early-stopped model under each candidate weight of the prior."""
-        users, bias = self.state_at(best_round)
-        users = self._users_for(item_state, users)
+        users, bias = self._customers_at(item_state, best_round)
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
         weights = self.cfg.local.sampled_popularity_weights
         return popularity_prior.merchant_candidate_sums(self.bundle.merchant, users, vecs, bias, buyers, weights)
@@ -271,13 +275,11 @@ class MerchantNode:
         self, item_state: dict[str, torch.Tensor], best_round: int, basis: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Validation sums of the early-stopped model under each candidate content-match weight."""
-        users, bias = self.state_at(best_round)
-        users = self._users_for(item_state, users)
+        users, bias = self._customers_at(item_state, best_round)
         vecs = item_embeddings(item_state, self.features, self.cfg.model)
+        z = content_vectors(self.features, basis)
         weights = self.cfg.model.content_match_weights
-        return content_choice.merchant_candidate_sums(
-            self.bundle.merchant, users, vecs, bias, basis, self.features, weights
-        )  # fmt: skip
+        return content_choice.merchant_candidate_sums(self.bundle.merchant, users, vecs, bias, z, weights)
 
     def finish(
         self,
@@ -292,8 +294,7 @@ class MerchantNode:
         popularity prior's offsets, where there is one, join its item bias (served with it too); the
         chosen content match (basis, weight) adds its blocks, the profiles from what this node
         trained on (train, or train + validation for the refit's twin)."""
-        users, bias = self.state_at(best_round)
-        users = self._users_for(item_state, users)
+        users, bias = self._customers_at(item_state, best_round)
         if prior_offsets is not None:
             bias = popularity_prior.shifted(bias, prior_offsets)
         m = self.bundle.merchant

@@ -23,7 +23,6 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from fedrec.content_match import content_basis
 from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
@@ -287,10 +286,8 @@ def with_content_match(
     if not content_choice.applies(model_cfg, dataset.n_items, local_cfg.full_softmax_max_items, private):
         return res
     judged = res.early_stopped or res
-    if private:  # a fixed weight, nothing chosen (`content_choice.fixed_weight`)
-        basis = content_basis(features, model_cfg.content_match_dim)
-        rank = 0 if basis is None else int(basis.shape[1])
-        chosen = content_choice.ContentMatch(content_choice.fixed_weight(model_cfg) if rank else 0.0, {}, rank)
+    if private:  # a fixed weight, nothing chosen
+        chosen, basis = content_choice.fixed(features, model_cfg)
     else:
         chosen, basis = content_choice.choose(
             dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
