@@ -22,6 +22,7 @@ from fedrec.content_match import (
     with_profiles,
 )
 from fedrec.content_profiles import with_basket_profiles
+from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated import content_choice
@@ -256,3 +257,14 @@ def test_a_customers_purchases_reach_only_their_own_profile():
     rows = [0, 1, 3, 4]
     torch.testing.assert_close(before[rows], after[rows])
     assert not torch.allclose(before[2], after[2])
+
+
+def test_bad_settings_are_refused_with_the_setting_named():
+    from fedrec.config import load_config
+
+    assert load_config(None, {"model.content_match_weights": []}).model.content_match_weights == ()
+    for bad in ([-1.0], [float("inf")], ["high"], [True]):
+        with pytest.raises(ConfigError, match="model.content_match_weights must be"):
+            load_config(None, {"model.content_match_weights": bad})
+    with pytest.raises(ConfigError, match="model.content_match_dim must be >= 1"):
+        load_config(None, {"model.content_match_dim": 0})
