@@ -13,9 +13,12 @@ taste that they miss, and it is the only signal for a product nobody has bought 
 synthetic shop's validation slice a plain TF-IDF profile ranked new products far above the
 learned vectors (README, "Cold start").
 
-What travels: nothing new. The basis is a function of the catalogue alone (public to every
-merchant), so it is computed wherever it is needed and shipped in the export beside the tower;
-p_c is computed at the merchant from its own customers' purchases and stays there, like u.
+What travels: the basis is a function of the catalogue alone (public to every merchant) and is
+shipped in the export beside the tower; the networked coordinator sends it to the merchants too
+(an SVD's floating point may differ between machines, and every side must hold the same basis),
+as its rows for the shared tokens only (`basis_rows`: the other rows are zero, and which tokens
+are shared is integer counting that every node repeats exactly). p_c is computed at the
+merchant from its own customers' purchases and stays there, like u.
 """
 
 from __future__ import annotations
@@ -57,13 +60,31 @@ def content_basis(features: ItemFeatures, dim: int) -> torch.Tensor | None:
     with another. That is a purchase file without metadata, whose titles default to the product
     ids (then only hash collisions are shared: about a fifth of 8,000 ids in 16,384 buckets)."""
     x, idf = bucket_tfidf(features)
-    used = np.flatnonzero(x.getnnz(axis=0) >= 2)
+    used = np.flatnonzero(x.getnnz(axis=0) >= 2)  # `shared_tokens`
     k = min(dim, x.shape[0] - 1, used.size - 1)
     if k < 1 or (x[:, used].getnnz(axis=1) > 0).mean() < SHARED_MIN:
         return None
     v = top_right_singular_vectors(x[:, used].astype(np.float64), k)
     basis = np.zeros((features.n_buckets + 1, k), dtype=np.float32)
     basis[used] = (idf[used, None] * v).astype(np.float32)
+    return torch.from_numpy(basis)
+
+
+def shared_tokens(features: ItemFeatures) -> np.ndarray:
+    """The token buckets that two or more products hold (ascending): the only rows of a basis that
+    can be non-zero."""
+    return np.flatnonzero(bucket_tfidf(features)[0].getnnz(axis=0) >= 2)
+
+
+def basis_rows(basis: torch.Tensor, features: ItemFeatures) -> np.ndarray:
+    """The basis as the networked runtime sends it: its shared tokens' rows, (shared, k)."""
+    return basis.numpy()[shared_tokens(features)]
+
+
+def basis_from_rows(rows: np.ndarray, features: ItemFeatures) -> torch.Tensor:
+    """The whole basis back from `basis_rows` (the catalogue's own shared tokens place the rows)."""
+    basis = np.zeros((features.n_buckets + 1, rows.shape[1]), dtype=np.float32)
+    basis[shared_tokens(features)] = rows
     return torch.from_numpy(basis)
 
 

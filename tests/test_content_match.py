@@ -14,9 +14,12 @@ import torch
 from fedrec.content_match import (
     BASIS,
     WEIGHT,
+    basis_from_rows,
+    basis_rows,
     content_basis,
     content_vectors,
     customer_profiles,
+    shared_tokens,
     top_right_singular_vectors,
     with_content,
     with_profiles,
@@ -54,6 +57,23 @@ def test_basis_is_fixed_and_vectors_follow_shared_tokens():
     torch.testing.assert_close(z.norm(dim=1), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]))
     sim = z @ z.T
     assert sim[0, 1] > sim[0, 2] and sim[2, 3] > sim[2, 0]  # scarf nearer hat; knife nearer knife
+
+
+def test_the_wire_form_holds_the_shared_tokens_rows_and_loses_nothing():
+    """The networked runtime sends only the shared tokens' rows: every other row is zero, so the
+    node, which counts the same tokens in its own copy of the catalogue, rebuilds the whole basis."""
+    items = _items(
+        ["red wool scarf", "red wool hat", "steel kitchen knife", "steel chef knife", "green garden hose"],
+        ["fashion", "fashion", "kitchen", "kitchen", "garden"],
+    )
+    features = build_item_features(items, 512)
+    basis = content_basis(features, 3)
+    shared = shared_tokens(features)
+    outside = np.setdiff1d(np.arange(basis.shape[0]), shared)
+    assert basis[outside].abs().sum() == 0 and basis[shared].abs().sum(dim=1).gt(0).all()
+    rows = basis_rows(basis, features)
+    assert rows.shape == (len(shared), 3) and len(shared) < 20  # red, wool, steel, knife, two categories
+    assert torch.equal(basis_from_rows(rows, build_item_features(items, 512)), basis)
 
 
 def test_no_content_no_basis():

@@ -11,7 +11,7 @@ import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedrec.config import aggregation_rule, load_config
-from fedrec.content_match import BASIS, content_basis
+from fedrec.content_match import BASIS, basis_from_rows, basis_rows, content_basis
 from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
@@ -469,6 +469,11 @@ def test_the_content_match_over_the_wire_is_the_in_process_choice(synthetic_bund
     nodes, twins, early, released = run.nodes, run.twins, run.early, run.released
     basis = content_basis(features, cfg.model.content_match_dim)
     torch.testing.assert_close(basis, inproc.item_state[BASIS])
+    # on the wire only the shared tokens' rows travel; each node places them from its own catalogue
+    rows = basis_rows(basis, features)
+    assert rows.shape[1] == basis.shape[1] and 0 < rows.shape[0] < basis.shape[0] // 10
+    for n in nodes:
+        assert torch.equal(basis_from_rows(rows, n.features), basis)
     sums = _exchange(nodes, "content", cfg, ds.n_items, lambda n: n.content(early, best, basis))
     weight, scores = content_choice.choose_from_sums(sums, cfg.model.content_match_weights)
     assert weight == inproc.content_match.weight > 0
@@ -485,12 +490,15 @@ def test_the_content_match_over_the_wire_is_the_in_process_choice(synthetic_bund
 
 def test_the_client_refuses_arrays_its_stage_does_not_expect() -> None:
     cfg = load_config(default_config_path("synthetic"))
-    basis = np.zeros((cfg.model.hash_buckets + 1, 8))
-    assert extra_shapes("content", {}, 50, cfg, [basis]) == [basis.shape]
-    assert extra_shapes("finish", {"content-weight": 1.0}, 50, cfg, [basis]) == [basis.shape]
-    assert extra_shapes("finish", {"prior-weight": 1.0}, 50, cfg, [np.zeros(50)]) == [(50,)]
-    assert extra_shapes("finish", {}, 50, cfg, []) == []
-    wide = np.zeros((cfg.model.hash_buckets + 1, cfg.model.content_match_dim + 1))
-    assert extra_shapes("content", {}, 50, cfg, [wide]) != [wide.shape]  # wider than the configured basis
-    assert extra_shapes("content", {}, 50, cfg, [np.zeros(50)]) != [(50,)]  # counts are not a basis
-    assert extra_shapes("train", {}, 50, cfg, [np.zeros(50)]) == []
+    shared = 30  # the node's catalogue's shared tokens: the basis's rows on the wire
+    basis = np.zeros((shared, 8))
+    assert extra_shapes("content", {}, 50, cfg, [basis], shared) == [basis.shape]
+    assert extra_shapes("finish", {"content-weight": 1.0}, 50, cfg, [basis], shared) == [basis.shape]
+    assert extra_shapes("finish", {"prior-weight": 1.0}, 50, cfg, [np.zeros(50)], shared) == [(50,)]
+    assert extra_shapes("finish", {}, 50, cfg, [], shared) == []
+    whole = np.zeros((cfg.model.hash_buckets + 1, 8))  # the whole basis is not what travels
+    assert extra_shapes("content", {}, 50, cfg, [whole], shared) != [whole.shape]
+    wide = np.zeros((shared, cfg.model.content_match_dim + 1))
+    assert extra_shapes("content", {}, 50, cfg, [wide], shared) != [wide.shape]  # wider than the configured basis
+    assert extra_shapes("content", {}, 50, cfg, [np.zeros(50)], shared) != [(50,)]  # counts are not a basis
+    assert extra_shapes("train", {}, 50, cfg, [np.zeros(50)], shared) == []

@@ -36,9 +36,9 @@ class MerchantClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         t0 = time.perf_counter()
 
-        import torch
 
         from fedrec.config import config_from_dict
+        from fedrec.content_match import basis_from_rows, shared_tokens
         from fedrec.federated.merchant_node import MerchantNode, load_bundle
         from fedrec.federated.popularity_prior import prior_offsets
         from fedrec.federated.protocol import stage_format, state_and_extra
@@ -55,7 +55,8 @@ class MerchantClient(NumPyClient):
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
         state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)
-        if [a.shape for a in extra] != extra_shapes(stage, config, node.features.n_items, cfg, extra):
+        shared = len(shared_tokens(node.features)) if stage in ("content", "finish") else 0
+        if [a.shape for a in extra] != extra_shapes(stage, config, node.features.n_items, cfg, extra, shared):
             raise ValueError(f"stage {stage!r}: unexpected arrays after the item tower {[a.shape for a in extra]}")
         fmt = stage_format(stage, node.features.n_items, cfg)
         if stage == "train":
@@ -69,14 +70,14 @@ class MerchantClient(NumPyClient):
         elif stage == "prior":  # the early-stopped model, with the pooled train counts after it
             sums = node.prior(state, int(config["best-round"]), extra[0])
         elif stage == "content":  # the early-stopped model, with the content match's basis after it
-            sums = node.content(state, int(config["best-round"]), torch.from_numpy(extra[0].astype(np.float32)))
+            sums = node.content(state, int(config["best-round"]), basis_from_rows(extra[0], node.features))
         elif stage == "finish":
             out = Path(str(self.node_config.get("artifacts-dir", node.state_dir / "artifacts")))
             refit_rounds = int(config.get("refit-rounds", 0))
             offsets = prior_offsets(extra[0], float(config["prior-weight"])) if "prior-weight" in config else None
             content = None
             if "content-weight" in config:
-                content = (torch.from_numpy(extra[0].astype(np.float32)), float(config["content-weight"]))
+                content = (basis_from_rows(extra[0], node.features), float(config["content-weight"]))
             if refit_rounds:  # the released model is the refit's last round
                 sums = node.refit_node().finish(state, refit_rounds, str(config["version"]), out, offsets, content)
             else:
@@ -95,12 +96,12 @@ class MerchantClient(NumPyClient):
         return arrays, 1, {}
 
 
-def extra_shapes(stage: str, config: dict, n_items: int, cfg, extra: list) -> list[tuple[int, ...]]:  # noqa: ANN001
+def extra_shapes(stage: str, config: dict, n_items: int, cfg, extra: list, shared: int) -> list[tuple[int, ...]]:  # noqa: ANN001
     """The arrays a stage may carry after the item tower: the prior's pooled counts (one per
-    product), or the content match's basis (a row per token bucket and padding, at most
-    `model.content_match_dim` columns; its rank depends on the catalogue)."""
+    product), or the content match's basis as `basis_rows` sends it (a row per token that `shared`
+    counts, at most `model.content_match_dim` columns; its rank depends on the catalogue)."""
     basis_cols = extra[0].shape[1] if len(extra) == 1 and extra[0].ndim == 2 else -1
-    basis = (cfg.model.hash_buckets + 1, basis_cols) if 1 <= basis_cols <= cfg.model.content_match_dim else None
+    basis = (shared, basis_cols) if 1 <= basis_cols <= cfg.model.content_match_dim else None
     if stage == "prior" or (stage == "finish" and "prior-weight" in config):
         return [(n_items,)]
     if stage == "content" or (stage == "finish" and "content-weight" in config):

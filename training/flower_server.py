@@ -43,7 +43,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
-from fedrec.content_match import content_basis
+from fedrec.content_match import basis_rows, content_basis
 from fedrec.errors import FedrecError
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated import content_choice, popularity_prior
@@ -418,12 +418,13 @@ def _choose_content(
     coord: Coordinator, ck: Checkpoint, rnd: int, features: ItemFeatures
 ) -> tuple[content_choice.ContentMatch, torch.Tensor | None]:
     """The content match, as `simulation.with_content_match` chooses it: the basis from the
-    catalogue (public), sent to the merchants with the early-stopped model; their summed validation
+    catalogue (public), sent to the merchants (its shared tokens' rows) with the early-stopped
+    model; their summed validation
     sums under each candidate weight choose it. Returns the choice and its basis (None: no content)."""
     basis = content_basis(features, coord.cfg.model.content_match_dim)
     if basis is None:
         return content_choice.ContentMatch(0.0, {}, 0), None
-    sums = coord.exchange("content", rnd, ck.best_state, [basis.numpy()], best_round=ck.best_round)
+    sums = coord.exchange("content", rnd, ck.best_state, [basis_rows(basis, features)], best_round=ck.best_round)
     if sums is None:
         raise FedrecError("the content match's validation exchange failed; rerun to retry it")
     weight, scores = content_choice.choose_from_sums(sums, coord.cfg.model.content_match_weights)
@@ -524,7 +525,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             else:  # a fixed weight: no exchange, nothing read from validation
                 match, basis = content_choice.fixed(features, cfg.model)
             if basis is not None and match.weight > 0:  # the nodes add their profiles; the export's vectors get z
-                finish_arrays, finish_set = [basis.numpy()], {"content_weight": match.weight}
+                finish_arrays, finish_set = [basis_rows(basis, features)], {"content_weight": match.weight}
                 released = content_choice.with_match(released, basis, match.weight)
         test = coord.exchange(
             "finish", rnd, tower_state(released), finish_arrays,
