@@ -36,7 +36,6 @@ class MerchantClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         t0 = time.perf_counter()
 
-
         from fedrec.config import config_from_dict
         from fedrec.content_match import basis_from_rows, shared_tokens
         from fedrec.federated.merchant_node import MerchantNode, load_bundle

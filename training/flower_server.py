@@ -419,8 +419,8 @@ def _choose_content(
 ) -> tuple[content_choice.ContentMatch, torch.Tensor | None]:
     """The content match, as `simulation.with_content_match` chooses it: the basis from the
     catalogue (public), sent to the merchants (its shared tokens' rows) with the early-stopped
-    model; their summed validation
-    sums under each candidate weight choose it. Returns the choice and its basis (None: no content)."""
+    model; their summed validation sums under each candidate weight choose it. Returns the choice
+    and its basis (None: no content)."""
     basis = content_basis(features, coord.cfg.model.content_match_dim)
     if basis is None:
         return content_choice.ContentMatch(0.0, {}, 0), None
