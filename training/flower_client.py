@@ -54,7 +54,8 @@ class MerchantClient(NumPyClient):
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
         state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)
-        shared = len(shared_tokens(node.features)) if stage in ("content", "finish") else 0
+        with_basis = stage == "content" or (stage == "finish" and "content-weight" in config)
+        shared = len(shared_tokens(node.features)) if with_basis else 0  # the basis's rows on the wire
         if [a.shape for a in extra] != extra_shapes(stage, config, node.features.n_items, cfg, extra, shared):
             raise ValueError(f"stage {stage!r}: unexpected arrays after the item tower {[a.shape for a in extra]}")
         fmt = stage_format(stage, node.features.n_items, cfg)
