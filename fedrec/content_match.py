@@ -60,7 +60,7 @@ def content_basis(features: ItemFeatures, dim: int) -> torch.Tensor | None:
     with another. That is a purchase file without metadata, whose titles default to the product
     ids (then only hash collisions are shared: about a fifth of 8,000 ids in 16,384 buckets)."""
     x, idf = bucket_tfidf(features)
-    used = np.flatnonzero(x.getnnz(axis=0) >= 2)  # `shared_tokens`
+    used = _shared_columns(x)
     k = min(dim, x.shape[0] - 1, used.size - 1)
     if k < 1 or (x[:, used].getnnz(axis=1) > 0).mean() < SHARED_MIN:
         return None
@@ -70,10 +70,15 @@ def content_basis(features: ItemFeatures, dim: int) -> torch.Tensor | None:
     return torch.from_numpy(basis)
 
 
+def _shared_columns(x: sp.csr_matrix) -> np.ndarray:
+    """The columns (token buckets) of a `bucket_tfidf` matrix that two or more products hold."""
+    return np.flatnonzero(x.getnnz(axis=0) >= 2)
+
+
 def shared_tokens(features: ItemFeatures) -> np.ndarray:
     """The token buckets that two or more products hold (ascending): the only rows of a basis that
-    can be non-zero."""
-    return np.flatnonzero(bucket_tfidf(features)[0].getnnz(axis=0) >= 2)
+    can be non-zero (`content_basis` projects on these alone)."""
+    return _shared_columns(bucket_tfidf(features)[0])
 
 
 def basis_rows(basis: torch.Tensor, features: ItemFeatures) -> np.ndarray:

@@ -54,8 +54,7 @@ class MerchantClient(NumPyClient):
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
         state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)
-        with_basis = stage == "content" or (stage == "finish" and "content-weight" in config)
-        shared = len(shared_tokens(node.features)) if with_basis else 0  # the basis's rows on the wire
+        shared = len(shared_tokens(node.features)) if carries_basis(stage, config) else 0  # its rows on the wire
         if [a.shape for a in extra] != extra_shapes(stage, config, node.features.n_items, cfg, extra, shared):
             raise ValueError(f"stage {stage!r}: unexpected arrays after the item tower {[a.shape for a in extra]}")
         fmt = stage_format(stage, node.features.n_items, cfg)
@@ -104,9 +103,14 @@ def extra_shapes(stage: str, config: dict, n_items: int, cfg, extra: list, share
     basis = (shared, basis_cols) if 1 <= basis_cols <= cfg.model.content_match_dim else None
     if stage == "prior" or (stage == "finish" and "prior-weight" in config):
         return [(n_items,)]
-    if stage == "content" or (stage == "finish" and "content-weight" in config):
+    if carries_basis(stage, config):
         return [basis]
     return []
+
+
+def carries_basis(stage: str, config: dict) -> bool:
+    """Whether a stage's message carries the content match's basis (as `basis_rows`)."""
+    return stage == "content" or (stage == "finish" and "content-weight" in config)
 
 
 def _note_peak_rss(path: Path) -> None:
