@@ -234,6 +234,14 @@ def validate(cfg: RunConfig) -> RunConfig:
             "model.content_match_weights must be a list of finite numbers >= 0 ([0] or [] is off)",
         ),
         (cfg.model.content_match_dim >= 1, "model.content_match_dim must be >= 1"),
+        (
+            all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= 1
+                for w in cfg.model.served_popularity_weights
+            ),
+            "model.served_popularity_weights must be a list of numbers in [0, 1] ([] is off: w = 1)",
+        ),
+        (0 < cfg.model.max_top1_share <= 1, "model.max_top1_share must be in (0, 1]"),
         (cfg.output.index in ("auto", *INDEX_KINDS), f"output.index must be auto or one of {', '.join(INDEX_KINDS)}"),
         (cfg.network.min_merchants >= 1, "network.min_merchants must be >= 1"),
         (

@@ -124,6 +124,28 @@ def recommendation_lists(
 POPULARITY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def weighted_lists(
+    m: MerchantData,
+    users: torch.Tensor,
+    item_vecs: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight: float,
+    split: str = "test",
+) -> tuple[MetricSums, np.ndarray]:
+    """One merchant's recall@20 sums and top-20 lists with its item bias scaled by `weight` (u . v +
+    w b): on "val" (train excluded, validation as truth) or "test" (all before the cut-off excluded)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be val or test, not {split!r}")
+    exclude, truth = (m.train, m.val) if split == "val" else (m.full_train, m.test)
+    u, v = scoring_vectors(users, item_vecs, None if bias is None else weight * bias, m.user_groups)
+    idx = np.flatnonzero(eligible_users(exclude, truth))
+    if len(idx) == 0:  # no customer with a purchase in the truth slice
+        return MetricSums({"recall@20": 0.0}, 0), np.empty((0, 20), dtype=np.int64)
+    top = topk_items(u[torch.from_numpy(idx)], v, exclude[idx], 20)
+    hits = float(per_user_metrics(top, truth[idx], (20,))["recall@20"].sum())
+    return MetricSums({"recall@20": hits}, len(idx)), top
+
+
 def popularity_weight_curve(
     merchants: list[MerchantData],
     users: dict[str, torch.Tensor],
@@ -139,20 +161,12 @@ def popularity_weight_curve(
     trade-off is measured here: on "val" (train excluded, validation as truth; pass a model that
     never trained on validation) to choose by, on "test" to report.
     """
-    if split not in ("val", "test"):
-        raise ValueError(f"split must be val or test, not {split!r}")
     out = {}
     for w in weights:
         parts, lists = [], []
         for m in merchants:
-            exclude, truth = (m.train, m.val) if split == "val" else (m.full_train, m.test)
-            bias = item_biases.get(m.name)
-            u, v = scoring_vectors(users[m.name], item_vecs, None if bias is None else w * bias, m.user_groups)
-            idx = np.flatnonzero(eligible_users(exclude, truth))
-            top = topk_items(u[torch.from_numpy(idx)], v, exclude[idx], 20)
-            parts.append(
-                MetricSums({"recall@20": float(per_user_metrics(top, truth[idx], (20,))["recall@20"].sum())}, len(idx))
-            )
+            sums, top = weighted_lists(m, users[m.name], item_vecs, item_biases.get(m.name), w, split)
+            parts.append(sums)
             lists.append(top[:, :10])
         top10 = np.vstack(lists)
         out[f"{w:g}"] = {

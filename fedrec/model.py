@@ -49,6 +49,12 @@ class ModelConfig:
     # `content_match_dim` singular directions of the catalogue's TF-IDF tokens.
     content_match_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     content_match_dim: int = 64
+    # Each merchant's served popularity weight w (score = u . v + w b, `fedrec/served_weight.py`):
+    # among these, the best recall@20 on its own validation slice whose top-1 share is at most
+    # max_top1_share ([]: w = 1, the trained score). 0.2 was the largest budget whose validation
+    # top-1 share on the synthetic shop stayed below the tuned ALS's (README, "Served popularity weight").
+    served_popularity_weights: tuple[float, ...] = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    max_top1_share: float = 0.2
 
 
 # The second table's row is the quotient shifted by remainder x SPREAD: products that share a

@@ -87,6 +87,13 @@ def limit_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
+def served_weight_of(export: LoadedExport, asked: float | None) -> float:
+    """The popularity weight a request ranks with: its own, else the merchant's served one."""
+    if asked is not None:
+        return asked
+    return export.merchant.popularity_weight if export.merchant is not None else 1.0
+
+
 def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> FastAPI:
     holder = holder or ExportHolder(settings)
     batcher = FoldInBatcher(settings.foldin_config(), settings.foldin_batch)
@@ -256,6 +263,8 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         info.update(
             served_merchant=export.merchant.name if export.merchant else None,
             customers=len(export.merchant.user_ids) if export.merchant else 0,
+            # the default w of u . v + w b (None: no merchant bias, so no popularity term)
+            popularity_weight=served_weight_of(export, None) if export.merchant and export.merchant.index else None,
             index=export.kind,
             foldin={"method": settings.foldin_method, "reg": settings.foldin_reg},
         )
@@ -315,8 +324,8 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         k: K = 10,
         exclude_purchased: Annotated[bool, Query(description="leave out items the customer already bought")] = True,
         popularity_weight: Annotated[
-            float, Query(ge=0, le=1, allow_inf_nan=False, description=POPULARITY_WEIGHT)
-        ] = 1.0,
+            float | None, Query(ge=0, le=1, allow_inf_nan=False, description=POPULARITY_WEIGHT)
+        ] = None,
     ) -> Response:
         """Top-k items for a known customer, from the merchant's own user vector."""
         export = ready()
@@ -327,7 +336,8 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
                 404, "customer_not_found", f"customer {shown(customer)} is not a customer of merchant {merchant!r}"
             )
         exclude = purchased_rows(export, user_row) if exclude_purchased else None
-        rows, scores = await searcher.search(export, customer_vector(export, user_row), k, exclude, popularity_weight)
+        weight = served_weight_of(export, popularity_weight)
+        rows, scores = await searcher.search(export, customer_vector(export, user_row), k, exclude, weight)
         return _json(
             {
                 "version": export.version,
@@ -355,7 +365,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
             )
         rows = np.array([export.item_rows[i] for i in body.items], dtype=np.int64)
         found, scores = await batcher.submit(
-            export, BasketQuery(rows, body.k, body.exclude_items, body.popularity_weight)
+            export, BasketQuery(rows, body.k, body.exclude_items, served_weight_of(export, body.popularity_weight))
         )
         return _json({"version": export.version, "k": body.k, "items": results(export, found, scores)})
 

@@ -26,6 +26,7 @@ from fedrec.serving.index import AnyIndex, build_index, id_map, index_kind, load
 EXPORT_FILES = ("model_card.json", "item_embeddings.npy", "index.faiss", "items.parquet")
 MERCHANT_FILES = ("user_embeddings.npy", "users.parquet", "purchased.npz")
 ITEM_BIAS_FILE = "item_bias.npy"  # optional: the merchant's own item bias (model.merchant_item_bias)
+SERVED_WEIGHT_FILE = "served_weight.json"  # optional, with the bias: its served popularity weight
 SUPPORTED_FORMATS = (1,)
 VERSION_RE = re.compile(r"^v\d{4,}$")
 # Item metadata returned with every recommendation (whatever of these the export holds).
@@ -48,6 +49,9 @@ class MerchantFiles:
     item_bias: np.ndarray | None = None  # (n_items,) this shop's own item bias, when trained with one
     # Ranks with the bias: inner product of [u, 1] with [v, b], built here from the shared vectors.
     index: AnyIndex | None = None
+    # The w of u . v + w b when a request gives none: chosen on this merchant's validation slice
+    # at training (fedrec/served_weight.py); 1, the trained score, where the export has no choice.
+    popularity_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,18 @@ def _read_item_bias(path: Path, n_items: int) -> np.ndarray:
     return bias.astype(np.float32)
 
 
+def _read_served_weight(path: Path) -> float:
+    """The merchant's served popularity weight (fedrec/served_weight.py), checked: a number in [0, 1]."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: not readable JSON ({exc})") from None
+    w = entry.get("popularity_weight") if isinstance(entry, dict) else None
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or not 0 <= w <= 1:
+        raise ExportError(f"{path}: popularity_weight must be a number in [0, 1], got {w!r}")
+    return float(w)
+
+
 def load_merchant(
     merchant_dir: Path,
     merchant: str,
@@ -280,7 +296,10 @@ def load_merchant(
         bias = _read_item_bias(directory / ITEM_BIAS_FILE, n_items)
         if item_vectors is not None:
             index = build_index(np.hstack([item_vectors, bias[:, None]]), kind)
-    return MerchantFiles(merchant, user_ids, rows, vectors, purchased, bias, index)
+    weight = 1.0
+    if bias is not None and (directory / SERVED_WEIGHT_FILE).is_file():
+        weight = _read_served_weight(directory / SERVED_WEIGHT_FILE)
+    return MerchantFiles(merchant, user_ids, rows, vectors, purchased, bias, index, weight)
 
 
 def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | None = None) -> LoadedExport:

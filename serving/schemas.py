@@ -11,7 +11,9 @@ MAX_BASKET = 500  # items in one anonymous basket
 POPULARITY_WEIGHT = (
     "weight w of the merchant's item popularity term in the score u . v + w b, 0 to 1: 1 ranks as the "
     "model was trained; lower values put fewer customers on the same top product, at some cost in "
-    "accuracy (measured in the README). No effect for a merchant whose export has no item bias."
+    "accuracy (measured in the README). Left out: the merchant's served weight, chosen on its "
+    "validation slice at training (GET /v1/model, `popularity_weight`; 1 where none was chosen). "
+    "No effect for a merchant whose export has no item bias."
 )
 
 
@@ -63,7 +65,7 @@ class BasketRequest(BaseModel):
     )
     k: Annotated[int, BeforeValidator(_integer_only)] = Field(10, ge=1, le=MAX_K)
     exclude_items: StrictBool = Field(True, description="leave the given items out of the answer")
-    popularity_weight: StrictFloat = Field(1.0, ge=0, le=1, allow_inf_nan=False, description=POPULARITY_WEIGHT)
+    popularity_weight: StrictFloat | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=POPULARITY_WEIGHT)
 
 
 class ItemList(BaseModel):

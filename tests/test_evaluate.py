@@ -82,6 +82,7 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
             "federation.rounds": 2,
             "model.dim": 8,
             "model.hash_buckets": 256,
+            "model.merchant_item_bias": True,
         },
     )
     from rich.console import Console
@@ -105,8 +106,19 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
         f"factors={als['factors']},regularization={als['regularization']:g},alpha={als['alpha']:g}"
     ] == max(als["validation"].values())
     assert set(res["ablations"]) == {
-        "aggregation=fedavg", "normalize_steps=False", "merchant_item_bias=True", "refit=False"
+        "aggregation=fedavg", "normalize_steps=False", "merchant_item_bias=False", "refit=False"
     }  # fmt: skip
+    # with a merchant item bias, the trained methods are scored at each merchant's served weight,
+    # and beside it at the trained score: the same number the popularity-weight curve gives at w = 1
+    merchants = set(res["popularity"]["per_merchant"])
+    for name in ("federated", "centralized"):
+        assert [set(seed) for seed in res[name]["served_weights_per_seed"]] == [merchants, merchants]
+        assert all(
+            w in cfg.model.served_popularity_weights for s in res[name]["served_weights_per_seed"] for w in s.values()
+        )
+    at_one = res["federated"]["popularity_weight"]["test"]["1"]
+    assert res["federated"]["trained_score"]["recall@20"] == pytest.approx(at_one["recall@20"])
+    assert res["federated"]["trained_score"]["top1_share"] == pytest.approx(at_one["top1_share"])
     # the released federated and centralized models are the refits (on train + validation)
     for name in ("federated", "centralized"):
         assert res[name]["refit_rounds"] == res[name]["best_round"] >= 1
@@ -121,6 +133,7 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
     assert "basket_same_label@10" not in res["popularity"]["diversity"]
     table = markdown_table(res)
     assert "| ease |" in table and "±" in table and "seeds 0, 1" in table and "implicit ALS: " in table
+    assert "Served popularity weights" in table and "| centralized |" in table
     # Rerunning the cold-start section alone keeps every other section of the file as it was.
     import json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from fedrec.serving.app import create_app
+from fedrec.serving.export_store import ExportError, load_export
 from fedrec.serving.settings import ServeSettings
 from fedrec.serving.state import ExportHolder
 
@@ -110,6 +112,43 @@ def test_a_merchant_item_bias_enters_customer_and_basket_ranking(root):
         sim = client.get(f"/v1/items/{f['items'][0]}/similar", params={"k": 4}).json()
         item_scores = cosine_to(f["V"], 0)
         assert [it["id"] for it in sim["items"]] == [f["items"][i] for i in np.argsort(-item_scores)[:4]]
+
+
+def test_a_request_without_a_weight_ranks_with_the_merchants_served_weight(root):
+    """The export's served_weight.json sets the default w of u . v + w b; a request's own w wins."""
+    f = files(root)
+    mdir = root / "merchants" / MERCHANT / "v0002"
+    bias = np.random.default_rng(4).normal(scale=2.0, size=len(f["items"])).astype(np.float32)
+    np.save(mdir / "item_bias.npy", bias)
+    (mdir / "served_weight.json").write_text(json.dumps({"popularity_weight": 0.25}))
+    user = 7
+    url = f"/v1/merchants/{MERCHANT}/customers/{f['users'][user]}/recommendations"
+
+    def expected(w):
+        scores = f["V"] @ f["U"][user] + np.float32(w) * bias
+        scores[f["bought"][user].indices] = -np.inf
+        return [f["items"][i] for i in np.argsort(-scores)[:9]]
+
+    assert expected(0.25) != expected(1.0), "the bias must change the ranking for this test to mean anything"
+    with make_client(root) as client:
+        assert client.get("/v1/model").json()["popularity_weight"] == 0.25
+        default = client.get(url, params={"k": 9}).json()["items"]
+        assert [it["id"] for it in default] == expected(0.25)
+        asked = client.get(url, params={"k": 9, "popularity_weight": 1}).json()["items"]
+        assert [it["id"] for it in asked] == expected(1.0)
+        basket = {"items": f["items"][:3], "k": 40}
+        served = {it["id"]: it["score"] for it in client.post("/v1/recommendations", json=basket).json()["items"]}
+        explicit = client.post("/v1/recommendations", json={**basket, "popularity_weight": 0.25}).json()["items"]
+        assert {it["id"]: it["score"] for it in explicit} == served
+
+
+@pytest.mark.parametrize("content", ['{"popularity_weight": 1.5}', '{"popularity_weight": true}', "not json", "[]"])
+def test_a_bad_served_weight_file_is_refused_with_its_path(root, content):
+    mdir = root / "merchants" / MERCHANT / "v0002"
+    np.save(mdir / "item_bias.npy", np.zeros(len(files(root)["items"]), dtype=np.float32))
+    (mdir / "served_weight.json").write_text(content)
+    with pytest.raises(ExportError, match=r"served_weight\.json"):
+        load_export(root / "exports", MERCHANT, root / "merchants" / MERCHANT)
 
 
 def test_exclude_purchased_false_ranks_the_whole_catalogue(client, root):

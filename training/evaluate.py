@@ -20,6 +20,7 @@ import polars as pl
 import torch
 from rich.console import Console
 
+from fedrec import served_weight
 from fedrec.atomic import write_json, write_text, write_with
 from fedrec.baselines import ALS_GRID, EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
 from fedrec.config import RunConfig
@@ -50,6 +51,7 @@ from fedrec.metrics import (
     top1_share,
 )
 from fedrec.model import item_embeddings
+from fedrec.served_weight import ServedWeight, served_biases
 from fedrec.serving.foldin import FoldInConfig, fold_in_ials, fold_in_many
 from fedrec.threads import use_threads
 from fedrec.training.cold_start import evaluate_cold_start
@@ -71,6 +73,22 @@ def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torc
 def _split_bias(dataset: FederatedDataset, bias: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     """The pooled client's per-merchant item bias rows back to their merchants."""
     return {m.name: None if bias is None else bias[i] for i, m in enumerate(dataset.merchants)}
+
+
+def _central_served(
+    dataset: FederatedDataset, features, cfg: RunConfig, res: TrainResult
+) -> dict[str, ServedWeight] | None:
+    """The centralized model's served weights, chosen as federated chooses them: per merchant, on
+    its validation slice, with the early-stopped model (its pooled rows split back by merchant)."""
+    trained = trained_with(cfg, res)
+    if not served_weight.applies(trained.model, dataset.n_items, trained.local.full_softmax_max_items, False):
+        return None
+    first = res.early_stopped or res
+    return served_weight.choose_all(
+        dataset.merchants, _split_rows(dataset, first.user_embeddings["pooled"]),
+        item_embeddings(first.item_state, features, trained.model), _split_bias(dataset, first.item_biases["pooled"]),
+        trained.model.served_popularity_weights, trained.model.max_top1_share,
+    ) or None  # fmt: skip
 
 
 def _neural(dataset, features, cfg, fed_cfg, console, label) -> TrainResult:
@@ -103,6 +121,14 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
         out["content_match_per_seed"] = [e.get("content_match") for e in entries]
     if "choice_per_merchant" in first:  # local-only: each merchant's own choice, per seed
         out["choice_per_merchant_per_seed"] = [e["choice_per_merchant"] for e in entries]
+    if "served_weights" in first:  # each merchant's served popularity weight, per seed
+        out["served_weights_per_seed"] = [e["served_weights"] for e in entries]
+        trained = [e["trained_score"] for e in entries]
+        out["trained_score"] = {
+            "recall@20": float(np.mean([t["recall@20"] for t in trained])),
+            "recall@20_std": seed_std([t["recall@20"] for t in trained]),
+            "top1_share": float(np.mean([t["top1_share"] for t in trained])),
+        }
     for key in ("seconds", "rounds", "best_round", "refit_rounds"):
         if key in first:
             out[key] = round(float(np.mean([e[key] for e in entries])), 2)
@@ -235,15 +261,31 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
     baskets, basket_labels = one_label_baskets(labels, np.asarray(full.sum(axis=0)).ravel())
 
     def scored(
-        users, items, seconds: float, result: TrainResult | None = None, biases=None, similar=None, basket=None
+        users,
+        items,
+        seconds: float,
+        result: TrainResult | None = None,
+        biases=None,
+        similar=None,
+        basket=None,
+        served: dict[str, ServedWeight] | None = None,
     ) -> dict:
-        entry = evaluate_test_all(dataset.merchants, users, items, biases)
+        """`served`: each merchant's served popularity weight; the scores are then the API's
+        defaults (u . v + w b), and `trained_score` holds recall@20 and top-1 share at w = 1."""
+        ranked = served_biases(biases, served) if served and biases else biases
+        entry = evaluate_test_all(dataset.merchants, users, items, ranked)
         entry["seconds"] = round(seconds, 2)
         if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
             local = trained_with(cfg, result).local if result is not None else cfg.local
             basket = tower_basket_scores(items, local, None if result is None else result.content_match)
         basket_args = None if basket is None else (baskets, basket_labels, basket)
-        entry["diversity"] = diversity(dataset, users, items, biases, labels, similar, basket_args)
+        entry["diversity"] = diversity(dataset, users, items, ranked, labels, similar, basket_args)
+        if ranked is not biases:
+            entry["served_weights"] = {name: w.weight for name, w in served.items()}
+            entry["trained_score"] = {
+                "recall@20": evaluate_test_all(dataset.merchants, users, items, biases)["overall"]["recall@20"],
+                "top1_share": top1_share(recommendation_lists(dataset.merchants, users, items, biases)),
+            }
         if result is not None:
             if result.choice is not None:  # local.candidates: what validation chose
                 entry["choice"] = result.choice.label
@@ -348,7 +390,7 @@ def evaluate(
         res = _neural(dataset, features, run_cfg, fed_cfg, show, f"federated, seed {seed}")
         model_cfg = trained_with(run_cfg, res).model
         items = item_embeddings(res.item_state, features, model_cfg)
-        entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
+        entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases, served=res.served_weights)
         first = res.early_stopped or res  # trained on train alone: what validation may judge
         first_items = items if first is res else item_embeddings(first.item_state, features, model_cfg)
         if any(b is not None for b in res.item_biases.values()):  # the served popularity_weight knob
@@ -360,7 +402,9 @@ def evaluate(
             }
         keep("federated", entry, seed, res)
         if res.early_stopped is not None:  # the refit's own ablation: the model it replaced
-            entry = scored(first.user_embeddings, first_items, first.seconds, first, first.item_biases)
+            entry = scored(
+                first.user_embeddings, first_items, first.seconds, first, first.item_biases, served=res.served_weights
+            )  # fmt: skip
             keep("ablation refit=False", entry, seed)
 
         # Centralized: one client holding the pooled data; same model, loss and schedule.
@@ -372,6 +416,7 @@ def evaluate(
             res.seconds,
             res,
             _split_bias(dataset, res.item_biases["pooled"]),  # per merchant, as federated: the same model
+            served=_central_served(dataset, features, run_cfg, res),
         )
         keep("centralized", entry, seed, res)
 
@@ -386,8 +431,9 @@ def evaluate(
             if res.choice is not None:  # each merchant alone chooses on its own validation slice
                 chosen[m.name] = res.choice.label
             own = item_embeddings(res.item_state, features, trained_with(run_cfg, res).model)
-            parts[m.name] = evaluate_test(m, res.user_embeddings[m.name], own, res.item_biases[m.name])
-            lists.append(recommendation_lists([m], res.user_embeddings, own, res.item_biases))
+            biases = served_biases(res.item_biases, res.served_weights)  # its own served weight
+            parts[m.name] = evaluate_test(m, res.user_embeddings[m.name], own, biases[m.name])
+            lists.append(recommendation_lists([m], res.user_embeddings, own, biases))
         entry = combine(parts)
         entry.update(seconds=round(time.perf_counter() - t0, 2), rounds=rounds)
         if chosen:
@@ -405,7 +451,7 @@ def evaluate(
             variant = dataclasses.replace(run_cfg, model=model_cfg, federation=variant_fed)
             res = _neural(dataset, features, variant, variant_fed, show, f"federated ({label}), seed {seed}")
             items = item_embeddings(res.item_state, features, trained_with(variant, res).model)
-            entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases)
+            entry = scored(res.user_embeddings, items, res.seconds, res, res.item_biases, served=res.served_weights)
             keep(f"ablation {label}", entry, seed, res, curve=f"federated ({label})")
 
     for name in ("federated", "centralized", "local_only"):
@@ -528,6 +574,7 @@ def markdown_table(res: dict) -> str:
         + foot
         + abl
         + div
+        + _served_table(res)
         + _popularity_table(res)
         + _cold_table(res)
     )
@@ -548,6 +595,27 @@ def _popularity_table(res: dict) -> str:
         "seeds; validation: the model trained on train alone):\n\n"
         "| w | validation recall@20 | validation top-1 share | test recall@20 | test top-1 share | "
         "test coverage@10 |\n|---:|---:|---:|---:|---:|---:|\n" + rows
+    )
+
+
+def _served_table(res: dict) -> str:
+    """The trained methods at their served popularity weights against the trained score (w = 1)."""
+    names = [m for m in ("federated", "centralized") if "trained_score" in res.get(m, {})]
+    if not names:
+        return ""
+    rows = "".join(
+        f"| {m} | {res[m]['overall']['recall@20']:.4f} ± {res[m]['recall@20_std']:.4f} | "
+        f"{res[m]['diversity']['top1_share']:.4f} | {res[m]['trained_score']['recall@20']:.4f} ± "
+        f"{res[m]['trained_score']['recall@20_std']:.4f} | {res[m]['trained_score']['top1_share']:.4f} | "
+        + "; ".join(", ".join(f"{n} {w:g}" for n, w in seed.items()) for seed in res[m]["served_weights_per_seed"])
+        + " |\n"
+        for m in names
+    )
+    return (
+        "\nServed popularity weights (each merchant's w chosen on its validation slice, top-1 share at most "
+        "`model.max_top1_share`; the rows above use them) against the trained score, w = 1:\n\n"
+        "| method | recall@20 served | top-1 share served | recall@20 at w = 1 | top-1 share at w = 1 | "
+        "weights per seed |\n|---|---:|---:|---:|---:|---|\n" + rows
     )
 
 

@@ -101,16 +101,21 @@ def write_export(
     user_embeddings: dict[str, torch.Tensor],
     card: dict,
     item_biases: dict[str, torch.Tensor | None] | None = None,
+    served_weights: dict[str, dict] | None = None,
 ) -> Path:
     """In-process runtime: the shared export and every merchant's private half, in one place.
 
     `items` is the served catalogue: the dataset's products, possibly followed by new ones.
+    `served_weights`: each merchant's served popularity weight, as `ServedWeight.entry()`.
     """
     exports = root / "exports"
     version = next_version(exports)
     target = write_shared_export(exports, version, cfg, items, item_state, item_vectors, card)
     for m in dataset.merchants:
         bias = (item_biases or {}).get(m.name)
-        write_merchant_export(root / "merchants" / m.name / version, m, user_embeddings[m.name], bias, items.height)
+        served = (served_weights or {}).get(m.name)
+        write_merchant_export(
+            root / "merchants" / m.name / version, m, user_embeddings[m.name], bias, items.height, served
+        )  # fmt: skip
     publish(exports, version)
     return target

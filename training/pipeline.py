@@ -18,6 +18,7 @@ from fedrec.training.train import (
     popularity_entry,
     run_dir,
     save_checkpoint,
+    served_weights_entry,
     train,
 )
 
@@ -94,6 +95,7 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
         run.result.user_embeddings,
         card,
         run.result.item_biases,
+        served_weights_entry(res),
     )
     if res.privacy and res.refit_rounds:
         released = "DP: one run on train + validation, the last round released"
@@ -135,6 +137,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
         ckpt["user_embeddings"],
         card,
         ckpt.get("item_biases"),
+        ckpt.get("served_weights"),
     )
     console.print(f"shared export: {path}")
     return path

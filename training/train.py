@@ -117,6 +117,12 @@ def content_match_entry(result: TrainResult) -> dict | None:
     return None if result.content_match is None else result.content_match.entry()
 
 
+def served_weights_entry(result: TrainResult) -> dict[str, dict] | None:
+    """Each merchant's served popularity weight, as its export file records it (None: not chosen)."""
+    chosen = result.served_weights
+    return None if not chosen else {name: w.entry() for name, w in chosen.items()}
+
+
 def save_checkpoint(run: TrainedRun, path: Path) -> None:
     """Everything `fedrec export` needs, so exporting again needs no retraining."""
     payload = {
@@ -133,5 +139,6 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "validation_choice": choice_entry(run.result),
         "popularity_prior": popularity_entry(run.result),
         "content_match": content_match_entry(run.result),
+        "served_weights": served_weights_entry(run.result),
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

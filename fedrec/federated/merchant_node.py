@@ -52,6 +52,7 @@ from fedrec.federated.wire import TEST_PREFIX, TEST_USERS, VAL_HITS, VAL_USERS
 from fedrec.metrics import METRICS
 from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
+from fedrec.served_weight import SERVED_WEIGHT_FILE
 
 BUNDLE_FORMAT = 1
 CATALOGUE = "catalogue.parquet"
@@ -139,9 +140,15 @@ def load_bundle(path: Path) -> MerchantBundle:
 
 
 def write_merchant_export(
-    target: Path, m: MerchantData, users: torch.Tensor, bias: torch.Tensor | None, n_catalogue: int | None = None
+    target: Path,
+    m: MerchantData,
+    users: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_catalogue: int | None = None,
+    served: dict | None = None,
 ) -> None:
-    """A merchant's private half of an export version: its user table, ids, purchases, bias.
+    """A merchant's private half of an export version: its user table, ids, purchases, bias, and
+    the popularity weight its API serves by default (`served`, `ServedWeight.entry()`).
 
     With `n_catalogue` beyond the trained items (new products in the export), the purchases get
     empty columns for them and the bias gives each the median of this shop's bias over the
@@ -168,6 +175,8 @@ def write_merchant_export(
                 prior = float(np.median(b[unsold])) if unsold.any() else float(np.median(b))
                 b = np.concatenate([b, np.full(n_new, prior, dtype=np.float32)])
             np.save(tmp / "item_bias.npy", b)
+            if served is not None:
+                (tmp / SERVED_WEIGHT_FILE).write_text(json.dumps(served, indent=2) + "\n")
 
 
 class MerchantNode:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from fedrec import served_weight
 from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
@@ -130,6 +131,9 @@ class TrainResult:
     # The content match validation chose (`fedrec/federated/content_choice.py`): with a weight
     # above 0, already in `item_state` (its basis) and `user_embeddings` (w p); None: not chosen.
     content_match: content_choice.ContentMatch | None = None
+    # Each merchant's served popularity weight, chosen on its own validation slice after training
+    # (`fedrec/served_weight.py`); `item_biases` stay the trained ones. None: nothing chosen.
+    served_weights: dict[str, served_weight.ServedWeight] | None = None
 
     @property
     def temperature(self) -> float | None:
@@ -223,7 +227,8 @@ def run_federated(
         if refits(fed_cfg, dp, res.best_round):
             res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, res, on_round, on_message, tamper)
     res = with_popularity_prior(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
-    return with_content_match(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
+    res = with_content_match(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
+    return with_served_weights(dataset, features, model_cfg, local_cfg, res, dp is not None)
 
 
 def validation_rows(dataset: FederatedDataset, fed_cfg: FederationConfig) -> dict[str, np.ndarray | None]:
@@ -305,6 +310,30 @@ def with_content_match(
 
     early = None if res.early_stopped is None else match_added(res.early_stopped, False)
     return dataclasses.replace(match_added(res, res.refit_rounds > 0), early_stopped=early)
+
+
+def with_served_weights(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    local_cfg: LocalConfig,
+    res: TrainResult,
+    private: bool,
+) -> TrainResult:
+    """Each merchant's served popularity weight, chosen on its own validation slice with the
+    early-stopped model (with its content match), as the networked node chooses it at `finish`.
+    Under DP nothing is chosen; nor above the full-softmax switch, where the popularity prior has
+    that role and a full ranking per candidate would cost more than training."""
+    if res.choice is not None:
+        model_cfg, local_cfg = res.choice.model, res.choice.local
+    if not served_weight.applies(model_cfg, dataset.n_items, local_cfg.full_softmax_max_items, private):
+        return res
+    judged = res.early_stopped or res
+    chosen = served_weight.choose_all(
+        dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
+        judged.item_biases, model_cfg.served_popularity_weights, model_cfg.max_top1_share,
+    )  # fmt: skip
+    return dataclasses.replace(res, served_weights=chosen or None)
 
 
 def choose_on_validation(
