@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -80,6 +80,12 @@ SOURCE ?= synthetic
 probe-file-default: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.probe_file_default --source $(SOURCE) \
 		--workers $(EVAL_WORKERS)
+
+# The served-weight budget (model.max_top1_share) against pooled validation recall@20 and top-1
+# share, beside the tuned ALS's top-1 share; validation only, 3 seeds ->
+# results/probe-served-budget-$(DATASET).json (issue 9).
+probe-served-budget: setup
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.probe_served_budget --dataset $(DATASET)
 
 # A default chosen on validation only (issue 9): federation.aggregation = auto picks rowwise.
 validate-aggregation: setup

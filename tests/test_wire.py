@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -22,9 +23,10 @@ from fedrec.federated.protocol import stage_format, state_from_arrays, state_to_
 from fedrec.federated.server_opt import ServerOptimizer
 from fedrec.federated.simulation import run_federated
 from fedrec.federated.wire import check_arrays, from_wire, sum_arrays, to_wire, wire_format
-from fedrec.model import initial_item_state, item_embeddings, new_item_tower
+from fedrec.model import initial_item_state, item_embeddings, item_tower_shapes, new_item_tower
 from fedrec.privacy import noisy_als
 from fedrec.privacy.accountant import plan_mechanism
+from fedrec.served_weight import SERVED_WEIGHT_FILE
 from fedrec.training.cli import default_config_path
 from fedrec.training.data import load_dataset
 from fedrec.training.flower_client import extra_shapes
@@ -478,7 +480,10 @@ def test_the_content_match_over_the_wire_is_the_in_process_choice(synthetic_bund
     weight, scores = content_choice.choose_from_sums(sums, cfg.model.content_match_weights)
     assert weight == inproc.content_match.weight > 0
     assert scores == pytest.approx(inproc.content_match.scores, abs=1e-6)
-    answer = lambda n: n.finish(released, best, "v1", tmp_path, None, (basis, weight))  # noqa: E731
+    # each node chooses its served popularity weight with the early-stopped tower, as in-process
+    served = {n.name: n.choose_served_weight(early, best, (basis, weight)) for n in nodes}
+    assert served == {name: w.entry() for name, w in inproc.served_weights.items()}
+    answer = lambda n: n.finish(released, best, "v1", tmp_path, None, (basis, weight), served[n.name])  # noqa: E731
     test = _exchange(twins, "finish", cfg, ds.n_items, answer)
     vecs = item_embeddings(inproc.item_state, features, cfg.model)
     want = evaluate_test_all(ds.merchants, inproc.user_embeddings, vecs, inproc.item_biases)["overall"]["recall@20"]
@@ -486,6 +491,8 @@ def test_the_content_match_over_the_wire_is_the_in_process_choice(synthetic_bund
     m = ds.merchants[0]
     exported = np.load(tmp_path / "merchants" / m.name / "v1" / "user_embeddings.npy")
     np.testing.assert_allclose(exported, inproc.user_embeddings[m.name].numpy(), rtol=1e-3, atol=1e-4)
+    written = json.loads((tmp_path / "merchants" / m.name / "v1" / SERVED_WEIGHT_FILE).read_text())
+    assert written["popularity_weight"] == inproc.served_weights[m.name].weight
 
 
 def test_the_client_refuses_arrays_its_stage_does_not_expect() -> None:
@@ -496,6 +503,12 @@ def test_the_client_refuses_arrays_its_stage_does_not_expect() -> None:
     assert extra_shapes("finish", {"content-weight": 1.0}, 50, cfg, [basis], shared) == [basis.shape]
     assert extra_shapes("finish", {"prior-weight": 1.0}, 50, cfg, [np.zeros(50)], shared) == [(50,)]
     assert extra_shapes("finish", {}, 50, cfg, [], shared) == []
+    tower = list(item_tower_shapes(50, cfg.model).values())  # "served": the early-stopped tower after the rest
+    assert extra_shapes("finish", {"served": 1}, 50, cfg, [], shared) == tower
+    assert extra_shapes("finish", {"content-weight": 1.0, "served": 1}, 50, cfg, [basis], shared) == [
+        basis.shape,
+        *tower,
+    ]
     whole = np.zeros((cfg.model.hash_buckets + 1, 8))  # the whole basis is not what travels
     assert extra_shapes("content", {}, 50, cfg, [whole], shared) != [whole.shape]
     wide = np.zeros((shared, cfg.model.content_match_dim + 1))

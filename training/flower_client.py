@@ -40,9 +40,10 @@ class MerchantClient(NumPyClient):
         from fedrec.content_match import basis_from_rows, shared_tokens
         from fedrec.federated.merchant_node import MerchantNode, load_bundle
         from fedrec.federated.popularity_prior import prior_offsets
-        from fedrec.federated.protocol import stage_format, state_and_extra
+        from fedrec.federated.protocol import stage_format, state_and_extra, state_from_arrays
         from fedrec.federated.simulation import trains_on_validation
         from fedrec.federated.wire import to_wire
+        from fedrec.model import item_tower_shapes
         from fedrec.threads import use_threads
 
         t_imports = time.perf_counter() - t0
@@ -54,6 +55,7 @@ class MerchantClient(NumPyClient):
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
         state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)
+        tower_shapes = list(item_tower_shapes(node.features.n_items, cfg.model).values())
         shared = len(shared_tokens(node.features)) if carries_basis(stage, config) else 0  # its rows on the wire
         if [a.shape for a in extra] != extra_shapes(stage, config, node.features.n_items, cfg, extra, shared):
             raise ValueError(f"stage {stage!r}: unexpected arrays after the item tower {[a.shape for a in extra]}")
@@ -77,10 +79,15 @@ class MerchantClient(NumPyClient):
             content = None
             if "content-weight" in config:
                 content = (basis_from_rows(extra[0], node.features), float(config["content-weight"]))
+            served = None
+            if "served" in config:  # the early-stopped tower, after the rest: this node's served weight
+                early = state_from_arrays(extra[-len(tower_shapes) :], node.features.n_items, cfg.model)
+                served = node.choose_served_weight(early, int(config["best-round"]), content)
+            args = (str(config["version"]), out, offsets, content, served)
             if refit_rounds:  # the released model is the refit's last round
-                sums = node.refit_node().finish(state, refit_rounds, str(config["version"]), out, offsets, content)
+                sums = node.refit_node().finish(state, refit_rounds, *args)
             else:
-                sums = node.finish(state, int(config["best-round"]), str(config["version"]), out, offsets, content)
+                sums = node.finish(state, int(config["best-round"]), *args)
         else:
             raise ValueError(f"unknown stage {stage!r}")
         arrays = to_wire(sums, fmt, cfg.network.clipping_range)
@@ -98,14 +105,18 @@ class MerchantClient(NumPyClient):
 def extra_shapes(stage: str, config: dict, n_items: int, cfg, extra: list, shared: int) -> list[tuple[int, ...]]:  # noqa: ANN001
     """The arrays a stage may carry after the item tower: the prior's pooled counts (one per
     product), or the content match's basis as `basis_rows` sends it (a row per token that `shared`
-    counts, at most `model.content_match_dim` columns; its rank depends on the catalogue)."""
-    basis_cols = extra[0].shape[1] if len(extra) == 1 and extra[0].ndim == 2 else -1
+    counts, at most `model.content_match_dim` columns; its rank depends on the catalogue); then, at
+    `finish` with "served", the early-stopped item tower again (`MerchantNode.choose_served_weight`)."""
+    from fedrec.model import item_tower_shapes
+
+    basis_cols = extra[0].shape[1] if extra and extra[0].ndim == 2 else -1
     basis = (shared, basis_cols) if 1 <= basis_cols <= cfg.model.content_match_dim else None
+    early = list(item_tower_shapes(n_items, cfg.model).values()) if stage == "finish" and "served" in config else []
     if stage == "prior" or (stage == "finish" and "prior-weight" in config):
-        return [(n_items,)]
+        return [(n_items,), *early]
     if carries_basis(stage, config):
-        return [basis]
-    return []
+        return [basis, *early]
+    return early
 
 
 def carries_basis(stage: str, config: dict) -> bool:

@@ -41,6 +41,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+from fedrec import served_weight
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
 from fedrec.content_match import basis_rows, content_basis
@@ -527,6 +528,10 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             if basis is not None and match.weight > 0:  # the nodes add their profiles; the export's vectors get z
                 finish_arrays, finish_set = [basis_rows(basis, features)], {"content_weight": match.weight}
                 released = content_choice.with_match(released, basis, match.weight)
+        if served_weight.applies(cfg.model, features.n_items, cfg.local.full_softmax_max_items, dp is not None):
+            # each node chooses its served popularity weight with the early-stopped tower, sent last
+            finish_arrays = [*finish_arrays, *state_to_arrays(ck.best_state)]
+            finish_set = {**finish_set, "served": 1}
         test = coord.exchange(
             "finish", rnd, tower_state(released), finish_arrays,
             best_round=ck.best_round, version=version,

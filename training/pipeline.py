@@ -103,6 +103,9 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
         released = f"best round {res.best_round}; released: retrained {res.refit_rounds} rounds on train + validation"
     else:
         released = f"best round {res.best_round}"
+    if res.served_weights:  # each merchant's default popularity_weight in the API
+        chosen = ", ".join(f"{name} {w.weight:g}" for name, w in res.served_weights.items())
+        console.print(f"served popularity weights (chosen on each merchant's validation slice): {chosen}")
     console.print(
         f"\ntrained {len(history)} rounds in {res.seconds:.1f}s ({released})\n"
         f"shared export:       {path}\n"

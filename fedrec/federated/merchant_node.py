@@ -37,6 +37,7 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
+from fedrec import served_weight
 from fedrec.atomic import atomic_dir, write_with
 from fedrec.config import RunConfig, aggregation_rule
 from fedrec.content_match import content_vectors, with_profiles
@@ -290,6 +291,23 @@ class MerchantNode:
         weights = self.cfg.model.content_match_weights
         return content_choice.merchant_candidate_sums(self.bundle.merchant, users, vecs, bias, z, weights)
 
+    def choose_served_weight(
+        self, early_state: dict[str, torch.Tensor], best_round: int, content: tuple[torch.Tensor, float] | None
+    ) -> dict | None:
+        """This merchant's served popularity weight, chosen on its validation slice with the
+        early-stopped model and its content match, as `simulation.with_served_weights` chooses it:
+        its bias, customers and validation purchases never leave it, so nothing is sent back."""
+        users, bias = self._customers_at(early_state, best_round)
+        m = self.bundle.merchant
+        if content is not None:
+            basis, weight = content
+            early_state = content_choice.with_match(early_state, basis, weight)
+            users = with_profiles(users, m.train, content_vectors(self.features, basis), weight)
+        vecs = item_embeddings(early_state, self.features, self.cfg.model)
+        model = self.cfg.model
+        chosen = served_weight.choose(m, users, vecs, bias, model.served_popularity_weights, model.max_top1_share)
+        return None if chosen is None else chosen.entry()
+
     def finish(
         self,
         item_state: dict[str, torch.Tensor],
@@ -298,11 +316,13 @@ class MerchantNode:
         out_root: Path,
         prior_offsets: torch.Tensor | None = None,
         content: tuple[torch.Tensor, float] | None = None,
+        served: dict | None = None,
     ) -> dict:
         """Test sums of the chosen model; writes this merchant's export under out_root. The chosen
         popularity prior's offsets, where there is one, join its item bias (served with it too); the
         chosen content match (basis, weight) adds its blocks, the profiles from what this node
-        trained on (train, or train + validation for the refit's twin)."""
+        trained on (train, or train + validation for the refit's twin). `served`: the popularity
+        weight this merchant chose to serve with (`choose_served_weight`), written with its export."""
         users, bias = self._customers_at(item_state, best_round)
         if prior_offsets is not None:
             bias = popularity_prior.shifted(bias, prior_offsets)
@@ -315,7 +335,8 @@ class MerchantNode:
         test = evaluate_test(m, users, vecs, bias)
         new = self.bundle.new_items
         n_catalogue = m.train.shape[1] + (0 if new is None else new.height)
-        write_merchant_export(Path(out_root) / "merchants" / m.name / version, m, users, bias, n_catalogue)
+        target = Path(out_root) / "merchants" / m.name / version
+        write_merchant_export(target, m, users, bias, n_catalogue, served)
         out = {TEST_PREFIX + k: torch.tensor(float(test.sums[k])) for k in METRICS}
         out[TEST_USERS] = torch.tensor(float(test.users))
         return out
