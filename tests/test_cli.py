@@ -161,7 +161,12 @@ def test_train_with_merchant_bias_keeps_it_in_the_merchant_dirs_only(tmp_path, t
     for mdir in (root / "merchants").iterdir():
         bias = np.load(mdir / "v0001" / "item_bias.npy")
         assert bias.shape == (n_items,) and np.abs(bias).max() > 0
-    assert not list((root / "exports").rglob("item_bias*"))
+        served = json.loads((mdir / "v0001" / "served_weight.json").read_text())  # chosen on its validation slice
+        assert f"{served['popularity_weight']:g}" in served["validation"]
+    assert not list((root / "exports").rglob("item_bias*")) and not list((root / "exports").rglob("served_weight*"))
+    card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
+    assert 0 <= card["metrics"]["test_served"]["recall@20"] <= 1  # the API's default ranking, beside w = 1's
+    assert "at the served popularity weights" in result.output
 
 
 def test_evaluate_foldin_measures_every_rule_against_learned_vectors(tmp_path, tiny_csv):

@@ -59,6 +59,8 @@ def train(config: ConfigOpt = None, dataset: DatasetOpt = None, set_: SetOpt = N
     cfg = _config(config, dataset, set_)
     run, export_dir = train_and_export(cfg, console)
     console.print(f"\nfinal test recall@20 (federated): [bold]{run.test['overall']['recall@20']:.4f}[/]")
+    if "served" in run.test:
+        console.print(f"at the served popularity weights: [bold]{run.test['served']['recall@20']:.4f}[/]")
 
 
 @app.command()

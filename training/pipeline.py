@@ -57,7 +57,12 @@ def _card(
         "content_match": content_match,
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
-        "metrics": {"test": test["overall"], "per_merchant": test["per_merchant"]},
+        "metrics": {
+            "test": test["overall"],
+            "per_merchant": test["per_merchant"],
+            # where merchants chose served popularity weights: test at those (what the API serves by default)
+            **({"test_served": test["served"]} if "served" in test else {}),
+        },
         # `aggregation` as used (auto resolved: fedrec/federated/aggregation.py)
         "federation": {**cfg.to_dict()["federation"], "aggregation": aggregation_rule(cfg, dataset.n_items)},
         "runtime": "inprocess",
@@ -103,9 +108,6 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
         released = f"best round {res.best_round}; released: retrained {res.refit_rounds} rounds on train + validation"
     else:
         released = f"best round {res.best_round}"
-    if res.served_weights:  # each merchant's default popularity_weight in the API
-        chosen = ", ".join(f"{name} {w.weight:g}" for name, w in res.served_weights.items())
-        console.print(f"served popularity weights (chosen on each merchant's validation slice): {chosen}")
     console.print(
         f"\ntrained {len(history)} rounds in {res.seconds:.1f}s ({released})\n"
         f"shared export:       {path}\n"

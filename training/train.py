@@ -18,6 +18,7 @@ from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.model import item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
+from fedrec.served_weight import served_biases
 from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
@@ -98,6 +99,11 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         )
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
+    if result.served_weights:  # each merchant's default popularity_weight in the API
+        chosen = ", ".join(f"{name} {w.weight:g}" for name, w in result.served_weights.items())
+        console.print(f"served popularity weights, chosen on each merchant's validation slice: {chosen}")
+        served = served_biases(result.item_biases, result.served_weights)
+        test["served"] = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, served)["overall"]
     return TrainedRun(cfg, dataset, features, result, test)
 
 
