@@ -192,7 +192,11 @@ def test_secagg_run_trains_and_hides_each_merchant(federation) -> None:
     assert card["federation"]["aggregation"] == "rowwise"  # the default (auto) as used, under SecAgg+
     assert (export / "index.faiss").is_file()
     for b in federation["bundles"]:
-        assert (federation["work"] / "nodes" / b.name / "artifacts" / "merchants" / b.name / s["version"]).is_dir()
+        mine = federation["work"] / "nodes" / b.name / "artifacts" / "merchants" / b.name / s["version"]
+        assert mine.is_dir()
+        # each node chose its served popularity weight at finish, on its own validation slice
+        served = json.loads((mine / "served_weight.json").read_text())
+        assert f"{served['popularity_weight']:g}" in served["validation"]
     auc = _leakage_auc(federation, out["workdir"] / "received")
     assert abs(auc - 0.5) < 0.1, auc  # at chance: a masked vector looks uniform
     federation["secagg_recall"] = s["test"]["recall@20"]
