@@ -297,16 +297,24 @@ class MerchantNode:
         """This merchant's served popularity weight, chosen on its validation slice with the
         early-stopped model and its content match, as `simulation.with_served_weights` chooses it:
         its bias, customers and validation purchases never leave it, so nothing is sent back."""
-        users, bias = self._customers_at(early_state, best_round)
-        m = self.bundle.merchant
+        users, vecs, bias = self._scoring_at(early_state, best_round, content)
+        model = self.cfg.model
+        chosen = served_weight.choose(
+            self.bundle.merchant, users, vecs, bias, model.served_popularity_weights, model.max_top1_share
+        )  # fmt: skip
+        return None if chosen is None else chosen.entry()
+
+    def _scoring_at(
+        self, item_state: dict[str, torch.Tensor], rnd: int, content: tuple[torch.Tensor, float] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The customers, item vectors and bias of the model at round `rnd` with `item_state`, with
+        the content match (basis, weight) added where given: profiles from what this node trained on."""
+        users, bias = self._customers_at(item_state, rnd)
         if content is not None:
             basis, weight = content
-            early_state = content_choice.with_match(early_state, basis, weight)
-            users = with_profiles(users, m.train, content_vectors(self.features, basis), weight)
-        vecs = item_embeddings(early_state, self.features, self.cfg.model)
-        model = self.cfg.model
-        chosen = served_weight.choose(m, users, vecs, bias, model.served_popularity_weights, model.max_top1_share)
-        return None if chosen is None else chosen.entry()
+            item_state = content_choice.with_match(item_state, basis, weight)
+            users = with_profiles(users, self.bundle.merchant.train, content_vectors(self.features, basis), weight)
+        return users, item_embeddings(item_state, self.features, self.cfg.model), bias
 
     def finish(
         self,
@@ -323,15 +331,10 @@ class MerchantNode:
         chosen content match (basis, weight) adds its blocks, the profiles from what this node
         trained on (train, or train + validation for the refit's twin). `served`: the popularity
         weight this merchant chose to serve with (`choose_served_weight`), written with its export."""
-        users, bias = self._customers_at(item_state, best_round)
+        users, vecs, bias = self._scoring_at(item_state, best_round, content)
         if prior_offsets is not None:
             bias = popularity_prior.shifted(bias, prior_offsets)
         m = self.bundle.merchant
-        if content is not None:
-            basis, weight = content
-            item_state = content_choice.with_match(item_state, basis, weight)
-            users = with_profiles(users, m.train, content_vectors(self.features, basis), weight)
-        vecs = item_embeddings(item_state, self.features, self.cfg.model)
         test = evaluate_test(m, users, vecs, bias)
         new = self.bundle.new_items
         n_catalogue = m.train.shape[1] + (0 if new is None else new.height)
