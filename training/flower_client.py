@@ -55,7 +55,6 @@ class MerchantClient(NumPyClient):
         if trains_on_validation(cfg.federation, cfg.privacy.enabled):  # DP: one run, on train + validation
             node = node.refit_node()
         state, extra = state_and_extra(parameters, node.features.n_items, cfg.model)
-        tower_shapes = list(item_tower_shapes(node.features.n_items, cfg.model).values())
         shared = len(shared_tokens(node.features)) if carries_basis(stage, config) else 0  # its rows on the wire
         if [a.shape for a in extra] != extra_shapes(stage, config, node.features.n_items, cfg, extra, shared):
             raise ValueError(f"stage {stage!r}: unexpected arrays after the item tower {[a.shape for a in extra]}")
@@ -81,7 +80,8 @@ class MerchantClient(NumPyClient):
                 content = (basis_from_rows(extra[0], node.features), float(config["content-weight"]))
             served = None
             if "served" in config:  # the early-stopped tower, after the rest: this node's served weight
-                early = state_from_arrays(extra[-len(tower_shapes) :], node.features.n_items, cfg.model)
+                k = len(item_tower_shapes(node.features.n_items, cfg.model))
+                early = state_from_arrays(extra[-k:], node.features.n_items, cfg.model)
                 served = node.choose_served_weight(early, int(config["best-round"]), content)
             args = (str(config["version"]), out, offsets, content, served)
             if refit_rounds:  # the released model is the refit's last round
