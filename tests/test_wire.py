@@ -504,8 +504,10 @@ def test_the_client_refuses_arrays_its_stage_does_not_expect() -> None:
     assert extra_shapes("finish", {"prior-weight": 1.0}, 50, cfg, [np.zeros(50)], shared) == [(50,)]
     assert extra_shapes("finish", {}, 50, cfg, [], shared) == []
     tower = list(item_tower_shapes(50, cfg.model).values())  # "served": the early-stopped tower after the rest
-    assert extra_shapes("finish", {"served": 1}, 50, cfg, [], shared) == tower
-    assert extra_shapes("finish", {"content-weight": 1.0, "served": 1}, 50, cfg, [basis], shared) == [
+    assert extra_shapes("finish", {"served": 1, "refit-rounds": 2}, 50, cfg, [], shared) == tower
+    assert extra_shapes("finish", {"served": 1}, 50, cfg, [], shared) == []  # no refit: the released tower
+    refit = {"content-weight": 1.0, "served": 1, "refit-rounds": 2}
+    assert extra_shapes("finish", refit, 50, cfg, [basis], shared) == [
         basis.shape,
         *tower,
     ]

@@ -79,9 +79,11 @@ class MerchantClient(NumPyClient):
             if "content-weight" in config:
                 content = (basis_from_rows(extra[0], node.features), float(config["content-weight"]))
             served = None
-            if "served" in config:  # the early-stopped tower, after the rest: this node's served weight
-                k = len(item_tower_shapes(node.features.n_items, cfg.model))
-                early = state_from_arrays(extra[-k:], node.features.n_items, cfg.model)
+            if "served" in config:  # with the early-stopped tower (after the rest, or the released one): its weight
+                early = state
+                if refit_rounds:
+                    k = len(item_tower_shapes(node.features.n_items, cfg.model))
+                    early = state_from_arrays(extra[-k:], node.features.n_items, cfg.model)
                 served = node.choose_served_weight(early, int(config["best-round"]), content)
             args = (str(config["version"]), out, offsets, content, served)
             if refit_rounds:  # the released model is the refit's last round
@@ -106,12 +108,14 @@ def extra_shapes(stage: str, config: dict, n_items: int, cfg, extra: list, share
     """The arrays a stage may carry after the item tower: the prior's pooled counts (one per
     product), or the content match's basis as `basis_rows` sends it (a row per token that `shared`
     counts, at most `model.content_match_dim` columns; its rank depends on the catalogue); then, at
-    `finish` with "served", the early-stopped item tower again (`MerchantNode.choose_served_weight`)."""
+    `finish` with "served" after a refit, the early-stopped item tower (`MerchantNode.choose_served_weight`;
+    without a refit the released tower is the early-stopped one, and is not sent twice)."""
     from fedrec.model import item_tower_shapes
 
     basis_cols = extra[0].shape[1] if extra and extra[0].ndim == 2 else -1
     basis = (shared, basis_cols) if 1 <= basis_cols <= cfg.model.content_match_dim else None
-    early = list(item_tower_shapes(n_items, cfg.model).values()) if stage == "finish" and "served" in config else []
+    sends_early = stage == "finish" and "served" in config and int(config.get("refit-rounds", 0)) > 0
+    early = list(item_tower_shapes(n_items, cfg.model).values()) if sends_early else []
     if stage == "prior" or (stage == "finish" and "prior-weight" in config):
         return [(n_items,), *early]
     if carries_basis(stage, config):

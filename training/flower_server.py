@@ -529,8 +529,10 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
                 finish_arrays, finish_set = [basis_rows(basis, features)], {"content_weight": match.weight}
                 released = content_choice.with_match(released, basis, match.weight)
         if served_weight.applies(cfg.model, features.n_items, cfg.local.full_softmax_max_items, dp is not None):
-            # each node chooses its served popularity weight with the early-stopped tower, sent last
-            finish_arrays = [*finish_arrays, *state_to_arrays(ck.best_state)]
+            # each node chooses its served popularity weight with the early-stopped tower: after a
+            # refit it is not the released one, so it is sent last; without one it is the same
+            if refit_rounds:
+                finish_arrays = [*finish_arrays, *state_to_arrays(ck.best_state)]
             finish_set = {**finish_set, "served": 1}
         test = coord.exchange(
             "finish", rnd, tower_state(released), finish_arrays,
