@@ -10,9 +10,9 @@ whose first item is its single most common first item) is at most `model.max_top
 none is, the least concentrated. Equal recall keeps the larger w, nearer the trained score.
 
 The bias, the customers and the validation purchases all stay at the merchant, so the choice is
-made there and nothing about it leaves the merchant: the networked coordinator sends the
-early-stopped tower (public, like every tower) with `finish` and gets nothing back for it, and
-the node and the in-process runtime call the same `choose`. Every shop's share at most the
+made there and nothing about it leaves the merchant: after a refit the networked coordinator
+sends the early-stopped tower (public, like every tower) with `finish` and gets nothing back for
+it, and the node and the in-process runtime call the same `choose`. Every shop's share at most the
 budget bounds the pooled share too (the most common first item overall is first for at most the
 sum of each shop's most common one's customers).
 
