@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from fedrec.baselines import ALS_GRID, ease_weights
+from fedrec.baselines import ALS_GRID, KNN_GRID, ease_weights, item_knn
 from fedrec.config import load_config
 from fedrec.training.evaluate import (
     METHODS,
@@ -17,6 +17,7 @@ from fedrec.training.evaluate import (
     _split_rows,
     choose_als_settings,
     choose_ease_lambda,
+    choose_knn_settings,
     evaluate,
     markdown_table,
     one_label_baskets,
@@ -71,6 +72,41 @@ def test_als_settings_are_chosen_on_validation_and_ignore_test(tiny_dataset):
                    for m in tiny_dataset.merchants],
     )  # fmt: skip
     assert choose_als_settings(scrambled, (0, 1), grid) == (settings, scores)
+
+
+@pytest.mark.filterwarnings("ignore:Method expects CSR input")
+@pytest.mark.parametrize("similarity", ["cosine", "bm25", "tfidf"])
+def test_item_knn_ranks_as_implicits_own_recommend(similarity):
+    """X S as (users, items) must give implicit's scores: with 3 neighbours kept per product the
+    similarity is not symmetric, so scoring with S instead of S' would fail here."""
+    from implicit.nearest_neighbours import BM25Recommender, CosineRecommender, TFIDFRecommender
+
+    rng = np.random.default_rng(1)
+    x = sp.csr_matrix((rng.random((30, 12)) < 0.3).astype(np.float32))
+    users, items, sim = item_knn(x, similarity, 3)
+    assert sim.shape == (12, 12) and (np.count_nonzero(sim, axis=1) <= 3).all()
+    assert not np.allclose(sim, sim.T)  # the pruning made it asymmetric: the check below can tell S from S'
+    ours = (users @ items.T).numpy()
+    model = {"cosine": CosineRecommender, "bm25": BM25Recommender, "tfidf": TFIDFRecommender}[similarity](K=3)
+    model.fit(x, show_progress=False)
+    for u in range(30):
+        ids, scores = model.recommend(u, x[u], N=12, filter_already_liked_items=False)
+        np.testing.assert_allclose(ours[u, ids], scores, rtol=1e-5, atol=1e-6)
+
+
+def test_item_knn_settings_are_chosen_on_validation_and_ignore_test(tiny_dataset):
+    grid = {"similarity": ("cosine", "bm25"), "neighbours": (2, 50)}
+    settings, scores = choose_knn_settings(tiny_dataset, grid)
+    assert len(scores) == 4 and len(set(scores.values())) > 1  # the grid's settings really differ
+    assert scores[f"{settings['similarity']},neighbours={settings['neighbours']}"] == max(scores.values())
+    scrambled = dataclasses.replace(
+        tiny_dataset,
+        merchants=[dataclasses.replace(m, test=sp.csr_matrix(m.test.shape, dtype=m.test.dtype))
+                   for m in tiny_dataset.merchants],
+    )  # fmt: skip
+    assert choose_knn_settings(scrambled, grid) == (settings, scores)
+    with pytest.raises(ValueError, match="item-kNN similarity 'jaccard'"):
+        item_knn(tiny_dataset.merchants[0].train, "jaccard", 10)
 
 
 def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv, tmp_path):
@@ -128,10 +164,14 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
         assert 0 < div["coverage@10"] <= 1 and 0 < div["top1_share"] <= 1
     assert "similar_same_label@10_cosine" in res["federated"]["diversity"]  # the tiny shop has categories
     assert "similar_same_label@10_ip" not in res["popularity"]["diversity"]  # no item-item meaning there
-    for name in ("federated", "centralized", "implicit_als", "ease"):  # each folds in the same baskets its own way
+    knn = res["item_knn"]["settings"]
+    assert len(knn["validation"]) == np.prod([len(v) for v in KNN_GRID.values()])
+    assert knn["validation"][f"{knn['similarity']},neighbours={knn['neighbours']}"] == max(knn["validation"].values())
+    for name in ("federated", "centralized", "implicit_als", "ease", "item_knn"):  # each folds in the same baskets
         assert 0 <= res[name]["diversity"]["basket_same_label@10"] <= 1
     assert "basket_same_label@10" not in res["popularity"]["diversity"]
     table = markdown_table(res)
+    assert "| item_knn |" in table and "item-kNN: " in table
     assert "| ease |" in table and "±" in table and "seeds 0, 1" in table and "implicit ALS: " in table
     assert "Served popularity weights" in table and "| centralized |" in table
     # Rerunning the cold-start section alone keeps every other section of the file as it was.

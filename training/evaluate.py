@@ -22,7 +22,7 @@ from rich.console import Console
 
 from fedrec import served_weight
 from fedrec.atomic import write_json, write_text, write_with
-from fedrec.baselines import ALS_GRID, EASE_LAMBDAS, als_fold_in, ease, implicit_als, popularity
+from fedrec.baselines import ALS_GRID, EASE_LAMBDAS, KNN_GRID, als_fold_in, ease, implicit_als, item_knn, popularity
 from fedrec.config import RunConfig
 from fedrec.content_profiles import fold_in_with_match
 from fedrec.data import FederatedDataset, pooled
@@ -59,9 +59,9 @@ from fedrec.training.data import load_dataset
 from fedrec.training.progress import RoundPrinter
 from fedrec.training.train import trained_with
 
-METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als", "ease")
+METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als", "ease", "item_knn")
 TRAINED = ("federated", "centralized", "local_only", "implicit_als")
-REFERENCES = ("implicit_als", "popularity", "ease")  # `--only-references` reruns these
+REFERENCES = ("implicit_als", "popularity", "ease", "item_knn")  # `--only-references` reruns these
 
 
 def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -230,6 +230,22 @@ def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple
     return best, scores
 
 
+def choose_knn_settings(dataset: FederatedDataset, grid: dict[str, tuple] = KNN_GRID) -> tuple[dict, dict[str, float]]:
+    """Item-kNN's similarity and neighbour count by validation recall@20, fitted and ranked as
+    `choose_ease_lambda` does (deterministic: no seeds)."""
+    pool = pooled(dataset)
+    scores: dict[str, float] = {}
+    best: tuple[float, dict] = (-1.0, {})
+    for similarity, neighbours in itertools.product(grid["similarity"], grid["neighbours"]):
+        settings = {"similarity": similarity, "neighbours": int(neighbours)}
+        u, v, _ = item_knn(pool.train, **settings)
+        key = f"{similarity},neighbours={neighbours}"
+        scores[key] = merchant_metric_sums(u, v, pool.train, pool.val, ("recall@20",)).means()["recall@20"]
+        if scores[key] > best[0]:  # ties keep the earlier setting
+            best = (scores[key], settings)
+    return best[1], scores
+
+
 def choose_als_settings(
     dataset: FederatedDataset, seeds: tuple[int, ...], grid: dict[str, tuple[float, ...]] = ALS_GRID
 ) -> tuple[dict, dict[str, float]]:
@@ -303,8 +319,8 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
 
 def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer, console: Console) -> dict[str, dict]:
     """The centralized references, each on everything before the test cut-off: implicit's ALS
-    (settings chosen on validation, then one seeded fit per seed), popularity, and EASE (lambda
-    chosen on validation)."""
+    (settings chosen on validation, then one seeded fit per seed), popularity, EASE (lambda
+    chosen on validation) and implicit's item-kNN (similarity and neighbours chosen on validation)."""
     full = pooled(dataset).full_train
     out: dict[str, dict] = {}
     settings, als_scores = choose_als_settings(dataset, seeds)
@@ -333,7 +349,13 @@ def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer
     ease_basket = lambda b: np.stack([weights[rows].sum(0) for rows in b])  # noqa: E731
     out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=weights, basket=ease_basket)
     out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
-    for name in ("popularity", "ease"):
+    t0 = time.perf_counter()
+    knn, knn_scores = choose_knn_settings(dataset)
+    u, v, sim = item_knn(full, **knn)
+    knn_basket = lambda b: np.stack([sim[rows].sum(0) for rows in b])  # noqa: E731  (X S for a basket)
+    out["item_knn"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=sim, basket=knn_basket)
+    out["item_knn"]["settings"] = {**knn, "chosen_on": "validation recall@20", "validation": knn_scores}
+    for name in ("popularity", "ease", "item_knn"):
         console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
     return out
 
@@ -510,8 +532,9 @@ def _cell(entry: dict, metric: str) -> str:
 
 
 def markdown_table(res: dict) -> str:
+    shown = [m for m in METHODS if m in res]  # a results file from before a reference was added lacks it
     head = "| method | " + " | ".join(METRICS) + " | seconds |\n|---|" + "---:|" * (len(METRICS) + 1) + "\n"
-    rows = [f"| {m} | " + " | ".join(_cell(res[m], k) for k in METRICS) + f" | {res[m]['seconds']} |" for m in METHODS]
+    rows = [f"| {m} | " + " | ".join(_cell(res[m], k) for k in METRICS) + f" | {res[m]['seconds']} |" for m in shown]
     merchants = list(res["federated"]["per_merchant"])
     pm = (
         "\n\nrecall@20 per merchant (users), mean over seeds:\n\n| method | "
@@ -522,7 +545,7 @@ def markdown_table(res: dict) -> str:
     )
     pm += "\n".join(
         f"| {m} | " + " | ".join(f"{res[m]['per_merchant'][n]['recall@20']:.4f}" for n in merchants) + " |"
-        for m in METHODS
+        for m in shown
     )
     checks = res["checks"]
     seeds = ", ".join(str(s) for s in res["seeds"])
@@ -534,9 +557,10 @@ def markdown_table(res: dict) -> str:
         else ""
     )
     foot = (
-        f"\n\nTrained methods: mean ± standard deviation of recall@20 over seeds {seeds}; popularity and EASE "
-        f"(lambda {res['ease']['settings']['lambda']:g}, chosen on validation) are deterministic.\n"
+        f"\n\nTrained methods: mean ± standard deviation of recall@20 over seeds {seeds}; popularity, EASE "
+        f"(lambda {res['ease']['settings']['lambda']:g}, chosen on validation) and item-kNN are deterministic.\n"
         + als_chosen
+        + _knn_chosen(res)
         + f"federated - centralized recall@20: {checks['federated_minus_centralized_recall@20']:+.4f} "
         f"({'more' if checks['gap_exceeds_seed_spread'] else 'less'} than the seed spread); "
         f"federated beats local-only for {len(checks['federated_beats_local_only_for'])}/{len(merchants)} merchants.\n"
@@ -562,7 +586,7 @@ def markdown_table(res: dict) -> str:
         "similar items same label (cosine) | one-category basket: top-10 in category |\n"
         "|---|---:|---:|---:|---:|---:|\n"
         + "\n".join(
-            f"| {m} | " + " | ".join(_num(res[m].get("diversity", {}).get(k)) for k in keys) + " |" for m in METHODS
+            f"| {m} | " + " | ".join(_num(res[m].get("diversity", {}).get(k)) for k in keys) + " |" for m in shown
         )
         + "\n"
     )
@@ -578,6 +602,13 @@ def markdown_table(res: dict) -> str:
         + _popularity_table(res)
         + _cold_table(res)
     )
+
+
+def _knn_chosen(res: dict) -> str:
+    knn = res.get("item_knn", {}).get("settings")
+    if not knn:  # a results file from before the item-kNN reference
+        return ""
+    return f"item-kNN: {knn['similarity']} similarity, {knn['neighbours']} neighbours, chosen on validation.\n"
 
 
 def _popularity_table(res: dict) -> str:
@@ -653,7 +684,9 @@ def plot_curves(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, ys in res["curves"].items():
         ax.plot(range(1, len(ys) + 1), ys, label=name)
-    for name, colour in (("popularity", "grey"), ("implicit_als", "black"), ("ease", "brown")):
+    for name, colour in (("popularity", "grey"), ("implicit_als", "black"), ("ease", "brown"), ("item_knn", "teal")):
+        if name not in res:
+            continue
         ax.axhline(res[name]["overall"]["recall@20"], ls="--", lw=1, label=f"{name} (test)", color=colour)
     ax.set_xlabel("round (centralized: epochs of the pooled data)")
     ax.set_ylabel("recall@20")
