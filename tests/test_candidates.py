@@ -91,6 +91,22 @@ def test_a_candidate_the_catalogue_cannot_train_is_skipped(tiny_dataset, feature
         run_federated(tiny_dataset, features, MODEL, dataclasses.replace(small, candidates=(IALS,)), cfg)
 
 
+def test_an_exact_ials_candidate_runs_above_the_switch_with_one_id_row_per_product(tiny_dataset, features):
+    """The exact item step scores no softmax, so the full-softmax switch does not skip it; a
+    compositional id table (more than 2 x id_rows products) does, with the setting to change."""
+    exact = {**IALS, "local.ials_item_step": "exact", "local.user_solve_reg": 3.0}
+    small = dataclasses.replace(LOCAL, full_softmax_max_items=10, candidates=(SOFTMAX, exact))
+    fed = FederationConfig(rounds=2, patience=0, refit=False)
+    assert tiny_dataset.n_items > 10
+    ran = run_federated(tiny_dataset, features, MODEL, small, fed)
+    assert not ran.choice.skipped and set(ran.choice.scores) == {c.label for c in candidates_of(MODEL, small)}
+    shared = dataclasses.replace(MODEL, id_rows=tiny_dataset.n_items // 2 - 1)  # two compositional tables
+    res = run_federated(tiny_dataset, features, shared, small, fed)
+    assert res.choice.label == "local.temperature=1.0"
+    (why,) = res.choice.skipped.values()
+    assert "one id row per product" in why and "model.id_rows = 0" in why
+
+
 def test_the_file_default_lists_softmax_temperatures_and_ials():
     cfg = load_config(default_config_path("file"), {"data.path": "x.csv"})
     labels = [c.label for c in candidates_of(cfg.model, cfg.local)]

@@ -153,3 +153,9 @@ def test_a_catalogue_above_the_full_softmax_limit_is_refused_under_ials():
     cfg = dataclasses.replace(LocalConfig(loss="ials", temperature=1.0), full_softmax_max_items=100)
     with pytest.raises(ConfigError, match="whole catalogue"):
         local_update(state, init_user_embeddings(10, MODEL, torch.Generator()), train, features, MODEL, cfg, 0)
+    # ALS's exact item step scores no softmax: one tower pass a round, so the switch does not bar it
+    ids = dataclasses.replace(MODEL, use_content=False)
+    exact = dataclasses.replace(cfg, ials_item_step="exact", user_solve_reg=3.0)
+    users = init_user_embeddings(10, ids, torch.Generator())
+    res = local_update(new_item_tower(300, ids, 0).state_dict(), users, train, features, ids, exact, 0)
+    assert res.item_terms is not None and res.item_terms["als/lhs"].shape == (300, 6, 6)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedrec.federated.ials_item_step import exact_step_problems
 from fedrec.federated.local import LocalConfig, catalogue_refuses
-from fedrec.model import ModelConfig
+from fedrec.model import ModelConfig, id_table_rows
 
 if TYPE_CHECKING:
     from fedrec.federated.simulation import FederationConfig
@@ -100,4 +100,10 @@ def unsupported(candidate: Candidate, n_items: int, fed: FederationConfig) -> st
     else None. The config refuses such a candidate for its own federation; a run that changes the
     federation (an ablation of `make evaluate`) may still list it."""
     problems = exact_step_problems(candidate.model, candidate.local, fed)
+    if candidate.local.ials_item_step == "exact" and id_table_rows(n_items, candidate.model):
+        problems.insert(
+            0,
+            f"local.ials_item_step = 'exact' solves one id row per product: {n_items} products exceed 2 x "
+            f"model.id_rows ({candidate.model.id_rows}); set model.id_rows = 0",
+        )
     return catalogue_refuses(candidate.local, n_items) or (problems[0] if problems else None)
