@@ -243,7 +243,7 @@ def run_small_bench_train(parts: str, out_dir) -> dict:  # noqa: ANN001
 def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""
-    res = run_small_bench_train("switch,losses,uploads,user_solve,als_reference,large", tmp_path)
+    res = run_small_bench_train("switch,losses,uploads,user_solve,als_reference,als_exact,large", tmp_path)
     assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
     assert set(res["losses"]["variants"]) == {"softmax", "sampled_in_batch", "sampled_mixed_1024"}
     assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
@@ -271,6 +271,13 @@ def test_bench_train_small_variant(tmp_path):
     assert set(als["val_recall@20"]) == {"factors=4,regularization=0.1,alpha=5", "factors=4,regularization=1,alpha=5"}
     kept = f"factors={als['settings']['factors']},regularization={als['settings']['regularization']:g},alpha=5"
     assert als["val_recall@20"][kept] == max(als["val_recall@20"].values()) and 0.0 <= als["test_recall@20"] <= 1.0
+    fed_als = res["als_exact"]  # the exact item step above the softmax switch: one id row per product
+    assert fed_als["items"] == res["user_solve"]["items"] > 1_000 and fed_als["settings"]["dim"] == 4
+    assert fed_als["upload_bytes_per_merchant"] == 4 * (fed_als["items"] * (4 * 4 + 4) + 4 * 4)
+    curve = fed_als["val_recall@20_by_round"]
+    assert list(curve) == ["1", "2"] and curve[str(fed_als["released_round"])] == max(curve.values())
+    assert 0.0 < fed_als["test_recall@20"] <= 1.0
+    assert "Federated ALS (the exact item step" in (tmp_path / "bench-train.md").read_text()
     assert "Marketplace scale" in (tmp_path / "bench-train.md").read_text()
     assert "User solve above the switch" in (tmp_path / "bench-train.md").read_text()
 
