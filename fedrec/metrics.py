@@ -7,6 +7,8 @@ train and one test item; the user's own train items are removed from the ranking
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -81,6 +83,26 @@ def top1_share(topk: np.ndarray) -> float:
     if topk.shape[0] == 0:
         return float("nan")
     return float(np.bincount(topk[:, 0]).max() / topk.shape[0])
+
+
+def same_label_rate_rows(
+    score_rows: Callable[[np.ndarray], np.ndarray], n_items: int, labels: np.ndarray, k: int = 10, chunk: int = 2048
+) -> float:
+    """`same_label_rate` with the similarity made `chunk` rows at a time (`score_rows(rows)` ->
+    [len(rows), items]): the same number, without an items x items matrix, which a catalogue of
+    62,572 products would need 31 GB for."""
+    k = min(k, n_items - 1)
+    labelled = labels.sum(axis=1) > 0
+    shared_pairs, pairs = 0, 0
+    for start in range(0, n_items, chunk):
+        rows = np.arange(start, min(start + chunk, n_items))
+        sim = np.array(score_rows(rows), dtype=np.float64, copy=True)
+        sim[np.arange(len(rows)), rows] = -np.inf
+        neighbours = np.argpartition(-sim, k, axis=1)[:, :k]
+        keep = labelled[rows]
+        shared = (labels[rows[keep], None, :] * labels[neighbours[keep]]).sum(axis=2) > 0
+        shared_pairs, pairs = shared_pairs + int(shared.sum()), pairs + shared.size
+    return shared_pairs / pairs if pairs else float("nan")
 
 
 def same_label_rate(similarity: np.ndarray, labels: np.ndarray, k: int = 10) -> float:

@@ -109,6 +109,30 @@ def test_item_knn_settings_are_chosen_on_validation_and_ignore_test(tiny_dataset
         item_knn(tiny_dataset.merchants[0].train, "jaccard", 10)
 
 
+def test_a_large_catalogue_skips_the_item_item_references_and_scores_similar_items_in_blocks(tiny_dataset, monkeypatch):
+    """Above the limits (lowered here), EASE and item-kNN are skipped with the reason, the tables
+    leave them out, and the similar-items rates are the dense path's numbers made in row blocks."""
+    from rich.console import Console
+
+    from fedrec.training import evaluate as ev
+
+    cfg = load_config(None, {"data.dataset": "synthetic"})
+    labels = ev.item_labels(tiny_dataset.items)
+    rng = np.random.default_rng(0)
+    items = torch.from_numpy(rng.normal(size=(tiny_dataset.n_items, 8)).astype(np.float32))
+    users = {m.name: torch.from_numpy(rng.normal(size=(m.n_users, 8)).astype(np.float32))
+             for m in tiny_dataset.merchants}  # fmt: skip
+    biases = {m.name: None for m in tiny_dataset.merchants}
+    dense = ev.diversity(tiny_dataset, users, items, biases, labels)
+    monkeypatch.setattr(ev, "DENSE_SIMILARITY_MAX_ITEMS", 3)
+    assert ev.diversity(tiny_dataset, users, items, biases, labels) == dense
+    monkeypatch.setattr(ev, "ITEM_ITEM_MAX_ITEMS", 3)
+    refs = ev.references(tiny_dataset, (0,), ev.make_scorer(tiny_dataset, cfg), Console(quiet=True))
+    for name in ("ease", "item_knn"):
+        assert refs[name] == {"skipped": refs["ease"]["skipped"]} and "items x items" in refs[name]["skipped"]
+    assert "overall" in refs["popularity"] and "overall" in refs["implicit_als"]
+
+
 def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv, tmp_path):
     cfg = load_config(
         None,
@@ -174,6 +198,10 @@ def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_one
     assert "| item_knn |" in table and "item-kNN: " in table
     assert "| ease |" in table and "±" in table and "seeds 0, 1" in table and "implicit ALS: " in table
     assert "Served popularity weights" in table and "| centralized |" in table
+    # a catalogue above ITEM_ITEM_MAX_ITEMS: the tables leave the skipped references out and say why
+    skipped = {**res, "ease": {"skipped": "skipped: too large"}, "item_knn": {"skipped": "skipped: too large"}}
+    table = markdown_table(skipped)
+    assert "| ease |" not in table and "| item_knn |" not in table and "EASE (skipped: too large)" in table
     # Rerunning the cold-start section alone keeps every other section of the file as it was.
     import json
 

@@ -74,6 +74,20 @@ def test_same_label_rate_counts_neighbours_sharing_a_label_and_skips_unlabelled_
     assert np.allclose(np.diag(c), 1.0) and c[0, 1] > 0.99 and abs(c[0, 2]) < 1e-9
 
 
+def test_same_label_rate_a_block_of_rows_at_a_time_is_the_same_number():
+    from fedrec.metrics import same_label_rate, same_label_rate_rows
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((23, 4)) < 0.3).astype(float)  # some items carry no label
+    assert (labels.sum(axis=1) == 0).any()
+    sim = rng.normal(size=(23, 23))
+    whole = same_label_rate(sim, labels, k=3)
+    for chunk in (1, 5, 23, 100):
+        assert same_label_rate_rows(lambda rows: sim[rows], 23, labels, k=3, chunk=chunk) == whole
+    # the row blocks must leave each item's own score out, not the block's first rows'
+    assert same_label_rate_rows(lambda rows: sim[rows] + 100 * np.eye(23)[rows], 23, labels, k=3, chunk=5) == whole
+
+
 def test_basket_label_share_by_hand():
     # items 0-3 carry label 0, items 4-5 label 1; one basket {0} of label 0
     labels = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)

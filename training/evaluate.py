@@ -47,6 +47,7 @@ from fedrec.metrics import (
     catalogue_coverage,
     cosine,
     same_label_rate,
+    same_label_rate_rows,
     seed_std,
     top1_share,
 )
@@ -62,6 +63,11 @@ from fedrec.training.train import trained_with
 METHODS = ("federated", "centralized", "local_only", "popularity", "implicit_als", "ease", "item_knn")
 TRAINED = ("federated", "centralized", "local_only", "implicit_als")
 REFERENCES = ("implicit_als", "popularity", "ease", "item_knn")  # `--only-references` reruns these
+# Above this many products the similar-items rates are computed a block of rows at a time, and EASE
+# and item-kNN, whose item-item matrices are items x items (EASE inverts one in float64), are skipped
+# with the reason in their entries: at 16,000 products one such matrix is 2 GB, at 62,572 31 GB.
+DENSE_SIMILARITY_MAX_ITEMS = 16_000
+ITEM_ITEM_MAX_ITEMS = 16_000
 
 
 def _split_rows(dataset: FederatedDataset, vecs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -192,8 +198,14 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, b
     if similar is False or labels.shape[1] == 0:
         return out
     vecs = items.numpy() if similar is None else similar
-    out["similar_same_label@10_ip"] = same_label_rate(vecs @ vecs.T if similar is None else vecs, labels)
-    out["similar_same_label@10_cosine"] = same_label_rate(cosine(vecs), labels)
+    if vecs.shape[0] <= DENSE_SIMILARITY_MAX_ITEMS:  # the whole items x items matrix at once
+        out["similar_same_label@10_ip"] = same_label_rate(vecs @ vecs.T if similar is None else vecs, labels)
+        out["similar_same_label@10_cosine"] = same_label_rate(cosine(vecs), labels)
+    else:  # the same numbers, a block of rows at a time
+        unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        own = (lambda rows: vecs[rows] @ vecs.T) if similar is None else (lambda rows: vecs[rows])
+        out["similar_same_label@10_ip"] = same_label_rate_rows(own, len(vecs), labels)
+        out["similar_same_label@10_cosine"] = same_label_rate_rows(lambda rows: unit[rows] @ unit.T, len(vecs), labels)
     if basket is not None and len(basket[0]):
         baskets, which, score = basket
         out["basket_same_label@10"] = basket_label_share(score(baskets), baskets, which, labels)
@@ -341,6 +353,15 @@ def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer
     t0 = time.perf_counter()
     u, v = popularity(full)
     out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=False)
+    if dataset.n_items > ITEM_ITEM_MAX_ITEMS:
+        why = (
+            f"skipped: {dataset.n_items} products; EASE and item-kNN hold items x items matrices, "
+            f"at most {ITEM_ITEM_MAX_ITEMS} products here"
+        )
+        out["ease"], out["item_knn"] = {"skipped": why}, {"skipped": why}
+        console.print(f"[bold]ease, item_knn[/]: {why}")
+        console.print(f"[bold]popularity[/]: recall@20 {out['popularity']['overall']['recall@20']:.4f}")
+        return out
     t0 = time.perf_counter()
     lam, val_scores = choose_ease_lambda(dataset)
     u, v = ease(full, lam)
@@ -532,7 +553,8 @@ def _cell(entry: dict, metric: str) -> str:
 
 
 def markdown_table(res: dict) -> str:
-    shown = [m for m in METHODS if m in res]  # a results file from before a reference was added lacks it
+    # a results file from before a reference was added lacks it; a large catalogue skips EASE and item-kNN
+    shown = [m for m in METHODS if "overall" in res.get(m, {})]
     head = "| method | " + " | ".join(METRICS) + " | seconds |\n|---|" + "---:|" * (len(METRICS) + 1) + "\n"
     rows = [f"| {m} | " + " | ".join(_cell(res[m], k) for k in METRICS) + f" | {res[m]['seconds']} |" for m in shown]
     merchants = list(res["federated"]["per_merchant"])
@@ -558,7 +580,7 @@ def markdown_table(res: dict) -> str:
     )
     foot = (
         f"\n\nTrained methods: mean ± standard deviation of recall@20 over seeds {seeds}; popularity, EASE "
-        f"(lambda {res['ease']['settings']['lambda']:g}, chosen on validation) and item-kNN are deterministic.\n"
+        f"({_ease_lambda(res)}) and item-kNN are deterministic.\n"
         + als_chosen
         + _knn_chosen(res)
         + f"federated - centralized recall@20: {checks['federated_minus_centralized_recall@20']:+.4f} "
@@ -602,6 +624,11 @@ def markdown_table(res: dict) -> str:
         + _popularity_table(res)
         + _cold_table(res)
     )
+
+
+def _ease_lambda(res: dict) -> str:
+    ease = res.get("ease", {})
+    return ease["skipped"] if "skipped" in ease else f"lambda {ease['settings']['lambda']:g}, chosen on validation"
 
 
 def _knn_chosen(res: dict) -> str:
@@ -685,7 +712,7 @@ def plot_curves(res: dict, path: Path) -> None:
     for name, ys in res["curves"].items():
         ax.plot(range(1, len(ys) + 1), ys, label=name)
     for name, colour in (("popularity", "grey"), ("implicit_als", "black"), ("ease", "brown"), ("item_knn", "teal")):
-        if name not in res:
+        if "overall" not in res.get(name, {}):
             continue
         ax.axhline(res[name]["overall"]["recall@20"], ls="--", lw=1, label=f"{name} (test)", color=colour)
     ax.set_xlabel("round (centralized: epochs of the pooled data)")
