@@ -77,10 +77,10 @@ def evaluate(
     ] = False,
     only_references: Annotated[
         bool,
-        typer.Option(help="Rerun only implicit ALS, popularity and EASE in the existing results file."),
+        typer.Option(help="Rerun only implicit ALS, popularity, EASE and item-kNN in the existing results file."),
     ] = False,
 ) -> None:
-    """Compare federated, centralized, local-only, popularity, implicit ALS and EASE (recall/NDCG)."""
+    """Compare federated, centralized, local-only, popularity, implicit ALS, EASE and item-kNN (recall/NDCG)."""
     from fedrec.training.evaluate import evaluate as run_eval
     from fedrec.training.evaluate import markdown_table, rerun_cold_start, rerun_references, write_results
 
