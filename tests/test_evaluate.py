@@ -126,11 +126,17 @@ def test_a_large_catalogue_skips_the_item_item_references_and_scores_similar_ite
     dense = ev.diversity(tiny_dataset, users, items, biases, labels)
     monkeypatch.setattr(ev, "DENSE_SIMILARITY_MAX_ITEMS", 3)
     assert ev.diversity(tiny_dataset, users, items, biases, labels) == dense
-    monkeypatch.setattr(ev, "ITEM_ITEM_MAX_ITEMS", 3)
-    refs = ev.references(tiny_dataset, (0,), ev.make_scorer(tiny_dataset, cfg), Console(quiet=True))
-    for name in ("ease", "item_knn"):
-        assert refs[name] == {"skipped": refs["ease"]["skipped"]} and "items x items" in refs[name]["skipped"]
-    assert "overall" in refs["popularity"] and "overall" in refs["implicit_als"]
+    customers = sum(m.n_users for m in tiny_dataset.merchants)
+    assert customers > tiny_dataset.n_items  # so the second limit below is passed by customers alone
+    # ALS's 96-setting search is not what this checks: one setting, as if validation had chosen it
+    monkeypatch.setattr(ev, "choose_als_settings", lambda *_: ({"factors": 4, "regularization": 0.1, "alpha": 5.0}, {}))
+    for limit in (3, tiny_dataset.n_items):  # too many products; then too many customer-product pairs
+        monkeypatch.setattr(ev, "ITEM_ITEM_MAX_ITEMS", limit)
+        refs = ev.references(tiny_dataset, (0,), ev.make_scorer(tiny_dataset, cfg), Console(quiet=True))
+        for name in ("ease", "item_knn"):
+            assert refs[name] == {"skipped": refs["ease"]["skipped"]} and "items x items" in refs[name]["skipped"]
+        assert f"{customers} customers" in refs["ease"]["skipped"]
+        assert "overall" in refs["popularity"] and "overall" in refs["implicit_als"]
 
 
 def test_every_method_is_scored_on_the_same_customers_with_seeds_for_trained_ones(tiny_csv, tmp_path):

@@ -66,6 +66,8 @@ REFERENCES = ("implicit_als", "popularity", "ease", "item_knn")  # `--only-refer
 # Above this many products the similar-items rates are computed a block of rows at a time, and EASE
 # and item-kNN, whose item-item matrices are items x items (EASE inverts one in float64), are skipped
 # with the reason in their entries: at 16,000 products one such matrix is 2 GB, at 62,572 31 GB.
+# Their user rows are the purchase matrix made dense, so they are skipped as well where customers x
+# products passes the same count.
 DENSE_SIMILARITY_MAX_ITEMS = 16_000
 ITEM_ITEM_MAX_ITEMS = 16_000
 
@@ -353,10 +355,12 @@ def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer
     t0 = time.perf_counter()
     u, v = popularity(full)
     out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=False)
-    if dataset.n_items > ITEM_ITEM_MAX_ITEMS:
+    customers = sum(m.n_users for m in dataset.merchants)
+    if dataset.n_items > ITEM_ITEM_MAX_ITEMS or customers * dataset.n_items > ITEM_ITEM_MAX_ITEMS**2:
         why = (
-            f"skipped: {dataset.n_items} products; EASE and item-kNN hold items x items matrices, "
-            f"at most {ITEM_ITEM_MAX_ITEMS} products here"
+            f"skipped: {dataset.n_items} products and {customers} customers; EASE and item-kNN hold items x "
+            f"items and customers x items matrices, at most {ITEM_ITEM_MAX_ITEMS} products and "
+            f"{ITEM_ITEM_MAX_ITEMS**2:,} customer-product pairs here"
         )
         out["ease"], out["item_knn"] = {"skipped": why}, {"skipped": why}
         console.print(f"[bold]ease, item_knn[/]: {why}")
