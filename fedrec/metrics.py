@@ -112,13 +112,8 @@ def same_label_rate(similarity: np.ndarray, labels: np.ndarray, k: int = 10) -> 
     similarity: [items, items], row i scores every item as a neighbour of i.
     labels: [items, labels] 0/1 matrix; items without any label are left out of the mean.
     """
-    sim = np.array(similarity, dtype=np.float64, copy=True)
-    np.fill_diagonal(sim, -np.inf)
-    k = min(k, sim.shape[0] - 1)
-    neighbours = np.argpartition(-sim, k, axis=1)[:, :k]
-    labelled = labels.sum(axis=1) > 0
-    shared = (labels[:, None, :] * labels[neighbours]).sum(axis=2) > 0  # [items, k]
-    return float(shared[labelled].mean()) if labelled.any() else float("nan")
+    sim = np.asarray(similarity)
+    return same_label_rate_rows(lambda rows: sim[rows], sim.shape[0], labels, k, chunk=max(1, sim.shape[0]))
 
 
 def basket_label_share(scores: np.ndarray, baskets: list[np.ndarray], basket_labels: np.ndarray, labels: np.ndarray,
@@ -135,6 +130,11 @@ def basket_label_share(scores: np.ndarray, baskets: list[np.ndarray], basket_lab
     return float(np.mean(labels[top, basket_labels[:, None]].mean(axis=1)))
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (a zero row stays zero): inner products of these are cosines."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def cosine(vectors: np.ndarray) -> np.ndarray:
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    unit = unit_rows(vectors)
     return unit @ unit.T

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 import torch
 from rich.console import Console
 
@@ -50,6 +51,7 @@ from fedrec.metrics import (
     same_label_rate_rows,
     seed_std,
     top1_share,
+    unit_rows,
 )
 from fedrec.model import item_embeddings
 from fedrec.served_weight import ServedWeight, served_biases
@@ -204,7 +206,7 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, b
         out["similar_same_label@10_ip"] = same_label_rate(vecs @ vecs.T if similar is None else vecs, labels)
         out["similar_same_label@10_cosine"] = same_label_rate(cosine(vecs), labels)
     else:  # the same numbers, a block of rows at a time
-        unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        unit = unit_rows(vecs)
         own = (lambda rows: vecs[rows] @ vecs.T) if similar is None else (lambda rows: vecs[rows])
         out["similar_same_label@10_ip"] = same_label_rate_rows(own, len(vecs), labels)
         out["similar_same_label@10_cosine"] = same_label_rate_rows(lambda rows: unit[rows] @ unit.T, len(vecs), labels)
@@ -331,6 +333,45 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
     return scored
 
 
+def item_item_skipped(dataset: FederatedDataset) -> str | None:
+    """Why EASE and item-kNN are not run on this dataset (their matrices would not fit), else None."""
+    customers = sum(m.n_users for m in dataset.merchants)
+    if dataset.n_items <= ITEM_ITEM_MAX_ITEMS and customers * dataset.n_items <= ITEM_ITEM_MAX_ITEMS**2:
+        return None
+    return (
+        f"skipped: {dataset.n_items} products and {customers} customers; EASE and item-kNN hold items x "
+        f"items and customers x items matrices, at most {ITEM_ITEM_MAX_ITEMS} products and "
+        f"{ITEM_ITEM_MAX_ITEMS**2:,} customer-product pairs here"
+    )
+
+
+def _summed_rows(matrix: np.ndarray) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """An item-item model's anonymous-basket scores: the sum of the basket's rows (X B, X S)."""
+    return lambda baskets: np.stack([matrix[rows].sum(0) for rows in baskets])
+
+
+def item_item_references(dataset: FederatedDataset, full: sp.csr_matrix, scored: Scorer) -> dict[str, dict]:
+    """EASE (lambda chosen on validation) and implicit's item-kNN (similarity and neighbours chosen on
+    validation), each fitted on `full`; their "similar items" of i are row i of their item-item matrix."""
+    out: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    lam, val_scores = choose_ease_lambda(dataset)
+    u, v = ease(full, lam)
+    weights = v.numpy().T  # B: row i holds the items i's purchase predicts most
+    out["ease"] = scored(
+        _split_rows(dataset, u), v, time.perf_counter() - t0, similar=weights, basket=_summed_rows(weights)
+    )
+    out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
+    t0 = time.perf_counter()
+    knn, knn_scores = choose_knn_settings(dataset)
+    u, v, sim = item_knn(full, **knn)
+    out["item_knn"] = scored(
+        _split_rows(dataset, u), v, time.perf_counter() - t0, similar=sim, basket=_summed_rows(sim)
+    )
+    out["item_knn"]["settings"] = {**knn, "chosen_on": "validation recall@20", "validation": knn_scores}
+    return out
+
+
 def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer, console: Console) -> dict[str, dict]:
     """The centralized references, each on everything before the test cut-off: implicit's ALS
     (settings chosen on validation, then one seeded fit per seed), popularity, EASE (lambda
@@ -355,33 +396,15 @@ def references(dataset: FederatedDataset, seeds: tuple[int, ...], scored: Scorer
     t0 = time.perf_counter()
     u, v = popularity(full)
     out["popularity"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=False)
-    customers = sum(m.n_users for m in dataset.merchants)
-    if dataset.n_items > ITEM_ITEM_MAX_ITEMS or customers * dataset.n_items > ITEM_ITEM_MAX_ITEMS**2:
-        why = (
-            f"skipped: {dataset.n_items} products and {customers} customers; EASE and item-kNN hold items x "
-            f"items and customers x items matrices, at most {ITEM_ITEM_MAX_ITEMS} products and "
-            f"{ITEM_ITEM_MAX_ITEMS**2:,} customer-product pairs here"
-        )
+    why = item_item_skipped(dataset)
+    if why is None:
+        out.update(item_item_references(dataset, full, scored))
+    else:
         out["ease"], out["item_knn"] = {"skipped": why}, {"skipped": why}
-        console.print(f"[bold]ease, item_knn[/]: {why}")
-        console.print(f"[bold]popularity[/]: recall@20 {out['popularity']['overall']['recall@20']:.4f}")
-        return out
-    t0 = time.perf_counter()
-    lam, val_scores = choose_ease_lambda(dataset)
-    u, v = ease(full, lam)
-    # EASE's "similar items" of i: the items i's purchase predicts most, row i of B (= v.T)
-    weights = v.numpy().T  # B: a basket's scores are the sum of its items' rows
-    ease_basket = lambda b: np.stack([weights[rows].sum(0) for rows in b])  # noqa: E731
-    out["ease"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=weights, basket=ease_basket)
-    out["ease"]["settings"] = {"lambda": lam, "chosen_on": "validation recall@20", "validation": val_scores}
-    t0 = time.perf_counter()
-    knn, knn_scores = choose_knn_settings(dataset)
-    u, v, sim = item_knn(full, **knn)
-    knn_basket = lambda b: np.stack([sim[rows].sum(0) for rows in b])  # noqa: E731  (X S for a basket)
-    out["item_knn"] = scored(_split_rows(dataset, u), v, time.perf_counter() - t0, similar=sim, basket=knn_basket)
-    out["item_knn"]["settings"] = {**knn, "chosen_on": "validation recall@20", "validation": knn_scores}
     for name in ("popularity", "ease", "item_knn"):
-        console.print(f"[bold]{name}[/]: recall@20 {out[name]['overall']['recall@20']:.4f}")
+        entry = out[name]
+        result = entry["skipped"] if "skipped" in entry else f"recall@20 {entry['overall']['recall@20']:.4f}"
+        console.print(f"[bold]{name}[/]: {result}")
     return out
 
 
