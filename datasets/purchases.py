@@ -1,7 +1,7 @@
 """Loader for a merchant's own purchase file (CSV or parquet), with errors that name the
 file, column and row of the problem.
 
-Required columns: user, item, timestamp (unix seconds or ISO-8601). Optional: merchant
+Required columns: user, item, timestamp (unix seconds, or ISO-8601 with or without an offset). Optional: merchant
 (default: one merchant named after the file), title, description, category, price.
 An optional catalogue file (column item, plus any of title, description, category, price) adds
 the products nobody has bought yet; the export embeds those from their content.
@@ -20,7 +20,16 @@ from fedrec.errors import DataError
 
 REQUIRED = ("user", "item", "timestamp")
 ITEM_META = ("title", "description", "category", "price")
-ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+# Naive date-times are read as UTC. `%.f` also matches no fraction; `%#z` takes "Z", "+01:00" and
+# "+0100", so the offsets and the "Z" that exports (pandas, databases, JavaScript) write are ISO too.
+ISO_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d",
+)
+ISO_OFFSET_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f %#z")
 
 
 def _read(path: Path) -> pl.DataFrame:
@@ -45,23 +54,32 @@ def _first_bad_row(df: pl.DataFrame, bad: pl.Expr) -> int | None:
 
 
 def _parse_timestamp(df: pl.DataFrame, path: Path) -> pl.Series:
+    """Unix seconds (whole or fractional, floored: only the order of purchases matters) or an
+    ISO-8601 date or date-time, with or without an offset, as unix seconds in UTC."""
     col = df["timestamp"]
     if col.dtype.is_integer():
         return col.cast(pl.Int64)
+    if col.dtype.is_float():
+        return col.floor().cast(pl.Int64, strict=False)
     if col.dtype == pl.Datetime or col.dtype == pl.Date:
         return col.cast(pl.Datetime("ms")).dt.epoch("s")
     text = col.cast(pl.String).str.strip_chars()
-    as_int = text.cast(pl.Int64, strict=False)
-    as_dt = pl.select(
-        pl.coalesce([text.str.strptime(pl.Datetime("ms"), f, strict=False) for f in ISO_FORMATS]).dt.epoch("s")
+    as_number = text.cast(pl.Float64, strict=False)
+    as_number = pl.select(
+        pl.when(as_number.is_finite()).then(as_number.floor()).cast(pl.Int64, strict=False)
     ).to_series()
+    as_int = text.cast(pl.Int64, strict=False).fill_null(as_number)
+    naive = [text.str.strptime(pl.Datetime("ms"), f, strict=False).dt.epoch("s") for f in ISO_FORMATS]
+    offset = [text.str.strptime(pl.Datetime("ms", "UTC"), f, strict=False).dt.epoch("s") for f in ISO_OFFSET_FORMATS]
+    as_dt = pl.select(pl.coalesce([*offset, *naive])).to_series()
     parsed = as_int.fill_null(as_dt)
     bad_rows = parsed.is_null() & text.is_not_null()
     if bad_rows.any():
         row = int(bad_rows.arg_true()[0]) + 1
         raise DataError(
             f"{path}: column 'timestamp', row {row}: {text[row - 1]!r} is neither unix seconds "
-            "nor an ISO-8601 date/time"
+            "nor an ISO-8601 date/time (such as 2024-01-31, 2024-01-31 14:05:00 or "
+            "2024-01-31T14:05:00+01:00)"
         )
     return parsed
 
@@ -106,7 +124,7 @@ def load(
         rows = dup["_row"].head(2).to_list()
         raise DataError(
             f"{path}: duplicate rows {rows[0]} and {rows[1]} (same merchant, user, item and "
-            f"timestamp); {dup.height} duplicated rows in all. Remove the duplicates."
+            f"timestamp, to the second); {dup.height} duplicated rows in all. Remove the duplicates."
         )
     items = _item_table(df)
     if catalogue is not None:

@@ -1,3 +1,4 @@
+import polars as pl
 import pytest
 
 from fedrec.datasets.purchases import load
@@ -53,6 +54,38 @@ def test_good_file_accepts_unix_and_iso_times_and_metadata(tmp_path):
     assert log.interactions["timestamp"].to_list() == [1700000000, 1704189600, 1704240000]
     assert log.items.filter(log.items["item"] == "i1")["title"].item() == "Red mug"
     assert log.interactions["merchant"].unique().sort().to_list() == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("2024-01-02T10:00:00Z", 1704189600),
+        ("2024-01-02T10:00:00.250Z", 1704189600),
+        ("2024-01-02T11:00:00+01:00", 1704189600),
+        ("2024-01-02 05:00:00-0500", 1704189600),
+        ("2024-01-02 10:00:00 +00:00", 1704189600),
+        ("2024-01-02 10:00:00.123456", 1704189600),
+        ("2024-01-02 10:00", 1704189600),
+        ("1704189600.75", 1704189600),
+    ],
+)
+def test_iso_offsets_and_fractional_unix_seconds_are_read(tmp_path, written, seconds):
+    # what exports write: a "Z" or an offset (converted to UTC), fractions of a second, floats
+    path = write(tmp_path, "t.csv", f"user,item,timestamp\nu1,i1,{written}\nu1,i2,1704189601\n")
+    assert load(path).interactions["timestamp"].to_list() == [seconds, 1704189601]
+
+
+def test_float_timestamps_in_parquet_are_floored(tmp_path):
+    path = tmp_path / "f.parquet"
+    pl.DataFrame({"user": ["u", "u"], "item": ["a", "b"], "timestamp": [1.9, 3.2]}).write_parquet(path)
+    assert load(path).interactions["timestamp"].to_list() == [1, 3]
+
+
+@pytest.mark.parametrize("written", ["05/01/2024", "nan", "inf", "2024-13-01"])
+def test_ambiguous_or_invalid_times_are_refused_with_the_row(tmp_path, written):
+    path = write(tmp_path, "t.csv", f"user,item,timestamp\nu1,i1,1\nu1,i2,{written}\n")
+    with pytest.raises(DataError, match=f"column 'timestamp', row 2: '{written}' is neither"):
+        load(path)
 
 
 def test_parquet_round_trip(tiny_frames, tmp_path):
