@@ -48,6 +48,17 @@ def _read(path: Path) -> pl.DataFrame:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
 
 
+def _separator_hint(df: pl.DataFrame, path: Path) -> str:
+    """A header read as one column usually means another separator (Excel writes ';' in many locales)."""
+    if df.width == 1:
+        for sep in (";", "\t", "|"):
+            if sep in df.columns[0]:
+                return (
+                    f" (one column: is the file separated by {sep!r}? {path.suffix} files must use ',' or a .tsv tab)"
+                )
+    return ""
+
+
 def _first_bad_row(df: pl.DataFrame, bad: pl.Expr) -> int | None:
     hit = df.with_row_index("_row", offset=1).filter(bad).select("_row").head(1)
     return int(hit.item()) if hit.height else None
@@ -100,7 +111,7 @@ def load(
     if missing:
         raise DataError(
             f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
-            f"found {', '.join(map(repr, df.columns))}"
+            f"found {', '.join(map(repr, df.columns))}{_separator_hint(df, path)}"
         )
     for c in (*REQUIRED, "merchant"):
         if c in df.columns and df[c].null_count():

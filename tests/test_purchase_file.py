@@ -17,6 +17,7 @@ def write(tmp_path, name, text):
         ("empty.csv", "", {}, "empty.csv: file is empty"),
         ("header.csv", "user,item,timestamp\n", {}, "header.csv: file has a header but no rows"),
         ("cols.csv", "user,item,when\nu,i,1\n", {}, "missing required column(s) 'timestamp'"),
+        ("semi.csv", "user;item;timestamp\nu;i;1\n", {}, "one column: is the file separated by ';'"),
         ("ts.csv", "user,item,timestamp\nu,i,1\nu,j,yesterday\n", {}, "column 'timestamp', row 2: 'yesterday'"),
         ("price.csv", "user,item,timestamp,price\nu,i,1,2.5\nu,j,2,cheap\n", {}, "column 'price', row 2: 'cheap'"),
         ("nulls.csv", "user,item,timestamp\nu,i,1\n,j,2\n", {}, "column 'user', row 2: value is empty"),
