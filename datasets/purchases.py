@@ -129,14 +129,9 @@ def load(
                 f"{path}: column 'merchant', row {row}: unknown merchant "
                 f"{df['merchant'][row - 1]!r}; known: {', '.join(sorted(known))}"
             )
+    # Exact duplicate rows stay: an order-line export writes one line per unit bought, and the
+    # protocol counts a repeat purchase as one positive anyway (`datasets/protocol.py`).
     key = ["merchant", "user", "item", "timestamp"]
-    dup = df.with_row_index("_row", offset=1).filter(pl.struct(key).is_duplicated())
-    if dup.height:
-        rows = dup["_row"].head(2).to_list()
-        raise DataError(
-            f"{path}: duplicate rows {rows[0]} and {rows[1]} (same merchant, user, item and "
-            f"timestamp, to the second); {dup.height} duplicated rows in all. Remove the duplicates."
-        )
     items = _item_table(df)
     if catalogue is not None:
         items = _with_catalogue(items, Path(catalogue))

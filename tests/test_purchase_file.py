@@ -21,7 +21,6 @@ def write(tmp_path, name, text):
         ("ts.csv", "user,item,timestamp\nu,i,1\nu,j,yesterday\n", {}, "column 'timestamp', row 2: 'yesterday'"),
         ("price.csv", "user,item,timestamp,price\nu,i,1,2.5\nu,j,2,cheap\n", {}, "column 'price', row 2: 'cheap'"),
         ("nulls.csv", "user,item,timestamp\nu,i,1\n,j,2\n", {}, "column 'user', row 2: value is empty"),
-        ("dup.csv", "user,item,timestamp\nu,i,1\nv,i,1\nu,i,1\n", {}, "duplicate rows 1 and 3"),
         (
             "merchant.csv",
             "user,item,timestamp,merchant\nu,i,1,a\nu,j,2,zz\n",
@@ -87,6 +86,18 @@ def test_ambiguous_or_invalid_times_are_refused_with_the_row(tmp_path, written):
     path = write(tmp_path, "t.csv", f"user,item,timestamp\nu1,i1,1\nu1,i2,{written}\n")
     with pytest.raises(DataError, match=f"column 'timestamp', row 2: '{written}' is neither"):
         load(path)
+
+
+def test_exact_duplicate_rows_are_one_purchase(tmp_path):
+    # one line per unit bought: the same customer, product and time twice is kept, and the
+    # protocol counts it once, as it counts any repeat purchase
+    from fedrec.datasets.protocol import temporal_split
+
+    rows = "".join(f"u1,i{k},{k}\n" for k in range(6))
+    log = load(write(tmp_path, "d.csv", "user,item,timestamp\n" + rows + "u1,i0,0\n"))
+    assert log.interactions.height == 7
+    merchant = temporal_split(log).merchants[0]
+    assert (merchant.train + merchant.val + merchant.test).sum() == 6
 
 
 def test_parquet_round_trip(tiny_frames, tmp_path):
