@@ -1,7 +1,9 @@
 """Loader for a merchant's own purchase file (CSV or parquet), with errors that name the
 file, column and row of the problem.
 
-Required columns: user, item, timestamp (unix seconds, or ISO-8601 with or without an offset). Optional: merchant
+Required columns: user, item, timestamp (unix seconds, or ISO-8601 with or without an offset);
+a file that names them otherwise maps its own names (`columns`, from `data.user_column` and the
+like), and every message then names the file's column. Optional: merchant
 (default: one merchant named after the file), title, description, category, price.
 An optional catalogue file (column item, plus any of title, description, category, price) adds
 the products nobody has bought yet; the export embeds those from their content.
@@ -10,7 +12,7 @@ Row numbers in messages count data rows from 1; a CSV's line number is one more 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -48,6 +50,18 @@ def _read(path: Path) -> pl.DataFrame:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
 
 
+def _renamed(df: pl.DataFrame, columns: Mapping[str, str], path: Path) -> pl.DataFrame:
+    """The file's own column names (`columns`: ours -> the file's) renamed to ours."""
+    mapping = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    for theirs, ours in mapping.items():
+        if theirs in df.columns and ours in df.columns:
+            raise DataError(
+                f"{path}: column {theirs!r} is read as {ours!r}, but the file also has a column {ours!r}; "
+                f"rename or drop one of them"
+            )
+    return df.rename({t: o for t, o in mapping.items() if t in df.columns})
+
+
 def _separator_hint(df: pl.DataFrame, path: Path) -> str:
     """A header read as one column usually means another separator (Excel writes ';' in many locales)."""
     if df.width == 1:
@@ -64,7 +78,7 @@ def _first_bad_row(df: pl.DataFrame, bad: pl.Expr) -> int | None:
     return int(hit.item()) if hit.height else None
 
 
-def _parse_timestamp(df: pl.DataFrame, path: Path) -> pl.Series:
+def _parse_timestamp(df: pl.DataFrame, path: Path, shown: str = "timestamp") -> pl.Series:
     """Unix seconds (whole or fractional, floored: only the order of purchases matters) or an
     ISO-8601 date or date-time, with or without an offset, as unix seconds in UTC."""
     col = df["timestamp"]
@@ -88,7 +102,7 @@ def _parse_timestamp(df: pl.DataFrame, path: Path) -> pl.Series:
     if bad_rows.any():
         row = int(bad_rows.arg_true()[0]) + 1
         raise DataError(
-            f"{path}: column 'timestamp', row {row}: {text[row - 1]!r} is neither unix seconds "
+            f"{path}: column {shown!r}, row {row}: {text[row - 1]!r} is neither unix seconds "
             "nor an ISO-8601 date/time (such as 2024-01-31, 2024-01-31 14:05:00 or "
             "2024-01-31T14:05:00+01:00)"
         )
@@ -100,24 +114,34 @@ def load(
     name: str | None = None,
     merchants: Sequence[str] | None = None,
     catalogue: str | Path | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> PurchaseLog:
     """Validate and load a purchase file. `merchants`, when given, is the list of known merchants;
-    `catalogue`, an optional product file that also lists products without purchases."""
+    `catalogue`, an optional product file that also lists products without purchases; `columns`,
+    the file's own names for user, item, timestamp and merchant (ours -> the file's)."""
     path = Path(path)
+    columns = dict(columns or {})
+    shown = {c: columns.get(c, c) for c in (*REQUIRED, "merchant")}
     df = _read(path)
     if df.height == 0:
         raise DataError(f"{path}: file has a header but no rows")
-    missing = [c for c in REQUIRED if c not in df.columns]
+    missing = [shown[c] for c in REQUIRED if shown[c] not in df.columns]
     if missing:
         raise DataError(
             f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
             f"found {', '.join(map(repr, df.columns))}{_separator_hint(df, path)}"
         )
+    if shown["merchant"] != "merchant" and shown["merchant"] not in df.columns:
+        raise DataError(
+            f"{path}: no column {shown['merchant']!r} (the merchant column set); found "
+            f"{', '.join(map(repr, df.columns))}"
+        )
+    df = _renamed(df, columns, path)
     for c in (*REQUIRED, "merchant"):
         if c in df.columns and df[c].null_count():
             row = _first_bad_row(df, pl.col(c).is_null() | (pl.col(c).cast(pl.String) == ""))
-            raise DataError(f"{path}: column {c!r}, row {row}: value is empty")
-    df = _numeric_price(df.with_columns(timestamp=_parse_timestamp(df, path)), path)
+            raise DataError(f"{path}: column {shown[c]!r}, row {row}: value is empty")
+    df = _numeric_price(df.with_columns(timestamp=_parse_timestamp(df, path, shown["timestamp"])), path)
     if "merchant" not in df.columns:
         df = df.with_columns(merchant=pl.lit(name or path.stem))
     df = df.with_columns(pl.col("user", "item", "merchant").cast(pl.String))
@@ -126,7 +150,7 @@ def load(
         row = _first_bad_row(df, ~pl.col("merchant").is_in(list(known)))
         if row is not None:
             raise DataError(
-                f"{path}: column 'merchant', row {row}: unknown merchant "
+                f"{path}: column {shown['merchant']!r}, row {row}: unknown merchant "
                 f"{df['merchant'][row - 1]!r}; known: {', '.join(sorted(known))}"
             )
     # Exact duplicate rows stay: an order-line export writes one line per unit bought, and the
@@ -134,7 +158,7 @@ def load(
     key = ["merchant", "user", "item", "timestamp"]
     items = _item_table(df)
     if catalogue is not None:
-        items = _with_catalogue(items, Path(catalogue))
+        items = _with_catalogue(items, Path(catalogue), shown["item"])
     return PurchaseLog(
         name=name or path.stem,
         interactions=df.select(*key),
@@ -154,16 +178,21 @@ def _numeric_price(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     return df.with_columns(price=price)
 
 
-def _with_catalogue(items: pl.DataFrame, path: Path) -> pl.DataFrame:
+def _with_catalogue(items: pl.DataFrame, path: Path, item_column: str = "item") -> pl.DataFrame:
     """The purchase file's products plus every product of a catalogue file (columns item and any
     of title, description, category, price), so products nobody bought yet are exported too.
-    The catalogue's metadata wins where both describe a product."""
+    The catalogue's metadata wins where both describe a product. `item_column`: the purchase
+    file's name for the product id, which the catalogue shares."""
     df = _read(path)
-    if "item" not in df.columns:
-        raise DataError(f"{path}: missing required column 'item'; found {', '.join(map(repr, df.columns))}")
+    if item_column not in df.columns:
+        raise DataError(
+            f"{path}: missing required column {item_column!r}; found {', '.join(map(repr, df.columns))}"
+            f"{_separator_hint(df, path)}"
+        )
+    df = _renamed(df, {"item": item_column}, path)
     row = _first_bad_row(df, pl.col("item").is_null() | (pl.col("item").cast(pl.String) == ""))
     if row is not None:
-        raise DataError(f"{path}: column 'item', row {row}: value is empty")
+        raise DataError(f"{path}: column {item_column!r}, row {row}: value is empty")
     df = _numeric_price(df.with_columns(pl.col("item").cast(pl.String)), path)
     dup = df.with_row_index("_row", offset=1).filter(pl.col("item").is_duplicated())
     if dup.height:

@@ -41,6 +41,11 @@ class DataConfig:
     catalogue_path: str = ""  # optional product file (dataset = "file"): adds products nobody bought yet
     movielens_dir: str = ""  # else $FEDREC_MOVIELENS_DIR, ../shared/datasets, download cache
     merchants: list[str] = field(default_factory=list)  # known merchants (file); empty = any
+    # A file's own names for the columns (dataset = "file"; the catalogue file shares item_column)
+    user_column: str = "user"
+    item_column: str = "item"
+    timestamp_column: str = "timestamp"
+    merchant_column: str = "merchant"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     min_positives: int = 5
@@ -128,10 +133,25 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def data_columns(cfg: DataConfig) -> dict[str, str]:
+    """A purchase file's own names for our columns (ours -> the file's)."""
+    return {
+        "user": cfg.user_column,
+        "item": cfg.item_column,
+        "timestamp": cfg.timestamp_column,
+        "merchant": cfg.merchant_column,
+    }
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     checks = [
         (cfg.data.dataset in DATASETS, f"data.dataset must be one of {DATASETS}"),
         (cfg.data.dataset != "file" or bool(cfg.data.path), "data.path is required when data.dataset = 'file'"),
+        (
+            all(c.strip() for c in data_columns(cfg.data).values()) and len(set(data_columns(cfg.data).values())) == 4,
+            "data.user_column, data.item_column, data.timestamp_column and data.merchant_column must be four "
+            "different non-empty column names",
+        ),
         (0 < cfg.data.test_fraction < 1, "data.test_fraction must be in (0, 1)"),
         (0 <= cfg.data.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
         (cfg.data.partition in PARTITIONS, f"data.partition must be one of {PARTITIONS}"),

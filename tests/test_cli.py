@@ -81,6 +81,11 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "bad.csv: missing required column(s) 'timestamp'" in result.output
     assert "Traceback" not in result.output
+    # the file's own name for a column, set on the command line, is the one the message names
+    result = runner.invoke(
+        app, ["train", "--dataset", "file", "--set", f"data.path={bad}", "--set", "data.timestamp_column=ordered_at"]
+    )
+    assert result.exit_code == 2 and "bad.csv: missing required column(s) 'ordered_at'" in result.output
 
     cfg = tmp_path / "run.toml"
     cfg.write_text("[local]\nlearning_rate = 0.1\n")
@@ -103,6 +108,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         ("local.prox_mu=-1", "local.prox_mu must be >= 0"),
         ("network.max_failed_rounds=0", "network.max_failed_rounds must be >= 1"),
         ("federation.aggregation=mean", "federation.aggregation must be one of ('auto', 'fedavg', 'rowwise')"),
+        ("data.user_column=item", "must be four different non-empty column names"),
+        ("data.timestamp_column=", "must be four different non-empty column names"),
     ):
         result = runner.invoke(app, ["train", "--set", setting])
         assert result.exit_code == 2, setting

@@ -1,3 +1,5 @@
+import re
+
 import polars as pl
 import pytest
 
@@ -98,6 +100,39 @@ def test_exact_duplicate_rows_are_one_purchase(tmp_path):
     assert log.interactions.height == 7
     merchant = temporal_split(log).merchants[0]
     assert (merchant.train + merchant.val + merchant.test).sum() == 6
+
+
+SHOP = {"user": "customer_id", "item": "sku", "timestamp": "ordered_at", "merchant": "shop"}
+
+
+def test_a_file_with_its_own_column_names_is_mapped(tmp_path):
+    path = write(tmp_path, "own.csv", "customer_id,sku,ordered_at,shop,title\nc1,s1,1,a,Mug\nc1,s2,2,b,Pan\n")
+    cat = write(tmp_path, "cat.csv", "sku,title\ns3,Lid\n")
+    log = load(path, catalogue=cat, columns=SHOP)
+    assert log.interactions.columns == ["merchant", "user", "item", "timestamp"]
+    assert log.interactions.rows() == [("a", "c1", "s1", 1), ("b", "c1", "s2", 2)]
+    assert sorted(log.items["item"].to_list()) == ["s1", "s2", "s3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("customer_id,sku,when,shop\nc,s,1,a\n", "missing required column(s) 'ordered_at'"),
+        ("customer_id,sku,ordered_at,shop\nc,s,1,a\n,s,2,a\n", "column 'customer_id', row 2: value is empty"),
+        ("customer_id,sku,ordered_at,shop\nc,s,soon,a\n", "column 'ordered_at', row 1: 'soon' is neither"),
+        ("customer_id,sku,ordered_at\nc,s,1\n", "no column 'shop' (the merchant column set)"),
+        ("customer_id,user,sku,ordered_at,shop\nc,d,s,1,a\n", "column 'customer_id' is read as 'user', but"),
+    ],
+)
+def test_messages_name_the_files_own_columns(tmp_path, text, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        load(write(tmp_path, "own.csv", text), columns=SHOP)
+
+
+def test_unknown_merchant_names_the_files_column(tmp_path):
+    path = write(tmp_path, "own.csv", "customer_id,sku,ordered_at,shop\nc,s,1,zz\n")
+    with pytest.raises(DataError, match="column 'shop', row 1: unknown merchant 'zz'"):
+        load(path, merchants=["a"], columns=SHOP)
 
 
 def test_parquet_round_trip(tiny_frames, tmp_path):

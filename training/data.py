@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedrec.config import DataConfig
+from fedrec.config import DataConfig, data_columns
 from fedrec.data import FederatedDataset, PurchaseLog
 from fedrec.datasets import movielens, purchases, synthetic
 from fedrec.datasets.partition import PartitionConfig, partition
@@ -14,7 +14,9 @@ def load_log(cfg: DataConfig) -> PurchaseLog:
         return synthetic.load()
     if cfg.dataset == "movielens-100k":
         return movielens.load(cfg.movielens_dir or None)
-    return purchases.load(cfg.path, merchants=cfg.merchants or None, catalogue=cfg.catalogue_path or None)
+    return purchases.load(
+        cfg.path, merchants=cfg.merchants or None, catalogue=cfg.catalogue_path or None, columns=data_columns(cfg)
+    )
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
