@@ -85,7 +85,11 @@ def _parse_timestamp(df: pl.DataFrame, path: Path, shown: str = "timestamp") -> 
     if col.dtype.is_integer():
         return col.cast(pl.Int64)
     if col.dtype.is_float():
-        return col.floor().cast(pl.Int64, strict=False)
+        bad = ~col.is_finite()
+        if bad.any():
+            row = int(bad.arg_true()[0]) + 1
+            raise DataError(f"{path}: column {shown!r}, row {row}: {col[row - 1]!r} is not a time")
+        return col.floor().cast(pl.Int64)
     if col.dtype == pl.Datetime or col.dtype == pl.Date:
         return col.cast(pl.Datetime("ms")).dt.epoch("s")
     text = col.cast(pl.String).str.strip_chars()

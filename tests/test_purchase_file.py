@@ -81,6 +81,9 @@ def test_float_timestamps_in_parquet_are_floored(tmp_path):
     path = tmp_path / "f.parquet"
     pl.DataFrame({"user": ["u", "u"], "item": ["a", "b"], "timestamp": [1.9, 3.2]}).write_parquet(path)
     assert load(path).interactions["timestamp"].to_list() == [1, 3]
+    pl.DataFrame({"user": ["u", "u"], "item": ["a", "b"], "timestamp": [1.0, float("nan")]}).write_parquet(path)
+    with pytest.raises(DataError, match="column 'timestamp', row 2: nan is not a time"):
+        load(path)
 
 
 @pytest.mark.parametrize("written", ["05/01/2024", "nan", "inf", "2024-13-01"])
