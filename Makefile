@@ -165,7 +165,7 @@ ALS_REG ?= $(if $(SYNTHETIC_ALS),10,3)
 ALS_BIAS ?= $(if $(SYNTHETIC_ALS),--set model.merchant_item_bias=true --set privacy.count_share=0.3 \
 	--set privacy.count_weight=0.1,--set model.merchant_item_bias=false)
 ALS_BASE = --set privacy.mechanism=als --set local.loss=ials --set local.ials_item_step=exact \
-	--set local.temperature=1 --set model.use_content=false --set model.merchant_item_bias=false \
+	--set federation.aggregation=auto --set local.temperature=1 --set model.use_content=false --set model.merchant_item_bias=false \
 	--set model.dim=$(ALS_DIM) --set privacy.clip=$(ALS_CLIP) --set privacy.max_purchases=2 \
 	--set local.user_solve_reg=$(ALS_REG)
 ALS_MATCH ?= 0.2

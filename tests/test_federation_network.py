@@ -114,6 +114,10 @@ def _start_run(fed: dict, name: str, *sets: str):  # noqa: ANN202
     # for round against the in-process refit, in test_wire; elsewhere they would only add time.
     if not any(x.startswith("federation.refit=") for x in sets):
         cmd += ["--set", "federation.refit=false"]
+    # The library's default rule, auto (rowwise here, whose per-row weights n_k 1[sold] only SecAgg+
+    # hides), not the synthetic config's fedavg: the harder case for the masking and the leak tests.
+    if not any(x.startswith("federation.aggregation=") for x in sets):
+        cmd += ["--set", "federation.aggregation=auto"]
     for s in sets:
         cmd += ["--set", s]
     return fed["procs"].start(name, cmd, fed["work"] / "logs" / f"{name}.log"), workdir
@@ -212,7 +216,8 @@ def test_plaintext_run_leaks_what_secagg_hides(federation) -> None:
     # model: only float summation order differs, so the tolerance is 1e-3 of recall@20.
     ds = federation["dataset"]
     cfg = load_config(
-        default_config_path("synthetic"), {"federation.rounds": 1, "federation.refit": False, "threads": 1}
+        default_config_path("synthetic"),
+        {"federation.rounds": 1, "federation.refit": False, "threads": 1, "federation.aggregation": "auto"},
     )
     features = build_item_features(ds.items, cfg.model.hash_buckets)
     res = run_federated(ds, features, cfg.model, cfg.local, cfg.federation)
@@ -268,6 +273,7 @@ def test_dp_als_runs_under_secagg_like_in_process(federation) -> None:
     the card certifies the mechanism, and test recall@20 is the in-process one within 0.01 (the
     tolerance of the split DP-SGD test: SecAgg+'s rounding)."""
     sets = {"privacy.epsilon": 8, "privacy.mechanism": "als", "local.loss": "ials", "local.ials_item_step": "exact",
+            "federation.aggregation": "auto",
             "local.temperature": 1, "model.use_content": False, "model.merchant_item_bias": True,
             "model.dim": 16, "privacy.clip": 0.03, "local.user_solve_reg": 10, "privacy.count_share": 0.3,
             "privacy.noise_split": 3, "federation.rounds": 1, "federation.refit": True}  # fmt: skip
@@ -289,7 +295,8 @@ def test_a_large_catalogue_chooses_its_popularity_prior_over_secagg(federation) 
     """The switch lowered to 1,000 products makes the shop's catalogue "large": the coordinator
     chooses the prior from the merchants' secure sums, the card records it, and the run's weight
     and test recall@20 are the in-process ones (within 0.01, SecAgg+'s rounding)."""
-    sets = {"federation.rounds": 1, "federation.refit": True, "local.full_softmax_max_items": 1000,
+    sets = {"federation.rounds": 1, "federation.refit": True, "federation.aggregation": "auto",
+            "local.full_softmax_max_items": 1000,
             "local.sampled_popularity_weights": [0.1, 1.0]}  # fmt: skip
     out = _run(federation, "prior", *(f"{k}={json.dumps(v)}" for k, v in sets.items()), timeout=400)
     card = json.loads((out["workdir"] / "exports" / out["summary"]["version"] / "model_card.json").read_text())

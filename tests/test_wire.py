@@ -158,8 +158,10 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
     """Same seeds, no dropouts: the nodes' sums over the wire give the in-process model, round for round,
     in the early-stopped run and in the refit on train + validation that is released after it.
 
-    The tolerance (1e-5) covers only float summation order: the wire carries float32 scaled sums
-    added in float64, the in-process runtime adds float32 tensors merchant by merchant.
+    The tolerance (3e-5) covers only float summation order: the wire carries float32 scaled sums
+    added in float64, the in-process runtime adds float32 tensors merchant by merchant. Under the
+    synthetic config's fedavg (since 2026-12-06) each term is n_k times a delta, so one entry in
+    138,176 of the refit's table differed by 1.1e-5 (rowwise had stayed within 1e-5).
     """
     cfg, ds, out = synthetic_bundles
     features = build_item_features(ds.items, cfg.model.hash_buckets)
@@ -176,7 +178,7 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
     assert first.history[-1].round == 2
     best = first.best_round  # the early-stopped result keeps the best round's model
     for k in states[best]:
-        torch.testing.assert_close(states[best][k], first.item_state[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(states[best][k], first.item_state[k], rtol=1e-5, atol=3e-5)
     # the merchants' private tables after that round match too
     for n in nodes:
         users, _ = n.state_at(best)
@@ -187,7 +189,7 @@ def test_networked_merchant_path_equals_the_in_process_runtime(synthetic_bundles
     assert all(t.bundle.merchant.train.nnz > n.bundle.merchant.train.nnz for t, n in zip(twins, nodes, strict=True))
     refit = run(twins, best)[best]
     for k in refit:
-        torch.testing.assert_close(refit[k], inproc.item_state[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(refit[k], inproc.item_state[k], rtol=1e-5, atol=3e-5)
     for t in twins:
         users, _ = t.state_at(best)
         torch.testing.assert_close(users, trained_users(inproc, t.name, cfg), rtol=1e-3, atol=1e-4)
@@ -341,7 +343,9 @@ def test_reply_pull_collects_every_reply_and_stops_at_the_last_or_at_the_timeout
     assert late.pulls >= 2
 
 
+# the exact item step is aggregated by solving (`auto`), where the synthetic config sets fedavg
 DP_ALS = {"privacy.mechanism": "als", "local.loss": "ials", "local.ials_item_step": "exact", "local.temperature": 1.0,
+          "federation.aggregation": "auto",
           "model.use_content": False, "model.dim": 16, "privacy.clip": 0.03, "local.user_solve_reg": 10.0,
           "privacy.count_share": 0.3, "privacy.epsilon": 8.0, "privacy.noise_split": 6, "federation.rounds": 2,
           "federation.refit": False}  # fmt: skip
