@@ -85,9 +85,8 @@ def _parse_timestamp(df: pl.DataFrame, path: Path, shown: str = "timestamp") -> 
     if col.dtype.is_integer():
         return col.cast(pl.Int64)
     if col.dtype.is_float():
-        bad = ~col.is_finite()
-        if bad.any():
-            row = int(bad.arg_true()[0]) + 1
+        row = _first_bad_row(df, ~pl.col("timestamp").is_finite())
+        if row is not None:
             raise DataError(f"{path}: column {shown!r}, row {row}: {col[row - 1]!r} is not a time")
         return col.floor().cast(pl.Int64)
     if col.dtype == pl.Datetime or col.dtype == pl.Date:
