@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant
 
 from fedrec.config import aggregation_rule, load_config
 from fedrec.errors import ConfigError
@@ -26,7 +26,7 @@ from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, initial_item_state, item_tower_shapes
 from fedrec.privacy import noisy_als
-from fedrec.privacy.accountant import ALPHAS, DPMechanism, epsilon_spent, plan_mechanism
+from fedrec.privacy.accountant import DPMechanism, epsilon_spent, plan_mechanism
 from fedrec.privacy.config import PrivacyConfig
 
 MODEL = ModelConfig(dim=8, use_content=False, hash_buckets=64)
@@ -143,10 +143,10 @@ def test_the_accountant_composes_one_unsampled_gaussian_release_a_round_as_opacu
     cfg = PrivacyConfig(epsilon=8.0, mechanism="als", sample_rate=0.1)
     mech = plan_mechanism(cfg, rounds=3, epochs=2)
     assert (mech.sample_rate, mech.steps_per_round, mech.mechanism) == (1.0, 1, "als")  # sample_rate unused
-    acc = RDPAccountant()
+    acc = PRVAccountant()  # the default accountant
     for _ in range(3):
         acc.step(noise_multiplier=mech.noise_multiplier, sample_rate=1.0)
-    eps = acc.get_epsilon(delta=cfg.delta, alphas=ALPHAS)
+    eps = acc.get_epsilon(delta=cfg.delta)
     assert eps == pytest.approx(epsilon_spent(mech, 3), rel=1e-9) and 7.9 < eps <= 8.0
     # one more round would overspend: the budget fixes the schedule
     assert epsilon_spent(mech, 4) > 8.0
@@ -230,6 +230,7 @@ def test_a_private_als_run_spends_its_budget_in_rounds_and_records_the_mechanism
         ({"privacy.count_share": 0.3}, "count_share > 0 needs the bias"),
         ({"privacy.count_share": 1.0, "model.merchant_item_bias": True}, "privacy.count_share must be in [0, 1)"),
         ({"privacy.count_weight": 0}, "privacy.count_weight must be > 0"),
+        ({"privacy.accountant": "gdp"}, "privacy.accountant must be one of prv, rdp, got 'gdp'"),
     ],
 )
 def test_settings_the_private_item_step_cannot_honour_are_refused(overrides, message):

@@ -115,7 +115,7 @@ class TrainResult:
     history: list[RoundLog]
     best_round: int
     seconds: float
-    # With customer-level DP: the mechanism and the epsilon actually spent (Opacus RDP).
+    # With customer-level DP: the mechanism and the epsilon spent (`privacy.accountant`: Opacus PRV or RDP).
     privacy: dict | None = None
     # Rounds of the refit on train + validation (`FederationConfig.refit`); 0: no refit, the
     # released model is the early-stopped one.
