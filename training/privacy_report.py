@@ -126,7 +126,7 @@ def write_report(rows: list[dict], results_dir: Path, command: str) -> dict[str,
             key=lambda r: (_mechanism(r), r.get("noise_split", 0), math.inf if r["epsilon"] == "inf" else r["epsilon"]),
         )
         for r in order:
-            ratio = f"{r['recall@20'] / ref:.2f}" if ref else "-"
+            ratio = f"{r['recall@20'] / ref:.3f}" if ref else "-"  # 3 places: 0.846 is not 0.85
             lines.append(
                 f"| {ds} | {_noise(r)} | {r['epsilon']} | {r['delta']:g} "
                 f"| {r['recall@20']:.4f} ± {r['recall@20_std']:.4f} | {ratio} "
