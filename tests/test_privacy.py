@@ -381,6 +381,7 @@ def test_privacy_report_writes_rows_table_and_curve(tmp_path, tiny_csv):
     assert dp["recall@20_std"] == pytest.approx(np.std(dp["per_seed"], ddof=1))  # as in evaluate
     assert dp["noise_multiplier"] > 0 and dp["rounds"] == 2 and all(0 < e <= 4.0 for e in dp["epsilon_spent"])
     assert plain["noise_multiplier"] == 0.0 and plain["epsilon_spent"] == ["inf", "inf"]
+    assert (dp["accountant"], plain["accountant"]) == ("prv", None)  # the default accountant, named
     assert dp["command"] == plain["command"] == report["command"]  # each row names the run that made it
     table = (tmp_path / "results" / "privacy-report.md").read_text()
     assert "| file | per merchant, dp_sgd | 4.0 |" in table and "| file | none | inf |" in table

@@ -54,6 +54,7 @@ def _row(cfg: RunConfig, epsilon: float, seeds: list[int], console: Console) -> 
         "rounds": mech["rounds"] if mech else None,
         "noise_split": cfg.privacy.noise_split if mech else 0,
         "mechanism": cfg.privacy.mechanism if mech else None,
+        "accountant": cfg.privacy.accountant if mech else None,  # Opacus's prv or rdp (rdp before 2026-12-06)
         "max_purchases": cfg.privacy.max_purchases if mech and cfg.privacy.mechanism == "als" else None,
         # DP-ALS's merchant item bias from noised counts (0: none)
         "count_share": mech.get("count_share", 0.0) if mech else None,
