@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedrec.errors import ConfigError
@@ -95,20 +95,21 @@ def epsilon_spent(mech: DPMechanism, rounds: int) -> float:
 
 def _epsilon(accountant: str, sigma: float, sample_rate: float, steps: int, delta: float) -> float:
     """One accountant's epsilon for `steps` Poisson-subsampled Gaussian steps (sample_rate 1: none)."""
-    if accountant == "rdp":
-        acc = RDPAccountant()
-        acc.history = [(sigma, sample_rate, steps)]
-        return float(acc.get_epsilon(delta=delta, alphas=ALPHAS))
-    acc = PRVAccountant()
+    acc = create_accountant(mechanism=accountant)
     acc.history = [(sigma, sample_rate, steps)]
-    with _quiet_prv():
-        return float(acc.get_epsilon(delta=delta))
+    with _quiet_opacus():
+        return float(acc.get_epsilon(delta=delta, **_epsilon_kwargs(accountant)))
+
+
+def _epsilon_kwargs(accountant: str) -> dict:
+    """RDP's epsilon is tightest over our wider set of orders; PRV takes its own defaults."""
+    return {"alphas": ALPHAS} if accountant == "rdp" else {}
 
 
 @contextlib.contextmanager
-def _quiet_prv() -> Iterator[None]:
-    """Opacus's PRV takes log(0) at sample_rate 1 on a branch it then discards, and sizes its domain
-    with an RDP bound that warns about its largest order: neither touches the epsilon it returns."""
+def _quiet_opacus() -> Iterator[None]:
+    """Opacus's PRV takes log(0) at sample_rate 1 on a branch it then discards, and RDP (also inside
+    PRV, to size its domain) warns when its largest order is the best: neither touches the epsilon."""
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.filterwarnings("ignore", "Optimal order is the largest alpha", UserWarning)
@@ -166,8 +167,7 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
 
 def _noise_for(accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (to 0.5% of epsilon) whose `steps` stay within the budget."""
-    kwargs = {"alphas": ALPHAS} if accountant == "rdp" else {}
-    with _quiet_prv():
+    with _quiet_opacus():
         return get_noise_multiplier(
             target_epsilon=epsilon,
             target_delta=delta,
@@ -175,7 +175,7 @@ def _noise_for(accountant: str, epsilon: float, delta: float, sample_rate: float
             steps=steps,
             accountant=accountant,
             epsilon_tolerance=0.005 * epsilon,
-            **kwargs,
+            **_epsilon_kwargs(accountant),
         )
 
 
