@@ -26,6 +26,7 @@ right after the coordinator's solve: the users validated, tested and exported be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -52,7 +53,7 @@ from fedrec.federated.messages import MerchantSums
 from fedrec.federated.wire import TEST_PREFIX, TEST_USERS, VAL_HITS, VAL_USERS
 from fedrec.metrics import METRICS
 from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings
-from fedrec.privacy.accountant import plan_mechanism
+from fedrec.privacy.accountant import DPMechanism, plan_mechanism
 from fedrec.served_weight import SERVED_WEIGHT_FILE
 
 BUNDLE_FORMAT = 1
@@ -188,8 +189,13 @@ class MerchantNode:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.features: ItemFeatures = build_item_features(bundle.items, cfg.model.hash_buckets)
-        # The DP mechanism follows from the config alone: planned once, not every round.
-        self.dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
+
+    @functools.cached_property
+    def dp(self) -> DPMechanism | None:
+        """The DP mechanism, from the config alone: planned once, on first use. Only training reads
+        it, and the networked client builds a node (under DP, and its refit node) for every message,
+        where planning a budget's noise costs about a second with the PRV accountant."""
+        return plan_mechanism(self.cfg.privacy, self.cfg.federation.rounds, self.cfg.local.epochs)
 
     @property
     def name(self) -> str:
