@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als validate-privacy-als-prv validate-privacy-noise-decay privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -190,6 +190,11 @@ validate-privacy-als: setup
 validate-privacy-als-prv: setup
 	$(ALS_VALIDATE) $(ALS_BIAS) --set 'model.content_match_weights=[$(ALS_MATCH)]' --tag als-prv \
 		--setting federation.rounds --candidates 2,3,4,5,6,8
+# The noise schedule (privacy.noise_decay: round t's noise is round 1's x decay^(t - 1), the budget
+# the same), on validation with the settings above: 1 (the same noise every round) is the base.
+validate-privacy-noise-decay: setup
+	$(ALS_VALIDATE) $(ALS_BIAS) --set 'model.content_match_weights=[$(ALS_MATCH)]' --tag als-decay \
+		--setting privacy.noise_decay --candidates 1,0.9,0.8,0.7,0.6
 # privacy-report rows for DP-ALS, per merchant and with the noise split over every merchant.
 privacy-report-als: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \

@@ -7,6 +7,7 @@ release a round as Opacus does, and a merchant's message holds only the noised s
 weights.
 """
 
+import dataclasses
 import math
 import re
 
@@ -125,6 +126,38 @@ def test_the_count_bias_carries_the_running_mean_of_the_releases():
     assert torch.allclose(bias, weight * torch.sign(mean) * torch.log1p(mean.abs()), rtol=1e-5, atol=1e-6)
     # more counts, more bias; a negative noised count ranks below a zero one
     assert noisy_als.count_bias(torch.tensor([-3.0, 0.0, 2.0, 30.0]), weight).diff().gt(0).all()
+
+
+def test_under_a_noise_schedule_the_count_bias_weighs_each_release_by_its_precision():
+    rng = np.random.default_rng(1)
+    releases = [torch.from_numpy(rng.normal(50.0, 20.0, size=500)).float() for _ in range(3)]
+    weight, decay, bias = 0.1, 0.5, torch.zeros(500)
+    for r, fresh in enumerate(releases, start=1):
+        bias = noisy_als.count_bias(noisy_als.averaged_counts(bias, fresh, weight, r, decay), weight)
+    precision = torch.tensor([decay ** (-2.0 * k) for k in range(3)])  # round t's noise: decay^(t - 1)
+    want = (torch.stack(releases) * precision[:, None]).sum(0) / precision.sum()
+    assert torch.allclose(noisy_als.bias_counts(bias, weight), want, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(want, torch.stack(releases).mean(0), rtol=1e-2)  # not the plain mean
+
+
+def test_each_round_of_a_noise_schedule_draws_that_rounds_noise(tiny_dataset):
+    """A merchant's release in round t under privacy.noise_decay is the one a flat mechanism at round
+    t's noise multiplier gives: the same draws, scaled."""
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    m = tiny_dataset.merchants[0]
+    state = initial_item_state(tiny_dataset.n_items, MODEL, 0)
+    users = torch.zeros(m.n_users, MODEL.dim)
+    scheduled = DPMechanism(0.05, 2.0, 1.0, 1, 1e-5, 8.0, mechanism="als", max_purchases=2.0, noise_decay=0.5)
+    flat = dataclasses.replace(scheduled, noise_multiplier=0.5, noise_decay=1.0)  # round 3: 2 x 0.5^2
+    got = local_update(state, users, m.train, features, MODEL, LOCAL, 7, dp=scheduled, release=3)
+    want = local_update(state, users, m.train, features, MODEL, LOCAL, 7, dp=flat, release=3)
+    first = local_update(state, users, m.train, features, MODEL, LOCAL, 7, dp=scheduled, release=1)
+    for k in want.item_terms:
+        assert torch.equal(got.item_terms[k], want.item_terms[k])
+    clean = noisy_als.clipped_terms(got.user_embeddings.numpy(), m.train, 0.05, 2.0)[noisy_als.RHS]
+    late = got.item_terms[noisy_als.RHS].double().numpy() - clean
+    early = first.item_terms[noisy_als.RHS].double().numpy() - clean
+    assert early.std() == pytest.approx(4 * late.std(), rel=0.1)  # round 1's noise: 2, round 3's: 0.5
 
 
 def test_the_solve_is_alss_item_step_without_the_per_product_confidence_term():

@@ -25,6 +25,7 @@ from fedrec.privacy.accountant import (
     DPMechanism,
     epsilon_spent,
     plan_mechanism,
+    privacy_entry,
     rounds_within_budget,
     steps_per_epoch,
 )
@@ -66,11 +67,13 @@ def test_planned_noise_meets_the_budget_as_opacus_counts_it_step_by_step(account
     assert acc.get_epsilon(delta=cfg.delta, **kwargs) > 4.0
 
 
-def _gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
-    """The exact epsilon of `releases` Gaussian mechanisms (sensitivity 1, no subsampling): their
-    composition is one Gaussian mechanism with mu = sqrt(releases) / sigma (Dong, Roth and Su's
-    Gaussian DP), whose delta(epsilon) is Balle and Wang's closed form; solved for epsilon by bisection."""
-    mu = math.sqrt(releases) / sigma
+def _gaussian_epsilon(sigma: float | list[float], releases: int, delta: float) -> float:
+    """The exact epsilon of `releases` Gaussian mechanisms (sensitivity 1, no subsampling) of noise
+    `sigma` (or one per release): their composition is one Gaussian mechanism with mu = sqrt(sum of
+    1 / sigma_t^2) (Dong, Roth and Su's Gaussian DP), whose delta(epsilon) is Balle and Wang's closed
+    form; solved for epsilon by bisection."""
+    sigmas = sigma if isinstance(sigma, list) else [sigma] * releases
+    mu = math.sqrt(sum(s**-2 for s in sigmas))
 
     def delta_at(eps: float) -> float:
         return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
@@ -98,6 +101,58 @@ def test_the_prv_accountant_is_tight_where_the_exact_answer_is_known(epsilon):
         else:
             assert spent > 1.04 * exact
     assert plan["prv"].noise_multiplier < 0.96 * plan["rdp"].noise_multiplier
+
+
+@pytest.mark.parametrize("decay", [0.7, 1.2])
+def test_a_noise_schedule_spends_the_budget_as_opacus_composes_its_rounds(decay):
+    """privacy.noise_decay: round t's noise is round 1's x decay^(t - 1), round 1's the smallest that
+    keeps the whole schedule within the budget, accounted round by round as Opacus composes it."""
+    cfg = PrivacyConfig(epsilon=8.0, mechanism="als", noise_decay=decay)
+    mech = plan_mechanism(cfg, rounds=3, epochs=1)
+    sigmas = [mech.noise_at(t) for t in (1, 2, 3)]
+    assert sigmas == pytest.approx([mech.noise_multiplier * decay**k for k in range(3)], rel=1e-12)
+    acc = PRVAccountant()
+    for s in sigmas:
+        acc.step(noise_multiplier=s, sample_rate=1.0)
+    eps = acc.get_epsilon(delta=cfg.delta)
+    assert eps == pytest.approx(epsilon_spent(mech, 3), rel=1e-9) and 8.0 * 0.99 <= eps <= 8.0
+    exact = _gaussian_epsilon(sigmas, 3, cfg.delta)  # certified, never below the truth
+    assert exact <= eps <= exact + 0.02
+    # Gaussian releases compose by their precisions: the schedule's effective noise is the flat one's
+    flat = plan_mechanism(dataclasses.replace(cfg, noise_decay=1.0), rounds=3, epochs=1)
+    effective = sum(s**-2 for s in sigmas) ** -0.5
+    assert effective == pytest.approx(flat.noise_multiplier / math.sqrt(3), rel=0.01)
+    # each round runs its own noise; the entry records the first and the last
+    assert mech.at_round(3).noise_multiplier == pytest.approx(sigmas[2], rel=1e-12)
+    entry = privacy_entry(mech, 3)
+    assert (entry["noise_decay"], entry["last_noise_multiplier"]) == (decay, pytest.approx(sigmas[2]))
+    # a subsampled schedule: each round's steps at its own noise, as Opacus steps them
+    sgd = plan_mechanism(PrivacyConfig(epsilon=4.0, sample_rate=0.5, noise_decay=decay), rounds=3, epochs=1)
+    acc = PRVAccountant()
+    for t in (1, 2, 3):
+        for _ in range(sgd.steps_per_round):
+            acc.step(noise_multiplier=sgd.noise_at(t), sample_rate=0.5)
+    assert acc.get_epsilon(delta=1e-5) == pytest.approx(epsilon_spent(sgd, 3), rel=1e-9)
+    assert 4.0 * 0.99 <= epsilon_spent(sgd, 3) <= 4.0
+
+
+def test_a_decaying_hand_set_noise_stops_training_when_the_budget_is_spent():
+    mech = DPMechanism(1.0, 2.0, 1.0, 1, 1e-5, 8.0, mechanism="als", noise_decay=0.8)
+    spent = [epsilon_spent(mech, r) for r in range(1, 12)]
+    assert all(a < b for a, b in zip(spent, spent[1:], strict=False))
+    r = rounds_within_budget(mech, 100)
+    assert epsilon_spent(mech, r) <= 8.0 < epsilon_spent(mech, r + 1)
+    flat = dataclasses.replace(mech, noise_decay=1.0)
+    assert r < rounds_within_budget(flat, 100)  # less noise each round: fewer rounds fit
+
+
+def test_a_noise_schedule_too_long_to_account_is_refused_and_a_huge_epsilon_still_answers():
+    with pytest.raises(ConfigError, match="noise schedule .* at most 20 federation.rounds"):
+        plan_mechanism(PrivacyConfig(epsilon=8.0, noise_split=6, noise_decay=0.99), rounds=200, epochs=1)
+    # PRV's grid would need gigabytes at this epsilon: RDP's certified bound answers instead
+    tiny = DPMechanism(1.0, 0.05, 1.0, 1, 1e-5, 8.0, mechanism="als")
+    rdp = epsilon_spent(dataclasses.replace(tiny, accountant="rdp"), 1)
+    assert epsilon_spent(tiny, 1) == rdp > 100
 
 
 def test_epsilon_grows_with_rounds_and_the_budget_cuts_the_schedule():
@@ -307,6 +362,8 @@ def test_a_dp_run_with_the_refit_on_trains_once_on_train_and_validation(tiny_dat
         ("privacy.clip", 0, "privacy.clip must be > 0"),
         ("privacy.sample_rate", 0, "privacy.sample_rate must be in (0, 1]"),
         ("privacy.sample_rate", 1.5, "privacy.sample_rate must be in (0, 1]"),
+        ("privacy.noise_decay", 0, "privacy.noise_decay must be in (0, 2]"),
+        ("privacy.noise_decay", 2.5, "privacy.noise_decay must be in (0, 2]"),
     ],
 )
 def test_out_of_range_privacy_settings_are_refused_by_name(setting, value, message):

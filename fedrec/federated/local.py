@@ -201,7 +201,8 @@ def local_update(
     to the coordinator is public: weight 1, the scheduled number of steps, no loss.
     A grouped item bias (one row per merchant, `user_groups` naming each customer's row) is the
     centralized baseline's: it needs the softmax loss and no DP. `release`: under DP-ALS with a
-    count bias, which of this merchant's rounds this is (1-based; its counts' running mean).
+    count bias, which of this merchant's rounds this is (1-based; its counts' running mean); under
+    any DP, the round whose noise multiplier the schedule gives (`DPMechanism.at_round`).
     """
     if cfg.temperature <= 0:
         raise ValueError("local_update needs local.temperature > 0 (0, chosen on validation, is run_federated's)")
@@ -217,6 +218,8 @@ def local_update(
         raise ConfigError(f"local.device = {cfg.device!r}: torch sees no CUDA device on this machine; use cpu")
     if dp is not None and cfg.device != "cpu":
         raise ConfigError("customer-level DP runs on the CPU only: set local.device = 'cpu'")
+    if dp is not None:
+        dp = dp.at_round(release)  # this round's noise under the schedule (privacy.noise_decay)
     gen = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: the same draws
     torch.manual_seed(seed)
     dev = torch.device(cfg.device)
@@ -351,7 +354,7 @@ def _exact_item_step(
         sums = noisy_als.noised_terms(terms, dp.clip, dp.max_purchases, dp.share_multiplier, gen, dp.count_share)
         if counted:  # the counts take the whole noise: they stay here, unsummed, and other lists read them
             fresh = noisy_als.noised_counts(terms, dp.clip, dp.max_purchases, dp.count_share, dp.noise_multiplier, gen)
-            counts = noisy_als.averaged_counts(bias.detach().cpu(), fresh, dp.count_weight, release)
+            counts = noisy_als.averaged_counts(bias.detach().cpu(), fresh, dp.count_weight, release, dp.noise_decay)
             bias = noisy_als.count_bias(counts, dp.count_weight)
         return LocalResult(
             delta={},

@@ -9,7 +9,8 @@ Gaussian releases at epsilon 8 it overstates the epsilon by 7% (8.55 for a noise
 A merchant's customers are disjoint from every other merchant's, and each merchant noises its
 own update, so one customer's guarantee is the composition of their own merchant's steps:
 (rounds the merchant joined) x (local epochs) x (steps per epoch), each a Poisson-subsampled
-Gaussian mechanism with the same noise multiplier and sampling rate. We count every round for
+Gaussian mechanism with the same sampling rate and that round's noise multiplier (the same every
+round unless `privacy.noise_decay` schedules it). We count every round for
 every merchant (the worst case when `federation.fraction` < 1).
 
 With the noise split across merchants (`privacy.noise_split` = n), a round is one step: the sum
@@ -33,6 +34,14 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedrec.errors import ConfigError
 from fedrec.privacy.config import PrivacyConfig
 
+# PRV sizes its grid from RDP's epsilon, so a huge one (a tiny noise multiplier: the late rounds of a
+# decaying schedule, or a hand-set noise) would ask for gigabytes; past this, RDP's bound (looser, and
+# still certified) is the answer, as no budget worth the name is that large.
+PRV_MAX_EPSILON = 100.0
+# A noise schedule gives every round its own entry in the accountant's history, and both accountants'
+# cost grows with their number (planning 20 subsampled rounds: under a minute with PRV; 200: minutes
+# with either), as the noise search asks for some 20 epsilons.
+MAX_SCHEDULE_ROUNDS = 20
 # Opacus's default orders plus larger ones: small budgets with many steps are tightest there.
 ALPHAS: list[float] = RDPAccountant.DEFAULT_ALPHAS + list(range(64, 256, 8)) + [256, 512, 1024]
 
@@ -53,6 +62,16 @@ class DPMechanism:
     count_share: float = 0.0  # als: the merchant's counts' share of the sensitivity (0: no counts block)
     count_weight: float = 0.0  # als with counts: the item bias's weight on log(1 + count)
     accountant: str = "prv"  # Opacus's "prv" or "rdp" (`privacy.accountant`)
+    noise_decay: float = 1.0  # the schedule: round t's noise multiplier is noise_multiplier x decay^(t - 1)
+
+    def noise_at(self, rnd: int) -> float:
+        """Round `rnd`'s (1-based) noise multiplier under the schedule."""
+        return self.noise_multiplier * self.noise_decay ** (rnd - 1)
+
+    def at_round(self, rnd: int) -> DPMechanism:
+        """What round `rnd` runs: its noise multiplier is that round's (`noise_decay` is kept, for
+        DP-ALS's count averaging; do not resolve a resolved mechanism again)."""
+        return self if self.noise_decay == 1 else dataclasses.replace(self, noise_multiplier=self.noise_at(rnd))
 
     @property
     def share_multiplier(self) -> float:
@@ -76,6 +95,7 @@ class DPMechanism:
             "mechanism": self.mechanism,
             **({"max_purchases": self.max_purchases} if self.mechanism == "als" else {}),
             **({"count_share": self.count_share, "count_weight": self.count_weight} if self.count_share else {}),
+            **({"noise_decay": self.noise_decay} if self.noise_decay != 1 else {}),
         }
 
 
@@ -90,13 +110,23 @@ def epsilon_spent(mech: DPMechanism, rounds: int) -> float:
         return 0.0
     if mech.noise_multiplier <= 0:
         return math.inf
-    return _epsilon(mech.accountant, mech.noise_multiplier, mech.sample_rate, rounds * mech.steps_per_round, mech.delta)
+    return _epsilon(mech.accountant, _history(mech, rounds), mech.delta)
 
 
-def _epsilon(accountant: str, sigma: float, sample_rate: float, steps: int, delta: float) -> float:
-    """One accountant's epsilon for `steps` Poisson-subsampled Gaussian steps (sample_rate 1: none)."""
+def _history(mech: DPMechanism, rounds: int) -> list[tuple[float, float, int]]:
+    """Opacus's accountant history of the first `rounds` rounds: (noise multiplier, sample rate, steps)
+    per noise level, so one entry without a schedule and one per round with it."""
+    if mech.noise_decay == 1:
+        return [(mech.noise_multiplier, mech.sample_rate, rounds * mech.steps_per_round)]
+    return [(mech.noise_at(t), mech.sample_rate, mech.steps_per_round) for t in range(1, rounds + 1)]
+
+
+def _epsilon(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    """One accountant's epsilon for a history of Poisson-subsampled Gaussian steps (sample_rate 1: none)."""
+    if accountant == "prv" and (rdp := _epsilon("rdp", history, delta)) > PRV_MAX_EPSILON:
+        return rdp
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(sigma, sample_rate, steps)]
+    acc.history = history
     with _quiet_opacus():
         return float(acc.get_epsilon(delta=delta, **_epsilon_kwargs(accountant)))
 
@@ -133,19 +163,26 @@ def rounds_within_budget(mech: DPMechanism, rounds: int) -> int:
 def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism | None:
     """The mechanism for a run, or None when privacy is off.
 
-    With only a budget, the noise multiplier is the smallest that keeps the whole schedule
-    (rounds x epochs x 1/q steps) within it. With a noise multiplier set by hand, the run refuses
-    to start when not even one round fits the budget (training then stops when it is spent).
+    With only a budget, the noise multiplier (round 1's, under a `noise_decay` schedule) is the
+    smallest that keeps the whole schedule (rounds x epochs x 1/q steps) within it. With a noise
+    multiplier set by hand, the run refuses to start when not even one round fits the budget
+    (training then stops when it is spent).
     """
     if not cfg.enabled:
         return None
     als = cfg.mechanism == "als"  # one release of every customer's bounded terms a round: no sampling
     sample_rate = 1.0 if als else cfg.sample_rate
     per_round = 1 if cfg.noise_split or als else epochs * steps_per_epoch(cfg.sample_rate)
+    if cfg.noise_decay != 1 and rounds > MAX_SCHEDULE_ROUNDS:
+        raise ConfigError(
+            f"privacy: a noise schedule (noise_decay={cfg.noise_decay}) is accounted round by round, which takes "
+            f"minutes past {MAX_SCHEDULE_ROUNDS} rounds ({rounds} here): set privacy.noise_decay = 1 or at most "
+            f"{MAX_SCHEDULE_ROUNDS} federation.rounds"
+        )
     sigma = cfg.noise_multiplier
     if sigma <= 0:
         try:
-            sigma = float(_noise_for(cfg.accountant, cfg.epsilon, cfg.delta, sample_rate, rounds * per_round))
+            sigma = _noise_for(cfg, sample_rate, per_round, rounds)
         except ValueError as exc:
             raise ConfigError(
                 f"privacy: epsilon={cfg.epsilon} at delta={cfg.delta} cannot be met by {rounds} rounds "
@@ -154,7 +191,7 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
     mech = DPMechanism(
         cfg.clip, sigma, sample_rate, per_round, cfg.delta, cfg.epsilon, cfg.noise_split, cfg.mechanism,
         cfg.max_purchases if als else 0.0, cfg.count_share if als else 0.0,
-        cfg.count_weight if als and cfg.count_share else 0.0, cfg.accountant,
+        cfg.count_weight if als and cfg.count_share else 0.0, cfg.accountant, cfg.noise_decay,
     )  # fmt: skip
     if math.isfinite(cfg.epsilon) and rounds_within_budget(mech, 1) < 1:
         raise ConfigError(
@@ -165,18 +202,39 @@ def plan_mechanism(cfg: PrivacyConfig, rounds: int, epochs: int) -> DPMechanism 
     return mech
 
 
-def _noise_for(accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier (to 0.5% of epsilon) whose `steps` stay within the budget."""
-    with _quiet_opacus():
-        return get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005 * epsilon,
-            **_epsilon_kwargs(accountant),
-        )
+def _noise_for(cfg: PrivacyConfig, sample_rate: float, per_round: int, rounds: int) -> float:
+    """The smallest noise multiplier (round 1's; to 0.5% of epsilon) whose schedule stays within the
+    budget: Opacus's own search for one noise level, and the same search (double, then bisect) over
+    the per-round history for a decaying schedule, which Opacus's search does not take."""
+    tolerance = 0.005 * cfg.epsilon
+    if cfg.noise_decay == 1:
+        with _quiet_opacus():
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.epsilon,
+                    target_delta=cfg.delta,
+                    sample_rate=sample_rate,
+                    steps=rounds * per_round,
+                    accountant=cfg.accountant,
+                    epsilon_tolerance=tolerance,
+                    **_epsilon_kwargs(cfg.accountant),
+                )
+            )
+
+    def spent(sigma: float) -> float:
+        mech = DPMechanism(1.0, sigma, sample_rate, per_round, cfg.delta, cfg.epsilon, accountant=cfg.accountant,
+                           noise_decay=cfg.noise_decay)  # fmt: skip
+        return epsilon_spent(mech, rounds)
+
+    low, high = 0.0, 10.0
+    while spent(high) > cfg.epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError("no noise multiplier up to 10,000 meets it")
+    while cfg.epsilon - spent(high) > tolerance:
+        mid = (low + high) / 2
+        low, high = (mid, high) if spent(mid) > cfg.epsilon else (low, mid)
+    return high
 
 
 def privacy_entry(mech: DPMechanism | None, rounds: int) -> dict | None:
@@ -194,6 +252,7 @@ def privacy_entry(mech: DPMechanism | None, rounds: int) -> dict | None:
         how = "(Poisson-subsampled Gaussian), every round counted for every merchant"
     entry = {
         **mech.to_dict(),
+        **({"last_noise_multiplier": mech.noise_at(rounds)} if mech.noise_decay != 1 else {}),
         "rounds": rounds,
         "epsilon": spent if math.isfinite(spent) else "inf",
         "accountant": f"{name} {how}",

@@ -47,6 +47,10 @@ class PrivacyConfig:
     # bias, count_weight x log(1 + count); 0: no counts block (needs merchant_item_bias off).
     count_share: float = 0.0
     count_weight: float = 0.1
+    # The noise schedule: round t's noise multiplier is round 1's times noise_decay^(t - 1), round 1's
+    # solved so that the whole schedule meets the budget (1: the same noise every round). Below 1,
+    # later rounds, whose releases the final model rests on most, get less noise and earlier ones more.
+    noise_decay: float = 1.0
     # Opacus's accountant for the noise a budget needs and the epsilon spent: "prv" (privacy loss
     # distributions composed numerically; tight) or "rdp" (Renyi DP; looser: the same budget buys
     # about 6% more noise at epsilon 8). Runs before 2026-12-06 used "rdp".
@@ -73,6 +77,10 @@ def privacy_errors(cfg: PrivacyConfig) -> list[str]:
         (
             cfg.accountant in ACCOUNTANTS,
             f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}, got {cfg.accountant!r}",
+        ),
+        (
+            0 < cfg.noise_decay <= 2,
+            f"privacy.noise_decay must be in (0, 2] (1: the same noise every round), got {cfg.noise_decay}",
         ),
         (cfg.max_purchases > 0, f"privacy.max_purchases must be > 0, got {cfg.max_purchases}"),
         (0 <= cfg.count_share < 1, f"privacy.count_share must be in [0, 1), got {cfg.count_share}"),

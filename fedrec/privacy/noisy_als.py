@@ -124,14 +124,20 @@ def bias_counts(bias: torch.Tensor, weight: float) -> torch.Tensor:
     return (torch.sign(scaled) * torch.expm1(scaled.abs())).float()
 
 
-def averaged_counts(previous_bias: torch.Tensor, fresh: torch.Tensor, weight: float, release: int) -> torch.Tensor:
+def averaged_counts(
+    previous_bias: torch.Tensor, fresh: torch.Tensor, weight: float, release: int, noise_decay: float = 1.0
+) -> torch.Tensor:
     """The mean of this merchant's `release` noised count releases so far (the counts do not change
     from round to round, so the mean keeps the signal and divides the noise's variance by `release`:
-    post-processing, free)."""
+    post-processing, free). Under a noise schedule (`privacy.noise_decay`), each release weighs by
+    the inverse of its noise variance, decay^-2(t - 1), the mean with the least variance."""
     if release <= 1:
         return fresh
     mean = bias_counts(previous_bias, weight)
-    return mean + (fresh - mean) / release
+    if noise_decay == 1:
+        return mean + (fresh - mean) / release
+    precision = noise_decay ** (-2.0 * np.arange(release))
+    return mean + (fresh - mean) * float(precision[-1] / precision.sum())
 
 
 def solve_item_table(total: dict[str, torch.Tensor], alpha: float, reg: float) -> torch.Tensor:
