@@ -35,9 +35,10 @@ from fedrec.errors import ConfigError
 from fedrec.privacy.config import PrivacyConfig
 
 # PRV sizes its grid from RDP's epsilon, so a huge one (a tiny noise multiplier: the late rounds of a
-# decaying schedule, or a hand-set noise) would ask for gigabytes; past this, RDP's bound (looser, and
-# still certified) is the answer, as no budget worth the name is that large.
-PRV_MAX_EPSILON = 100.0
+# decaying schedule, or a hand-set noise) asks for terabytes, and near this size it already answers inf
+# (3 releases at noise 0.05: RDP 772); past this, RDP's bound (looser, and still certified) is the
+# answer, as no budget worth the name is that large.
+PRV_MAX_EPSILON = 500.0
 # A noise schedule gives every round its own entry in the accountant's history, and both accountants'
 # cost grows with their number (planning 20 subsampled rounds: under a minute with PRV; 200: minutes
 # with either), as the noise search asks for some 20 epsilons.
