@@ -126,14 +126,14 @@ def test_a_noise_schedule_spends_the_budget_as_opacus_composes_its_rounds(decay)
     assert mech.at_round(3).noise_multiplier == pytest.approx(sigmas[2], rel=1e-12)
     entry = privacy_entry(mech, 3)
     assert (entry["noise_decay"], entry["last_noise_multiplier"]) == (decay, pytest.approx(sigmas[2]))
-    # a subsampled schedule: each round's steps at its own noise, as Opacus steps them
-    sgd = plan_mechanism(PrivacyConfig(epsilon=4.0, sample_rate=0.5, noise_decay=decay), rounds=3, epochs=1)
+    # a subsampled schedule: each round's steps at its own noise, as Opacus steps them (a hand-set
+    # noise: the search above is the same code, and each subsampled PRV epsilon takes a second)
+    sgd = DPMechanism(0.1, 1.5, 0.5, 2, 1e-5, math.inf, noise_decay=decay)
     acc = PRVAccountant()
     for t in (1, 2, 3):
         for _ in range(sgd.steps_per_round):
-            acc.step(noise_multiplier=sgd.noise_at(t), sample_rate=0.5)
+            acc.step(noise_multiplier=1.5 * decay ** (t - 1), sample_rate=0.5)
     assert acc.get_epsilon(delta=1e-5) == pytest.approx(epsilon_spent(sgd, 3), rel=1e-9)
-    assert 4.0 * 0.99 <= epsilon_spent(sgd, 3) <= 4.0
 
 
 def test_a_decaying_hand_set_noise_stops_training_when_the_budget_is_spent():
