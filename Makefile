@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als validate-privacy-als-prv validate-privacy-noise-decay confirm-privacy-noise-decay privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als validate-privacy-als-prv validate-privacy-noise-decay confirm-privacy-noise-decay validate-privacy-noise-decay-sgd privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -206,6 +206,12 @@ CONFIRM_DECAY ?= 0.8
 confirm-privacy-noise-decay: setup
 	$(foreach r,$(ALS_ROUNDS) $(CONFIRM_ROUNDS),$(DP_ALS_VALIDATE) --set federation.rounds=$(r) \
 		--tag als-decay-confirm-r$(r) --setting privacy.noise_decay --candidates 1,$(CONFIRM_DECAY) --seeds 9 &&) true
+# The noise schedule for per-merchant DP-SGD (DP_ROUNDS rounds of DP_EPOCHS epochs: 20 per-round
+# entries, the most a schedule is accounted for), in two runs of two candidates each (they ran side
+# by side on the two cores): results/validation-privacy.noise_decay-dp-decay-{a,b}-<dataset>.json.
+validate-privacy-noise-decay-sgd: setup
+	$(DP_VALIDATE) --set local.epochs=$(DP_EPOCHS) --tag dp-decay-a --setting privacy.noise_decay --candidates 1,0.9
+	$(DP_VALIDATE) --set local.epochs=$(DP_EPOCHS) --tag dp-decay-b --setting privacy.noise_decay --candidates 0.95,0.85
 # privacy-report rows for DP-ALS, per merchant and with the noise split over every merchant.
 privacy-report-als: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/fedrec privacy-report --dataset $(DATASET) $(CONFIG_ARG) --set threads=1 \

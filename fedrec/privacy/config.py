@@ -52,7 +52,8 @@ class PrivacyConfig:
     # later rounds, whose releases the final model rests on most, get less noise and earlier ones more.
     # Accounted round by round, so refused past 20 rounds. Tuned on validation for DP-ALS at 3 to 6
     # rounds (make validate-privacy-noise-decay, confirm-privacy-noise-decay): no decay led the
-    # shipped flat schedule beyond the seed spread on fresh seeds, so 1 stays.
+    # shipped flat schedule beyond the seed spread on fresh seeds, and per-merchant DP-SGD on MovieLens
+    # lost by it (make validate-privacy-noise-decay-sgd), so 1 stays.
     noise_decay: float = 1.0
     # Opacus's accountant for the noise a budget needs and the epsilon spent: "prv" (privacy loss
     # distributions composed numerically; tight) or "rdp" (Renyi DP; looser: the same budget buys
