@@ -187,15 +187,14 @@ validate-privacy-als: setup
 # The settings above were chosen under Opacus's RDP accountant. PRV (the default since 2026-12-06)
 # buys less noise for the same budget at every round count alike; this checks on validation that
 # the number of rounds, the setting the noise per round trades against, still peaks where it was.
+DP_ALS_VALIDATE = $(ALS_VALIDATE) $(ALS_BIAS) --set 'model.content_match_weights=[$(ALS_MATCH)]'
 validate-privacy-als-prv: setup
-	$(ALS_VALIDATE) $(ALS_BIAS) --set 'model.content_match_weights=[$(ALS_MATCH)]' --tag als-prv \
-		--setting federation.rounds --candidates 2,3,4,5,6,8
+	$(DP_ALS_VALIDATE) --tag als-prv --setting federation.rounds --candidates 2,3,4,5,6,8
 # The noise schedule (privacy.noise_decay: round t's noise is round 1's x decay^(t - 1), the budget
 # the same), on validation with the settings above, at each of DECAY_ROUNDS rounds (fewer releases
 # or more may suit a schedule better): ALS_ROUNDS at decay 1 (the same noise every round) is the base.
 # Files: results/validation-privacy.noise_decay-als-decay-r<rounds>-<dataset>.json.
 DECAY_ROUNDS ?= 3 4 5 6
-DP_ALS_VALIDATE = $(ALS_VALIDATE) $(ALS_BIAS) --set 'model.content_match_weights=[$(ALS_MATCH)]'
 validate-privacy-noise-decay: setup
 	$(foreach r,$(DECAY_ROUNDS),$(DP_ALS_VALIDATE) --set federation.rounds=$(r) --tag als-decay-r$(r) \
 		--setting privacy.noise_decay --candidates 1,0.9,0.8,0.7,0.6 &&) true
