@@ -256,6 +256,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.model.content_match_dim >= 1, "model.content_match_dim must be >= 1"),
         (
             all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                for w in cfg.model.copurchase_weights
+            ),
+            "model.copurchase_weights must be a list of finite numbers >= 0 ([0] or [] is off)",
+        ),
+        (
+            len(cfg.model.copurchase_lambdas) > 0
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+                for x in cfg.model.copurchase_lambdas
+            ),
+            "model.copurchase_lambdas must be a non-empty list of finite numbers > 0",
+        ),
+        (
+            all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= 1
                 for w in cfg.model.served_popularity_weights
             ),
@@ -378,6 +393,11 @@ def check_networked(cfg: RunConfig) -> RunConfig:
             "local.temperature = 0 (settings chosen on validation among local.candidates, or the temperatures) runs "
             "in-process only: set a temperature, and the other settings of the candidate you want (a merchant can "
             "choose on its own file alone: `fedrec train --dataset file` prints the choice)"
+        )
+    if any(w > 0 for w in cfg.model.copurchase_weights) and not cfg.privacy.enabled:
+        raise ConfigError(
+            "model.copurchase_weights: the co-purchase term runs in-process only (its item-item Gram has no "
+            "message in the networked runtime); set model.copurchase_weights = [] for a networked run"
         )
     dp_als = cfg.privacy.enabled and cfg.privacy.mechanism == "als"  # its sums are bounded: clipped vectors
     if cfg.local.ials_item_step == "exact" and not dp_als:  # sums of u u' over customers: no bound the config fixes

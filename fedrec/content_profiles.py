@@ -36,10 +36,20 @@ def fold_in_with_match(
     baskets: list[np.ndarray],
     weight: float,
     width: int,
+    copurchase: tuple[float, int] = (0.0, 0),
 ) -> np.ndarray:
     """Baskets' user vectors for a model whose vectors end with a content-match block `width`
-    wide (0: none): `fold` solves u against the tower's part alone (training never saw the match
-    either), then each basket's own w p follows it. The API and both evaluations fold in by this."""
-    tower = vectors[:, : vectors.shape[1] - width]
+    wide (0: none), and after it a co-purchase block (`copurchase`: its weight and width, the
+    trained catalogue; `fedrec/copurchase.py`): `fold` solves u against the tower's part alone
+    (training never saw either block), then each basket's own w p and w x follow it, as a
+    customer's do. The API and both evaluations fold in by this."""
+    co_weight, co_width = copurchase
+    matched = vectors[:, : vectors.shape[1] - co_width]
+    tower = matched[:, : matched.shape[1] - width]
     users = fold(tower)
-    return users if not width else with_basket_profiles(users, baskets, vectors[:, tower.shape[1] :], weight)
+    if width:
+        users = with_basket_profiles(users, baskets, matched[:, tower.shape[1] :], weight)
+    if co_width:
+        bought = basket_matrix(baskets, vectors.shape[0])[:, :co_width].toarray()
+        users = np.hstack([users.astype(np.float32), np.float32(co_weight) * bought.astype(np.float32)])
+    return users

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrec.content_match import BASIS, WEIGHT, with_content
+from fedrec.copurchase import ITEMS as COPURCHASE
+from fedrec.copurchase import with_block
 from fedrec.features import ItemFeatures, tfidf_rows
 
 # The state name of the per-product id table: what ALS's item step solves, DP noises row by row and
@@ -49,6 +51,11 @@ class ModelConfig:
     # `content_match_dim` singular directions of the catalogue's TF-IDF tokens.
     content_match_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     content_match_dim: int = 64
+    # The co-purchase term's weight w (score += w s (x_c B)_i, EASE's B from the merchants' summed
+    # Gram, `fedrec/copurchase.py`) and EASE's lam, chosen among these on the validation slice
+    # after training; () or (0,) is off. In-process, non-private, up to 5,000 products.
+    copurchase_weights: tuple[float, ...] = ()
+    copurchase_lambdas: tuple[float, ...] = (50.0, 200.0, 1000.0)
     # Each merchant's served popularity weight w (score = u . v + w b, `fedrec/served_weight.py`):
     # among these, the best recall@20 on its own validation slice whose top-1 share is at most
     # max_top1_share ([]: w = 1, the trained score). 0.2 was the largest budget whose validation
@@ -186,17 +193,25 @@ def scoring_vectors(
 
 
 def tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The item tower's own tensors: a released state without the content match's basis."""
-    return {k: v for k, v in state.items() if k not in (BASIS, WEIGHT)}
+    """The item tower's own tensors: a released state without the content match's basis and the
+    co-purchase block."""
+    return {k: v for k, v in state.items() if k not in (BASIS, WEIGHT, COPURCHASE)}
+
+
+def _with_blocks(vectors: torch.Tensor, features: ItemFeatures, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tower's vectors, then the content match's block and the co-purchase block where the state has them."""
+    if BASIS in state:
+        vectors = with_content(vectors, features, state[BASIS])
+    return vectors if COPURCHASE not in state else with_block(vectors, state[COPURCHASE])
 
 
 @torch.no_grad()
 def item_embeddings(state: dict[str, torch.Tensor], features: ItemFeatures, cfg: ModelConfig) -> torch.Tensor:
-    """Every product's vector: the tower's, then the content match's block when the state has one."""
+    """Every product's vector: the tower's, then the content match's and the co-purchase blocks
+    when the state has them."""
     tower = tower_from_state(features.n_items, cfg, tower_state(state))
     tower.eval()
-    vectors = tower(features)
-    return vectors if BASIS not in state else with_content(vectors, features, state[BASIS])
+    return _with_blocks(tower(features), features, state)
 
 
 def content_neighbour_vectors(trained: torch.Tensor, features: ItemFeatures, neighbours: int = 0) -> torch.Tensor:
@@ -222,14 +237,15 @@ def catalogue_embeddings(
     product gets the content path alone (its id row was never trained, or with compositional ids
     is shared with trained products, and the id prior's mean is zero); a model without a content
     tower gives it `content_neighbour_vectors`. The content match's block, where the state has one,
-    comes from every product's own tokens. `n_trained` may be left out when the tower has one
+    comes from every product's own tokens; the co-purchase block is zero for a new product.
+    `n_trained` may be left out when the tower has one
     id row per product (it is then the table's length)."""
     if n_trained is None:
         if "item_emb_q.weight" in state or ID_TABLE not in state:
             raise ValueError("catalogue_embeddings: without one id row per product, n_trained must be given")
         n_trained = state[ID_TABLE].shape[0]
     vectors = _catalogue_tower_vectors(tower_state(state), features, cfg, n_trained)
-    return vectors if BASIS not in state else with_content(vectors, features, state[BASIS])
+    return _with_blocks(vectors, features, state)
 
 
 def _catalogue_tower_vectors(

@@ -95,6 +95,14 @@ class LoadedExport:
         weight = float(match.get("weight", 0.0))
         return (weight, int(match.get("basis_rank", 0))) if weight > 0 else (0.0, 0)
 
+    @property
+    def copurchase(self) -> tuple[float, int]:
+        """The co-purchase term's weight and the width of its block, the last of every vector
+        (`fedrec/copurchase.py`); (0, 0) for a model without one."""
+        term = self.card.get("copurchase") or {}
+        weight = float(term.get("weight", 0.0))
+        return (weight, int(term.get("width", 0))) if weight > 0 else (0.0, 0)
+
     @cached_property
     def unit_vectors(self) -> np.ndarray:
         """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""

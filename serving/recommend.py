@@ -106,11 +106,12 @@ def basket_vectors(export: LoadedExport, baskets: list[np.ndarray], cfg: FoldInC
 
     With a merchant item bias the softmax fold-in scores u . v + b, as training did. With the
     content match, u is folded in against the tower's part of the vectors (training never saw the
-    match either) and the basket's own w p follows it, as a customer's does.
+    match either) and the basket's own w p follows it, as a customer's does; so does its w x with
+    the co-purchase term.
     """
     weight, width = export.content_match
     fold = lambda tower: _tower_basket_vectors(export, tower, baskets, cfg)  # noqa: E731
-    return fold_in_with_match(fold, export.item_vectors, baskets, weight, width)
+    return fold_in_with_match(fold, export.item_vectors, baskets, weight, width, export.copurchase)
 
 
 def _tower_basket_vectors(

@@ -38,8 +38,9 @@ from fedrec.evaluation import (
     recommendation_lists,
 )
 from fedrec.features import build_item_features
-from fedrec.federated import content_choice
+from fedrec.federated import content_choice, copurchase_choice
 from fedrec.federated.content_choice import ContentMatch
+from fedrec.federated.copurchase_choice import CoPurchase
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import TrainResult, run_federated
 from fedrec.metrics import (
@@ -217,21 +218,22 @@ def diversity(dataset, users, items, biases, labels: np.ndarray, similar=None, b
 
 
 def tower_basket_scores(
-    items: torch.Tensor, local: LocalConfig, match: ContentMatch | None = None
+    items: torch.Tensor, local: LocalConfig, match: ContentMatch | None = None, copurchase: CoPurchase | None = None
 ) -> Callable[[list[np.ndarray]], np.ndarray]:
     """An anonymous basket as the API answers it: the training loss's fold-in (the softmax one at
     the default reg, or ALS's user step for an ials model, as `serving.recommend.basket_vectors`)
     against the tower's part of the vectors, the basket's content profile after it where the model
-    has the content match, then the dot product."""
+    has the content match (and its purchase row with the co-purchase term), then the dot product."""
     vecs, reg = items.numpy(), FoldInConfig().reg
     weight, width = content_choice.block(match)
+    term = copurchase_choice.block(copurchase)
 
     def fold(tower: np.ndarray, baskets: list[np.ndarray]) -> np.ndarray:
         if local.loss == "ials":
             return fold_in_ials(tower, baskets, local.ials_alpha, local.user_solve_reg, reg)
         return fold_in_many(tower, baskets, "softmax", reg, local.temperature)
 
-    return lambda baskets: fold_in_with_match(lambda t: fold(t, baskets), vecs, baskets, weight, width) @ vecs.T
+    return lambda baskets: fold_in_with_match(lambda t: fold(t, baskets), vecs, baskets, weight, width, term) @ vecs.T
 
 
 def choose_ease_lambda(dataset: FederatedDataset, lambdas=EASE_LAMBDAS) -> tuple[float, dict[str, float]]:
@@ -309,7 +311,9 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
         entry["seconds"] = round(seconds, 2)
         if basket is None and similar is None:  # a two-tower model: baskets folded in as the API does
             local = trained_with(cfg, result).local if result is not None else cfg.local
-            basket = tower_basket_scores(items, local, None if result is None else result.content_match)
+            basket = tower_basket_scores(
+                items, local, *((None, None) if result is None else (result.content_match, result.copurchase))
+            )
         basket_args = None if basket is None else (baskets, basket_labels, basket)
         entry["diversity"] = diversity(dataset, users, items, ranked, labels, similar, basket_args)
         if ranked is not biases:
@@ -325,6 +329,8 @@ def make_scorer(dataset: FederatedDataset, cfg: RunConfig) -> Scorer:
                 entry["choice_scores"] = result.choice.scores
             if result.content_match is not None:  # its weight, chosen on validation after training
                 entry["content_match"] = result.content_match.entry()
+            if result.copurchase is not None:  # its lam and weight, chosen on validation after training
+                entry["copurchase"] = result.copurchase.entry()
             entry["rounds"] = len(result.history)
             entry["best_round"] = result.best_round
             entry["refit_rounds"] = result.refit_rounds

@@ -25,6 +25,7 @@ from fedrec.config import RunConfig
 from fedrec.content_profiles import fold_in_with_match
 from fedrec.data import MerchantData
 from fedrec.evaluation import MetricSums, combine, evaluate_test
+from fedrec.federated import copurchase_choice
 from fedrec.federated.content_choice import block
 from fedrec.ials_users import solve_ials_baskets
 from fedrec.metrics import eligible_users
@@ -67,6 +68,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
     temperature = run.cfg.local.temperature  # the chosen one, where local.temperature = 0
     rules, alpha = rules_for(run.cfg.local.loss), run.cfg.local.ials_alpha
     weight, width = block(run.result.content_match)  # folds in as the API does: u against the tower's part, then w p
+    term = copurchase_choice.block(run.result.copurchase)  # and w x after it
     parts: dict[str, dict[str, MetricSums]] = {"learned": {}}
     seconds: dict[str, float] = {}
     for m in run.dataset.merchants:
@@ -85,7 +87,7 @@ def evaluate_foldin(cfg: RunConfig, console: Console, users_per_merchant: int = 
             t0 = time.perf_counter()
             fold = functools.partial(_fold_batches, baskets=rows, method=method, reg=reg, solve=solve,
                                      alpha=alpha, temperature=temperature, bias=b)  # fmt: skip
-            folded = fold_in_with_match(fold, vecs, rows, weight, width).astype(vecs.dtype, copy=False)
+            folded = fold_in_with_match(fold, vecs, rows, weight, width, term).astype(vecs.dtype, copy=False)
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
             parts.setdefault(name, {})[m.name] = evaluate_test(sub, torch.from_numpy(folded), items, bias)
     out: dict = {

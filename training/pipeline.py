@@ -15,6 +15,7 @@ from fedrec.training.train import (
     TrainedRun,
     choice_entry,
     content_match_entry,
+    copurchase_entry,
     popularity_entry,
     run_dir,
     save_checkpoint,
@@ -35,6 +36,7 @@ def _card(
     validation_choice: dict | None = None,
     popularity_prior: dict | None = None,
     content_match: dict | None = None,
+    copurchase: dict | None = None,
 ) -> dict:
     return {
         "dataset": dataset.name,
@@ -55,6 +57,10 @@ def _card(
         # Products' vectors end with the content block z and customers' with w p (score += w p . z),
         # the weight chosen on validation (fedrec/content_match.py); null or weight 0: none
         "content_match": content_match,
+        # After it, products' vectors end with s B' (EASE's B from the summed Gram) and customers' with
+        # w x (their purchase rows), lambda and w chosen on validation (fedrec/copurchase.py); null or
+        # weight 0: none
+        "copurchase": copurchase,
         "merchants": [m.name for m in dataset.merchants],
         "new_items": new_items_entry(cfg),
         "metrics": {
@@ -87,7 +93,7 @@ def train_and_export(cfg: RunConfig, console: Console) -> tuple[TrainedRun, Path
     res = run.result
     card = _card(
         cfg, run.dataset, history, res.best_round, res.seconds, run.test, res.privacy, res.refit_rounds,
-        choice_entry(res), popularity_entry(res), content_match_entry(res),
+        choice_entry(res), popularity_entry(res), content_match_entry(res), copurchase_entry(res),
     )  # fmt: skip
     items, vecs = export_catalogue(cfg, run.dataset.items, run.dataset.new_items, run.result.item_state)
     path = write_export(
@@ -130,7 +136,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     card = _card(
         export_cfg, dataset, ckpt["history"], ckpt["best_round"], ckpt["seconds"], ckpt["test"], ckpt.get("privacy"),
         ckpt.get("refit_rounds", 0), ckpt.get("validation_choice"), ckpt.get("popularity_prior"),
-        ckpt.get("content_match"),
+        ckpt.get("content_match"), ckpt.get("copurchase"),
     )  # fmt: skip
     path = write_export(
         root,

@@ -97,6 +97,12 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
             f"content match chosen on validation recall@20: weight {match.weight:g}; among "
             + "; ".join(f"{w:g} ({v:.4f})" for w, v in match.scores.items())
         )
+    if result.copurchase is not None and result.copurchase.scores:
+        term = result.copurchase
+        console.print(
+            f"co-purchase term chosen on validation recall@20: weight {term.weight:g}, lambda {term.lam:g}; among "
+            + "; ".join(f"{k} ({v:.4f})" for k, v in term.scores.items())
+        )
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
     if result.served_weights:  # each merchant's default popularity_weight in the API
@@ -123,6 +129,11 @@ def content_match_entry(result: TrainResult) -> dict | None:
     return None if result.content_match is None else result.content_match.entry()
 
 
+def copurchase_entry(result: TrainResult) -> dict | None:
+    """The co-purchase term a run chose on validation, as the card records it (None: not chosen)."""
+    return None if result.copurchase is None else result.copurchase.entry()
+
+
 def served_weights_entry(result: TrainResult) -> dict[str, dict] | None:
     """Each merchant's served popularity weight, as its export file records it (None: not chosen)."""
     chosen = result.served_weights
@@ -145,6 +156,7 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "validation_choice": choice_entry(run.result),
         "popularity_prior": popularity_entry(run.result),
         "content_match": content_match_entry(run.result),
+        "copurchase": copurchase_entry(run.result),
         "served_weights": served_weights_entry(run.result),
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))

@@ -28,7 +28,7 @@ from fedrec.data import FederatedDataset
 from fedrec.errors import ConfigError
 from fedrec.evaluation import MetricSums, combine_sums, evaluate_val, sample_customers
 from fedrec.features import ItemFeatures
-from fedrec.federated import content_choice, popularity_prior
+from fedrec.federated import content_choice, copurchase_choice, popularity_prior
 from fedrec.federated.aggregation import (
     ITEM_STEP_RULES,
     add_sums,
@@ -131,6 +131,9 @@ class TrainResult:
     # The content match validation chose (`fedrec/federated/content_choice.py`): with a weight
     # above 0, already in `item_state` (its basis) and `user_embeddings` (w p); None: not chosen.
     content_match: content_choice.ContentMatch | None = None
+    # The co-purchase term validation chose (`fedrec/federated/copurchase_choice.py`): with a weight
+    # above 0, already in `item_state` (its block) and `user_embeddings` (w x); None: not chosen.
+    copurchase: copurchase_choice.CoPurchase | None = None
     # Each merchant's served popularity weight, chosen on its own validation slice after training
     # (`fedrec/served_weight.py`); `item_biases` stay the trained ones. None: nothing chosen.
     served_weights: dict[str, served_weight.ServedWeight] | None = None
@@ -228,6 +231,7 @@ def run_federated(
             res = refit_federated(dataset, features, model_cfg, local_cfg, fed_cfg, res, on_round, on_message, tamper)
     res = with_popularity_prior(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
     res = with_content_match(dataset, features, model_cfg, local_cfg, fed_cfg, res, dp is not None)
+    res = with_copurchase(dataset, features, model_cfg, fed_cfg, res, dp is not None)
     return with_served_weights(dataset, features, model_cfg, local_cfg, res, dp is not None)
 
 
@@ -310,6 +314,41 @@ def with_content_match(
 
     early = None if res.early_stopped is None else match_added(res.early_stopped, False)
     return dataclasses.replace(match_added(res, res.refit_rounds > 0), early_stopped=early)
+
+
+def with_copurchase(
+    dataset: FederatedDataset,
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    fed_cfg: FederationConfig,
+    res: TrainResult,
+    private: bool,
+) -> TrainResult:
+    """The co-purchase term's lam and weight chosen on the validation slice with the early-stopped
+    model (with its content match), then, above 0, added to the released model and to the
+    early-stopped one, each with B and the purchase rows of what it trained on. Never under DP."""
+    if res.choice is not None:
+        model_cfg = res.choice.model
+    if not copurchase_choice.applies(model_cfg, dataset.n_items, private):
+        return res
+    judged = res.early_stopped or res
+    chosen, b = copurchase_choice.choose(
+        dataset.merchants, judged.user_embeddings, item_embeddings(judged.item_state, features, model_cfg),
+        judged.item_biases, model_cfg, validation_rows(dataset, fed_cfg),
+    )  # fmt: skip
+    if chosen.weight == 0:
+        early = None if res.early_stopped is None else dataclasses.replace(res.early_stopped, copurchase=chosen)
+        return dataclasses.replace(res, copurchase=chosen, early_stopped=early)
+
+    def term_added(run: TrainResult, with_validation: bool) -> TrainResult:
+        state, users = copurchase_choice.added(
+            dataset.merchants, run.item_state, run.user_embeddings, chosen, with_validation,
+            None if with_validation else b,
+        )  # fmt: skip
+        return dataclasses.replace(run, item_state=state, user_embeddings=users, copurchase=chosen)
+
+    early = None if res.early_stopped is None else term_added(res.early_stopped, False)
+    return dataclasses.replace(term_added(res, res.refit_rounds > 0), early_stopped=early)
 
 
 def with_served_weights(

@@ -1,0 +1,84 @@
+"""Co-purchase term: EASE's item-item weights, solved from the merchants' summed Gram, beside the score.
+
+    score(c, i) = u_c . v_i + b_i + (content match) + w s (x_c B)_i
+
+B is EASE's closed form (Steck 2019: P = (G + lam I)^-1, B = I - P / diag(P), diag(B) = 0) on G,
+the sum over merchants of each one's X_m' X_m, so it needs no customer's row, only a sum that
+secure aggregation can form. x_c is customer c's purchase row, computed and kept at their merchant
+like u_c; s scales the term to the spread of the model's own scores, so the weight w means the
+same on every shop. Both sides are appended to the vectors ([u, w x] . [v, s B'] is still one inner
+product), so evaluation, the export, FAISS and the fold-in rank with it unchanged.
+
+Why: on MovieLens's validation slice the two-tower model and EASE (the strongest centralized
+reference there) err on different customers; a weighted sum of the two ranked test above either
+in probes. It is not trained with the model: only lam and w are chosen after training, on the
+validation slice (`fedrec/federated/copurchase_choice.py`), and w = 0 keeps the model as trained.
+
+Costs: B is catalogue x catalogue, dense, so the term is limited to `MAX_ITEMS` products, and it
+widens every vector by the trained catalogue. What it reveals: G's sum (how often two products are
+bought together, over all merchants), which the export's B carries too; there is no noise in it,
+so DP runs never use it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ITEMS = "copurchase.items"  # (trained, trained): row i is s times B's column i
+MAX_ITEMS = 5_000  # B is dense, catalogue x catalogue: 100 MB of float32 at this size
+
+
+def gram(purchases: list[sp.csr_matrix]) -> np.ndarray:
+    """Sum over merchants of X_m' X_m (dense, float64): each merchant's term needs only its own
+    purchase matrix, and only the sum enters B."""
+    total = np.zeros((purchases[0].shape[1],) * 2)
+    for x in purchases:
+        total += (x.T @ x).toarray()
+    return total
+
+
+def ease_from_gram(g: np.ndarray, lam: float) -> np.ndarray:
+    """EASE's B from a Gram matrix: P = (G + lam I)^-1, B = I - P / diag(P), zero diagonal."""
+    p = np.linalg.inv(g + lam * np.eye(g.shape[0]))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def item_block(b: np.ndarray, scale: float) -> torch.Tensor:
+    """The item side over the trained catalogue: row i is scale times B's column i."""
+    return torch.from_numpy(np.ascontiguousarray(scale * b.T, dtype=np.float32))
+
+
+def with_purchases(users: torch.Tensor, purchases: sp.csr_matrix, weight: float) -> torch.Tensor:
+    """[u, w x]: a merchant's user vectors with their purchase rows (over the trained catalogue)."""
+    x = torch.from_numpy(purchases.toarray().astype(np.float32))
+    return torch.cat([users, weight * x.to(users.dtype)], 1)
+
+
+def with_block(vectors: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """[v, s B']: product vectors with their co-purchase block. Rows past the block's (products
+    nobody had bought when B was solved) get zeros."""
+    rows = block[: vectors.shape[0]].to(vectors.dtype)
+    if rows.shape[0] < vectors.shape[0]:
+        rows = torch.cat([rows, rows.new_zeros(vectors.shape[0] - rows.shape[0], rows.shape[1])])
+    return torch.cat([vectors, rows], 1)
+
+
+def score_spread(users: torch.Tensor, items: torch.Tensor) -> tuple[float, float, int]:
+    """(sum, sum of squares, count) of one merchant's scores over every product (`users` and
+    `items` as `model.scoring_vectors` gives them, bias included): the sums the spread of the
+    model's scores is pooled from."""
+    s = (users @ items.T).double()
+    return float(s.sum()), float(s.pow(2).sum()), int(s.numel())
+
+
+def spread(parts: list[tuple[float, float, int]]) -> float:
+    """Standard deviation from pooled (sum, sum of squares, count)."""
+    total, squares, n = (sum(p[i] for p in parts) for i in range(3))
+    if n == 0:
+        return 0.0
+    mean = total / n
+    return float(np.sqrt(max(squares / n - mean * mean, 0.0)))
