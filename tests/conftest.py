@@ -45,6 +45,22 @@ def tiny_csv(tiny_frames, tmp_path) -> Path:
     return path
 
 
+def train_tiny_file(tmp_path: Path, tiny_csv: Path, *settings: str) -> Path:
+    """`fedrec train` on the tiny shop's file (`test_cli.tiny_args`, temperature 1) with `settings`
+    added; its first export's folder."""
+    from typer.testing import CliRunner
+
+    from fedrec.training.cli import app
+    from tests.test_cli import tiny_args
+
+    args = ["train", *tiny_args(tmp_path, tiny_csv)]
+    for setting in ("local.temperature=1.0", *settings):
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "artifacts" / "file" / "exports" / "v0001"
+
+
 def movielens_dir() -> Path:
     try:
         return movielens.resolve_dir()

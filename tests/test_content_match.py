@@ -33,6 +33,7 @@ from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated, with_validation_in_train
 from fedrec.model import ModelConfig, catalogue_embeddings, item_embeddings, tower_state
 from fedrec.privacy.accountant import DPMechanism
+from tests.conftest import train_tiny_file
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512, use_content=False, content_match_dim=8)
 FED = FederationConfig(rounds=3, patience=0)
@@ -187,22 +188,14 @@ def test_the_api_serves_the_match_to_customers_and_baskets(tmp_path, tiny_csv):
     customer ranks by [u, w p] . [v, z], and a basket folds u in against the tower's part alone
     (as training never saw the match) and adds its own w p."""
     from fastapi.testclient import TestClient
-    from typer.testing import CliRunner
 
     from fedrec.config import config_from_dict
     from fedrec.serving.app import create_app
     from fedrec.serving.foldin import fold_in_many
     from fedrec.serving.settings import ServeSettings
-    from fedrec.training.cli import app
     from fedrec.training.data import load_dataset
 
-    args = ["train", "--dataset", "file", "--set", f"data.path={tiny_csv}"]
-    for setting in (f"output.artifacts_dir={tmp_path / 'artifacts'}", f"output.results_dir={tmp_path / 'results'}",
-                    "federation.rounds=3", "model.dim=16", "model.hash_buckets=1024", "local.temperature=1.0",
-                    "model.content_match_weights=[1.5]", "model.content_match_dim=8"):  # fmt: skip
-        args += ["--set", setting]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    train_tiny_file(tmp_path, tiny_csv, "model.content_match_weights=[1.5]", "model.content_match_dim=8")
     root = tmp_path / "artifacts" / "file"
     card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
     assert card["content_match"]["weight"] == 1.5 and card["dim"] == 16 + 8

@@ -20,6 +20,7 @@ from fedrec.federated import copurchase_choice
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, catalogue_embeddings, item_embeddings, tower_state
+from tests.conftest import train_tiny_file
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512, content_match_weights=(0.0,))
 FED = FederationConfig(rounds=3, patience=0)
@@ -139,25 +140,17 @@ def test_the_api_serves_the_term_to_customers_and_baskets(tmp_path, tiny_csv, mo
     known customer's with w x, and a basket folds u in against the tower's part alone and appends
     its own w x, so it ranks as a customer with those purchases would."""
     from fastapi.testclient import TestClient
-    from typer.testing import CliRunner
 
     from fedrec.serving.app import create_app
     from fedrec.serving.foldin import fold_in_many
     from fedrec.serving.settings import ServeSettings
-    from fedrec.training.cli import app
 
     _forced(monkeypatch)
-    args = ["train", "--dataset", "file", "--set", f"data.path={tiny_csv}"]
-    for setting in (f"output.artifacts_dir={tmp_path / 'artifacts'}", f"output.results_dir={tmp_path / 'results'}",
-                    "federation.rounds=3", "model.dim=16", "model.hash_buckets=1024", "local.temperature=1.0",
-                    "model.content_match_weights=[0]", "model.copurchase_weights=[1.5]"):  # fmt: skip
-        args += ["--set", setting]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    root = tmp_path / "artifacts" / "file" / "exports" / "v0001"
+    root = train_tiny_file(tmp_path, tiny_csv, "model.content_match_weights=[0]", "model.copurchase_weights=[1.5]")
     card = json.loads((root / "model_card.json").read_text())
     width = card["copurchase"]["width"]
     assert card["copurchase"]["weight"] == 1.5 and width > 0 and card["dim"] == 16 + width
+    assert "co-purchase counts summed over merchants" in card["privacy"]["copurchase_gram"]
     vectors = np.load(root / "item_embeddings.npy")
     items = pl.read_parquet(root / "items.parquet")["item"].to_list()
     settings = ServeSettings(export=str(tmp_path / "artifacts" / "file" / "exports"), merchant="big", watch_interval=0)

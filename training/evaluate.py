@@ -130,6 +130,8 @@ def summarise(entries: list[dict], seeds: list[int]) -> dict:
         out["temperature_per_seed"] = [e["temperature"] for e in entries]
     if "content_match" in first:  # each seed's content match, chosen on validation
         out["content_match_per_seed"] = [e.get("content_match") for e in entries]
+    if "copurchase" in first:  # each seed's co-purchase term, chosen on validation
+        out["copurchase_per_seed"] = [e.get("copurchase") for e in entries]
     if "choice_per_merchant" in first:  # local-only: each merchant's own choice, per seed
         out["choice_per_merchant_per_seed"] = [e["choice_per_merchant"] for e in entries]
     if "served_weights" in first:  # each merchant's served popularity weight, per seed

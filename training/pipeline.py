@@ -77,6 +77,11 @@ def _card(
             "user_embeddings": "kept by each merchant; never sent",
             "merchant_item_bias": ("kept by each merchant; never sent" if cfg.model.merchant_item_bias else "not used"),
             "coordinator_sees": "each merchant's sums (in-process runtime: every merchant in one process)",
+            "copurchase_gram": (
+                "co-purchase counts summed over merchants (in-process); EASE's B from them is in this export"
+                if copurchase and copurchase.get("weight", 0) > 0
+                else "not used"
+            ),
             "differential_privacy": dp,
             "secure_aggregation": False,
         },
