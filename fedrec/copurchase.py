@@ -9,9 +9,9 @@ like u_c; s scales the term to the spread of the model's own scores, so the weig
 same on every shop. Both sides are appended to the vectors ([u, w x] . [v, s B'] is still one inner
 product), so evaluation, the export, FAISS and the fold-in rank with it unchanged.
 
-Why: on MovieLens's validation slice the two-tower model and EASE (the strongest centralized
-reference there) err on different customers; a weighted sum of the two ranked test above either
-in probes. It is not trained with the model: only lam and w are chosen after training, on the
+Why: on MovieLens the two-tower model and EASE (the strongest centralized reference there) were
+level, and a weighted sum of the two ranked the validation slice above either (README, "Co-purchase
+term"). It is not trained with the model: only lam and w are chosen after training, on the
 validation slice (`fedrec/federated/copurchase_choice.py`), and w = 0 keeps the model as trained.
 
 Costs: B is catalogue x catalogue, dense, so the term is limited to `MAX_ITEMS` products, and it

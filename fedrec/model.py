@@ -55,7 +55,7 @@ class ModelConfig:
     # Gram, `fedrec/copurchase.py`) and EASE's lam, chosen among these on the validation slice
     # after training; () or (0,) is off. In-process, non-private, up to 5,000 products.
     copurchase_weights: tuple[float, ...] = ()
-    copurchase_lambdas: tuple[float, ...] = (50.0, 200.0, 1000.0)
+    copurchase_lambdas: tuple[float, ...] = (10.0, 50.0, 200.0, 1000.0)
     # Each merchant's served popularity weight w (score = u . v + w b, `fedrec/served_weight.py`):
     # among these, the best recall@20 on its own validation slice whose top-1 share is at most
     # max_top1_share ([]: w = 1, the trained score). 0.2 was the largest budget whose validation

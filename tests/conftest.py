@@ -45,7 +45,7 @@ def tiny_csv(tiny_frames, tmp_path) -> Path:
     return path
 
 
-def train_tiny_file(tmp_path: Path, tiny_csv: Path, *settings: str) -> Path:
+def train_tiny_export(tmp_path: Path, tiny_csv: Path, *settings: str) -> Path:
     """`fedrec train` on the tiny shop's file (`test_cli.tiny_args`, temperature 1) with `settings`
     added; its first export's folder."""
     from typer.testing import CliRunner

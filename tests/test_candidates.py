@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedrec.config import load_config
-from fedrec.content_profiles import with_basket_profiles
+from fedrec.content_profiles import basket_matrix, with_basket_profiles
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.candidates import candidates_of
@@ -180,13 +180,17 @@ def test_an_export_of_a_chosen_ials_model_serves_it(tmp_path, tiny_csv):
     assert (card["config"]["local"]["loss"], model["dim"], model["use_content"]) == ("ials", 8, False)
     export = load_export(root / "exports")
     weight, width = export.content_match  # chosen on validation after training; (0, 0): none
-    assert export.item_vectors.shape[1] == 8 + width
+    co_weight, co_width = export.copurchase  # the file default's co-purchase term, chosen the same way
+    assert export.item_vectors.shape[1] == 8 + width + co_width
     basket = [np.array([0, 1, 2])]
     loss = export.training_loss
-    tower = export.item_vectors[:, :8]  # ALS's user step against the trained vectors, then w p
+    tower = export.item_vectors[:, :8]  # ALS's user step against the trained vectors, then w p, then w x
     want = solve_ials_baskets(tower, basket, loss["ials_alpha"], loss["user_solve_reg"])
     if width:
-        want = with_basket_profiles(want, basket, export.item_vectors[:, 8:], weight)
+        want = with_basket_profiles(want, basket, export.item_vectors[:, 8 : 8 + width], weight)
+    if co_width:
+        bought = basket_matrix(basket, export.item_vectors.shape[0])[:, :co_width].toarray()
+        want = np.hstack([want, co_weight * bought]).astype(np.float32)
     np.testing.assert_allclose(basket_vectors(export, basket, FoldInConfig()), want, rtol=1e-5, atol=1e-6)
 
 

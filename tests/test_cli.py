@@ -57,6 +57,8 @@ def test_train_writes_a_complete_versioned_export(tmp_path, tiny_csv):
     card = json.loads((export / "model_card.json").read_text())
     match = card["content_match"]  # chosen on validation; above weight 0 its block follows the tower's 16
     width = match["basis_rank"] if match and match["weight"] > 0 else 0
+    term = card["copurchase"]  # the file default's co-purchase term, chosen the same way; its block is last
+    width += term["width"] if term and term["weight"] > 0 else 0
     assert card["rounds"] == 3 and card["dim"] == 16 + width and set(card["merchants"]) == {"big", "small_a", "small_b"}
     assert card["federation"]["aggregation"] == "rowwise"  # auto, as resolved for one id row per product
     # user data only under each merchant's own directory

@@ -33,7 +33,7 @@ from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated, with_validation_in_train
 from fedrec.model import ModelConfig, catalogue_embeddings, item_embeddings, tower_state
 from fedrec.privacy.accountant import DPMechanism
-from tests.conftest import train_tiny_file
+from tests.conftest import train_tiny_export
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512, use_content=False, content_match_dim=8)
 FED = FederationConfig(rounds=3, patience=0)
@@ -195,7 +195,8 @@ def test_the_api_serves_the_match_to_customers_and_baskets(tmp_path, tiny_csv):
     from fedrec.serving.settings import ServeSettings
     from fedrec.training.data import load_dataset
 
-    train_tiny_file(tmp_path, tiny_csv, "model.content_match_weights=[1.5]", "model.content_match_dim=8")
+    train_tiny_export(tmp_path, tiny_csv, "model.content_match_weights=[1.5]", "model.content_match_dim=8",
+                      "model.copurchase_weights=[]")  # fmt: skip
     root = tmp_path / "artifacts" / "file"
     card = json.loads((root / "exports" / "v0001" / "model_card.json").read_text())
     assert card["content_match"]["weight"] == 1.5 and card["dim"] == 16 + 8

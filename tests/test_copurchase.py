@@ -20,7 +20,7 @@ from fedrec.federated import copurchase_choice
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, catalogue_embeddings, item_embeddings, tower_state
-from tests.conftest import train_tiny_file
+from tests.conftest import train_tiny_export
 
 MODEL = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=512, content_match_weights=(0.0,))
 FED = FederationConfig(rounds=3, patience=0)
@@ -146,7 +146,7 @@ def test_the_api_serves_the_term_to_customers_and_baskets(tmp_path, tiny_csv, mo
     from fedrec.serving.settings import ServeSettings
 
     _forced(monkeypatch)
-    root = train_tiny_file(tmp_path, tiny_csv, "model.content_match_weights=[0]", "model.copurchase_weights=[1.5]")
+    root = train_tiny_export(tmp_path, tiny_csv, "model.content_match_weights=[0]", "model.copurchase_weights=[1.5]")
     card = json.loads((root / "model_card.json").read_text())
     width = card["copurchase"]["width"]
     assert card["copurchase"]["weight"] == 1.5 and width > 0 and card["dim"] == 16 + width

@@ -26,7 +26,7 @@ from fedrec.atomic import write_json
 from fedrec.config import load_config
 from fedrec.errors import FedrecError
 from fedrec.metrics import seed_std
-from fedrec.training.train import choice_entry, train
+from fedrec.training.train import choice_entry, content_match_entry, copurchase_entry, train
 
 SOURCES = ("movielens", "synthetic")
 RESULTS = Path("results")
@@ -70,6 +70,8 @@ def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -
             res = run.result
             per_seed[seed] = {
                 "validation_choice": choice_entry(res),
+                "content_match": content_match_entry(res),
+                "copurchase": copurchase_entry(res),
                 "best_round": res.best_round,
                 "refit_rounds": res.refit_rounds,
                 "train_seconds": round(res.seconds, 2),
