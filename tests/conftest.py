@@ -99,6 +99,8 @@ def served_root(tmp_path_factory, tiny_frames) -> Path:
             # One fixed softmax model, not the file default's choice: these exports rank by u . v, and
             # the choice could pick a candidate with a merchant item bias (served and tested apart).
             "local.temperature=1.0",
+            # Nor the file default's co-purchase term, whose block serving tests apart (test_copurchase.py).
+            "model.copurchase_weights=[]",
         ):
             args += ["--set", setting]
         result = CliRunner().invoke(app, args)
