@@ -52,10 +52,15 @@ def item_block(b: np.ndarray, scale: float) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scale * b.T, dtype=np.float32))
 
 
-def with_purchases(users: torch.Tensor, purchases: sp.csr_matrix, weight: float) -> torch.Tensor:
-    """[u, w x]: a merchant's user vectors with their purchase rows (over the trained catalogue)."""
-    x = torch.from_numpy(purchases.toarray().astype(np.float32))
-    return torch.cat([users, weight * x.to(users.dtype)], 1)
+def purchase_rows(purchases: sp.csr_matrix) -> torch.Tensor:
+    """x for every customer (row of `purchases`): their purchase row, dense float32."""
+    return torch.from_numpy(purchases.toarray().astype(np.float32))
+
+
+def with_purchases(users: torch.Tensor, rows: torch.Tensor, weight: float) -> torch.Tensor:
+    """[u, w x]: a merchant's user vectors with their purchase rows (`purchase_rows`, over the
+    trained catalogue)."""
+    return torch.cat([users, weight * rows.to(users.dtype)], 1)
 
 
 def with_block(vectors: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

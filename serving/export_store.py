@@ -87,21 +87,22 @@ class LoadedExport:
             "user_solve_reg": float(local.get("user_solve_reg", 0.0)),
         }
 
+    def _block(self, name: str, width: str) -> tuple[float, int]:
+        """A score term's weight and the width of its block in every vector, from the card's entry
+        `name` (its width under `width`); (0, 0) for a model without one."""
+        entry = self.card.get(name) or {}
+        weight = float(entry.get("weight", 0.0))
+        return (weight, int(entry.get(width, 0))) if weight > 0 else (0.0, 0)
+
     @property
     def content_match(self) -> tuple[float, int]:
-        """The content match's weight and the width of its block at the end of every vector
-        (`fedrec/content_match.py`); (0, 0) for a model without one."""
-        match = self.card.get("content_match") or {}
-        weight = float(match.get("weight", 0.0))
-        return (weight, int(match.get("basis_rank", 0))) if weight > 0 else (0.0, 0)
+        """The content match's block, after the tower's part (`fedrec/content_match.py`)."""
+        return self._block("content_match", "basis_rank")
 
     @property
     def copurchase(self) -> tuple[float, int]:
-        """The co-purchase term's weight and the width of its block, the last of every vector
-        (`fedrec/copurchase.py`); (0, 0) for a model without one."""
-        term = self.card.get("copurchase") or {}
-        weight = float(term.get("weight", 0.0))
-        return (weight, int(term.get("width", 0))) if weight > 0 else (0.0, 0)
+        """The co-purchase term's block, the last of every vector (`fedrec/copurchase.py`)."""
+        return self._block("copurchase", "width")
 
     @cached_property
     def unit_vectors(self) -> np.ndarray:

@@ -13,7 +13,17 @@ import torch
 
 from fedrec.baselines import ease_weights
 from fedrec.config import check_networked, load_config
-from fedrec.copurchase import ITEMS, ease_from_gram, gram, item_block, score_spread, spread, with_block, with_purchases
+from fedrec.copurchase import (
+    ITEMS,
+    ease_from_gram,
+    gram,
+    item_block,
+    purchase_rows,
+    score_spread,
+    spread,
+    with_block,
+    with_purchases,
+)
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated import copurchase_choice
@@ -43,7 +53,7 @@ def test_the_score_identity_and_new_products_get_zeros():
     x = _purchases(5, 6, 2)
     b = ease_from_gram(gram([x]), 2.0)
     u, v, w, s = torch.randn(5, 3), torch.randn(6, 3), 0.7, 1.9
-    score = with_purchases(u, x, w) @ with_block(v, item_block(b, s)).T
+    score = with_purchases(u, purchase_rows(x), w) @ with_block(v, item_block(b, s)).T
     want = u @ v.T + w * s * torch.from_numpy((x.toarray() @ b).astype(np.float32))
     torch.testing.assert_close(score, want)
     wider = with_block(torch.randn(8, 3), item_block(b, s))  # two products nobody had bought

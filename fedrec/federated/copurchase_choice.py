@@ -23,6 +23,7 @@ from fedrec.copurchase import (
     ease_from_gram,
     gram,
     item_block,
+    purchase_rows,
     score_spread,
     spread,
     with_block,
@@ -87,6 +88,7 @@ def choose(
     g = gram([m.train for m in merchants])
     model_spread = spread([score_spread(*scoring_vectors(users[m.name], items, biases[m.name], m.user_groups))
                            for m in merchants])  # fmt: skip
+    rows = {m.name: purchase_rows(m.train) for m in merchants}  # dense once, for every candidate
     base = _val_recall(merchants, users, items, biases, val_rows)
     if not np.isfinite(base):  # no validation customers (data.val_fraction = 0): nothing to choose on
         return CoPurchase(0.0, 0.0, 0.0, {}, 0), None
@@ -94,13 +96,11 @@ def choose(
     for lam in cfg.copurchase_lambdas:
         b = ease_from_gram(g, lam)
         bt = torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))
-        ease_spread = spread(
-            [score_spread(torch.from_numpy(m.train.toarray().astype(np.float32)), bt) for m in merchants]
-        )
+        ease_spread = spread([score_spread(rows[m.name], bt) for m in merchants])
         scale = model_spread / ease_spread if ease_spread > 0 else 0.0
         scored = with_block(items, item_block(b, scale))
         for w in (w for w in cfg.copurchase_weights if w > 0):
-            with_x = {m.name: with_purchases(users[m.name], m.train, w) for m in merchants}
+            with_x = {m.name: with_purchases(users[m.name], rows[m.name], w) for m in merchants}
             recall = _val_recall(merchants, with_x, scored, biases, val_rows)
             scores[f"{lam:g}/{w:g}"] = recall
             if recall > best[0]:
@@ -124,7 +124,7 @@ def added(
     if b is None:
         b = ease_from_gram(gram(list(bought.values())), chosen.lam)
     state = {**item_state, ITEMS: item_block(b, chosen.scale)}
-    return state, {name: with_purchases(u, bought[name], chosen.weight) for name, u in users.items()}
+    return state, {name: with_purchases(u, purchase_rows(bought[name]), chosen.weight) for name, u in users.items()}
 
 
 __all__ = ["MAX_ITEMS", "CoPurchase", "added", "applies", "block", "choose"]
