@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from fedrec import copurchase
 from fedrec.baselines import ease_weights
 from fedrec.config import check_networked, load_config
 from fedrec.copurchase import (
@@ -47,6 +48,24 @@ def test_the_summed_gram_gives_pooled_ease_exactly():
     np.testing.assert_allclose(ease_from_gram(gram([a, b]), 7.0), ease_weights(sp.vstack([a, b]).tocsr(), 7.0),
                                atol=1e-12)  # fmt: skip
     assert not np.diag(ease_from_gram(gram([a]), 3.0)).any()
+
+
+def test_the_range_solve_gives_the_inverse_b_and_is_used_only_when_the_rank_is_low(monkeypatch):
+    """Fewer customers than products: B from G's range (every lambda) equals the inverse's B, products
+    nobody bought included; a full-rank G falls back to the inverse."""
+    monkeypatch.setattr(copurchase, "INVERSE_MAX_ITEMS", 10)
+    few = _purchases(25, 900, 3).tolil()
+    few[:, 17] = 0  # one product nobody bought
+    g = gram([few.tocsr()])
+    ranged = copurchase._range_of(g, np.random.default_rng(0))
+    assert ranged is not None and ranged[0].shape[1] <= 25  # the rank, found
+    solve = copurchase.ease_solver(g)
+    for lam in (0.5, 10.0, 1000.0):
+        b = solve(lam)
+        np.testing.assert_allclose(b, ease_from_gram(g, lam), atol=1e-10)
+        assert not b[17].any() and not b[:, 17].any() and not np.diag(b).any()
+    full = gram([_purchases(600, 30 * 12, 4)])  # rank 360 > a third of the catalogue: no range
+    assert copurchase._range_of(full, np.random.default_rng(0), start=16) is None
 
 
 def test_the_score_identity_and_new_products_get_zeros():
@@ -128,9 +147,11 @@ def test_a_chosen_term_extends_both_sides_with_what_each_model_trained_on(tiny_d
 
 def test_never_under_dp_nor_past_the_size_limit_nor_networked():
     model = dataclasses.replace(MODEL, copurchase_weights=(0.5,))
-    assert copurchase_choice.applies(model, 100, private=False)
-    assert not copurchase_choice.applies(model, 100, private=True)
-    assert not copurchase_choice.applies(model, copurchase_choice.MAX_ITEMS + 1, private=False)
+    assert copurchase_choice.applies(model, 100, 50, private=False)
+    assert not copurchase_choice.applies(model, 100, 50, private=True)
+    assert not copurchase_choice.applies(model, copurchase_choice.MAX_ITEMS + 1, 50, private=False)
+    many = copurchase_choice.MAX_CELLS // 100 + 1  # dense purchase rows past the memory budget
+    assert not copurchase_choice.applies(model, 100, many, private=False)
     with pytest.raises(ConfigError, match="copurchase_weights: the co-purchase term runs in-process only"):
         check_networked(load_config(None, {"model.copurchase_weights": [0.5]}))
     check_networked(load_config(None, {"model.copurchase_weights": [0.0]}))  # off: fine

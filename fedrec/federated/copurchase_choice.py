@@ -19,8 +19,9 @@ import torch
 
 from fedrec.copurchase import (
     ITEMS,
+    MAX_CELLS,
     MAX_ITEMS,
-    ease_from_gram,
+    ease_solver,
     gram,
     item_block,
     purchase_rows,
@@ -56,10 +57,12 @@ class CoPurchase:
         }
 
 
-def applies(cfg: ModelConfig, n_items: int, private: bool) -> bool:
-    """A positive candidate weight, a catalogue of at most `MAX_ITEMS` (B is dense) and no DP (the
+def applies(cfg: ModelConfig, n_items: int, customers: int, private: bool) -> bool:
+    """A positive candidate weight, a catalogue of at most `MAX_ITEMS` (B is dense), at most
+    `MAX_CELLS` customer-product pairs (the purchase rows are dense while choosing) and no DP (the
     Gram carries no noise)."""
-    return any(w > 0 for w in cfg.copurchase_weights) and n_items <= MAX_ITEMS and not private
+    sized = n_items <= MAX_ITEMS and customers * n_items <= MAX_CELLS
+    return any(w > 0 for w in cfg.copurchase_weights) and sized and not private
 
 
 def block(chosen: CoPurchase | None) -> tuple[float, int]:
@@ -93,8 +96,9 @@ def choose(
     if not np.isfinite(base):  # no validation customers (data.val_fraction = 0): nothing to choose on
         return CoPurchase(0.0, 0.0, 0.0, {}, 0), None
     scores, best = {"0": base}, (base, 0.0, 0.0, 0.0, None)
+    solve = ease_solver(g)  # G's range found once (large catalogues), then each lambda
     for lam in cfg.copurchase_lambdas:
-        b = ease_from_gram(g, lam)
+        b = solve(lam)
         bt = torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))
         ease_spread = spread([score_spread(rows[m.name], bt) for m in merchants])
         scale = model_spread / ease_spread if ease_spread > 0 else 0.0
@@ -122,9 +126,9 @@ def added(
     `b`: B already solved from those purchases (else solved here, with the chosen lam)."""
     bought = {m.name: m.full_train if with_validation else m.train for m in merchants}
     if b is None:
-        b = ease_from_gram(gram(list(bought.values())), chosen.lam)
+        b = ease_solver(gram(list(bought.values())))(chosen.lam)
     state = {**item_state, ITEMS: item_block(b, chosen.scale)}
     return state, {name: with_purchases(u, purchase_rows(bought[name]), chosen.weight) for name, u in users.items()}
 
 
-__all__ = ["MAX_ITEMS", "CoPurchase", "added", "applies", "block", "choose"]
+__all__ = ["MAX_CELLS", "MAX_ITEMS", "CoPurchase", "added", "applies", "block", "choose"]

@@ -329,7 +329,8 @@ def with_copurchase(
     early-stopped one, each with B and the purchase rows of what it trained on. Never under DP."""
     if res.choice is not None:
         model_cfg = res.choice.model
-    if not copurchase_choice.applies(model_cfg, dataset.n_items, private):
+    customers = sum(m.n_users for m in dataset.merchants)
+    if not copurchase_choice.applies(model_cfg, dataset.n_items, customers, private):
         return res
     judged = res.early_stopped or res
     chosen, b = copurchase_choice.choose(
