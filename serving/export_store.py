@@ -105,6 +105,13 @@ class LoadedExport:
         return self._block("copurchase", "width")
 
     @cached_property
+    def copurchase_rows(self) -> np.ndarray:
+        """The co-purchase block transposed, (width, n_items): row j is s times B's row j, what a
+        purchase of product j adds to every product's score (`recommend.exact_top`)."""
+        width = self.copurchase[1]
+        return np.ascontiguousarray(self.item_vectors[:, self.dim - width :].T)
+
+    @cached_property
     def unit_vectors(self) -> np.ndarray:
         """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""
         norms = np.linalg.norm(self.item_vectors, axis=1, keepdims=True)

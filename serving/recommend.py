@@ -47,7 +47,10 @@ def search_many(
     """
     index, vectors = served_index(export, queries, popularity_weight)
     want = min(max(k + (0 if ex is None else len(ex)) for k, ex in zip(ks, excludes, strict=True)), export.n_items)
-    scores, rows = search_index(index, vectors, want, kept=max(ks))
+    if export.kind == "flat" and export.copurchase[1]:
+        scores, rows = exact_top(export, vectors, want)
+    else:
+        scores, rows = search_index(index, vectors, want, kept=max(ks))
     out = []
     for r, s, k, ex in zip(rows, scores, ks, excludes, strict=True):
         keep = r >= 0
@@ -55,6 +58,29 @@ def search_many(
             keep &= ~np.isin(r, ex)
         out.append((r[keep][:k], s[keep][:k]))
     return out
+
+
+def exact_top(export: LoadedExport, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The flat index's answer (scores, rows: the k best of every product) for a model with the
+    co-purchase term, with its block scored sparsely.
+
+    Why: the block is a catalogue wide (`fedrec/copurchase.py`), and a query's part of it is its
+    purchase row, mostly zeros, so a dense search reads catalogue x catalogue numbers per query
+    (9,000 products: 35 ms in FAISS) where the rows of B for what was bought are enough.
+    `vectors` as `served_index` gives them: with a merchant's bias, [u, w] against [v, b].
+    """
+    dense = export.dim - export.copurchase[1]
+    scores = vectors[:, :dense] @ export.item_vectors[:, :dense].T
+    if vectors.shape[1] > export.dim:  # the merchant's w times its item bias
+        scores += vectors[:, export.dim :] * export.merchant.item_bias[None, :]
+    for i, part in enumerate(vectors[:, dense : export.dim]):
+        bought = np.flatnonzero(part)
+        if len(bought):
+            scores[i] += part[bought] @ export.copurchase_rows[bought]
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+    rows = np.take_along_axis(top, order, 1)
+    return np.take_along_axis(scores, rows, 1).astype(np.float32), rows.astype(np.int64)
 
 
 def search(
