@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+import scipy.sparse as sp
 
 from fedrec.content_profiles import fold_in_with_match
 from fedrec.serving.export_store import LoadedExport
@@ -73,14 +74,17 @@ def exact_top(export: LoadedExport, vectors: np.ndarray, k: int) -> tuple[np.nda
     scores = vectors[:, :dense] @ export.item_vectors[:, :dense].T
     if vectors.shape[1] > export.dim:  # the merchant's w times its item bias
         scores += vectors[:, export.dim :] * export.merchant.item_bias[None, :]
-    for i, part in enumerate(vectors[:, dense : export.dim]):
-        bought = np.flatnonzero(part)
-        if len(bought):
-            scores[i] += part[bought] @ export.copurchase_rows[bought]
+    scores += sp.csr_matrix(vectors[:, dense : export.dim]) @ export.copurchase_rows
+    rows, best = top_k(scores, k)
+    return best.astype(np.float32), rows.astype(np.int64)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of each query's k highest scores (`scores`: queries x products, 1 <= k <= products),
+    best first, and those scores: a partial sort, not a sort of the whole catalogue."""
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-    rows = np.take_along_axis(top, order, 1)
-    return np.take_along_axis(scores, rows, 1).astype(np.float32), rows.astype(np.int64)
+    rows = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+    return rows, np.take_along_axis(scores, rows, 1)
 
 
 def search(
@@ -111,9 +115,10 @@ def similar_items(export: LoadedExport, row: int, k: int) -> tuple[np.ndarray, n
     scores = unit @ unit[row]
     scores[row] = -np.inf
     k = min(k, export.n_items - 1)
-    top = np.argpartition(-scores, k - 1)[:k] if k > 0 else np.array([], dtype=np.int64)
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return top, scores[top]
+    if k <= 0:
+        return np.array([], dtype=np.int64), scores[:0]
+    rows, best = top_k(scores[None, :], k)
+    return rows[0], best[0]
 
 
 def customer_vector(export: LoadedExport, user_row: int) -> np.ndarray:

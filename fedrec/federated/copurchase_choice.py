@@ -99,7 +99,7 @@ def choose(
     solve = ease_solver(g)  # G's range found once (large catalogues), then each lambda
     for lam in cfg.copurchase_lambdas:
         b = solve(lam)
-        bt = torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))
+        bt = item_block(b, 1.0)  # EASE's own scores: B's columns as the item side, unscaled
         ease_spread = spread([score_spread(rows[m.name], bt) for m in merchants])
         scale = model_spread / ease_spread if ease_spread > 0 else 0.0
         scored = with_block(items, item_block(b, scale))
