@@ -89,11 +89,34 @@ def evaluate_val(
     `rows` limits it to those customers (`sample_customers`): at marketplace scale a full ranking
     of every validation customer costs more than a round of training.
     """
+    users, train, val, items = _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows)
+    return merchant_metric_sums(users, items, train, val, ("recall@20",))
+
+
+def _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows):  # noqa: ANN001, ANN202
     users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
     train, val = merchant.train, merchant.val
     if rows is not None:
         users, train, val = users[torch.from_numpy(rows)], train[rows], val[rows]
-    return merchant_metric_sums(users, items, train, val, ("recall@20",))
+    return users, train, val, items
+
+
+def val_recall_and_firsts(
+    merchant: MerchantData,
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    item_bias: torch.Tensor | None = None,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each validation customer's recall@20 and first-ranked item (the customers `evaluate_val`
+    counts, in order). They stay at the merchant: a choice that needs a spread or a concentration
+    sends sums of them (`fedrec/federated/one_se.py`)."""
+    users, train, val, items = _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows)
+    idx = np.flatnonzero(eligible_users(train, val))
+    if not len(idx):
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    topk = topk_items(users[torch.from_numpy(idx)], items, train[idx], 20)
+    return per_user_metrics(topk, val[idx], (20,))["recall@20"], topk[:, 0]
 
 
 def sample_customers(truth: sp.csr_matrix, cap: int, seed: int) -> np.ndarray | None:

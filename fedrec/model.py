@@ -53,7 +53,9 @@ class ModelConfig:
     content_match_dim: int = 64
     # The co-purchase term's weight w (score += w s (x_c B)_i, EASE's B from the merchants' summed
     # Gram, `fedrec/copurchase.py`) and EASE's lam, chosen among these on the validation slice
-    # after training; () or (0,) is off. In-process, non-private, up to 16,000 products.
+    # after training: the least concentrated within one standard error of the best validation
+    # recall (`fedrec/federated/one_se.py`); () or (0,) is off. In-process, non-private, up to
+    # 16,000 products.
     copurchase_weights: tuple[float, ...] = ()
     copurchase_lambdas: tuple[float, ...] = (10.0, 50.0, 200.0, 1000.0)
     # Each merchant's served popularity weight w (score = u . v + w b, `fedrec/served_weight.py`):

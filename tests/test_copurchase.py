@@ -26,10 +26,12 @@ from fedrec.copurchase import (
     with_purchases,
 )
 from fedrec.errors import ConfigError
+from fedrec.evaluation import val_recall_and_firsts
 from fedrec.features import build_item_features
 from fedrec.federated import copurchase_choice
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.metrics import top1_share
 from fedrec.model import ModelConfig, catalogue_embeddings, item_embeddings, tower_state
 from tests.conftest import train_tiny_export
 
@@ -94,13 +96,26 @@ def test_the_choice_scores_every_candidate_and_zero_keeps_the_model(tiny_dataset
     model = dataclasses.replace(MODEL, copurchase_weights=(0.0, 0.5, 2.0), copurchase_lambdas=(10.0, 100.0))
     on = run_federated(tiny_dataset, features, model, LocalConfig(), FED)
     term = on.copurchase
-    assert term is not None and set(term.scores) == {"0", "10/0.5", "10/2", "100/0.5", "100/2"}
-    best = max(term.scores, key=term.scores.get)
-    assert term.scores[best] == max(term.scores.values())
-    if best == "0":
-        assert term.weight == 0 and ITEMS not in on.item_state
-    else:
-        assert f"{term.lam:g}/{term.weight:g}" == best
+    assert term is not None and set(term.scores) == set(term.rule) == {"0", "10/0.5", "10/2", "100/0.5", "100/2"}
+    # the one-standard-error rule: the least concentrated of the candidates within one standard
+    # error of the best validation recall (tests/test_one_se.py checks the rule itself)
+    best = max(term.scores.values())
+    within = [k for k, row in term.rule.items() if row["within_one_se"]]
+    for k, row in term.rule.items():
+        assert row["within_one_se"] == (best - term.scores[k] <= row["se_vs_best"] + 1e-12)
+    chosen = "0" if term.weight == 0 else f"{term.lam:g}/{term.weight:g}"
+    assert chosen in within
+    assert term.rule[chosen]["top1_share"] == min(term.rule[k]["top1_share"] for k in within)
+    if term.weight == 0:
+        assert ITEMS not in on.item_state
+    # the "0" row is the trained model's own validation lists: its top-1 share, made here directly
+    judged = off.early_stopped or off  # the choice scores the model trained on train alone
+    vecs = item_embeddings(judged.item_state, features, MODEL)
+    firsts = np.concatenate([
+        val_recall_and_firsts(m, judged.user_embeddings[m.name], vecs, judged.item_biases[m.name])[1]
+        for m in tiny_dataset.merchants
+    ])  # fmt: skip
+    assert term.rule["0"]["top1_share"] == pytest.approx(top1_share(firsts[:, None]))
     # training itself is untouched, and the weight-0 candidate scores the early-stopped model
     assert [h.val_recall_at_20 for h in on.history] == [h.val_recall_at_20 for h in off.history]
     for k, v in off.item_state.items():

@@ -1,10 +1,13 @@
 """The co-purchase term's lambda and weight, chosen after training on the merchants' validation sums.
 
 The term (`fedrec/copurchase.py`) adds w s (x_c B)_i to the trained score. Only lam (EASE's ridge)
-and w are chosen, among `model.copurchase_lambdas` x `model.copurchase_weights`, by the validation
-recall@20 of the model trained on train alone (the early-stopped one, with its content match), as
-each merchant's validation sums report it; w = 0 (the model as trained) wins ties. s, the ratio of
-the spreads of the model's and EASE's scores over the training customers, makes w scale-free.
+and w are chosen, among `model.copurchase_lambdas` x `model.copurchase_weights` and w = 0 (the
+model as trained), on the validation slice of the model trained on train alone (the early-stopped
+one, with its content match), from the merchants' validation sums: among the candidates within one
+standard error of the best validation recall@20, the one whose lists are least concentrated
+(`fedrec/federated/one_se.py`; why: the candidates' recalls differ by less than their noise, their
+top-1 shares by up to four times). s, the ratio of the spreads of the model's and EASE's scores
+over the training customers, makes w scale-free.
 In-process only (`config.check_networked` refuses it): B needs the summed Gram, a message the
 networked runtime does not have.
 """
@@ -12,7 +15,7 @@ networked runtime does not have.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,20 +34,23 @@ from fedrec.copurchase import (
     with_purchases,
 )
 from fedrec.data import MerchantData
-from fedrec.evaluation import combine_sums, evaluate_val
+from fedrec.evaluation import val_recall_and_firsts
+from fedrec.federated.one_se import CandidateSums, candidate_sums, least_concentrated_within_one_se
 from fedrec.model import ModelConfig, scoring_vectors
 
 
 @dataclass(frozen=True)
 class CoPurchase:
     """What validation chose: the weight (0: off), lam, the scale s, every candidate's validation
-    recall@20 ("lam/w"; "0" for the model as trained) and the block's width (the trained catalogue)."""
+    recall@20 ("lam/w"; "0" for the model as trained), the block's width (the trained catalogue),
+    and per candidate the one-standard-error rule's inputs (`OneSEChoice.row`)."""
 
     weight: float
     lam: float
     scale: float
     scores: dict[str, float]
     width: int
+    rule: dict[str, dict] = field(default_factory=dict)
 
     def entry(self) -> dict:
         """As the model card and the checkpoint record it."""
@@ -54,6 +60,10 @@ class CoPurchase:
             "scale": self.scale,
             "width": self.width if self.weight > 0 else 0,
             "val_recall@20": {k: round(v, 6) for k, v in self.scores.items()},
+            "chosen_by": "least concentrated (validation top-1 share) within one standard error of the best",
+            "val_rule": {
+                k: {a: round(v, 6) if isinstance(v, float) else v for a, v in r.items()} for k, r in self.rule.items()
+            },
         }
 
 
@@ -71,11 +81,18 @@ def block(chosen: CoPurchase | None) -> tuple[float, int]:
     return (chosen.weight, chosen.width) if chosen is not None and chosen.weight > 0 else (0.0, 0)
 
 
-def _val_recall(merchants, users, items, biases, val_rows) -> float:  # noqa: ANN001
-    total = combine_sums(
-        [evaluate_val(m, users[m.name], items, biases[m.name], val_rows.get(m.name)) for m in merchants]
-    )
-    return total.sums["recall@20"] / total.users if total.users else float("nan")
+def _val_lists(merchants, users, items, biases, val_rows, into: dict[str, list]) -> None:  # noqa: ANN001
+    """Each merchant's per-customer validation recall and first item under one candidate, kept
+    at the merchant (`into[name]`) until it sends their sums."""
+    for m in merchants:
+        into[m.name].append(val_recall_and_firsts(m, users[m.name], items, biases[m.name], val_rows.get(m.name)))
+
+
+def _summed(kept: dict[str, list], n_items: int) -> CandidateSums:
+    """What the merchants send (their `CandidateSums`), added as the coordinator adds them."""
+    parts = [candidate_sums(np.stack([r for r, _ in runs], 1), np.stack([f for _, f in runs], 1), n_items)
+             for runs in kept.values()]  # fmt: skip
+    return sum(parts[1:], parts[0])
 
 
 def choose(
@@ -92,10 +109,11 @@ def choose(
     model_spread = spread([score_spread(*scoring_vectors(users[m.name], items, biases[m.name], m.user_groups))
                            for m in merchants])  # fmt: skip
     rows = {m.name: purchase_rows(m.train) for m in merchants}  # dense once, for every candidate
-    base = _val_recall(merchants, users, items, biases, val_rows)
-    if not np.isfinite(base):  # no validation customers (data.val_fraction = 0): nothing to choose on
+    kept: dict[str, list] = {m.name: [] for m in merchants}
+    _val_lists(merchants, users, items, biases, val_rows, kept)
+    if not any(len(runs[0][0]) for runs in kept.values()):  # no validation customers: nothing to choose on
         return CoPurchase(0.0, 0.0, 0.0, {}, 0), None
-    scores, best = {"0": base}, (base, 0.0, 0.0, 0.0, None)
+    labels, settings = ["0"], [(0.0, 0.0, 0.0)]
     solve = ease_solver(g)  # G's range found once (large catalogues), then each lambda
     for lam in cfg.copurchase_lambdas:
         b = solve(lam)
@@ -105,12 +123,14 @@ def choose(
         scored = with_block(items, item_block(b, scale))
         for w in (w for w in cfg.copurchase_weights if w > 0):
             with_x = {m.name: with_purchases(users[m.name], rows[m.name], w) for m in merchants}
-            recall = _val_recall(merchants, with_x, scored, biases, val_rows)
-            scores[f"{lam:g}/{w:g}"] = recall
-            if recall > best[0]:
-                best = (recall, float(w), float(lam), float(scale), b)
-    _, weight, lam, scale, b = best
-    return CoPurchase(weight, lam, scale, scores, g.shape[0]), b
+            _val_lists(merchants, with_x, scored, biases, val_rows, kept)
+            labels.append(f"{lam:g}/{w:g}")
+            settings.append((float(w), float(lam), float(scale)))
+    rule = least_concentrated_within_one_se(_summed(kept, g.shape[0]))
+    weight, lam, scale = settings[rule.chosen]
+    scores = {k: float(rule.means[i]) for i, k in enumerate(labels)}
+    chosen = CoPurchase(weight, lam, scale, scores, g.shape[0], {k: rule.row(i) for i, k in enumerate(labels)})
+    return chosen, (solve(lam) if weight > 0 else None)
 
 
 def added(
