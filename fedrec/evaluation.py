@@ -94,6 +94,8 @@ def evaluate_val(
 
 
 def _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows):  # noqa: ANN001, ANN202
+    """The scoring vectors and the validation rows (every customer's, or `rows`'), so that the
+    sums and the per-customer form rank exactly the same customers."""
     users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
     train, val = merchant.train, merchant.val
     if rows is not None:
