@@ -14,8 +14,8 @@ RECALLS = np.array(
         [0.0, 0.0, 0.0],
     ]
 )
-# First-ranked product per customer: A gives product 0 to three of four (share 3/4), B to two
-# (1/2), C to nobody twice (1/4).
+# First-ranked product per customer: A gives product 0 to three of four (share 3/4), B gives
+# products 0 and 1 to two each (1/2), C gives each customer another product (1/4).
 FIRSTS = np.array([[0, 0, 0], [0, 1, 1], [0, 0, 2], [1, 1, 3]])
 
 

@@ -5,8 +5,8 @@ and w are chosen, among `model.copurchase_lambdas` x `model.copurchase_weights` 
 model as trained), on the validation slice of the model trained on train alone (the early-stopped
 one, with its content match), from the merchants' validation sums: among the candidates within one
 standard error of the best validation recall@20, the one whose lists are least concentrated
-(`fedrec/federated/one_se.py`; why: the candidates' recalls differ by less than their noise, their
-top-1 shares by up to four times). s, the ratio of the spreads of the model's and EASE's scores
+(`fedrec/federated/one_se.py`; why: on MovieLens the candidates' recalls differ by less than
+their noise, their top-1 shares by a factor of up to 4.6). s, the ratio of the spreads of the model's and EASE's scores
 over the training customers, makes w scale-free.
 In-process only (`config.check_networked` refuses it): B needs the summed Gram, a message the
 networked runtime does not have.
