@@ -130,7 +130,7 @@ def _forced(monkeypatch, weight: float = 1.5, lam: float = 20.0, scale: float = 
     def choose(merchants, users, items, biases, cfg, val_rows):  # noqa: ANN001, ANN202
         chosen, _ = real(merchants, users, items, biases, cfg, val_rows)
         b = ease_from_gram(gram([m.train for m in merchants]), lam)
-        return copurchase_choice.CoPurchase(weight, lam, scale, chosen.scores, b.shape[0]), b
+        return copurchase_choice.CoPurchase(weight, lam, scale, chosen.scores, b.shape[0], chosen.rule), b
 
     monkeypatch.setattr(copurchase_choice, "choose", choose)
 

@@ -102,7 +102,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         console.print(
             f"co-purchase term chosen on validation (the least concentrated within one standard error of the "
             f"best recall@20): weight {term.weight:g}, lambda {term.lam:g}; among (recall@20, top-1 share) "
-            + "; ".join(f"{k} ({v:.4f}, {term.rule[k]['top1_share']:.3f})" for k, v in term.scores.items())
+            + "; ".join(
+                f"{k} ({v:.4f}, {term.rule.get(k, {}).get('top1_share', float('nan')):.3f})"
+                for k, v in term.scores.items()
+            )
         )
     item_vecs = item_embeddings(result.item_state, features, cfg.model)
     test = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, result.item_biases)
