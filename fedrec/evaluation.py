@@ -89,18 +89,8 @@ def evaluate_val(
     `rows` limits it to those customers (`sample_customers`): at marketplace scale a full ranking
     of every validation customer costs more than a round of training.
     """
-    users, train, val, items = _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows)
-    return merchant_metric_sums(users, items, train, val, ("recall@20",))
-
-
-def _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows):  # noqa: ANN001, ANN202
-    """The scoring vectors and the validation rows (every customer's, or `rows`'), so that the
-    sums and the per-customer form rank exactly the same customers."""
-    users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
-    train, val = merchant.train, merchant.val
-    if rows is not None:
-        users, train, val = users[torch.from_numpy(rows)], train[rows], val[rows]
-    return users, train, val, items
+    recall, _ = val_recall_and_firsts(merchant, user_vecs, item_vecs, item_bias, rows)
+    return MetricSums({"recall@20": float(np.sum(recall))}, len(recall))
 
 
 def val_recall_and_firsts(
@@ -110,10 +100,14 @@ def val_recall_and_firsts(
     item_bias: torch.Tensor | None = None,
     rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each validation customer's recall@20 and first-ranked item (the customers `evaluate_val`
-    counts, in order). They stay at the merchant: a choice that needs a spread or a concentration
-    sends sums of them (`fedrec/federated/one_se.py`)."""
-    users, train, val, items = _val_inputs(merchant, user_vecs, item_vecs, item_bias, rows)
+    """Each validation customer's recall@20 and first-ranked item (`rows`: those customers only),
+    train items excluded. They stay at the merchant: `evaluate_val` sends their sum, and a choice
+    that needs a spread or a concentration sends sums of products and counts
+    (`fedrec/federated/one_se.py`)."""
+    users, items = scoring_vectors(user_vecs, item_vecs, item_bias, merchant.user_groups)
+    train, val = merchant.train, merchant.val
+    if rows is not None:
+        users, train, val = users[torch.from_numpy(rows)], train[rows], val[rows]
     idx = np.flatnonzero(eligible_users(train, val))
     if not len(idx):
         return np.zeros(0), np.zeros(0, dtype=np.int64)
