@@ -130,6 +130,8 @@ def choose(
     weight, lam, scale = settings[rule.chosen]
     scores = {k: float(rule.means[i]) for i, k in enumerate(labels)}
     chosen = CoPurchase(weight, lam, scale, scores, g.shape[0], {k: rule.row(i) for i, k in enumerate(labels)})
+    # B solved once more for the chosen lam, rather than keeping one catalogue x catalogue matrix per
+    # candidate lam until the rule has seen them all (8 GB at 16,000 products and four lambdas)
     return chosen, (solve(lam) if weight > 0 else None)
 
 
