@@ -76,6 +76,7 @@ evaluate-new-shop: setup
 # The same defaults on a shipped dataset written as a plain purchase file (SOURCE=synthetic, with
 # its product metadata, or SOURCE=movielens, without; the CSV stays in a temporary folder), 3
 # seeds -> results/probe-file-default-$(SOURCE).json, beside the shipped config's numbers.
+# SOURCE=large-shop: a generated shop of about 24,000 sold products, with ALS fitted beside it.
 SOURCE ?= synthetic
 probe-file-default: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.probe_file_default --source $(SOURCE) \

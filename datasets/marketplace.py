@@ -124,6 +124,16 @@ NEW_SHOP = MarketplaceConfig(
     seed=1,
 )  # fmt: skip
 
+# The same kind of shop with a catalogue past the full softmax (`local.full_softmax_max_items`,
+# 20,000) and the co-purchase term (16,000) but within the exact ials's one id row per product
+# (2 x `model.id_rows`, 32,768): about 24,000 products sold to 2,000 customers. There the file
+# default's softmax candidates train on sampled softmax and its exact ials candidates still run
+# (`make probe-file-default SOURCE=large-shop`).
+LARGE_SHOP = MarketplaceConfig(
+    n_products=40_000, n_merchants=8, n_customers=2_000, min_customers=30, mean_baskets=20.0,
+    popularity_exponent=0.5, seed=2,
+)  # fmt: skip
+
 
 def write_purchase_file(path: str | Path, cfg: MarketplaceConfig = NEW_SHOP) -> int:
     """Write the generated purchases as a plain purchase file (merchant, user, item, timestamp: no

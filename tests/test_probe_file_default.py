@@ -57,3 +57,39 @@ def test_missing_movielens_is_one_error_line(tmp_path, monkeypatch):
         main(["--source", "movielens", "--results", str(tmp_path)])
     assert str(exit_.value).startswith("error: MovieLens-100K: no MovieLens folder was found")
     assert not list(tmp_path.glob("probe-*.json"))
+
+
+def test_the_large_shop_sits_between_the_full_softmax_and_the_exact_ials_limit(tmp_path):
+    """The probe's large shop is there to run the file default where the softmax candidates are
+    sampled and the co-purchase term is off but the exact ials still runs: its sold catalogue must
+    stay in that band."""
+    from fedrec.copurchase import MAX_ITEMS
+    from fedrec.federated.local import LocalConfig
+    from fedrec.model import ModelConfig
+
+    path = tmp_path / "large.csv"
+    write_plain_file("large-shop", path)
+    log = purchases.load(path)
+    sold = log.interactions["item"].n_unique()
+    assert sold > LocalConfig().full_softmax_max_items and sold > MAX_ITEMS
+    assert sold <= 2 * ModelConfig().id_rows
+    assert log.interactions["merchant"].n_unique() == 8
+    assert log.items["category"].null_count() == log.items.height  # no product metadata
+
+
+def test_references_on_a_generated_file_are_fitted_on_its_split(tmp_path):
+    import dataclasses
+
+    from rich.console import Console
+
+    from fedrec.datasets.marketplace import NEW_SHOP, write_purchase_file
+    from fedrec.training.probe_file_default import file_references
+
+    path = tmp_path / "small.csv"
+    write_purchase_file(path, dataclasses.replace(NEW_SHOP, n_products=600, n_customers=300, mean_baskets=6.0))
+    refs = file_references(path, (0,), Console(quiet=True))
+    assert set(refs) == {"fitted_on", "implicit_als", "popularity", "ease", "item_knn"}
+    for name in ("implicit_als", "popularity", "ease", "item_knn"):
+        assert 0.0 < refs[name]["recall@20"] <= 1.0, name
+    assert "factors" in refs["implicit_als"]["settings"] and "validation" not in refs["implicit_als"]["settings"]
+    assert "lambda" in refs["ease"]["settings"]

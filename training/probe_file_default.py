@@ -5,6 +5,9 @@ user would: write a shipped dataset's purchases as one CSV (MovieLens without ti
 the synthetic shop with its product metadata), train it with `training/configs/file.toml` and
 nothing else, and record which candidate validation chose and the refit's test metrics.
 The CSV lives in a temporary folder only: MovieLens may not be copied into the project.
+`large-shop` is a generated shop (`marketplace.LARGE_SHOP`) whose catalogue is past the full
+softmax and the co-purchase term: no shipped config has run it, so its references (ALS with
+settings chosen on validation, popularity) are fitted here on the same file's split.
 
 `python -m fedrec.training.probe_file_default --source synthetic` writes
 `results/probe-file-default-synthetic.json`.
@@ -28,7 +31,7 @@ from fedrec.errors import FedrecError
 from fedrec.metrics import seed_std
 from fedrec.training.train import choice_entry, content_match_entry, copurchase_entry, train
 
-SOURCES = ("movielens", "synthetic")
+SOURCES = ("movielens", "synthetic", "large-shop")
 RESULTS = Path("results")
 # The same purchases under their shipped configs, from `make evaluate`: what the file default is held to.
 SHIPPED = {"movielens": "evaluation-movielens-100k.json", "synthetic": "evaluation-synthetic.json"}
@@ -36,7 +39,8 @@ SHIPPED = {"movielens": "evaluation-movielens-100k.json", "synthetic": "evaluati
 
 def write_plain_file(source: str, path: Path) -> None:
     """`source`'s purchases as the generic loader reads them: merchant, user, item, timestamp, and
-    for the synthetic shop its product columns (title, description, category, price)."""
+    for the synthetic shop its product columns (title, description, category, price); the
+    generated large shop has none."""
     if source == "movielens":
         from fedrec.datasets import movielens
 
@@ -46,18 +50,24 @@ def write_plain_file(source: str, path: Path) -> None:
 
         purchases, products = synthetic.generate()
         purchases.join(products, on="item").write_csv(path)
+    elif source == "large-shop":
+        from fedrec.datasets.marketplace import LARGE_SHOP, write_purchase_file
+
+        write_purchase_file(path, LARGE_SHOP)
     else:
         raise ValueError(f"source {source!r}: one of {', '.join(SOURCES)}")
 
 
 def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -> dict:
-    """Train the file default on `source` written as a file, once per seed; the run's choice and test metrics."""
+    """Train the file default on `source` written as a file, once per seed; the run's choice and test
+    metrics, and for a source without a shipped config the references on the same file."""
     from fedrec.training.cli import default_config_path
 
     per_seed = {}
     with tempfile.TemporaryDirectory(prefix="fedrec-probe-") as tmp:
         path = Path(tmp) / f"{source}.csv"
         write_plain_file(source, path)
+        refs = None if source in SHIPPED else file_references(path, seeds, console)
         for seed in seeds:
             overrides = {
                 "data.path": str(path),
@@ -87,7 +97,29 @@ def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -
         "recall@20_std": seed_std(recall),
         "recall@20_per_seed": recall,
         "per_seed": per_seed,
+        **({} if refs is None else {"references": refs}),
     }
+
+
+def file_references(path: Path, seeds: tuple[int, ...], console: Console) -> dict:
+    """recall@20 of implicit's ALS (settings chosen on validation, one fit per seed), popularity, and
+    EASE and item-kNN where they fit, on the file's own split, as `make evaluate` fits them."""
+    from fedrec.training.cli import default_config_path
+    from fedrec.training.data import load_dataset
+    from fedrec.training.evaluate import make_scorer, references
+
+    cfg = load_config(default_config_path("file"), {"data.path": str(path), "threads": 1})
+    dataset = load_dataset(cfg.data, cfg.federation.seed)
+    refs = references(dataset, seeds, make_scorer(dataset, cfg), console)
+    out: dict = {"fitted_on": "the same file's split (references in training/evaluate.py)"}
+    for name, entry in refs.items():
+        if "skipped" in entry:
+            out[name] = {"skipped": entry["skipped"]}
+            continue
+        out[name] = {"recall@20": entry["overall"]["recall@20"], "recall@20_std": entry.get("recall@20_std")}
+        if "settings" in entry:
+            out[name]["settings"] = {k: v for k, v in entry["settings"].items() if k != "validation"}
+    return out
 
 
 def shipped_references(source: str, results: Path) -> dict | None:
@@ -117,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         res = probe(args.source, tuple(range(args.seeds)), args.workers, Console())
     except FedrecError as e:  # e.g. MovieLens not found: one line, no traceback
         sys.exit(f"error: {e}")
-    res["shipped_config"] = shipped_references(args.source, args.results)
+    if args.source in SHIPPED:
+        res["shipped_config"] = shipped_references(args.source, args.results)
     out = args.results / f"probe-file-default-{args.source}.json"
     write_json(out, res)
     print(f"recall@20 {res['recall@20']:.4f} ± {res['recall@20_std']:.4f}; results: {out}")
