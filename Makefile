@@ -76,11 +76,14 @@ evaluate-new-shop: setup
 # The same defaults on a shipped dataset written as a plain purchase file (SOURCE=synthetic, with
 # its product metadata, or SOURCE=movielens, without; the CSV stays in a temporary folder), 3
 # seeds -> results/probe-file-default-$(SOURCE).json, beside the shipped config's numbers.
-# SOURCE=large-shop: a generated shop of about 24,000 sold products, with ALS fitted beside it.
+# SOURCE=new-shop|large-shop|complement-shop: generated shops (datasets/marketplace.py); the last two
+# with ALS, popularity and, where they fit, EASE and item-kNN fitted beside them. PROBE_SET changes
+# the file default for a variant, e.g. PROBE_SET='--set KEY=VALUE --out results/probes-X.json'.
 SOURCE ?= synthetic
+PROBE_SET ?=
 probe-file-default: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.probe_file_default --source $(SOURCE) \
-		--workers $(EVAL_WORKERS)
+		--workers $(EVAL_WORKERS) $(PROBE_SET)
 
 # The served-weight budget (model.max_top1_share) against pooled validation recall@20 and top-1
 # share, beside the tuned ALS's top-1 share; validation only, 3 seeds ->

@@ -52,6 +52,8 @@ class MarketplaceConfig:
     popularity_exponent: float = 0.7
     days: int = 365
     seed: int = 20241201
+    complement_share: float = 0.0  # a purchase after the first basket that is a complement of an earlier one
+    family_size: int = 3  # products per complement family
 
 
 def merchant_sizes(cfg: MarketplaceConfig, rng: np.random.Generator) -> np.ndarray:
@@ -100,12 +102,56 @@ def generate(cfg: MarketplaceConfig | None = None) -> tuple[pl.DataFrame, pl.Dat
             best = np.argmax(logits + gumbel, axis=1)
             ok = np.isfinite(logits[np.arange(len(ev)), best])  # no candidate released yet: no purchase
             e_item[ev[ok]] = cand[ok, best[ok]]
+    if cfg.complement_share > 0:
+        e_item = with_complements(e_cust, e_day, e_item, catalogue["release"], cfg, rng)
     keep = e_item >= 0
     names = np.array([f"m{i:04d}" for i in range(cfg.n_merchants)])
     purchases = purchases_frame(
         names[cust_m[e_cust[keep]]], e_cust[keep], products["item"].to_numpy(), e_item[keep], e_day[keep]
     )
     return purchases, products.drop("release_day")
+
+
+def with_complements(
+    e_cust: np.ndarray,
+    e_day: np.ndarray,
+    e_item: np.ndarray,
+    release: np.ndarray,
+    cfg: MarketplaceConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Purchases with a share of each customer's later ones replaced by complements of earlier ones.
+
+    Products fall into random families of `family_size` (a printer, its ink, its paper). With
+    probability `complement_share`, a purchase after a customer's first basket becomes another
+    member, drawn at random, of the family of one of their earlier purchases, when that member is
+    released by then. That is product-to-product structure, which item-kNN and EASE read directly
+    and a low-rank model only through its factors (issue 9's held-back shop favoured item-kNN).
+    Events must come grouped by customer, in time order within each (`purchase_events` does).
+    """
+    if cfg.family_size < 2:
+        raise ValueError(f"family_size {cfg.family_size}: a complement family needs at least 2 products")
+    n = len(release)
+    order = rng.permutation(n)  # family f holds the products order[f * size : (f + 1) * size]
+    slot = np.empty(n, np.int64)
+    slot[order] = np.arange(n)
+    idx = np.arange(len(e_cust))
+    new_customer = np.r_[True, e_cust[1:] != e_cust[:-1]]
+    new_basket = new_customer | np.r_[True, e_day[1:] != e_day[:-1]]
+    first_of_customer = np.maximum.accumulate(np.where(new_customer, idx, 0))
+    first_of_basket = np.maximum.accumulate(np.where(new_basket, idx, 0))
+    earlier = first_of_basket - first_of_customer  # the customer's purchases in earlier baskets
+    ref = e_item[first_of_customer + (rng.random(len(idx)) * earlier).astype(np.int64)]
+    at = slot[np.maximum(ref, 0)]
+    mate_slot = (
+        at
+        - at % cfg.family_size
+        + (at % cfg.family_size + rng.integers(1, cfg.family_size, len(idx))) % cfg.family_size
+    )
+    mate = order[np.minimum(mate_slot, n - 1)]
+    swap = (earlier > 0) & (ref >= 0) & (e_item >= 0) & (mate_slot < n) & (release[mate] <= e_day)
+    swap &= rng.random(len(idx)) < cfg.complement_share
+    return np.where(swap, mate, e_item)
 
 
 def load(cfg: MarketplaceConfig | None = None) -> PurchaseLog:
@@ -132,6 +178,15 @@ NEW_SHOP = MarketplaceConfig(
 LARGE_SHOP = MarketplaceConfig(
     n_products=40_000, n_merchants=8, n_customers=2_000, min_customers=30, mean_baskets=20.0,
     popularity_exponent=0.5, seed=2,
+)  # fmt: skip
+
+
+# A shop whose customers also buy complements of what they bought before (half of their later
+# purchases, families of 3 products), on a 4,000-product catalogue: where EASE leads ALS, as
+# item-kNN led on issue 9's held-back shop (`make probe-file-default SOURCE=complement-shop`).
+COMPLEMENT_SHOP = MarketplaceConfig(
+    n_products=4_000, n_merchants=8, n_customers=600, min_customers=30, mean_baskets=20.0,
+    popularity_exponent=0.5, complement_share=0.5, family_size=3, seed=3,
 )  # fmt: skip
 
 

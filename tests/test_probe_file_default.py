@@ -93,3 +93,30 @@ def test_references_on_a_generated_file_are_fitted_on_its_split(tmp_path):
         assert 0.0 < refs[name]["recall@20"] <= 1.0, name
     assert "factors" in refs["implicit_als"]["settings"] and "validation" not in refs["implicit_als"]["settings"]
     assert "lambda" in refs["ease"]["settings"]
+
+
+def test_a_variant_changes_the_file_default_and_says_so(tmp_path, monkeypatch):
+    """`--set` reaches every seed's config, the results name it, and `--out` is where they go."""
+    from types import SimpleNamespace
+
+    import fedrec.training.probe_file_default as probe_module
+
+    seen = []
+
+    def fake_train(cfg, console):  # noqa: ANN001, ANN202
+        seen.append(cfg)
+        result = SimpleNamespace(best_round=1, refit_rounds=1, seconds=0.0)
+        return SimpleNamespace(result=result, test={"overall": {"recall@20": 0.1 + cfg.federation.seed}})
+
+    monkeypatch.setattr(probe_module, "train", fake_train)
+    for name in ("choice_entry", "content_match_entry", "copurchase_entry"):
+        monkeypatch.setattr(probe_module, name, lambda res: None)
+    monkeypatch.setattr(probe_module, "file_references", lambda *a: pytest.fail("a variant refits no references"))
+    out = tmp_path / "variant.json"
+    main(["--source", "complement-shop", "--seeds", "2", "--set", "model.copurchase_weights=[0,2]", "--out", str(out)])
+    assert [c.model.copurchase_weights for c in seen] == [(0.0, 2.0), (0.0, 2.0)]
+    assert [c.federation.seed for c in seen] == [0, 1]
+    res = json.loads(out.read_text())
+    assert res["recall@20_per_seed"] == [0.1, 1.1] and "references" not in res
+    assert res["what"].endswith("with model.copurchase_weights = [0, 2]")
+    assert "--set model.copurchase_weights=[0,2]" in res["command"] and str(out) in res["command"]

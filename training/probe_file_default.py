@@ -5,9 +5,11 @@ user would: write a shipped dataset's purchases as one CSV (MovieLens without ti
 the synthetic shop with its product metadata), train it with `training/configs/file.toml` and
 nothing else, and record which candidate validation chose and the refit's test metrics.
 The CSV lives in a temporary folder only: MovieLens may not be copied into the project.
-`large-shop` is a generated shop (`marketplace.LARGE_SHOP`) whose catalogue is past the full
-softmax and the co-purchase term: no shipped config has run it, so its references (ALS with
-settings chosen on validation, popularity) are fitted here on the same file's split.
+Generated shops (`datasets/marketplace.py`): `new-shop` is the file `make evaluate-new-shop` reads
+(its references come from that run); `large-shop` has a catalogue past the full softmax and the
+co-purchase term, and `complement-shop` customers who buy complements of earlier purchases. No
+shipped config has run those two, so their references (ALS with settings chosen on validation,
+popularity, EASE and item-kNN where they fit) are fitted here on the same file's split.
 
 `python -m fedrec.training.probe_file_default --source synthetic` writes
 `results/probe-file-default-synthetic.json`.
@@ -22,25 +24,31 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from fedrec.atomic import write_json
-from fedrec.config import load_config
+from fedrec.config import load_config, parse_sets
 from fedrec.errors import FedrecError
 from fedrec.metrics import seed_std
 from fedrec.training.train import choice_entry, content_match_entry, copurchase_entry, train
 
-SOURCES = ("movielens", "synthetic", "large-shop")
+SOURCES = ("movielens", "synthetic", "new-shop", "large-shop", "complement-shop")
 RESULTS = Path("results")
 # The same purchases under their shipped configs, from `make evaluate`: what the file default is held to.
-SHIPPED = {"movielens": "evaluation-movielens-100k.json", "synthetic": "evaluation-synthetic.json"}
+SHIPPED = {
+    "movielens": "evaluation-movielens-100k.json",
+    "synthetic": "evaluation-synthetic.json",
+    "new-shop": "evaluation-new-shop.json",
+}
+GENERATED = {"new-shop": "NEW_SHOP", "large-shop": "LARGE_SHOP", "complement-shop": "COMPLEMENT_SHOP"}
 
 
 def write_plain_file(source: str, path: Path) -> None:
     """`source`'s purchases as the generic loader reads them: merchant, user, item, timestamp, and
     for the synthetic shop its product columns (title, description, category, price); the
-    generated large shop has none."""
+    generated shops have none."""
     if source == "movielens":
         from fedrec.datasets import movielens
 
@@ -50,24 +58,28 @@ def write_plain_file(source: str, path: Path) -> None:
 
         purchases, products = synthetic.generate()
         purchases.join(products, on="item").write_csv(path)
-    elif source == "large-shop":
-        from fedrec.datasets.marketplace import LARGE_SHOP, write_purchase_file
+    elif source in GENERATED:
+        from fedrec.datasets import marketplace
 
-        write_purchase_file(path, LARGE_SHOP)
+        marketplace.write_purchase_file(path, getattr(marketplace, GENERATED[source]))
     else:
         raise ValueError(f"source {source!r}: one of {', '.join(SOURCES)}")
 
 
-def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -> dict:
+def probe(
+    source: str, seeds: tuple[int, ...], workers: int, console: Console, sets: dict[str, Any] | None = None
+) -> dict:
     """Train the file default on `source` written as a file, once per seed; the run's choice and test
-    metrics, and for a source without a shipped config the references on the same file."""
+    metrics, and for a source without a shipped config the references on the same file. `sets`
+    changes the file default (a variant beside the probe of the default itself, whose file holds
+    the references: they do not depend on it, so a variant does not fit them again)."""
     from fedrec.training.cli import default_config_path
 
     per_seed = {}
     with tempfile.TemporaryDirectory(prefix="fedrec-probe-") as tmp:
         path = Path(tmp) / f"{source}.csv"
         write_plain_file(source, path)
-        refs = None if source in SHIPPED else file_references(path, seeds, console)
+        refs = None if source in SHIPPED or sets else file_references(path, seeds, console)
         for seed in seeds:
             overrides = {
                 "data.path": str(path),
@@ -75,6 +87,7 @@ def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -
                 "threads": 1,
                 "federation.workers": workers,
                 "federation.seed": seed,
+                **(sets or {}),
             }
             run = train(load_config(default_config_path("file"), overrides), console)
             res = run.result
@@ -89,7 +102,8 @@ def probe(source: str, seeds: tuple[int, ...], workers: int, console: Console) -
             }
     recall = [per_seed[s]["test"]["recall@20"] for s in seeds]
     return {
-        "what": f"the file default (training/configs/file.toml) on {source} written as a plain purchase file",
+        "what": f"the file default (training/configs/file.toml) on {source} written as a plain purchase file"
+        + "".join(f", with {k} = {json.dumps(v)}" for k, v in (sets or {}).items()),
         "command": f"make probe-file-default SOURCE={source} EVAL_WORKERS={workers}",
         "date": datetime.date.today().isoformat(),
         "seeds": list(seeds),
@@ -144,14 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="merchants trained at once (same numbers as 1)")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the file default")
+    p.add_argument("--out", type=Path, help="results file (default: <results>/probe-file-default-<source>.json)")
     args = p.parse_args(argv)
     try:
-        res = probe(args.source, tuple(range(args.seeds)), args.workers, Console())
+        res = probe(args.source, tuple(range(args.seeds)), args.workers, Console(), parse_sets(args.set))
     except FedrecError as e:  # e.g. MovieLens not found: one line, no traceback
         sys.exit(f"error: {e}")
     if args.source in SHIPPED:
         res["shipped_config"] = shipped_references(args.source, args.results)
-    out = args.results / f"probe-file-default-{args.source}.json"
+    out = args.out or args.results / f"probe-file-default-{args.source}.json"
+    if args.set or args.out:
+        res["command"] += f" PROBE_SET='{' '.join(f'--set {item}' for item in args.set)} --out {out}'"
     write_json(out, res)
     print(f"recall@20 {res['recall@20']:.4f} ± {res['recall@20_std']:.4f}; results: {out}")
 
