@@ -130,10 +130,15 @@ def file_references(path: Path, seeds: tuple[int, ...], console: Console) -> dic
         if "skipped" in entry:
             out[name] = {"skipped": entry["skipped"]}
             continue
-        out[name] = {"recall@20": entry["overall"]["recall@20"], "recall@20_std": entry.get("recall@20_std")}
+        out[name] = _recall(entry)
         if "settings" in entry:
             out[name]["settings"] = {k: v for k, v in entry["settings"].items() if k != "validation"}
     return out
+
+
+def _recall(entry: dict) -> dict:
+    """recall@20 and its spread over seeds (None for a deterministic method) of a results entry."""
+    return {"recall@20": entry["overall"]["recall@20"], "recall@20_std": entry.get("recall@20_std")}
 
 
 def shipped_references(source: str, results: Path) -> dict | None:
@@ -144,11 +149,7 @@ def shipped_references(source: str, results: Path) -> dict | None:
     r = json.loads(path.read_text())
     return {
         "file": str(path),
-        **{
-            name: {"recall@20": r[name]["overall"]["recall@20"], "recall@20_std": r[name].get("recall@20_std")}
-            for name in ("federated", "implicit_als", "ease")
-            if name in r
-        },
+        **{name: _recall(r[name]) for name in ("federated", "implicit_als", "ease") if name in r},
     }
 
 
