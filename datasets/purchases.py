@@ -12,6 +12,8 @@ Row numbers in messages count data rows from 1; a CSV's line number is one more 
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,17 +39,52 @@ ISO_OFFSET_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z", "%Y-
 def _read(path: Path) -> pl.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give one purchase file (.csv, .tsv or .parquet)")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     suffix = path.suffix.lower()
+    separator = "\t" if suffix == ".tsv" else ","
     try:
         if suffix == ".parquet":
             return pl.read_parquet(path)
         if suffix in (".csv", ".tsv", ".txt"):
-            return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False)
+            return pl.read_csv(path, separator=separator, infer_schema=False)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as {suffix[1:]} ({exc})") from exc
+        where = _text_problem(path, separator) if suffix != ".parquet" else None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: {where}" if where else f"{path}: cannot read as {suffix[1:]} ({first})") from exc
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
+
+
+def _text_problem(path: Path, separator: str) -> str | None:
+    """Where a delimited file that polars refused goes wrong, by row, or None when this finds nothing:
+    polars names neither the line of a byte that is not UTF-8 nor that of a row with extra fields.
+    Runs only after a failed read, so its pass over the rows in Python costs nothing otherwise."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return (
+            f"row {line - 1} (line {line}) is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+            "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8)"
+        )
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
+    row = -1  # the header
+    try:
+        header = next(reader, [])
+        row = 0
+        for row, fields in enumerate(reader, start=1):
+            if len(fields) > len(header):
+                return (
+                    f"row {row} (line {reader.line_num}) has {len(fields)} fields, the header {len(header)}; "
+                    "a value with the separator in it needs double quotes"
+                )
+    except csv.Error as exc:
+        where = "the header" if row < 0 else f"row {row + 1}"
+        return f"{where} (line {reader.line_num}): bad quoting ({exc}); a quote inside a value is written twice"
+    return None
 
 
 def _renamed(df: pl.DataFrame, columns: Mapping[str, str], path: Path) -> pl.DataFrame:

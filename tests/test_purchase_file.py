@@ -30,6 +30,9 @@ def write(tmp_path, name, text):
             "column 'merchant', row 2: unknown merchant 'zz'",
         ),
         ("data.json", "{}", {}, "unsupported file type '.json'"),
+        ("extra.csv", "user,item,timestamp\nu,i,1\nu,j,2,x\n", {}, "row 2 (line 3) has 4 fields, the header 3"),
+        ("extra.tsv", "user\titem\ttimestamp\nu\ti\t1\t\n", {}, "row 1 (line 2) has 4 fields, the header 3"),
+        ("quote.csv", 'user,item,timestamp\nu,i,1\nu,i,2\nu,"j"k,3\n', {}, "row 3 (line 4): bad quoting"),
     ],
 )
 def test_bad_files_name_file_column_and_row(tmp_path, name, text, kwargs, message):
@@ -38,6 +41,21 @@ def test_bad_files_name_file_column_and_row(tmp_path, name, text, kwargs, messag
         load(path, **kwargs)
     assert message in str(exc.value)
     assert name in str(exc.value)
+
+
+def test_text_that_is_not_utf8_is_named_by_row(tmp_path):
+    """Polars names no line for a byte that is not UTF-8: the message does, and says what to do."""
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("user,item,timestamp\nu,i,1\nJosé,j,2\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv: row 2 \(line 3\) is not UTF-8 text \(byte 0xe9\); save"):
+        load(path)
+
+
+def test_a_folder_is_refused_as_a_folder(tmp_path):
+    folder = tmp_path / "shop.csv"
+    folder.mkdir()
+    with pytest.raises(DataError, match="shop.csv: is a folder; give one purchase file"):
+        load(folder)
 
 
 def test_missing_file(tmp_path):
