@@ -183,6 +183,23 @@ def test_basket_recommendations_leave_the_basket_out_and_follow_the_basket(clien
     assert len(kept["items"]) == 10
 
 
+def test_an_id_listed_twice_in_a_basket_weighs_twice(client, root):
+    """The README's promise: a repeated id counts as often as it is listed (recent views), so
+    listing one id twice changes the scores, where asking again with each id once does not."""
+    items = files(root)["items"]
+
+    def scores(basket: list[str]) -> dict[str, float]:
+        r = client.post("/v1/recommendations", json={"items": basket, "k": 50})
+        assert r.status_code == 200, r.text
+        return {it["id"]: it["score"] for it in r.json()["items"]}
+
+    once, doubled = scores(items[:2]), scores([items[0], items[0], items[1]])
+    assert scores(items[:2]) == once
+    shared = set(once) & set(doubled)
+    assert len(shared) >= 10
+    assert max(abs(once[i] - doubled[i]) for i in shared) > 1e-4
+
+
 def cosine_to(vectors: np.ndarray, row: int) -> np.ndarray:
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     scores = unit @ unit[row]
