@@ -5,6 +5,9 @@
 - Per user, positives sorted by time (ties by item id); the last ceil(test_fraction) are test.
 - Validation is carved from the train part only (its last ceil(val_fraction)), so early stopping
   never sees a test purchase.
+- Every user keeps at least one train purchase (and two before any goes to validation): a large
+  fraction is capped there rather than leave a user, or a whole merchant, nothing to train on. At
+  the protocol's fractions (0.2 and 0.1, at least 5 positives) the cap never binds.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
     )
     if inter.height == 0:
         raise DataError(f"{log.name}: no user has at least {cfg.min_positives} purchases; nothing to train or evaluate")
-    n_test = _ceil_count(pl.col("n"), cfg.test_fraction)
+    n_test = pl.min_horizontal(_ceil_count(pl.col("n"), cfg.test_fraction), pl.col("n") - 1)
     n_train = pl.col("n") - n_test
-    n_val = pl.when(n_train >= 2).then(_ceil_count(n_train, cfg.val_fraction)).otherwise(0)
+    n_val = (
+        pl.when(n_train >= 2).then(pl.min_horizontal(_ceil_count(n_train, cfg.val_fraction), n_train - 1)).otherwise(0)
+    )
     inter = inter.with_columns(
         part=pl.when(pl.col("rank") >= n_train)
         .then(pl.lit("test"))

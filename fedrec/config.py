@@ -110,7 +110,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{where + ': ' if where else ''}unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     kwargs = {}
     for name, value in values.items():
         typ = hints[name]
@@ -157,6 +159,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.data.partition in PARTITIONS, f"data.partition must be one of {PARTITIONS}"),
         (2 <= cfg.data.partition_merchants <= 1000, "data.partition_merchants must be between 2 and 1000"),
         (cfg.data.partition_alpha > 0, "data.partition_alpha must be > 0"),
+        (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
+        (cfg.data.min_positives >= 1, "data.min_positives must be >= 1"),
+        (cfg.threads >= 1, "threads must be >= 1"),
+        *(
+            (0 <= value < math.inf, f"local.{name} must be a finite number >= 0 (0 freezes what it steps)")
+            for name, value in (
+                ("lr", cfg.local.lr),
+                ("user_lr", cfg.local.user_lr),
+                ("bias_lr", cfg.local.bias_lr),
+            )
+        ),
+        (0 <= cfg.local.weight_decay < math.inf, "local.weight_decay must be a finite number >= 0"),
         (cfg.local.prox_mu >= 0, "local.prox_mu must be >= 0"),
         (cfg.local.temperature >= 0, "local.temperature must be > 0, or 0 to choose it on validation"),
         (
@@ -186,7 +200,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             "local.user_solve_reg solves the softmax (full or sampled) or the ials loss: it needs local.loss = "
             "'softmax', 'sampled_softmax' or 'ials'",
         ),
-        (cfg.local.loss in LOSSES, f"local.loss must be one of {LOSSES}"),
         (cfg.local.ials_alpha >= 0, "local.ials_alpha must be >= 0 (the extra weight of a purchase)"),
         (cfg.local.ials_lr > 0, "local.ials_lr must be > 0"),
         (
@@ -234,6 +247,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.federation.server.name in SERVER_OPTIMIZERS, f"federation.server.name must be one of {SERVER_OPTIMIZERS}"),
         (0 < cfg.federation.fraction <= 1, "federation.fraction must be in (0, 1]"),
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
+        (cfg.federation.patience >= 0, "federation.patience must be >= 0 (0: never stop early)"),
+        (cfg.federation.min_merchants >= 1, "federation.min_merchants must be >= 1"),
+        (0 <= cfg.federation.server.lr < math.inf, "federation.server.lr must be a finite number >= 0"),
+        (
+            0 <= cfg.federation.server.beta1 < 1 and 0 <= cfg.federation.server.beta2 < 1,
+            "federation.server.beta1 and beta2 must be in [0, 1)",
+        ),
+        (0 < cfg.federation.server.tau < math.inf, "federation.server.tau must be a finite number > 0"),
         (cfg.federation.val_every >= 1, "federation.val_every must be >= 1"),
         (cfg.federation.val_customers >= 0, "federation.val_customers must be >= 0 (0: all)"),
         (cfg.federation.val_scope in ("all", "round"), "federation.val_scope must be all or round"),
@@ -242,7 +263,16 @@ def validate(cfg: RunConfig) -> RunConfig:
             cfg.federation.upload_precision in PRECISIONS,
             f"federation.upload_precision must be one of {tuple(PRECISIONS)}",
         ),
-        (cfg.model.dim >= 1, "model.dim must be >= 1"),
+        *(
+            (value >= 1, f"model.{name} must be >= 1")
+            for name, value in (
+                ("dim", cfg.model.dim),
+                ("feature_dim", cfg.model.feature_dim),
+                ("hidden", cfg.model.hidden),
+                ("hash_buckets", cfg.model.hash_buckets),
+            )
+        ),
+        (0 < cfg.model.init_std < math.inf, "model.init_std must be a finite number > 0"),
         (cfg.model.use_item_id or cfg.model.use_content, "model: enable use_item_id or use_content"),
         (cfg.model.id_rows >= 0, "model.id_rows must be >= 0 (0: one id row per product)"),
         (cfg.model.new_item_neighbours >= 0, "model.new_item_neighbours must be >= 0 (0: every trained product)"),
@@ -327,11 +357,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             "of the noise; split noise needs the plain sum (robust = none)",
         ),
     ]
+    for msg in privacy_errors(cfg.privacy):  # each privacy setting's own range, before the checks that combine them
+        raise ConfigError(msg)
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    for msg in privacy_errors(cfg.privacy):
-        raise ConfigError(msg)
     return _checked_candidates(cfg)
 
 
@@ -441,8 +471,11 @@ def _set_dotted(raw: dict[str, Any], overrides: dict[str, Any] | None) -> None:
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for i, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"{dotted}: {section} is a table of settings, but it was given the value {node!r}")
         node[leaf] = value
 
 

@@ -112,10 +112,32 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         ("federation.aggregation=mean", "federation.aggregation must be one of ('auto', 'fedavg', 'rowwise')"),
         ("data.user_column=item", "must be four different non-empty column names"),
         ("data.timestamp_column=", "must be four different non-empty column names"),
+        # each of these once ended in a traceback, or trained with a meaningless setting
+        ("threads=0", "threads must be >= 1"),
+        ("model.hash_buckets=0", "model.hash_buckets must be >= 1"),
+        ("model.hidden=0", "model.hidden must be >= 1"),
+        ("local.lr=-1", "local.lr must be a finite number >= 0"),
+        ("local.user_lr=NaN", "local.user_lr must be a finite number >= 0"),
+        ("local.weight_decay=-0.1", "local.weight_decay must be a finite number >= 0"),
+        ("federation.server.beta2=1", "federation.server.beta1 and beta2 must be in [0, 1)"),
+        ("federation.patience=-1", "federation.patience must be >= 0"),
+        ("data.min_positives=0", "data.min_positives must be >= 1"),
+        # the setting out of range is the one named, not a rule that combines it with another
+        ("local.loss=xyz", "local.loss must be one of"),
     ):
         result = runner.invoke(app, ["train", "--set", setting])
         assert result.exit_code == 2, setting
-        assert message in result.output and "Traceback" not in result.output
+        assert message in result.output and "Traceback" not in result.output, (setting, result.output)
+    result = runner.invoke(
+        app, ["train", "--dataset", "file", "--set", "data.path=x.csv", "--set", "privacy.epsilon=0"]
+    )
+    assert result.exit_code == 2 and "privacy.epsilon must be > 0" in result.output, result.output
+    # a section given a value, then one of its settings: named, not a TypeError
+    result = runner.invoke(app, ["train", "--set", "federation=1", "--set", "federation.rounds=2"])
+    assert result.exit_code == 2 and "federation.rounds: federation is a table of settings" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "--set", "nope=1"])
+    assert result.exit_code == 2 and ": : " not in result.output and "unknown setting(s) nope" in result.output
 
     # comma-separated numbers: refused before any run, with the message for the kind of mistake
     for flags, message in (

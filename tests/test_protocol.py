@@ -30,6 +30,16 @@ def test_last_ceil_20_percent_is_test_and_ties_break_by_item_id():
     assert m.train.nnz == 10
 
 
+def test_large_fractions_leave_every_user_a_train_purchase():
+    """ceil(0.9 x 4) would move all four of a 5-purchase user's train purchases to validation (and
+    ceil(0.9 x 5) all five to test), leaving nothing to train on: the split caps there."""
+    rows = [("m", "u", str(i), i) for i in range(5)]
+    m = temporal_split(_log(rows), SplitConfig(val_fraction=0.9)).merchants[0]
+    assert (m.train.nnz, m.val.nnz, m.test.nnz) == (1, 3, 1)
+    m = temporal_split(_log(rows), SplitConfig(test_fraction=0.9, val_fraction=0.9)).merchants[0]
+    assert (m.train.nnz, m.val.nnz, m.test.nnz) == (1, 0, 4)
+
+
 def test_users_under_five_positives_dropped_and_repeats_collapse():
     rows = [("m", "few", str(i), i) for i in range(4)] + [("m", "ok", str(i), i) for i in range(5)]
     rows += [("m", "ok", "0", 99)]  # repeat purchase: dated by its first occurrence

@@ -38,6 +38,11 @@ from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
 from fedrec.training.train import trained_with
 
+NO_VALIDATION = (
+    "no validation customers: set data.val_fraction > 0 to compare on validation (a customer gives validation "
+    "purchases only with 2 or more left for training after data.test_fraction)"
+)
+
 
 def parse_candidates(text: str) -> list:
     """Comma-separated values, each read as JSON where it parses (numbers, true/false), else a string."""
@@ -77,11 +82,11 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
         ]
         total = combine_sums(parts)
         if not total.users:
-            raise ConfigError("no validation customers: set data.val_fraction > 0 to compare on validation")
+            raise ConfigError(NO_VALIDATION)
         return total.means()["recall@20"], res.best_round
     scored = {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None}
     if not scored:
-        raise ConfigError("no validation customers: set data.val_fraction > 0 to compare on validation")
+        raise ConfigError(NO_VALIDATION)
     if res.best_round in scored:
         return scored[res.best_round], res.best_round
     return max((v, r) for r, v in scored.items())

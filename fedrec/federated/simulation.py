@@ -411,7 +411,11 @@ def choose_on_validation(
         run = _train(dataset, features, cand.model, cand.local, fed_cfg, shown, on_message, None, tamper)
         best = {h.round: h.val_recall_at_20 for h in run.history}.get(run.best_round)
         if best is None:
-            raise ConfigError("choosing settings on validation needs the validation slice: set data.val_fraction > 0")
+            raise ConfigError(
+                "choosing settings on validation needs validation customers, and the slice is empty: set "
+                "data.val_fraction > 0 (a customer gives validation purchases only with 2 or more left for training "
+                "after data.test_fraction)"
+            )
         scores[cand.label] = best
         spent += run.seconds  # every candidate's run counts: it is what the choice cost
         if first is None or best > scores[chosen.label]:  # a tie keeps the earlier candidate
