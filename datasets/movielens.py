@@ -60,18 +60,22 @@ def default_download_dir() -> Path:
 
 
 def resolve_dir(configured: str | Path | None = None) -> Path:
-    """Find the MovieLens folder: config, then env var, then shared folder, then download cache."""
-    candidates = [
-        Path(configured) if configured else None,
-        Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None,
-        SHARED_DIR,
-        default_download_dir(),
-    ]
+    """Find the MovieLens folder: config, then env var, then shared folder, then download cache.
+    A folder named by the config or the env var is the one read: when it has no u.data that is an
+    error, not a quiet fall back to another copy (a mistyped path would otherwise go unnoticed)."""
+    explicit = next(
+        (
+            (Path(value), name)
+            for value, name in ((configured, "data.movielens_dir"), (os.environ.get(ENV_VAR), ENV_VAR))
+            if value
+        ),
+        None,
+    )
+    candidates = [explicit[0]] if explicit else [SHARED_DIR, default_download_dir()]
     for c in candidates:
-        if c is not None and (c / "u.data").is_file():
+        if (c / "u.data").is_file():
             return c
-    explicit = next((c for c in candidates[:2] if c is not None), None)
-    where = f"{explicit} has no u.data" if explicit else "no MovieLens folder was found"
+    where = f"{explicit[0]} (from {explicit[1]}) has no u.data" if explicit else "no MovieLens folder was found"
     raise DataError(
         f"MovieLens-100K: {where}. Run `fedrec download movielens-100k` (needs internet), "
         f"or set {ENV_VAR} to a folder holding u.data, u.item and u.user."

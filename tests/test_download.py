@@ -52,3 +52,19 @@ def test_checksum_mismatch_leaves_nothing(server, tmp_path):
 def test_offline_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="cannot download MovieLens-100K .* offline"):
         movielens.download(tmp_path / "ml", "http://127.0.0.1:9/ml-100k.zip", timeout=2)
+
+
+def test_a_named_movielens_folder_without_u_data_is_an_error_not_a_fall_back(tmp_path, monkeypatch):
+    """A mistyped data.movielens_dir or FEDREC_MOVIELENS_DIR must not quietly read another copy."""
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "u.data").write_text("1\t1\t5\t1\n")
+    monkeypatch.setattr(movielens, "SHARED_DIR", good)  # a copy the lookup would otherwise find
+    monkeypatch.delenv(movielens.ENV_VAR, raising=False)
+    assert movielens.resolve_dir() == good
+    with pytest.raises(DataError, match=r"typo \(from data.movielens_dir\) has no u.data"):
+        movielens.resolve_dir(tmp_path / "typo")
+    monkeypatch.setenv(movielens.ENV_VAR, str(tmp_path / "typo2"))
+    with pytest.raises(DataError, match=r"typo2 \(from FEDREC_MOVIELENS_DIR\) has no u.data"):
+        movielens.resolve_dir()
+    assert movielens.resolve_dir(good) == good  # the config's folder comes before the env var's
