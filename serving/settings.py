@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,10 +40,10 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.foldin_method not in FOLDIN_METHODS:
             raise ConfigError(f"fold-in method {self.foldin_method!r}: choose one of {', '.join(FOLDIN_METHODS)}")
-        if self.watch_interval < 0:
-            raise ConfigError("watch interval must be >= 0 seconds")
-        if self.foldin_reg < 0:
-            raise ConfigError("fold-in regularisation must be >= 0")
+        if not 0 <= self.watch_interval < math.inf:  # NaN fails every comparison, so it is refused too
+            raise ConfigError(f"watch interval must be a finite number >= 0 seconds, got {self.watch_interval}")
+        if not 0 <= self.foldin_reg < math.inf:
+            raise ConfigError(f"fold-in regularisation must be a finite number >= 0, got {self.foldin_reg}")
         for name in (
             "foldin_full_items",
             "foldin_candidates",

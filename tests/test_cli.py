@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from fedrec.serving.index import load_index
@@ -228,3 +229,20 @@ def test_evaluate_foldin_of_an_ials_model_measures_the_fold_in_the_api_serves(tm
     # at the same reg ranks as well (0.259 against 0.244 here), far above another rule (ridge 0.09, mean 0.14)
     assert abs(rules["ials reg=3"]["recall@20"] - rules["learned"]["recall@20"]) < 0.03
     assert rules["ials reg=3"]["recall@20"] > max(rules["mean"]["recall@20"], rules["ridge reg=3"]["recall@20"]) + 0.05
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "99999"], "99999 is not in the range 1<=x<=65535"),
+        (["--foldin-reg", "nan"], "fold-in regularisation must be a finite number >= 0, got nan"),
+        (["--foldin-reg", "-1"], "fold-in regularisation must be a finite number >= 0"),
+        (["--watch-interval", "inf"], "watch interval must be a finite number >= 0 seconds, got inf"),
+        (["--log-level", "loud"], "--log-level 'loud': choose one of critical, error, warning, info, debug, trace"),
+    ],
+)
+def test_serve_refuses_bad_options_before_it_starts(tmp_path, flags, message):
+    """Each of these once started a server (NaN, inf, a port past 65535) or ended in uvicorn's traceback."""
+    result = CliRunner().invoke(app, ["serve", "--export", str(tmp_path), *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

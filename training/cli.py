@@ -12,9 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.training.federation import app as federation_app
 from fedrec.training.friendly import friendly
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 app.add_typer(federation_app, name="federation")
@@ -343,7 +345,7 @@ def serve(
         Path | None, typer.Option(help="That merchant's private files (default: <export>/../merchants/<merchant>).")
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each holds the index in memory).")] = 1,
     watch_interval: Annotated[float, typer.Option(help="Seconds between checks for a new export; 0: off.")] = 2.0,
     foldin: Annotated[str, typer.Option(help="Basket fold-in rule: softmax, mean or ridge.")] = "softmax",
@@ -356,7 +358,9 @@ def serve(
         int, typer.Option(min=1, help="Larger request bodies get a 413 before they are read.")
     ] = 1_000_000,
     threads: Annotated[int, typer.Option(min=1, help="BLAS/OpenMP threads per worker.")] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug or trace.")
+    ] = "info",
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + FAISS); docs at /docs, demo page at /.
 
@@ -370,6 +374,8 @@ def serve(
     from fedrec.serving.export_store import load_export
     from fedrec.serving.settings import ENV_VAR, ServeSettings
 
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
     settings = ServeSettings(
         export=str(export),
         merchant=merchant,
@@ -399,7 +405,7 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        log_level=log_level,
+        log_level=log_level.lower(),
         access_log=False,
     )
 

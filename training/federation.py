@@ -184,7 +184,7 @@ def node(
     key: Annotated[Path, typer.Option(help="This node's private key; KEY.pub beside it.")],
     ca: CaOpt,
     superlink: str = "127.0.0.1:9092",
-    port: Annotated[int, typer.Option(help="Local port for this node's ClientApp API.")] = 9094,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Local port for this node's ClientApp API.")] = 9094,
     dry_run: Dry = False,
 ) -> None:
     """Start a merchant's node (flower-supernode), after checking that its data bundle loads."""
