@@ -21,6 +21,7 @@ import polars as pl
 
 from fedrec.data import PurchaseLog
 from fedrec.errors import DataError
+from fedrec.folder_names import RULE, folder_name_problem
 
 REQUIRED = ("user", "item", "timestamp")
 ITEM_META = ("title", "description", "category", "price")
@@ -185,6 +186,14 @@ def load(
     if "merchant" not in df.columns:
         df = df.with_columns(merchant=pl.lit(name or path.stem))
     df = df.with_columns(pl.col("user", "item", "merchant").cast(pl.String))
+    unsafe = {m: why for m in df["merchant"].unique().to_list() if (why := folder_name_problem(m)) is not None}
+    if unsafe:  # a merchant's name becomes its folder in the export: "../x" would write outside it
+        row = _first_bad_row(df, pl.col("merchant").is_in(list(unsafe)))
+        bad = df["merchant"][row - 1]
+        raise DataError(
+            f"{path}: column {shown['merchant']!r}, row {row}: merchant {bad!r} {unsafe[bad]}; a merchant's "
+            f"name is its folder's name ({RULE})"
+        )
     if merchants is not None:
         known = set(merchants)
         row = _first_bad_row(df, ~pl.col("merchant").is_in(list(known)))

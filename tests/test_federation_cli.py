@@ -41,6 +41,10 @@ def test_node_refuses_a_bad_bundle_before_joining(tmp_path) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2
     assert "train.npz" in res.output and "Traceback" not in res.output
+    # a bundle whose merchant name would put the node's export half outside its artifacts folder
+    (bundle / "bundle.json").write_text(json.dumps({"format": 1, "merchant": "../../x", "index": 0}))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "merchant '../../x' holds a separator" in res.output, res.output
 
 
 def test_run_refuses_a_bad_setting_before_launching(tmp_path) -> None:
@@ -66,3 +70,19 @@ def test_run_refuses_what_only_the_in_process_runtime_does(tmp_path) -> None:
     ok = runner.invoke(app, [*base, "--set", "federation.robust=none"])
     assert ok.exit_code == 0, ok.output
     assert "flwr" in ok.output
+
+
+def test_credentials_refuse_a_file_as_folder_and_node_names_that_leave_it(tmp_path) -> None:
+    """Both once ended in a traceback or wrote a key outside keys/ ("../x"); nothing is written."""
+    afile = tmp_path / "taken"
+    afile.write_text("x")
+    res = runner.invoke(app, ["federation", "credentials", "--out", str(afile), "--nodes", "a"])
+    assert res.exit_code == 2 and "is a file; give a folder" in res.output and "Traceback" not in res.output
+    out = tmp_path / "creds"
+    for name in ("../escape", "a/b", ".."):
+        res = runner.invoke(app, ["federation", "credentials", "--out", str(out), "--nodes", f"ok,{name}"])
+        assert res.exit_code == 2 and f"node name {name!r}" in res.output, res.output
+    assert not out.exists() and not (tmp_path / "escape").exists()
+    res = runner.invoke(app, ["federation", "credentials", "--out", str(out), "--nodes", "shop-1,Shop 2.eu"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "keys").iterdir()) == ["Shop 2.eu", "Shop 2.eu.pub", "shop-1", "shop-1.pub"]

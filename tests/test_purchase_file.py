@@ -58,6 +58,25 @@ def test_a_folder_is_refused_as_a_folder(tmp_path):
         load(folder)
 
 
+@pytest.mark.parametrize("merchant", ["../../escape", "a/b", "a\\b", "..", " shop", "tab\there"])
+def test_a_merchant_name_that_would_leave_its_folder_is_refused(tmp_path, merchant):
+    """A merchant's name becomes its export folder: "../../escape" once wrote a merchant's user
+    vectors outside the artifacts folder."""
+    path = tmp_path / "shop.csv"
+    pl.DataFrame(
+        {"user": ["u", "u", "v"], "item": ["i", "j", "i"], "timestamp": [1, 2, 3], "merchant": ["ok", "ok", merchant]}
+    ).write_csv(path)
+    with pytest.raises(DataError, match=r"shop.csv: column 'merchant', row 3: merchant .* a merchant's name is its"):
+        load(path)
+
+
+def test_merchant_names_with_spaces_dots_and_letters_of_any_script_load(tmp_path):
+    path = tmp_path / "shop.csv"
+    names = ["Shop A", "shop.eu", "...x", "Café-Ü", "店"]
+    pl.DataFrame({"user": names, "item": ["i"] * 5, "timestamp": [1] * 5, "merchant": names}).write_csv(path)
+    assert sorted(load(path).interactions["merchant"].unique().to_list()) == sorted(names)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.csv: file not found"):
         load(tmp_path / "nope.csv")

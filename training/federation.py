@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.training.friendly import friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The networked runtime on Flower (issue 12).")
@@ -138,10 +138,13 @@ def credentials(
     ] = "localhost,127.0.0.1",
 ) -> None:
     """Demo credentials: a CA, the coordinator's TLS certificate, and one key pair per node."""
-    from fedrec.federated.credentials import make_node_key, make_tls
+    from fedrec.federated.credentials import check_node_name, make_node_key, make_tls
 
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a folder for the credentials")
+    names = [check_node_name(n.strip()) for n in nodes.split(",") if n.strip()]  # all, before anything is written
     make_tls(out, tuple(h for h in hosts.split(",") if h))
-    for name in filter(None, nodes.split(",")):
+    for name in names:
         make_node_key(out / "keys", name)
     typer.echo(f"credentials in {out}")
 

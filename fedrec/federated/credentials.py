@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedrec.errors import ConfigError
+from fedrec.folder_names import RULE, folder_name_problem
+
 VALID_DAYS = 30
 
 
@@ -83,8 +86,17 @@ def make_tls(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1
     return paths
 
 
+def check_node_name(name: str) -> str:
+    """`name`, when it can be a key's file name: it may not climb out of the keys folder ("../x").
+    The same rule as a merchant's name, as the demo names each node's key after its merchant."""
+    if (why := folder_name_problem(name)) is not None:
+        raise ConfigError(f"node name {name!r} {why} ({RULE})")
+    return name
+
+
 def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
     """An EC key pair for SuperNode authentication (OpenSSH format, as Flower reads it)."""
+    check_node_name(name)
     key = ec.generate_private_key(ec.SECP384R1())
     private = out / name
     public = out / f"{name}.pub"

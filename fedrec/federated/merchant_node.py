@@ -51,6 +51,7 @@ from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import ials_user_step, local_update
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.wire import TEST_PREFIX, TEST_USERS, VAL_HITS, VAL_USERS
+from fedrec.folder_names import RULE, folder_name_problem
 from fedrec.metrics import METRICS
 from fedrec.model import init_item_bias, init_user_embeddings, item_embeddings
 from fedrec.privacy.accountant import DPMechanism, plan_mechanism
@@ -120,6 +121,8 @@ def load_bundle(path: Path) -> MerchantBundle:
         raise FedrecError(f"{meta_path}: unreadable bundle metadata ({exc})") from None
     if meta.get("format") != BUNDLE_FORMAT:
         raise FedrecError(f"{meta_path}: bundle format {meta.get('format')!r}, want {BUNDLE_FORMAT}")
+    if (why := folder_name_problem(name)) is not None:  # the node writes its export half under this name
+        raise FedrecError(f"{meta_path}: merchant {name!r} {why} ({RULE})")
     mats = {}
     for part in ("train", "val", "test"):
         f = path / f"{part}.npz"
