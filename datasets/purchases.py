@@ -111,6 +111,16 @@ def _separator_hint(df: pl.DataFrame, path: Path) -> str:
     return ""
 
 
+def _check_flat(df: pl.DataFrame, columns: Sequence[str], path: Path, shown: Mapping[str, str]) -> None:
+    """Ids and product metadata are one text or number per row: a list or struct column (parquet
+    can hold them) is named here rather than failing later in a cast."""
+    for c in columns:
+        if c in df.columns and (df[c].dtype.is_nested() or df[c].dtype == pl.Object):
+            raise DataError(
+                f"{path}: column {shown.get(c, c)!r} holds {df[c].dtype} values; give one text or number per row"
+            )
+
+
 def _first_bad_row(df: pl.DataFrame, bad: pl.Expr) -> int | None:
     hit = df.with_row_index("_row", offset=1).filter(bad).select("_row").head(1)
     return int(hit.item()) if hit.height else None
@@ -120,6 +130,10 @@ def _parse_timestamp(df: pl.DataFrame, path: Path, shown: str = "timestamp") -> 
     """Unix seconds (whole or fractional, floored: only the order of purchases matters) or an
     ISO-8601 date or date-time, with or without an offset, as unix seconds in UTC."""
     col = df["timestamp"]
+    if col.dtype.is_nested() or col.dtype in (pl.Duration, pl.Time, pl.Object):
+        raise DataError(
+            f"{path}: column {shown!r} holds {col.dtype} values; give unix seconds or ISO-8601 dates or date-times"
+        )
     if col.dtype.is_integer():
         return col.cast(pl.Int64)
     if col.dtype.is_float():
@@ -178,6 +192,7 @@ def load(
             f"{', '.join(map(repr, df.columns))}"
         )
     df = _renamed(df, columns, path)
+    _check_flat(df, ("user", "item", "merchant", *ITEM_META), path, shown)
     for c in (*REQUIRED, "merchant"):
         if c in df.columns and df[c].null_count():
             row = _first_bad_row(df, pl.col(c).is_null() | (pl.col(c).cast(pl.String) == ""))
@@ -239,6 +254,7 @@ def _with_catalogue(items: pl.DataFrame, path: Path, item_column: str = "item") 
             f"{_separator_hint(df, path)}"
         )
     df = _renamed(df, {"item": item_column}, path)
+    _check_flat(df, ("item", *ITEM_META), path, {"item": item_column})
     row = _first_bad_row(df, pl.col("item").is_null() | (pl.col("item").cast(pl.String) == ""))
     if row is not None:
         raise DataError(f"{path}: column {item_column!r}, row {row}: value is empty")

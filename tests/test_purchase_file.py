@@ -77,6 +77,28 @@ def test_merchant_names_with_spaces_dots_and_letters_of_any_script_load(tmp_path
     assert sorted(load(path).interactions["merchant"].unique().to_list()) == sorted(names)
 
 
+def test_parquet_columns_of_the_wrong_kind_are_named(tmp_path):
+    """Parquet can hold lists, structs and durations, which once ended in a traceback in a cast."""
+    base = pl.DataFrame({"user": ["u", "v"], "item": ["i", "j"], "timestamp": [1, 2]})
+    cases = {
+        "list.parquet": (base.with_columns(pl.concat_list("item").alias("item")), "column 'item' holds List"),
+        "struct.parquet": (base.with_columns(pl.struct("user").alias("user")), "column 'user' holds Struct"),
+        "title.parquet": (base.with_columns(title=pl.concat_list("item")), "column 'title' holds List"),
+        "dur.parquet": (
+            base.with_columns(pl.duration(seconds=pl.col("timestamp")).alias("timestamp")),
+            "column 'timestamp' holds Duration",
+        ),
+    }
+    for name, (df, message) in cases.items():
+        df.write_parquet(tmp_path / name)
+        with pytest.raises(DataError, match=re.escape(f"{name}: {message}")):
+            load(tmp_path / name)
+    base.write_parquet(tmp_path / "ok.parquet")
+    pl.DataFrame({"item": ["k"], "category": [["a", "b"]]}).write_parquet(tmp_path / "cat.parquet")
+    with pytest.raises(DataError, match="cat.parquet: column 'category' holds List"):
+        load(tmp_path / "ok.parquet", catalogue=tmp_path / "cat.parquet")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.csv: file not found"):
         load(tmp_path / "nope.csv")
