@@ -369,8 +369,15 @@ def _checked_candidates(cfg: RunConfig) -> RunConfig:
     """`cfg` with each of `local.candidates` flattened to {"section.key": value} and its values as
     the validated settings hold them (1 -> 1.0 for a float); a candidate whose settings would not
     validate is refused here, naming it, before anything trains. Checked only where they are used
-    (local.temperature = 0, which DP and the networked runtime refuse already)."""
-    if not cfg.local.candidates or cfg.local.temperature != 0:  # a set temperature: nothing is chosen
+    (local.temperature = 0, which DP and the networked runtime refuse already); elsewhere only
+    their form (tables of known settings), so a mistyped list is still named."""
+    if cfg.local.candidates and cfg.local.temperature != 0:  # a set temperature: nothing is chosen
+        for i, raw in enumerate(cfg.local.candidates):
+            try:
+                flat_overrides(raw, f"local.candidates[{i}]")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    if not cfg.local.candidates or cfg.local.temperature != 0:
         return cfg
     base = dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, candidates=()))
     checked = []

@@ -125,6 +125,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         ("data.min_positives=0", "data.min_positives must be >= 1"),
         # the setting out of range is the one named, not a rule that combines it with another
         ("local.loss=xyz", "local.loss must be one of"),
+        # candidates under a fixed temperature are not used, but a list that is not candidates is named
+        ("local.candidates=[1]", "local.candidates[0]: expected a table of settings, got int"),
     ):
         result = runner.invoke(app, ["train", "--set", setting])
         assert result.exit_code == 2, setting
