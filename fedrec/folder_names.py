@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 
 UNSAFE = r"[/\\\x00-\x1f\x7f]"  # a separator or a control character, anywhere in the name
-RULE = "no '/', '\\', control characters or surrounding spaces, and not '.' or '..'"
+MAX_BYTES = 200  # file systems allow 255 bytes a name; the key file adds ".pub", a temporary file more
+RULE = f"no '/', '\\', control characters or surrounding spaces, not '.' or '..', at most {MAX_BYTES} bytes"
 
 
 def folder_name_problem(name: str) -> str | None:
@@ -18,4 +19,6 @@ def folder_name_problem(name: str) -> str | None:
         return f"is {name!r}"
     if re.search(UNSAFE, name):
         return "holds a separator ('/' or '\\') or a control character"
+    if len(name.encode("utf-8")) > MAX_BYTES:
+        return f"is longer than {MAX_BYTES} bytes"
     return None

@@ -58,7 +58,7 @@ def test_a_folder_is_refused_as_a_folder(tmp_path):
         load(folder)
 
 
-@pytest.mark.parametrize("merchant", ["../../escape", "a/b", "a\\b", "..", " shop", "tab\there"])
+@pytest.mark.parametrize("merchant", ["../../escape", "a/b", "a\\b", "..", " shop", "tab\there", "é" * 101])
 def test_a_merchant_name_that_would_leave_its_folder_is_refused(tmp_path, merchant):
     """A merchant's name becomes its export folder: "../../escape" once wrote a merchant's user
     vectors outside the artifacts folder."""
