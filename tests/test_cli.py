@@ -5,6 +5,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedrec.serving.index import load_index
@@ -97,6 +98,15 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
 
     result = runner.invoke(app, ["export", "--set", f"output.artifacts_dir={tmp_path / 'none'}"])
     assert result.exit_code == 2 and "no checkpoint" in result.output
+    # a truncated checkpoint (a full disk) or another program's file: named, not unpickled into a traceback
+    broken = tmp_path / "broken"
+    (broken / "synthetic").mkdir(parents=True)
+    (broken / "synthetic" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    result = runner.invoke(app, ["export", "--set", f"output.artifacts_dir={broken}"])
+    assert result.exit_code == 2 and "checkpoint.pt: cannot read the checkpoint" in result.output, result.output
+    torch.save({"weights": 1}, broken / "synthetic" / "checkpoint.pt")
+    result = runner.invoke(app, ["export", "--set", f"output.artifacts_dir={broken}"])
+    assert result.exit_code == 2 and "not a fedrec checkpoint (missing config, item_state" in result.output
 
     result = runner.invoke(app, ["evaluate", "--only-cold-start", "--only-references"])
     assert result.exit_code == 2 and "--only-cold-start and --only-references: give one" in result.output

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
+from fedrec.config import load_config
+from fedrec.errors import FedrecError
 from fedrec.training.cli import app
+from fedrec.training.flower_server import Checkpoint, config_hash, load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 
@@ -86,3 +91,17 @@ def test_credentials_refuse_a_file_as_folder_and_node_names_that_leave_it(tmp_pa
     res = runner.invoke(app, ["federation", "credentials", "--out", str(out), "--nodes", "shop-1,Shop 2.eu"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (out / "keys").iterdir()) == ["Shop 2.eu", "Shop 2.eu.pub", "shop-1", "shop-1.pub"]
+
+
+def test_a_broken_coordinator_checkpoint_is_named_not_unpickled_into_a_traceback(tmp_path) -> None:
+    cfg = load_config(None, {})
+    path = tmp_path / "checkpoint.pt"
+    assert load_checkpoint(path, cfg) is None  # none yet: a fresh run
+    path.write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(FedrecError, match="checkpoint.pt: cannot read the checkpoint"):
+        load_checkpoint(path, cfg)
+    torch.save({"config_hash": config_hash(cfg), "run_key": "r", "from_the_future": 1}, path)
+    with pytest.raises(FedrecError, match="not this version's coordinator checkpoint"):
+        load_checkpoint(path, cfg)
+    save_checkpoint(path, Checkpoint(config_hash(cfg), "r", round=3))
+    assert load_checkpoint(path, cfg).round == 3

@@ -69,6 +69,7 @@ from fedrec.privacy.accountant import plan_mechanism, privacy_entry, rounds_with
 from fedrec.serving.export_store import next_version
 from fedrec.threads import use_threads
 from fedrec.training.export import export_catalogue, new_items_entry, publish, write_shared_export
+from fedrec.training.train import read_checkpoint
 
 log = logging.getLogger("flwr").getChild("fedrec")  # shown in the run's log stream (flwr run --stream)
 
@@ -299,7 +300,11 @@ def config_hash(cfg: RunConfig) -> str:
 def load_checkpoint(path: Path, cfg: RunConfig) -> Checkpoint | None:
     if not path.is_file():
         return None
-    ck = Checkpoint(**torch.load(path, weights_only=False))
+    saved = read_checkpoint(path, ("config_hash", "run_key"))
+    try:
+        ck = Checkpoint(**saved)
+    except TypeError as exc:  # a key this version does not know: another version's or tool's file
+        raise FedrecError(f"{path}: not this version's coordinator checkpoint ({exc}); move it away") from None
     if ck.config_hash != config_hash(cfg):
         raise FedrecError(f"{path}: made with another config; move it away to start a new run")
     return ck

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from fedrec.config import RunConfig, aggregation_rule, config_from_dict
@@ -17,6 +16,7 @@ from fedrec.training.train import (
     content_match_entry,
     copurchase_entry,
     popularity_entry,
+    read_checkpoint,
     run_dir,
     save_checkpoint,
     served_weights_entry,
@@ -133,7 +133,7 @@ def export_from_checkpoint(cfg: RunConfig, console: Console) -> Path:
     ckpt_path = root / "checkpoint.pt"
     if not ckpt_path.is_file():
         raise FedrecError(f"{ckpt_path}: no checkpoint; run `fedrec train` for this dataset first")
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = read_checkpoint(ckpt_path)
     train_cfg = config_from_dict(ckpt["config"])
     dataset = load_dataset(train_cfg.data, train_cfg.federation.seed)
     items, vecs = export_catalogue(train_cfg, dataset.items, dataset.new_items, ckpt["item_state"])

@@ -13,6 +13,7 @@ from rich.console import Console
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig
 from fedrec.data import FederatedDataset
+from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.simulation import TrainResult, run_federated
@@ -164,3 +165,20 @@ def save_checkpoint(run: TrainedRun, path: Path) -> None:
         "served_weights": served_weights_entry(run.result),
     }
     write_with(path, lambda tmp: torch.save(payload, tmp))
+
+
+CHECKPOINT_KEYS = ("config", "item_state", "user_embeddings", "history", "best_round", "seconds", "test")
+
+
+def read_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """A checkpoint's dict, or one FedrecError naming the file: a truncated or foreign file (a
+    disk that filled up, a copy from another tool) is the user's to move away, not a traceback.
+    It is a pickle (torch.save), so only load a checkpoint this project's own run wrote."""
+    try:
+        ckpt = torch.load(path, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 (unpickling raises many kinds)
+        raise FedrecError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); move it away") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise FedrecError(f"{path}: not a fedrec checkpoint (missing {', '.join(missing)}); move it away")
+    return ckpt
