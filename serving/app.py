@@ -284,12 +284,13 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         found = rows[:limit].tolist()
         return _json({"version": export.version, "total": len(rows), "items": [export.item_record(r) for r in found]})
 
-    @app.get("/v1/items/{item_id}", tags=["catalogue"], response_model=Item, responses=ERRORS)
-    async def get_item(item_id: Annotated[str, Path(description="catalogue item id")]) -> Response:
-        export = ready()
-        return _json(export.item_record(item_row(export, item_id)))
-
-    @app.get("/v1/items/{item_id}/similar", tags=["recommendations"], response_model=SimilarItems, responses=ERRORS)
+    # Ids are the shop's own and may hold "/" (a partition's customers are "<merchant>/<customer>"),
+    # which arrives decoded in the path: `:path` takes it whole. /similar is matched first, so the
+    # catalogue route below never reads "<id>/similar" as an id (an id that itself ends in
+    # "/similar" is found by GET /v1/items?q= instead).
+    @app.get(
+        "/v1/items/{item_id:path}/similar", tags=["recommendations"], response_model=SimilarItems, responses=ERRORS
+    )
     async def similar_items(item_id: str, k: K = 10) -> Response:
         """Items closest to this item by cosine of the item vectors (the item itself left out);
         `score` is the cosine."""
@@ -297,6 +298,11 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         row = item_row(export, item_id)
         rows, scores = similar_items_of(export, row, k)
         return _json({"version": export.version, "item": item_id, "k": k, "items": results(export, rows, scores)})
+
+    @app.get("/v1/items/{item_id:path}", tags=["catalogue"], response_model=Item, responses=ERRORS)
+    async def get_item(item_id: Annotated[str, Path(description="catalogue item id")]) -> Response:
+        export = ready()
+        return _json(export.item_record(item_row(export, item_id)))
 
     # ---- recommendations ----------------------------------------------------------------------
 
@@ -313,7 +319,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
         return _json({"version": export.version, "merchant": merchant, "total": len(files.user_ids), "customers": page})
 
     @app.get(
-        "/v1/merchants/{merchant}/customers/{customer}/recommendations",
+        "/v1/merchants/{merchant}/customers/{customer:path}/recommendations",
         tags=["recommendations"],
         response_model=CustomerRecommendations,
         responses=ERRORS,

@@ -65,6 +65,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            # the template as the API docs show it ({item_id}, not Starlette's {item_id:path})
+            template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             REQUESTS.labels(scope["method"], template, str(status["code"])).inc()
             LATENCY.labels(template).observe(time.perf_counter() - start)
