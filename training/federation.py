@@ -155,7 +155,7 @@ def coordinator(
     certs: Annotated[Path, typer.Option(help="Directory with ca.crt, server.pem, server.key.")],
     state: Annotated[Path, typer.Option(help="The coordinator's Flower state (a SQLite file).")],
     host: str = "127.0.0.1",
-    port: int = 9092,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port the nodes connect to.")] = 9092,
     dry_run: Dry = False,
 ) -> None:
     """Start the coordinator (flower-superlink): TLS on, only registered nodes may join."""
