@@ -13,7 +13,6 @@ Row numbers in messages count data rows from 1; a CSV's line number is one more 
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -62,29 +61,30 @@ def _text_problem(path: Path, separator: str) -> str | None:
     """Where a delimited file that polars refused goes wrong, by row, or None when this finds nothing:
     polars names neither the line of a byte that is not UTF-8 nor that of a row with extra fields.
     Runs only after a failed read, so its pass over the rows in Python costs nothing otherwise."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        return (
-            f"row {line - 1} (line {line}) is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-            "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8)"
-        )
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
-    row = -1  # the header
-    try:
-        header = next(reader, [])
-        row = 0
-        for row, fields in enumerate(reader, start=1):
-            if len(fields) > len(header):
+    with path.open("rb") as raw:  # line by line: the file may be far larger than memory allows twice
+        for line, data in enumerate(raw, start=1):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
                 return (
-                    f"row {row} (line {reader.line_num}) has {len(fields)} fields, the header {len(header)}; "
-                    "a value with the separator in it needs double quotes"
+                    f"row {line - 1} (line {line}) is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                    "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8)"
                 )
-    except csv.Error as exc:
-        where = "the header" if row < 0 else f"row {row + 1}"
-        return f"{where} (line {reader.line_num}): bad quoting ({exc}); a quote inside a value is written twice"
+    with path.open(encoding="utf-8-sig", newline="") as text:
+        reader = csv.reader(text, delimiter=separator, strict=True)
+        row = -1  # the header
+        try:
+            header = next(reader, [])
+            row = 0
+            for row, fields in enumerate(reader, start=1):
+                if len(fields) > len(header):
+                    return (
+                        f"row {row} (line {reader.line_num}) has {len(fields)} fields, the header {len(header)}; "
+                        "a value with the separator in it needs double quotes"
+                    )
+        except csv.Error as exc:
+            where = "the header" if row < 0 else f"row {row + 1}"
+            return f"{where} (line {reader.line_num}): bad quoting ({exc}); a quote inside a value is written twice"
     return None
 
 
