@@ -12,12 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), since setting
+    it to read it back races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it over `target` only on success."""
+    """Yield a temporary path beside `target`; rename it over `target` only on success. The file
+    gets the mode a plain open() would (0666 less the umask), not mkstemp's owner-only 0600: an
+    export is read by the serving process, which may run as another user."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -54,6 +71,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise FileExistsError(f"{target} already exists; exports are never overwritten")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~current_umask())  # as a plain mkdir would make it, not mkdtemp's 0700
     try:
         yield tmp
         os.rename(tmp, target)
