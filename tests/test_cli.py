@@ -258,3 +258,18 @@ def test_serve_refuses_bad_options_before_it_starts(tmp_path, flags, message):
     result = CliRunner().invoke(app, ["serve", "--export", str(tmp_path), *flags])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_generate_shop_refuses_paths_it_cannot_write_as_one_line(tmp_path):
+    """Each of these once ended in a traceback (a folder, a file as parent) or wrote CSV into a file
+    that --dataset file then refused (.json)."""
+    (tmp_path / "taken.csv").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in (
+        (tmp_path / "taken.csv", "taken.csv: is a folder"),
+        (tmp_path / "afile" / "shop.csv", "shop.csv: cannot write"),
+        (tmp_path / "shop.json", "shop.json: the generated shop is written as CSV"),
+    ):
+        result = CliRunner().invoke(app, ["generate-shop", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output

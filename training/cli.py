@@ -422,7 +422,14 @@ def generate_shop(
 
     from fedrec.datasets.marketplace import NEW_SHOP, write_purchase_file
 
-    rows = write_purchase_file(out, dataclasses.replace(NEW_SHOP, seed=seed))
+    if out.suffix.lower() != ".csv":
+        raise FedrecError(f"{out}: the generated shop is written as CSV; give a .csv file name")
+    if out.is_dir():
+        raise FedrecError(f"{out}: is a folder; give a .csv file name")
+    try:
+        rows = write_purchase_file(out, dataclasses.replace(NEW_SHOP, seed=seed))
+    except OSError as exc:  # a parent that is a file, a read-only folder, a full disk
+        raise FedrecError(f"{out}: cannot write ({exc.strerror or exc})") from None
     console.print(f"{out}: {rows} purchases; evaluate with --dataset file --set data.path={out}")
 
 
