@@ -149,6 +149,12 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     result = runner.invoke(app, ["train", "--set", "federation=1", "--set", "federation.rounds=2"])
     assert result.exit_code == 2 and "federation.rounds: federation is a table of settings" in result.output
     assert "Traceback" not in result.output
+    # an output folder under a file: refused before training, not a traceback at the export
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for setting in ("output.artifacts_dir", "output.results_dir"):
+        result = runner.invoke(app, ["train", "--set", f"{setting}={afile / 'sub'}"])
+        assert result.exit_code == 2 and f"{afile} is a file, not a folder" in result.output, result.output
     result = runner.invoke(app, ["train", "--set", "nope=1"])
     assert result.exit_code == 2 and ": : " not in result.output and "unknown setting(s) nope" in result.output
 

@@ -5,6 +5,7 @@ Every user-fixable problem (FedrecError) is printed as one `error:` line with ex
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -49,7 +50,23 @@ def _config(config: Path | None, dataset: str | None, sets: list[str] | None):
         overrides["data.dataset"] = dataset
     if config is None:
         config = default_config_path(dataset)
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    for setting, folder in (
+        ("output.artifacts_dir", cfg.output.artifacts_dir),
+        ("output.results_dir", cfg.output.results_dir),
+    ):
+        _check_output_folder(setting, Path(folder))
+    return cfg
+
+
+def _check_output_folder(setting: str, folder: Path) -> None:
+    """Refuse, before any training, an output folder that cannot be made or written: one under a
+    file, or a read-only one (else the run would end in a traceback at its first write)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{setting} = {str(folder)!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting} = {str(folder)!r}: {existing} is not writable")
 
 
 @app.command()
