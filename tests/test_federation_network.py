@@ -79,6 +79,7 @@ def federation(tmp_path_factory):
             "work": work, "superlink": superlink, "port": port, "db": db, "creds": creds,
             "bundles": bundles, "spare": spare, "procs": procs, "nodes": nodes, "link": link, "env": env,
             "cfg": cfg, "dataset": FederatedDataset(ds.name, ds.items, sub.merchants[:MERCHANTS], ds.protocol),
+            "registered": {b.name for b in bundles},
         }  # fmt: skip
     finally:
         procs.stop_all()
@@ -86,8 +87,9 @@ def federation(tmp_path_factory):
 
 def _start_node(fed: dict, bundle: Path, env: dict | None = None, register: bool = False):  # noqa: ANN202
     name, node_dir = bundle.name, fed["work"] / "nodes" / bundle.name
-    if register:
+    if register and name not in fed["registered"]:  # once per key: whichever test starts the node first
         register_node(fed["creds"] / "keys" / f"{name}.pub", fed["env"])
+        fed["registered"].add(name)
     return start_node(
         fed["procs"], name, bundle, fed["creds"], fed["superlink"],
         node_dir / "state", node_dir / "artifacts", fed["work"] / "logs", env,
@@ -354,7 +356,8 @@ def test_merchant_killed_mid_round_then_rejoins_with_its_state(federation) -> No
     fed = federation
     spare = fed["spare"]
     log = fed["work"] / "logs" / f"node-{spare.name}.log"
-    node = _start_node(fed, spare)
+    # registered here too: run alone (-k), no earlier test has registered the spare's key
+    node = _start_node(fed, spare, register=True)
     assert _wait_for(log, "SuperNode ID", 30, node)
     proc, workdir = _start_run(fed, "kill-merchant", "network.secagg=true", "network.round_timeout=45", FEDAVG)
     assert _wait_for(log, f"merchant {spare.name}: train round 1 answered", 150, proc)
