@@ -371,22 +371,18 @@ def _checked_candidates(cfg: RunConfig) -> RunConfig:
     validate is refused here, naming it, before anything trains. Checked only where they are used
     (local.temperature = 0, which DP and the networked runtime refuse already); elsewhere only
     their form (tables of known settings), so a mistyped list is still named."""
-    if cfg.local.candidates and cfg.local.temperature != 0:  # a set temperature: nothing is chosen
-        for i, raw in enumerate(cfg.local.candidates):
-            try:
-                flat_overrides(raw, f"local.candidates[{i}]")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-    if not cfg.local.candidates or cfg.local.temperature != 0:
+    flats = []
+    for i, raw in enumerate(cfg.local.candidates):
+        try:
+            flats.append(flat_overrides(raw, f"local.candidates[{i}]"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if not flats or cfg.local.temperature != 0:  # a set temperature: nothing is chosen
         return cfg
     base = dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, candidates=()))
     checked = []
-    for i, raw in enumerate(cfg.local.candidates):
+    for i, flat in enumerate(flats):
         where = f"local.candidates[{i}]"
-        try:
-            flat = flat_overrides(raw, where)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         # The exact item step's limits depend partly on the run (its federation, its item bias), so
         # a candidate that asks for it is validated as the SGD step here and skipped when the run
         # starts if the run cannot give it (`candidates.unsupported`): a file run with a merchant

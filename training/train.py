@@ -176,7 +176,7 @@ def read_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict
     It is a pickle (torch.save), so only load a checkpoint this project's own run wrote."""
     try:
         ckpt = torch.load(path, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 (unpickling raises many kinds)
+    except Exception as exc:  # unpickling raises many kinds
         raise FedrecError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); move it away") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
