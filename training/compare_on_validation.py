@@ -29,6 +29,7 @@ from fedrec.config import RunConfig, load_config
 from fedrec.errors import ConfigError
 from fedrec.evaluation import combine_sums, evaluate_val
 from fedrec.features import build_item_features
+from fedrec.federated import simulation
 from fedrec.federated.content_choice import fixed_weight
 from fedrec.federated.simulation import run_federated
 from fedrec.metrics import seed_std
@@ -38,10 +39,7 @@ from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
 from fedrec.training.train import trained_with
 
-NO_VALIDATION = (
-    "no validation customers: set data.val_fraction > 0 to compare on validation (a customer gives validation "
-    "purchases only with 2 or more left for training after data.test_fraction)"
-)
+NO_VALIDATION = f"no validation customers, so nothing to compare on: {simulation.NO_VALIDATION}"
 
 
 def parse_candidates(text: str) -> list:

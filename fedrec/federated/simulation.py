@@ -57,6 +57,14 @@ from fedrec.privacy.accountant import DPMechanism, privacy_entry, rounds_within_
 T = TypeVar("T")
 
 
+# What to do when no customer has validation purchases (the protocol carves them from a customer's
+# train part only when 2 or more are left there: `datasets/protocol.py`).
+NO_VALIDATION = (
+    "set data.val_fraction > 0 (a customer gives validation purchases only with 2 or more left for training "
+    "after data.test_fraction)"
+)
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     rounds: int = 60
@@ -412,9 +420,7 @@ def choose_on_validation(
         best = {h.round: h.val_recall_at_20 for h in run.history}.get(run.best_round)
         if best is None:
             raise ConfigError(
-                "choosing settings on validation needs validation customers, and the slice is empty: set "
-                "data.val_fraction > 0 (a customer gives validation purchases only with 2 or more left for training "
-                "after data.test_fraction)"
+                f"choosing settings on validation needs validation customers, and the slice is empty: {NO_VALIDATION}"
             )
         scores[cand.label] = best
         spent += run.seconds  # every candidate's run counts: it is what the choice cost
