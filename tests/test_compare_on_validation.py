@@ -59,6 +59,11 @@ def test_compare_on_validation_end_to_end(tmp_path, tiny_csv):
         assert (res.exit_code == 0) is ok, res.output
     assert (tmp_path / "results" / "validation-local.epochs-split-file.json").is_file()
     assert "--tag '../x'" in res.output and "Traceback" not in res.output
+    # no validation slice: one error line, not a results file of NaN scores
+    args = [*tiny_args(tmp_path, tiny_csv), "--set", "data.val_fraction=0", "--setting", "local.epochs"]
+    res = CliRunner().invoke(app, ["compare-on-validation", *args, "--candidates", "1,2", "--seeds", "1", "--tag", "e"])
+    assert res.exit_code == 2 and "no validation customers" in res.output, res.output
+    assert not (tmp_path / "results" / "validation-local.epochs-e-file.json").exists()
 
 
 def test_under_dp_each_candidate_is_scored_on_the_round_dp_releases(tmp_path, tiny_csv):

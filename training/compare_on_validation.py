@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -82,7 +83,12 @@ def best_val_recall(cfg: RunConfig) -> tuple[float, int]:
         if not total.users:
             raise ConfigError(NO_VALIDATION)
         return total.means()["recall@20"], res.best_round
-    scored = {h.round: h.val_recall_at_20 for h in res.history if h.val_recall_at_20 is not None}
+    # A round without validation customers scores NaN (0 hits over 0 customers): not a score
+    scored = {
+        h.round: h.val_recall_at_20
+        for h in res.history
+        if h.val_recall_at_20 is not None and not math.isnan(h.val_recall_at_20)
+    }
     if not scored:
         raise ConfigError(NO_VALIDATION)
     if res.best_round in scored:
