@@ -305,7 +305,7 @@ experiments: setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.experiments --dataset $(DATASET)
 
 test: setup
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OPENBLAS_NUM_THREADS=1 bash tests/run.sh $(BIN)/python
 
 lint: setup
 	$(BIN)/ruff check .
