@@ -157,3 +157,50 @@ def test_a_local_update_above_the_switch_solves_users_over_a_sample(tiny_dataset
     before = objective(items, m.train, users.double().numpy(), 1.0, 3.0)[active]
     after = objective(items, m.train, solved.user_embeddings.double().numpy(), 1.0, 3.0)[active]
     assert np.all(after < before)
+
+
+def _same_update(a, b) -> bool:
+    same_delta = a.delta.keys() == b.delta.keys() and all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+    return same_delta and torch.equal(a.user_embeddings, b.user_embeddings) and a.mean_loss == b.mean_loss
+
+
+@pytest.mark.parametrize(
+    "model, local",
+    [
+        # the content tower through the token-row cut, the softmax default
+        (ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=4096), LocalConfig(temperature=1.0)),
+        # ids only, ials with SGD item steps (ALS's exact user step)
+        (MODEL, LocalConfig(loss="ials", temperature=1.0)),
+    ],
+)
+def test_round_vectors_give_the_update_that_computes_them_itself(tiny_dataset, model, local):
+    """The in-process runtime computes the received tower's vectors once a round for every merchant's
+    user solve: each update must be the one it would compute alone, bit for bit, and must read them."""
+    from fedrec.federated.local import round_vectors
+    from fedrec.federated.token_rows import token_rows
+
+    features = build_item_features(tiny_dataset.items, model.hash_buckets)
+    assert (token_rows(features, model) is not None) == model.use_content  # the cut is what is compared
+    torch.manual_seed(0)
+    state = ItemTower(tiny_dataset.n_items, model).state_dict()
+    vectors = round_vectors(state, features, model, local)
+    assert vectors is not None and vectors.shape == (tiny_dataset.n_items, model.dim)
+    for i, m in enumerate(tiny_dataset.merchants):
+        users = init_user_embeddings(m.n_users, model, torch.Generator().manual_seed(i))
+        alone = local_update(state, users, m.train, features, model, local, seed=i)
+        shared = local_update(state, users, m.train, features, model, local, seed=i, vectors=vectors)
+        assert _same_update(alone, shared), m.name
+        wrong = local_update(state, users, m.train, features, model, local, seed=i, vectors=np.zeros_like(vectors))
+        assert not torch.equal(wrong.user_embeddings, alone.user_embeddings)  # the solve reads what it is given
+
+
+def test_round_vectors_only_where_the_update_solves_over_the_whole_catalogue(tiny_dataset):
+    from fedrec.federated.local import round_vectors
+
+    features = build_item_features(tiny_dataset.items, MODEL.hash_buckets)
+    state = ItemTower(tiny_dataset.n_items, MODEL).state_dict()
+    small = tiny_dataset.n_items - 1  # the catalogue is above this switch: the sampled solve
+    assert round_vectors(state, features, MODEL, LocalConfig(user_solve_reg=0.0)) is None
+    assert round_vectors(state, features, MODEL, LocalConfig(full_softmax_max_items=small)) is None
+    exact_als = LocalConfig(loss="ials", ials_item_step="exact", full_softmax_max_items=small)
+    assert round_vectors(state, features, MODEL, exact_als) is not None  # ALS has no sampled solve

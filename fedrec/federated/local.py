@@ -22,7 +22,7 @@ from fedrec.errors import ConfigError
 from fedrec.features import ItemFeatures, features_on
 from fedrec.federated.ials_item_step import item_step_terms
 from fedrec.federated.token_rows import TABLE as TOKEN_TABLE
-from fedrec.federated.token_rows import token_rows
+from fedrec.federated.token_rows import TokenRows, token_rows
 from fedrec.ials_users import solve_ials_users
 from fedrec.losses import bpr_loss, ials_loss, sampled_softmax_loss, softmax_loss
 from fedrec.model import ItemTower, ModelConfig, id_table_rows, id_vectors, tower_from_state
@@ -182,6 +182,47 @@ def proximal_term(tower: ItemTower, received: dict[str, torch.Tensor], mu: float
     return 0.5 * mu * sum((p - received[name]).pow(2).sum() for name, p in tower.named_parameters())
 
 
+def _trained_part(
+    item_state: dict[str, torch.Tensor], features: ItemFeatures, model_cfg: ModelConfig, dev: torch.device, cut: bool
+) -> tuple[dict[str, torch.Tensor], ItemFeatures, ModelConfig, TokenRows | None]:
+    """The state, features and model config a local update trains, on `dev`: with `cut` (no DP),
+    only the token rows the catalogue uses (DP noises every row, used or not)."""
+    rows = token_rows(features, model_cfg) if cut else None
+    if rows is not None:
+        item_state, features, model_cfg = rows.cut(item_state), rows.features, rows.model_cfg
+    return {k: v.to(dev) for k, v in item_state.items()}, features_on(features, dev), model_cfg, rows
+
+
+def solves_whole_catalogue(cfg: LocalConfig, n_items: int, dp: DPMechanism | None) -> bool:
+    """Whether `local_update` starts from the user solve over the whole catalogue (`_solve_users`);
+    above the switch, without DP, it solves over samples instead."""
+    sampled = n_items > cfg.full_softmax_max_items and (
+        cfg.loss == "sampled_softmax" or (cfg.loss == "softmax" and dp is None)
+    )
+    return bool(cfg.user_solve_reg) and not sampled
+
+
+@torch.no_grad()
+def round_vectors(
+    item_state: dict[str, torch.Tensor],
+    features: ItemFeatures,
+    model_cfg: ModelConfig,
+    cfg: LocalConfig,
+    dp: DPMechanism | None = None,
+) -> np.ndarray | None:
+    """The received tower's vectors over the whole catalogue (float64) that `local_update`'s user
+    solve reads, or None where it does not solve over the whole catalogue.
+
+    Every merchant of a round receives the same tower, so a runtime that runs many merchants
+    computes these once a round and passes them to each update (`vectors`): the same numbers bit
+    for bit (tested), one forward pass over the catalogue a round instead of one per merchant.
+    """
+    if not solves_whole_catalogue(cfg, features.n_items, dp):
+        return None
+    state, features, model_cfg, _ = _trained_part(item_state, features, model_cfg, torch.device(cfg.device), dp is None)
+    return tower_from_state(features.n_items, model_cfg, state)(features).double().cpu().numpy()
+
+
 def local_update(
     item_state: dict[str, torch.Tensor],
     user_embeddings: torch.Tensor,
@@ -194,6 +235,7 @@ def local_update(
     dp: DPMechanism | None = None,
     user_groups: np.ndarray | None = None,
     release: int = 1,
+    vectors: np.ndarray | None = None,
 ) -> LocalResult:
     """Train the received item tower, the local user table (and item bias) for `cfg.epochs` on `train`.
 
@@ -203,6 +245,7 @@ def local_update(
     centralized baseline's: it needs the softmax loss and no DP. `release`: under DP-ALS with a
     count bias, which of this merchant's rounds this is (1-based; its counts' running mean); under
     any DP, the round whose noise multiplier the schedule gives (`DPMechanism.at_round`).
+    `vectors`: `round_vectors` of `item_state`, where the caller has them (None: computed here).
     """
     if cfg.temperature <= 0:
         raise ValueError("local_update needs local.temperature > 0 (0, chosen on validation, is run_federated's)")
@@ -224,12 +267,7 @@ def local_update(
     torch.manual_seed(seed)
     dev = torch.device(cfg.device)
     full_state = item_state
-    # Without DP, only the token rows the catalogue uses (DP noises every row, used or not).
-    cut = token_rows(features, model_cfg) if dp is None else None
-    if cut is not None:
-        item_state, features, model_cfg = cut.cut(item_state), cut.features, cut.model_cfg
-    features = features_on(features, dev)
-    item_state = {k: v.to(dev) for k, v in item_state.items()}
+    item_state, features, model_cfg, cut = _trained_part(item_state, features, model_cfg, dev, dp is None)
     tower = tower_from_state(features.n_items, model_cfg, item_state)
     received = {k: v.detach() for k, v in item_state.items()}
     users = torch.nn.Parameter(user_embeddings.to(dev, copy=True))
@@ -252,12 +290,12 @@ def local_update(
     # faster on CPU for a marketplace-sized tower. It differs from the default kernel in the last
     # bit, so small catalogues keep the default and reproduce earlier results exactly.
     opt = torch.optim.Adam(groups, fused=large or None)
-    if large and cfg.loss == "sampled_softmax":  # the sampled solve, with its own weight
-        if cfg.sampled_user_solve_reg:
-            _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
-    elif cfg.user_solve_reg:  # each customer's own data only: no privacy cost to the shared update
+    if solves_whole_catalogue(cfg, features.n_items, dp):  # each customer's own data: no privacy cost
         exact = cfg.loss == "ials" and cfg.ials_item_step == "exact"  # DP-ALS's count bias only ranks, as ALS's
-        _solve_users(tower, users, None if exact else bias, train, features, cfg, user_groups if grouped else None)
+        groups_of = user_groups if grouped else None
+        _solve_users(tower, users, None if exact else bias, train, features, cfg, groups_of, vectors)
+    elif large and cfg.loss == "sampled_softmax" and cfg.sampled_user_solve_reg:  # the sampled solve, own weight
+        _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
     if cfg.loss == "ials" and cfg.ials_item_step == "exact":
         return _exact_item_step(tower, users, train, features, cfg, dp, bias, gen, release)
     if dp is not None:
@@ -391,9 +429,12 @@ def _solve_users(
     features: ItemFeatures,
     cfg: LocalConfig,
     user_groups: np.ndarray | None,
+    vecs: np.ndarray | None = None,
 ) -> None:
-    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group)."""
-    vecs = tower(features).double().cpu().numpy()
+    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group);
+    `vecs`: the tower's vectors, where the caller has them (`round_vectors`)."""
+    if vecs is None:
+        vecs = tower(features).double().cpu().numpy()
     if cfg.loss == "ials":  # ALS's exact user step, for the customers with purchases
         bought = np.flatnonzero(np.diff(train.indptr))
         offsets = None if bias is None else bias.double().cpu().numpy()
@@ -421,15 +462,17 @@ def ials_user_step(
     features: ItemFeatures,
     model_cfg: ModelConfig,
     cfg: LocalConfig,
+    vectors: np.ndarray | None = None,
 ) -> torch.Tensor:
     """ALS's user step against `item_state` (each customer from their own purchases, at home).
 
     After the coordinator's exact item step the table a merchant's customers were solved against
     is gone: run this on the new one, so the users the merchant validates, keeps and serves with
-    belong to the table released with them (ALS ends on a user step too)."""
+    belong to the table released with them (ALS ends on a user step too). `vectors`: as in
+    `local_update`."""
     tower = tower_from_state(features.n_items, model_cfg, item_state)
     fresh = torch.nn.Parameter(users.clone())
-    _solve_users(tower, fresh, None, train, features, cfg, None)
+    _solve_users(tower, fresh, None, train, features, cfg, None, vectors)
     return fresh.detach()
 
 

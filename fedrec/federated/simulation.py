@@ -39,7 +39,7 @@ from fedrec.federated.aggregation import (
     sum_names,
 )
 from fedrec.federated.candidates import Candidate, candidates_of, unsupported
-from fedrec.federated.local import LocalConfig, LocalResult, ials_user_step, local_update
+from fedrec.federated.local import LocalConfig, LocalResult, ials_user_step, local_update, round_vectors
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
 from fedrec.federated.server_opt import ServerOptConfig, ServerOptimizer
@@ -528,12 +528,20 @@ def _train(
         chosen = sample_merchants(names, fed_cfg, rng)
         total, sent, kept = None, 0, []
 
-        def update(name: str, state: dict[str, torch.Tensor] = global_state, rnd: int = rnd) -> LocalResult:
+        # every merchant of the round receives the same tower: its vectors for the user solve, once
+        vectors = round_vectors(global_state, features, model_cfg, local_cfg, dp)
+
+        def update(
+            name: str,
+            state: dict[str, torch.Tensor] = global_state,
+            rnd: int = rnd,
+            vectors: np.ndarray | None = vectors,
+        ) -> LocalResult:
             m = dataset.merchant(name)
             seed = fed_cfg.seed * 1_000_003 + rnd * 1009 + names.index(name)
             return local_update(
                 state, users[name], m.train, features, model_cfg, local_cfg, seed, biases[name], dp, m.user_groups,
-                release=rnd,
+                release=rnd, vectors=vectors,
             )  # fmt: skip
 
         for name, result in in_order(update, chosen, fed_cfg.workers):
@@ -565,10 +573,13 @@ def _train(
             )  # fmt: skip
         global_state = server.step(global_state, delta)
         if fed_cfg.aggregation in ITEM_STEP_RULES:  # ALS's user step on the new table, at every merchant
+            new_vectors = round_vectors(global_state, features, model_cfg, local_cfg)
 
-            def user_step(name: str, state: dict[str, torch.Tensor] = global_state) -> torch.Tensor:
+            def user_step(
+                name: str, state: dict[str, torch.Tensor] = global_state, vectors: np.ndarray | None = new_vectors
+            ) -> torch.Tensor:
                 m = dataset.merchant(name)
-                return ials_user_step(state, users[name], m.train, features, model_cfg, local_cfg)
+                return ials_user_step(state, users[name], m.train, features, model_cfg, local_cfg, vectors)
 
             users.update(in_order(user_step, chosen, fed_cfg.workers))
 
