@@ -19,7 +19,7 @@ PORT ?= 8000
 WORKERS ?= 1
 EXPORTS := artifacts/$(DATASET)/exports
 
-.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als validate-privacy-als-prv validate-privacy-noise-decay confirm-privacy-noise-decay validate-privacy-noise-decay-sgd privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train experiments test lint clean
+.PHONY: setup lock simulation-setup train-federated evaluate evaluate-new-shop probe-file-default probe-served-budget validate-aggregation validate-privacy validate-distributed-privacy privacy-report-split validate-privacy-als validate-privacy-als-prv validate-privacy-noise-decay confirm-privacy-noise-decay validate-privacy-noise-decay-sgd privacy-report-als validate-cold-start evaluate-foldin privacy-report attack-report export serve bench-serve federation-demo federation-credentials bench-federation bench-train bench experiments test lint clean
 
 setup: $(VENV)/.installed
 
@@ -298,6 +298,10 @@ bench-federation: setup
 TRAIN_PARTS ?= switch,losses,uploads,large,popularity,time_to_target,flower_simulation
 bench-train: setup simulation-setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_train --parts $(TRAIN_PARTS)
+
+# Every benchmark, one after the other (hours on 2 cores: bench-train's 1M-product run alone is about
+# half an hour); each writes its own results file, as its own target does.
+bench: bench-serve bench-federation bench-train
 
 # The strategy x partition x merchants grid (issue 11), 3 seeds, each strategy tuned on validation:
 # results/experiments.json, .md and two PNGs (recall@20 against rounds and against bytes sent).

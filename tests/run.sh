@@ -21,7 +21,7 @@ rest=$?
 wait "$network"
 net=$?
 echo
-echo "---- networked tests (tests/test_federation_network.py, run beside the others) ----"
+echo "---- networked tests (marker network), run beside the others ----"
 cat "$log"
 # 5 is pytest's "no tests collected" (say, a -k in PYTEST_ADDOPTS that selects none in one run)
 for status in "$rest" "$net"; do
