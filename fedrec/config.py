@@ -5,6 +5,7 @@ Unknown sections or keys are errors (a typo must not silently fall back to a def
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -505,9 +506,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(f"{p}: config must be .toml, .yaml or .yml")
         except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{p}: cannot parse ({exc})") from exc
+    from_file = copy.deepcopy(raw)
     _set_dotted(raw, overrides)
-    where = str(path) if path else "config"
     try:
         return validate(_build(RunConfig, raw, ""))
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{_blamed(path, from_file, overrides, exc)}: {exc}") from None
+
+
+def _blamed(
+    path: str | Path | None, from_file: dict[str, Any], overrides: dict[str, Any] | None, exc: ConfigError
+) -> str:
+    """Where a config problem comes from: the file (or the defaults) when it has it without the
+    overrides, else the overrides (`--set` and the options on the command line), so that a mistyped
+    `--set` is not reported as a mistake in a file the user never edited."""
+    where = str(path) if path else "config"
+    if not overrides:
+        return where
+    try:
+        validate(_build(RunConfig, from_file, ""))
+    except ConfigError as alone:
+        if str(alone) == str(exc):
+            return where
+    return f"the command line's settings (over {where})" if path else "the command line's settings"

@@ -95,6 +95,17 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     cfg.write_text("[local]\nlearning_rate = 0.1\n")
     result = runner.invoke(app, ["train", "--config", str(cfg)])
     assert result.exit_code == 2 and "unknown setting(s) learning_rate" in result.output
+    # the file's own mistake names the file, a --set added to it or not; a mistyped --set over a
+    # file the user never edited names the command line, not that file
+    result = runner.invoke(app, ["train", "--config", str(cfg), "--set", "threads=1"])
+    assert result.exit_code == 2 and f"error: {cfg}: local: unknown setting(s) learning_rate" in result.output
+    result = runner.invoke(app, ["train", "--dataset", "file", "--set", f"data.path={bad}", "--set", "output_dir=x"])
+    assert result.exit_code == 2, result.output
+    assert "error: the command line's settings (over " in result.output
+    assert "unknown setting(s) output_dir" in result.output
+    cfg.write_text("[local]\nlr = 0.1\n")
+    result = runner.invoke(app, ["train", "--config", str(cfg), "--set", "local.temperature=-2"])
+    assert result.exit_code == 2 and f"the command line's settings (over {cfg}): local.temperature" in result.output
 
     result = runner.invoke(app, ["export", "--set", f"output.artifacts_dir={tmp_path / 'none'}"])
     assert result.exit_code == 2 and "no checkpoint" in result.output
