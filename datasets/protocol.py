@@ -59,16 +59,17 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
     )
     inter = inter.join(items.select("item", "item_index"), on="item")
 
-    inter = (
-        inter.sort("merchant", "user", "timestamp", "item_index")
-        .with_columns(
-            rank=pl.col("item_index").cum_count().over("merchant", "user") - 1,
-            n=pl.len().over("merchant", "user"),
-        )
-        .filter(pl.col("n") >= cfg.min_positives)
+    counted = inter.sort("merchant", "user", "timestamp", "item_index").with_columns(
+        rank=pl.col("item_index").cum_count().over("merchant", "user") - 1,
+        n=pl.len().over("merchant", "user"),
     )
+    inter = counted.filter(pl.col("n") >= cfg.min_positives)
     if inter.height == 0:
         raise DataError(f"{log.name}: no user has at least {cfg.min_positives} purchases; nothing to train or evaluate")
+    # What the protocol leaves out, said rather than silent: a merchant whose every customer is
+    # below min_positives takes no part at all (no update, no export of its own).
+    customers_below = counted.select("merchant", "user").n_unique() - inter.select("merchant", "user").n_unique()
+    left_out = sorted(set(counted["merchant"].unique().to_list()) - set(inter["merchant"].unique().to_list()))
     n_test = pl.min_horizontal(_ceil_count(pl.col("n"), cfg.test_fraction), pl.col("n") - 1)
     n_train = pl.col("n") - n_test
     n_val = (
@@ -113,6 +114,8 @@ def temporal_split(log: PurchaseLog, cfg: SplitConfig | None = None) -> Federate
             "test_fraction": cfg.test_fraction,
             "val_fraction": cfg.val_fraction,
             "min_positives": cfg.min_positives,
+            "customers_below_min_positives": customers_below,
+            "merchants_left_out": left_out,
             "source": log.source,
         },
     )

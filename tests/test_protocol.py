@@ -50,6 +50,25 @@ def test_users_under_five_positives_dropped_and_repeats_collapse():
     assert ds.item_ids[m.test.indices].tolist() == ["4"]
 
 
+def test_what_the_protocol_leaves_out_is_recorded_and_said():
+    """A merchant whose every customer has fewer than 5 purchases takes no part: the card's protocol
+    and `fedrec train`'s line say so instead of the merchant vanishing."""
+    from fedrec.training.data import left_out_line
+
+    rows = [("big", u, str(i), i) for u in ("a", "b") for i in range(6)]
+    rows += [("small", "c", str(i), i) for i in range(6)] + [("small", "d", "1", 1)]
+    rows += [("tiny", u, str(i), i) for u in ("e", "f") for i in range(4)]
+    ds = temporal_split(_log(rows))
+    assert [m.name for m in ds.merchants] == ["big", "small"]
+    assert ds.protocol["customers_below_min_positives"] == 3  # d at small, e and f at tiny
+    assert ds.protocol["merchants_left_out"] == ["tiny"]
+    line = left_out_line(ds.protocol)
+    assert line is not None and "3 customer(s) with fewer than 5 purchases" in line and line.endswith(": tiny")
+    everyone = temporal_split(_log([r for r in rows if r[0] == "big"]))
+    assert everyone.protocol["customers_below_min_positives"] == 0 and everyone.protocol["merchants_left_out"] == []
+    assert left_out_line(everyone.protocol) is None
+
+
 def test_no_leakage_on_generated_shop(tiny_log, tiny_dataset):
     """Every test purchase is at or after every train/val purchase of the same customer."""
     first = tiny_log.interactions.group_by("merchant", "user", "item").agg(pl.col("timestamp").min())

@@ -21,7 +21,7 @@ from fedrec.model import item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.served_weight import served_biases
 from fedrec.threads import use_threads
-from fedrec.training.data import load_dataset
+from fedrec.training.data import left_out_line, load_dataset
 from fedrec.training.progress import RoundPrinter
 
 
@@ -62,6 +62,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         f"[bold]{dataset.name}[/]: {dataset.n_items} items, {len(dataset.merchants)} merchants "
         f"(customers {sizes}); loaded in {time.perf_counter() - t0:.1f}s"
     )
+    if left_out := left_out_line(dataset.protocol):
+        console.print(left_out)
     printer = RoundPrinter(console, "federated", len(dataset.merchants))
     dp = plan_mechanism(cfg.privacy, cfg.federation.rounds, cfg.local.epochs)
     if dp is not None:
