@@ -59,7 +59,7 @@ from fedrec.served_weight import ServedWeight, served_biases
 from fedrec.serving.foldin import FoldInConfig, fold_in_ials, fold_in_many
 from fedrec.threads import use_threads
 from fedrec.training.cold_start import evaluate_cold_start
-from fedrec.training.data import load_dataset
+from fedrec.training.data import left_out_line, load_dataset
 from fedrec.training.progress import RoundPrinter
 from fedrec.training.train import trained_with
 
@@ -432,6 +432,8 @@ def evaluate(
         raise FedrecError("fedrec evaluate compares non-private methods: unset [privacy], or run fedrec privacy-report")
     use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
+    if left_out := left_out_line(dataset.protocol):
+        console.print(left_out)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     seeds = tuple(seeds)
     out: dict = {
