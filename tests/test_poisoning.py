@@ -62,13 +62,49 @@ def test_norm_clip_multiple_scales_both_bounds_and_at_a_large_one_is_the_weighte
         robust_delta(msgs, "norm_clip", clip_multiple=0.5)
 
 
+def rows_message(rows: list[list[float]], n: int) -> dict[str, torch.Tensor]:
+    d = {"item_emb.weight": torch.tensor(rows), "mlp.0.bias": torch.tensor([float(len(rows))] * 2)}
+    return merchant_sums(d, n, 1, torch.ones(len(rows), dtype=torch.bool), 0.0, "fedavg", False)
+
+
+def test_row_clip_bounds_each_row_by_that_rows_median_over_merchants():
+    msgs = [
+        rows_message([[3.0, 4.0], [0.0, 1.0]], 1),
+        rows_message([[0.0, 2.0], [0.0, 3.0]], 2),
+        rows_message([[30.0, 40.0], [0.0, 0.5]], 1000),
+    ]
+    # row 0: norms 5, 2, 50 -> median 5 (the last scaled by 0.1); row 1: norms 1, 3, 0.5 -> median 1
+    # (the second scaled by 1/3); weights 1, 2, 1000 -> capped at 2; a 1-D tensor is one row
+    got = robust_delta(msgs, "row_clip")
+    row0 = [(1 * 3.0 + 2 * 0.0 + 2 * 3.0) / 5, (1 * 4.0 + 2 * 2.0 + 2 * 4.0) / 5]
+    want = torch.tensor([row0, [0.0, (1 * 1.0 + 2 * 1.0 + 2 * 0.5) / 5]])
+    torch.testing.assert_close(got["item_emb.weight"], want)
+    torch.testing.assert_close(got["mlp.0.bias"], torch.tensor([2.0, 2.0]))  # equal rows: nothing clipped
+    # multiple 4: rows bounded at 4 x their medians, weights at 4 x 2 = 8
+    loose = robust_delta(msgs, "row_clip", clip_multiple=4.0)["item_emb.weight"]
+    row0 = [(3.0 + 0.0 + 8 * 12.0) / 11, (4.0 + 2 * 2.0 + 8 * 16.0) / 11]
+    want4 = torch.tensor([row0, [0.0, (1.0 + 2 * 3.0 + 8 * 0.5) / 11]])
+    torch.testing.assert_close(loose, want4)
+
+
+def test_row_clip_stops_one_rows_push_that_norm_clip_lets_through():
+    """A promoter that puts its whole budget into one product's row passes a bound on the whole
+    delta's norm, but not a bound on that row."""
+    honest = [rows_message([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.1, 0.0]], 10) for _ in range(3)]
+    evil = rows_message([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 2.0]], 10)  # the same norm, in row 3
+    whole = robust_delta([*honest, evil], "norm_clip")["item_emb.weight"]
+    rows = robust_delta([*honest, evil], "row_clip")["item_emb.weight"]
+    assert whole[3].norm() > 0.4  # norm_clip: the push goes through (2.0 / 4 merchants)
+    assert rows[3].norm() < 0.11  # row_clip: the row is held to about what honest shops moved it
+
+
 def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():
     honest = [message([1.0, 1.0], 10), message([1.2, 0.8], 10), message([0.9, 1.1], 10)]
     evil = message([-1000.0, 1000.0], 10_000)
     total = {k: sum(m[k] for m in [*honest, evil]) for k in evil}
     fedavg = total["delta/item_emb.weight"] / total["n"]
     assert fedavg[0, 0] < -900
-    for rule in ("median", "trimmed_mean", "norm_clip"):
+    for rule in ("median", "trimmed_mean", "norm_clip", "row_clip"):
         got = robust_delta([*honest, evil], rule, trim=0.25)["item_emb.weight"]
         assert got.abs().max() < 2.5, rule
 
@@ -127,7 +163,7 @@ def promotion(tiny_dataset):
     attacker = fake_merchant(ds.n_items, target, popular, 50, 4, 0)
     poisoned = dataclasses.replace(ds, merchants=[*ds.merchants, attacker])
     out = {}
-    for rule in ("none", "median", "trimmed_mean", "norm_clip"):
+    for rule in ("none", "median", "trimmed_mean", "norm_clip", "row_clip"):
         fed = FederationConfig(rounds=6, patience=0, robust=rule, trim=0.25)
         for label, data, tamper in (
             ("clean", ds, None),
@@ -144,6 +180,32 @@ def test_the_promotion_attack_succeeds_under_fedavg(promotion):
     assert promotion["none", "attacked"] > 0.2
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip"])
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip", "row_clip"])
 def test_robust_aggregation_stops_the_promotion_attack(promotion, rule):
     assert promotion[rule, "attacked"] < 0.02
+
+
+def test_a_second_poisoning_report_reuses_the_clean_runs(tiny_csv, monkeypatch):
+    """The colluders' section trains the same clean models as the one-attacker section: it takes
+    them from the first instead of training them again, and reports the same clean figures."""
+    from rich.console import Console
+
+    import fedrec.training.attack_report as attack_report
+    from fedrec.training.attack_report import PoisonConfig, poisoning_report
+
+    cfg = load_config(None, {"data.dataset": "file", "data.path": str(tiny_csv), "local.temperature": 0.5,
+                             "model.dim": 8, "model.hash_buckets": 256, "threads": 1})  # fmt: skip
+    calls = []
+    real = attack_report.run_federated
+    monkeypatch.setattr(attack_report, "run_federated", lambda *a, **k: calls.append(k["tamper"]) or real(*a, **k))
+    pc = PoisonConfig(rounds=2, seeds=(0, 1), rules=("none", "row_clip"))
+    clean: dict = {}
+    one = poisoning_report(cfg, Console(quiet=True), pc, clean)
+    assert len(calls) == 8 and sum(t is None for t in calls) == 4  # 2 rules x 2 seeds, clean and attacked
+    two = poisoning_report(cfg, Console(quiet=True), dataclasses.replace(pc, attackers=2), clean)
+    assert len(calls) == 12 and all(t is not None for t in calls[8:])  # attacked runs only
+    for rule in one["rules"]:
+        for a, b in zip(one["rules"][rule]["runs"], two["rules"][rule]["runs"], strict=True):
+            assert {k: v for k, v in a.items() if k.startswith("clean")} == {
+                k: v for k, v in b.items() if k.startswith("clean")
+            }

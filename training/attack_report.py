@@ -25,8 +25,8 @@ who all bought one unpopular target product (and a few popular ones) crafts the 
 each aggregation rule (FedAvg, the sum form secure aggregation allows, and the robust rules of
 `fedrec.federated.robust`, which need to see every merchant's delta), the target's exposure (share
 of real test customers with it in their top-20) with and without the attacker, and the honest
-merchants' test recall@20; a new target and seed each time, mean over seeds. norm_clip runs
-once per bound (`--clip-multiples`, in multiples of the round's medians), and each clean run
+merchants' test recall@20; a new target and seed each time, mean over seeds. norm_clip and
+row_clip run once per bound (`--clip-multiples`, in multiples of the round's medians), and each clean run
 records its validation recall@20 too, so that a bound can be chosen without reading test labels
 (exposure reads none: it counts the target in customers' top-20 lists). `--rules` reruns some
 rules and keeps the others' rows.
@@ -194,9 +194,9 @@ class PoisonConfig:
     popular: int = 50  # the filler is drawn from this many most-bought products
     boost: float = 100.0
     strength: float = 20.0  # the crafted target row's length, in units of the longest other row
-    rules: tuple[str, ...] = ("none", "norm_clip", "trimmed_mean", "median")
-    # norm_clip runs once per multiple of the round's medians (`federation.clip_multiple`); a row
-    # other than 1 is named norm_clip_x<multiple>
+    rules: tuple[str, ...] = ("none", "norm_clip", "row_clip", "trimmed_mean", "median")
+    # norm_clip and row_clip run once per multiple of the round's medians (`federation.clip_multiple`);
+    # a row other than 1 is named <rule>_x<multiple>
     clip_multiples: tuple[float, ...] = (1.0,)
     # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
     # same target along the same direction each round (one shared random stream).
@@ -210,8 +210,15 @@ def pick_target(counts: np.ndarray, seed: int) -> int:
     return int(np.random.default_rng(seed).choice(tail))
 
 
-def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = PoisonConfig()) -> dict:
-    """Target exposure and honest recall@20 with and without the attacker, per aggregation rule."""
+def poisoning_report(
+    cfg: RunConfig, console: Console, pc: PoisonConfig = PoisonConfig(), clean_runs: dict | None = None
+) -> dict:
+    """Target exposure and honest recall@20 with and without the attacker, per aggregation rule.
+
+    `clean_runs` keeps the runs without an attacker, keyed by their settings: a second report on
+    the same data (more colluders) reuses them instead of training the same model again.
+    """
+    clean_runs = {} if clean_runs is None else clean_runs
     use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
@@ -237,20 +244,26 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
                 [promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed) for f in fakes]
             )
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
+                key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
+                if label == "clean" and key in clean_runs:
+                    row |= clean_runs[key]
+                    continue
                 res = run_federated(ds, features, cfg.model, cfg.local, fed, tamper=tamper)
                 vecs = item_embeddings(res.item_state, features, cfg.model)
-                row[f"{label}_exposure"] = exposure(honest, res.user_embeddings, vecs, res.item_biases, target)
+                got = {f"{label}_exposure": exposure(honest, res.user_embeddings, vecs, res.item_biases, target)}
                 test = evaluate_test_all(honest, res.user_embeddings, vecs, res.item_biases)
-                row[f"{label}_recall@20"] = test["overall"]["recall@20"]
+                got[f"{label}_recall@20"] = test["overall"]["recall@20"]
                 if label == "clean":  # what a setting may be chosen by: the early-stopped round's validation
-                    row["clean_val_recall@20"] = {h.round: h.val_recall_at_20 for h in res.history}.get(res.best_round)
+                    got["clean_val_recall@20"] = {h.round: h.val_recall_at_20 for h in res.history}.get(res.best_round)
+                    clean_runs[key] = got
+                row |= got
             runs.append(row)
             console.print(f"  poisoning, {rule} (multiple {multiple:g}), seed {seed}: {row}")
         # no robust rule: the configured aggregation as run (auto resolves to rowwise on a shop
         # with one id row per product), the rule that works under secure aggregation
         name = aggregation_rule(cfg, dataset.n_items) if rule == "none" else rule
-        if rule == "norm_clip" and multiple != 1:
-            name = f"norm_clip_x{multiple:g}"
+        if rule in CLIPPING_RULES and multiple != 1:
+            name = f"{rule}_x{multiple:g}"
         if rule == "trimmed_mean" and fed.trim != DEFAULT_TRIM:  # a rerun at another trim adds a row
             name = f"trimmed_mean_t{fed.trim:g}"
         mean = {
@@ -265,7 +278,7 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
             "clean_recall@20": mean["clean_recall@20"],
             "clean_val_recall@20": mean["clean_val_recall@20"],
             "secure_aggregation_compatible": rule == "none",
-            **({"clip_multiple": multiple} if rule == "norm_clip" else {}),
+            **({"clip_multiple": multiple} if rule in CLIPPING_RULES else {}),
             **({"trim": fed.trim} if rule == "trimmed_mean" else {}),
             "runs": runs,
         }
@@ -273,8 +286,11 @@ def poisoning_report(cfg: RunConfig, console: Console, pc: PoisonConfig = Poison
 
 
 def _rule_rows(pc: PoisonConfig) -> list[tuple[str, float]]:
-    """(rule, clip multiple) for each row of the report: norm_clip once per multiple."""
-    return [(rule, m) for rule in pc.rules for m in (pc.clip_multiples if rule == "norm_clip" else (1.0,))]
+    """(rule, clip multiple) for each row of the report: each clipping rule once per multiple."""
+    return [(rule, m) for rule in pc.rules for m in (pc.clip_multiples if rule in CLIPPING_RULES else (1.0,))]
+
+
+CLIPPING_RULES = ("norm_clip", "row_clip")  # the rules `clip_multiple` bounds
 
 
 SECTIONS = ("leakage", "membership", "poisoning", "poisoning_colluding")

@@ -179,11 +179,11 @@ def attack_report_cmd(
     rules: Annotated[
         str,
         typer.Option(help="Poisoning: comma-separated aggregation rules to run; the file keeps the other rules' rows."),
-    ] = "none,norm_clip,trimmed_mean,median",
+    ] = "none,norm_clip,row_clip,trimmed_mean,median",
     clip_multiples: Annotated[
         str | None,
         typer.Option(
-            help="Poisoning: norm_clip's bounds to run, in multiples of the round's medians (>= 1); "
+            help="Poisoning: norm_clip's and row_clip's bounds to run, in multiples of the round's medians (>= 1); "
             "default: the configured federation.clip_multiple."
         ),
     ] = None,
@@ -239,10 +239,11 @@ def attack_report_cmd(
             rules=robust_rules,
             clip_multiples=multiples,
         )
-        res["poisoning"] = poisoning_report(cfg, console, poison)
+        clean_runs: dict = {}  # the runs without an attacker are the same for both sections
+        res["poisoning"] = poisoning_report(cfg, console, poison, clean_runs)
         if colluders > 1:
             res["poisoning_colluding"] = poisoning_report(
-                cfg, console, dataclasses.replace(poison, attackers=colluders)
+                cfg, console, dataclasses.replace(poison, attackers=colluders), clean_runs
             )
     path = write_attack_report(res, Path(cfg.output.results_dir), "fedrec " + " ".join(sys.argv[1:]))
     for setting, r in res.get("leakage", {}).items():
