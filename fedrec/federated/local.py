@@ -220,7 +220,13 @@ def round_vectors(
     if not solves_whole_catalogue(cfg, features.n_items, dp):
         return None
     state, features, model_cfg, _ = _trained_part(item_state, features, model_cfg, torch.device(cfg.device), dp is None)
-    return tower_from_state(features.n_items, model_cfg, state)(features).double().cpu().numpy()
+    return _catalogue_vectors(tower_from_state(features.n_items, model_cfg, state), features)
+
+
+@torch.no_grad()
+def _catalogue_vectors(tower: ItemTower, features: ItemFeatures) -> np.ndarray:
+    """Every product's vector (float64, on the CPU): what the whole-catalogue user solve reads."""
+    return tower(features).double().cpu().numpy()
 
 
 def local_update(
@@ -293,7 +299,8 @@ def local_update(
     if solves_whole_catalogue(cfg, features.n_items, dp):  # each customer's own data: no privacy cost
         exact = cfg.loss == "ials" and cfg.ials_item_step == "exact"  # DP-ALS's count bias only ranks, as ALS's
         groups_of = user_groups if grouped else None
-        _solve_users(tower, users, None if exact else bias, train, features, cfg, groups_of, vectors)
+        vecs = _catalogue_vectors(tower, features) if vectors is None else vectors
+        _solve_users(vecs, users, None if exact else bias, train, cfg, groups_of)
     elif large and cfg.loss == "sampled_softmax" and cfg.sampled_user_solve_reg:  # the sampled solve, own weight
         _solve_users_sampled(tower, users, bias, train, features, cfg, seed)
     if cfg.loss == "ials" and cfg.ials_item_step == "exact":
@@ -422,19 +429,15 @@ def _exact_item_step(
 
 @torch.no_grad()
 def _solve_users(
-    tower: ItemTower,
+    vecs: np.ndarray,
     users: torch.nn.Parameter,
     bias: torch.nn.Parameter | None,
     train: sp.csr_matrix,
-    features: ItemFeatures,
     cfg: LocalConfig,
     user_groups: np.ndarray | None,
-    vecs: np.ndarray | None = None,
 ) -> None:
-    """Replace every customer's vector by its MAP solve (a grouped bias: one solve per group);
-    `vecs`: the tower's vectors, where the caller has them (`round_vectors`)."""
-    if vecs is None:
-        vecs = tower(features).double().cpu().numpy()
+    """Replace every customer's vector by its MAP solve against the catalogue's vectors `vecs`
+    (`_catalogue_vectors`, or a round's `round_vectors`); a grouped bias: one solve per group."""
     if cfg.loss == "ials":  # ALS's exact user step, for the customers with purchases
         bought = np.flatnonzero(np.diff(train.indptr))
         offsets = None if bias is None else bias.double().cpu().numpy()
@@ -470,9 +473,10 @@ def ials_user_step(
     is gone: run this on the new one, so the users the merchant validates, keeps and serves with
     belong to the table released with them (ALS ends on a user step too). `vectors`: as in
     `local_update`."""
-    tower = tower_from_state(features.n_items, model_cfg, item_state)
+    if vectors is None:  # a tower only to compute them
+        vectors = _catalogue_vectors(tower_from_state(features.n_items, model_cfg, item_state), features)
     fresh = torch.nn.Parameter(users.clone())
-    _solve_users(tower, fresh, None, train, features, cfg, None, vectors)
+    _solve_users(vectors, fresh, None, train, cfg, None)
     return fresh.detach()
 
 
