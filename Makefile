@@ -294,7 +294,8 @@ bench-federation: setup
 # encodings, 1,000 merchants x 1M generated products, time to target on ml100k-temporal, and the
 # in-process runtime beside Flower's simulation engine (Ray, installed by simulation-setup) at 10,
 # 100 and 1,000 merchants (TRAIN_PARTS picks some; user_solve and its ALS reference, als_reference,
-# and federated ALS beside them, als_exact, run only when named).
+# federated ALS beside them, als_exact, and dense against compositional ids over 3 seeds,
+# id_sharing, run only when named).
 TRAIN_PARTS ?= switch,losses,uploads,large,popularity,time_to_target,flower_simulation
 bench-train: setup simulation-setup
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m fedrec.training.bench_train --parts $(TRAIN_PARTS)

@@ -243,12 +243,24 @@ def run_small_bench_train(parts: str, out_dir) -> dict:  # noqa: ANN001
 def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""
-    res = run_small_bench_train("switch,losses,uploads,user_solve,als_reference,als_exact,large", tmp_path)
+    res = run_small_bench_train("switch,losses,uploads,id_sharing,user_solve,als_reference,als_exact,large", tmp_path)
     assert {r["items"] for r in res["switch"]["rows"]} == {1_000, 5_000}
     assert set(res["losses"]["variants"]) == {"softmax", "sampled_in_batch", "sampled_mixed_1024"}
     assert all(r["softmax_ms_per_step"] > 0 and r["sampled_softmax_ms_per_step"] > 0 for r in res["switch"]["rows"])
     sent = {name: v["upload_bytes_per_merchant"] for name, v in res["uploads"]["variants"].items()}
     assert sent["touched_rows_fp32"] < sent["dense_fp32"] and sent["dense_fp16"] < sent["dense_fp32"]
+    sharing = res["id_sharing"]  # dense against compositional ids, over two seeds, on the uploads catalogue
+    assert sharing["items"] == res["uploads"]["items"] and sharing["seeds"] == [0, 1]
+    dense, shared = sharing["variants"]["dense"], sharing["variants"]["compositional_R256"]
+    assert dense["id_rows"] == 0 and dense["products_per_row"] == 1.0 and dense["recall@20_vs_dense"] == 1.0
+    assert shared["id_rows"] == 256 and shared["products_per_row"] == pytest.approx(sharing["items"] / 256)
+    assert shared["upload_bytes_per_merchant"] < dense["upload_bytes_per_merchant"]
+    for v in (dense, shared):
+        recalls = [r["recall@20"] for r in v["runs"]]
+        assert [r["seed"] for r in v["runs"]] == [0, 1] and v["recall@20"] == pytest.approx(np.mean(recalls))
+        assert v["recall@20_std"] == pytest.approx(np.std(recalls, ddof=1))
+    assert shared["recall@20_vs_dense"] == pytest.approx(shared["recall@20"] / dense["recall@20"])
+    assert "Compositional ids against one row per product" in (tmp_path / "bench-train.md").read_text()
     large = res["large"]
     assert large["merchants"] == 50 and large["merchants_per_round"] == 10 and large["items"] == 20_000
     assert large["upload_bytes_per_merchant"] == sent["compositional_fp32"]

@@ -8,6 +8,11 @@ Parts (each in a fresh process, so each peak RSS is its own):
 - `uploads`: on the largest generated catalogue where a dense id table still fits, recall@20 and
   upload bytes per merchant for the encodings of fedrec/federated/upload.py and the id-row
   budget of `ModelConfig.id_rows`.
+- `id_sharing`: on the `uploads` catalogue, with today's large-catalogue model (sampled softmax,
+  the sampled user solve, the popularity prior chosen on validation), the dense id table against
+  compositional ids at row budgets down to the 1M marketplace's sharing (about 45 products a
+  row), over seeds: whether that sharing keeps recall@20 within 5% of dense, measured where dense
+  still runs (one id row per product at 1M costs a dense Adam step over 64M numbers per batch).
 - `user_solve`: on the `uploads` catalogue, the per-round user solve's sampled form (above the
   switch) against none, at a few weights: validation recall@20 by round and the released model's
   test recall@20.
@@ -49,6 +54,7 @@ from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.local import LocalConfig, local_update
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.federated.upload import sparse_row_bytes
+from fedrec.metrics import seed_std
 from fedrec.model import (
     ModelConfig,
     id_table_rows,
@@ -64,7 +70,7 @@ RESULTS = Path("results")
 # catalogues with one id row per product, adds per-row weights to it.
 PINNED_RULE = "fedavg"
 PARTS = (
-    "switch", "losses", "uploads", "user_solve", "als_reference", "als_exact", "large", "popularity",
+    "switch", "losses", "uploads", "id_sharing", "user_solve", "als_reference", "als_exact", "large", "popularity",
     "time_to_target", "flower_simulation",
 )  # fmt: skip
 
@@ -86,6 +92,11 @@ class BenchTrainConfig:
     loss_merchants: int = 20
     loss_customers: int = 20_000
     loss_rounds: int = 10
+    # `id_sharing`: compositional row budgets R on the `uploads` catalogue (62,572 products with
+    # purchases): 3.8 products a row (the default R) and 45, the 1M marketplace's sharing (734,164
+    # products with purchases over its 16,384). 0 is the dense table.
+    sharing_id_rows: tuple[int, ...] = (0, 16_384, 1_390)
+    sharing_seeds: tuple[int, ...] = (0, 1, 2)
     user_solve_regs: tuple[float, ...] = (0.0, 3.0, 10.0, 30.0)  # 0: no user solve
     user_solve_rounds: int = 20
     user_solve_val_every: int = 5
@@ -124,6 +135,8 @@ SMALL = BenchTrainConfig(
     compare_merchants=10,
     compare_customers=3_000,
     compare_rounds=2,
+    sharing_id_rows=(0, 256),
+    sharing_seeds=(0, 1),
     loss_products=3_000,
     loss_merchants=5,
     loss_customers=1_000,
@@ -311,6 +324,58 @@ def uploads(cfg: BenchTrainConfig) -> dict:
         "seed": cfg.seed,
         "variants": out,
     }
+
+
+def id_sharing(cfg: BenchTrainConfig) -> dict:
+    """Dense id rows against compositional ones at several row budgets, with the default model for
+    a catalogue above the switch, over `sharing_seeds`: test recall@20 of every customer with the
+    popularity prior (as released) and without it (the trained vectors alone)."""
+    torch.set_num_threads(2)
+    ds, features = marketplace(cfg.compare_products, cfg.compare_merchants, cfg.compare_customers)
+    local = LocalConfig(full_softmax_max_items=cfg.full_softmax_max_items)
+    out: dict[str, dict] = {}
+    for rows in cfg.sharing_id_rows:
+        model = ModelConfig(id_rows=rows)
+        name = "dense" if rows == 0 else f"compositional_R{rows}"
+        runs = []
+        for seed in cfg.sharing_seeds:
+            t = time.perf_counter()
+            res = run_federated(ds, features, model, local, fixed_rounds(cfg.compare_rounds, seed))
+            run = {
+                "seed": seed,
+                "recall@20": sampled_test_recall(res, ds, features, model, 0),
+                **prior_fields(res, ds, features, model, 0),
+                "upload_bytes_per_merchant": int(np.mean([h.upload_bytes for h in res.history])),
+                "seconds_per_round": (time.perf_counter() - t) / len(res.history),
+            }
+            runs.append(run)
+            print(f"id_sharing {name} seed {seed}: {run}", flush=True)
+        out[name] = {
+            "id_rows": id_table_rows(ds.n_items, model),
+            "products_per_row": ds.n_items / rows if rows else 1.0,
+            **_mean_std(runs, "recall@20"),
+            **_mean_std(runs, "test_recall@20_without_prior"),
+            "upload_bytes_per_merchant": runs[0]["upload_bytes_per_merchant"],
+            "runs": runs,
+        }
+    dense = out["dense"]
+    for entry in out.values():
+        for key in ("recall@20", "test_recall@20_without_prior"):
+            entry[f"{key}_vs_dense"] = entry[key] / dense[key] if dense[key] else None
+    return {
+        "items": ds.n_items,
+        "merchants": len(ds.merchants),
+        "rounds": cfg.compare_rounds,
+        "seeds": list(cfg.sharing_seeds),
+        "popularity_test_recall@20": popularity_recall(ds, 0),
+        "variants": out,
+    }
+
+
+def _mean_std(runs: list[dict], key: str) -> dict:
+    """The mean over runs of `key` and its spread as every report states it (`seed_std`)."""
+    values = [r[key] for r in runs]
+    return {key: float(np.mean(values)), f"{key}_std": seed_std(values)}
 
 
 def seconds_per_training_round(history: list) -> float:
@@ -654,7 +719,8 @@ def flower_simulation(cfg: BenchTrainConfig) -> list[dict] | None:
 
 
 def _run_part(part: str, cfg: BenchTrainConfig) -> dict | list | None:
-    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "user_solve": user_solve,
+    parts = {"switch": switch_point, "losses": losses, "uploads": uploads, "id_sharing": id_sharing,
+             "user_solve": user_solve,
              "als_reference": als_reference, "als_exact": als_exact, "large": large}  # fmt: skip
     parts["popularity"] = popularity_references
     return {**parts, "time_to_target": time_to_target, "flower_simulation": flower_simulation}[part](cfg)
@@ -698,6 +764,25 @@ def markdown(res: dict) -> str:
             lines.append(
                 f"| {name} | {v['upload_bytes_per_merchant'] / 1e6:.2f} | {v['recall@20']:.4f} | "
                 f"{v['recall_vs_dense_fp32']:.2f} |"
+            )
+        lines.append("")
+    if "id_sharing" in res:
+        g = res["id_sharing"]
+        lines += [
+            f"## Compositional ids against one row per product ({g['items']:,} products, {g['merchants']} "
+            f"merchants, {g['rounds']} rounds, seeds {', '.join(map(str, g['seeds']))}; test recall@20 of every "
+            f"customer, mean ± std; popularity {g['popularity_test_recall@20']:.4f})",
+            "",
+            "| id table | products per row | MB per merchant per round | recall@20 (with the prior) | vs dense | "
+            "without the prior | vs dense |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, v in g["variants"].items():
+            lines.append(
+                f"| {name} | {v['products_per_row']:.1f} | {v['upload_bytes_per_merchant'] / 1e6:.2f} | "
+                f"{v['recall@20']:.4f} ± {v['recall@20_std']:.4f} | {_maybe(v['recall@20_vs_dense'], '.3f')} | "
+                f"{v['test_recall@20_without_prior']:.4f} ± {v['test_recall@20_without_prior_std']:.4f} | "
+                f"{_maybe(v['test_recall@20_without_prior_vs_dense'], '.3f')} |"
             )
         lines.append("")
     if "user_solve" in res:
