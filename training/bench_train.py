@@ -350,9 +350,10 @@ def id_sharing(cfg: BenchTrainConfig) -> dict:
             }
             runs.append(run)
             print(f"id_sharing {name} seed {seed}: {run}", flush=True)
+        table = id_table_rows(ds.n_items, model)  # 0 (one row per product) where R is not below half the catalogue
         out[name] = {
-            "id_rows": id_table_rows(ds.n_items, model),
-            "products_per_row": ds.n_items / rows if rows else 1.0,
+            "id_rows": table,
+            "products_per_row": ds.n_items / table if table else 1.0,
             **_mean_std(runs, "recall@20"),
             **_mean_std(runs, "test_recall@20_without_prior"),
             "upload_bytes_per_merchant": runs[0]["upload_bytes_per_merchant"],
