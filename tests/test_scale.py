@@ -240,6 +240,29 @@ def run_small_bench_train(parts: str, out_dir) -> dict:  # noqa: ANN001
     return json.loads((out_dir / "bench-train.json").read_text())
 
 
+def test_id_sharing_runs_merge_into_one_table():
+    """`--sharing-id-rows` adds budgets to the last id_sharing table on the same catalogue (ratios to
+    the dense run recomputed, commands kept); a run on another catalogue replaces it."""
+    from fedrec.training.bench_train import merged_sharing, with_ratios_to_dense
+
+    def run(variants: dict, items: int = 100, command: str = "a") -> dict:
+        entries = {k: {"recall@20": r, "test_recall@20_without_prior": r / 2} for k, r in variants.items()}
+        return with_ratios_to_dense(
+            {"items": items, "merchants": 3, "rounds": 2, "seeds": [0], "variants": entries, "commands": [command]}
+        )
+
+    first = run({"dense": 0.04, "compositional_R16": 0.03})
+    assert first["variants"]["compositional_R16"]["recall@20_vs_dense"] == pytest.approx(0.75)
+    later = run({"compositional_R4": 0.02}, command="b")
+    assert later["variants"]["compositional_R4"]["recall@20_vs_dense"] is None  # no dense run in it alone
+    merged = merged_sharing(first, later)
+    assert list(merged["variants"]) == ["dense", "compositional_R16", "compositional_R4"]
+    assert merged["variants"]["compositional_R4"]["test_recall@20_without_prior_vs_dense"] == pytest.approx(0.5)
+    assert merged["commands"] == ["a", "b"]
+    elsewhere = run({"compositional_R4": 0.02}, items=200, command="c")
+    assert merged_sharing(first, elsewhere) == elsewhere and merged_sharing(None, later) == later
+
+
 def test_bench_train_small_variant(tmp_path):
     """The CI-sized `make bench-train`: every part's fields, and a compositional upload whose size
     is the same on two catalogue sizes."""

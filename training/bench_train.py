@@ -39,6 +39,8 @@ import json
 import multiprocessing
 import platform
 import resource
+import shlex
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -359,18 +361,35 @@ def id_sharing(cfg: BenchTrainConfig) -> dict:
             "upload_bytes_per_merchant": runs[0]["upload_bytes_per_merchant"],
             "runs": runs,
         }
-    dense = out["dense"]
-    for entry in out.values():
+    return with_ratios_to_dense(
+        {
+            "items": ds.n_items,
+            "merchants": len(ds.merchants),
+            "rounds": cfg.compare_rounds,
+            "seeds": list(cfg.sharing_seeds),
+            "popularity_test_recall@20": popularity_recall(ds, 0),
+            "variants": out,
+        }
+    )
+
+
+def with_ratios_to_dense(result: dict) -> dict:
+    """Each variant's recalls as a share of the dense table's (None where there is no dense run)."""
+    dense = result["variants"].get("dense")
+    for entry in result["variants"].values():
         for key in ("recall@20", "test_recall@20_without_prior"):
-            entry[f"{key}_vs_dense"] = entry[key] / dense[key] if dense[key] else None
-    return {
-        "items": ds.n_items,
-        "merchants": len(ds.merchants),
-        "rounds": cfg.compare_rounds,
-        "seeds": list(cfg.sharing_seeds),
-        "popularity_test_recall@20": popularity_recall(ds, 0),
-        "variants": out,
-    }
+            entry[f"{key}_vs_dense"] = entry[key] / dense[key] if dense and dense[key] else None
+    return result
+
+
+def merged_sharing(old: dict | None, new: dict) -> dict:
+    """A run of some `id_sharing` budgets (`--sharing-id-rows`) merged into the last results on the
+    same catalogue, rounds and seeds, so one table holds them all; anything else replaces them."""
+    same = old is not None and all(old.get(k) == new[k] for k in ("items", "merchants", "rounds", "seeds"))
+    if not same:
+        return new
+    commands = old.get("commands", []) + new.get("commands", [])
+    return with_ratios_to_dense({**new, "variants": {**old["variants"], **new["variants"]}, "commands": commands})
 
 
 def _mean_std(runs: list[dict], key: str) -> dict:
@@ -880,8 +899,21 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="The CI-sized variant (seconds, not minutes).")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--device", default="cpu", help="Where the large part's local steps run (cpu, cuda).")
+    parser.add_argument(
+        "--sharing-id-rows",
+        default="",
+        help="id_sharing's row budgets, e.g. 4096 (0: the dense table); merged into its last results.",
+    )
     args = parser.parse_args()
     cfg = dataclasses.replace(SMALL if args.small else BenchTrainConfig(), device=args.device)
+    if args.sharing_id_rows:
+        try:
+            budgets = tuple(int(x) for x in args.sharing_id_rows.split(","))
+        except ValueError:
+            parser.error(f"--sharing-id-rows {args.sharing_id_rows!r}: give whole numbers, such as 0,4096")
+        if any(b < 0 for b in budgets):
+            parser.error(f"--sharing-id-rows {args.sharing_id_rows!r}: a row budget cannot be negative")
+        cfg = dataclasses.replace(cfg, sharing_id_rows=budgets)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -899,7 +931,11 @@ def main() -> None:
         # A run on another device keeps the CPU's results beside it: "large" and "large_cuda".
         key = part if cfg.device == "cpu" or part != "large" else f"large_{torch.device(cfg.device).type}"
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            res[key] = pool.submit(_run_part, part, cfg).result()
+            result = pool.submit(_run_part, part, cfg).result()
+        if part == "id_sharing":  # run in pieces: which command made which variants
+            result["commands"] = [shlex.join(["python", "-m", "fedrec.training.bench_train", *sys.argv[1:]])]
+            result = merged_sharing(res.get(key), result)
+        res[key] = result
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(target, res)
     write_text(args.out / "bench-train.md", markdown(res) + "\n")
