@@ -53,6 +53,7 @@ from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
 from fedrec.federated.local import local_update
+from fedrec.federated.robust import CLIPPING_RULES
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ID_TABLE as TABLE
 from fedrec.model import init_item_bias, init_user_embeddings, initial_item_state, item_embeddings
@@ -243,8 +244,8 @@ def poisoning_report(
             attack = colluding(
                 [promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed) for f in fakes]
             )
+            key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
-                key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
                 if label == "clean" and key in clean_runs:
                     row |= clean_runs[key]
                     continue
@@ -288,9 +289,6 @@ def poisoning_report(
 def _rule_rows(pc: PoisonConfig) -> list[tuple[str, float]]:
     """(rule, clip multiple) for each row of the report: each clipping rule once per multiple."""
     return [(rule, m) for rule in pc.rules for m in (pc.clip_multiples if rule in CLIPPING_RULES else (1.0,))]
-
-
-CLIPPING_RULES = ("norm_clip", "row_clip")  # the rules `clip_multiple` bounds
 
 
 SECTIONS = ("leakage", "membership", "poisoning", "poisoning_colluding")

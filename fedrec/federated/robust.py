@@ -37,6 +37,7 @@ import torch
 from fedrec.federated.aggregation import WEIGHT, aggregate_sums
 
 ROBUST_RULES = ("none", "norm_clip", "row_clip", "trimmed_mean", "median")
+CLIPPING_RULES = ("norm_clip", "row_clip")  # the rules `clip_multiple` bounds
 
 
 def _norm(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -44,9 +45,10 @@ def _norm(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _row_norms(v: torch.Tensor) -> torch.Tensor:
-    """Each row's L2 norm, shaped to broadcast against `v` (a 1-D tensor is one row)."""
-    flat = v.double().reshape(v.shape[0], -1) if v.dim() > 1 else v.double().reshape(1, -1)
-    return flat.norm(dim=1).reshape((-1,) + (1,) * (v.dim() - 1) if v.dim() > 1 else ())
+    """Each row's L2 norm, shaped to broadcast against `v` (a 1-D tensor is one row: a scalar)."""
+    if v.dim() <= 1:
+        return v.double().reshape(1, -1).norm(dim=1)[0]
+    return v.double().flatten(1).norm(dim=1).reshape(-1, *(1,) * (v.dim() - 1))
 
 
 def _capped_weights(messages: Sequence[Mapping[str, torch.Tensor]], multiple: float) -> torch.Tensor:
