@@ -139,8 +139,27 @@ def test_row_clip_foolsgold_stops_colluders_that_row_clip_adds_up():
     rows = robust_delta([*honest, *evil], "row_clip")["item_emb.weight"]
     sybil = robust_delta([*honest, *evil], "row_clip_foolsgold")["item_emb.weight"]
     torch.testing.assert_close(rows[2], torch.tensor([0.1, -0.1 + 3 * 0.1]) * 10 / 70)
-    torch.testing.assert_close(sybil[2], torch.tensor([0.1, -0.1]) * 10 / 40)  # the honest shops' mean
-    torch.testing.assert_close(sybil[:2], robust_delta(honest, "row_clip")["item_emb.weight"][:2])
+    # the colluders' terms are gone; the denominator stays row_clip's (the honest shops' steps, not their mean)
+    torch.testing.assert_close(sybil[2], torch.tensor([0.1, -0.1]) * 10 / 70)
+    torch.testing.assert_close(sybil[:2], robust_delta(honest, "row_clip")["item_emb.weight"][:2] * 40 / 70)
+
+
+def test_row_clip_foolsgold_gives_a_lone_attacker_no_more_than_row_clip_does():
+    """Honest shops alike to each other get factors below 1 next to one merchant unlike all of them.
+    Renormalised, that would hand the lone attacker their share; as steps, it keeps row_clip's."""
+
+    def table(rows: list[list[float]]) -> dict[str, torch.Tensor]:
+        return merchant_sums({"item_emb.weight": torch.tensor(rows)}, 10, 1, torch.ones(2, dtype=torch.bool), 0.0,
+                             "fedavg", False)  # fmt: skip
+
+    honest = [table([[1, 0.1 * i], [0.1, 0]]) for i in range(4)]  # cosines 0.95 to 1 among them
+    evil = table([[0, 1], [0, 5]])  # row 1 is the target's
+    deltas = [{"item_emb.weight": m["delta/item_emb.weight"] / m["n"]} for m in [*honest, evil]]
+    assert foolsgold_weights(deltas)[:4].max() < 0.5 and foolsgold_weights(deltas)[4] == 1
+    rows = robust_delta([*honest, evil], "row_clip")["item_emb.weight"]
+    sybil = robust_delta([*honest, evil], "row_clip_foolsgold")["item_emb.weight"]
+    assert sybil[1, 1] <= rows[1, 1] + 1e-12  # the target's row moves no further than under row_clip
+    assert sybil[0].norm() < rows[0].norm()  # the honest shops' steps are the ones cut
 
 
 def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():

@@ -21,13 +21,18 @@ the operator chooses (`federation.robust`, in-process runtime; the networked run
   moves much (a product only one shop sells), which the median drags down (measured: README,
   "Attacks").
 - row_clip_foolsgold: row_clip, with each merchant's capped weight also multiplied by FoolsGold's
-  factor (Fung et al., 2020, "The Limitations of Federated Learning in Sybil Settings"; below).
-  A bound per merchant cannot stop colluders: each fake merchant gets its own bound, and k of them
-  pushing one product the same way add up to k times it, while honest shops' moves of that row
-  point every which way. Colluders that push together send updates far more alike than honest
-  shops' (measured: README, "Attacks"), which FoolsGold turns into weights near 0. It does
-  nothing against one attacker (hence built on row_clip) or against colluders that make their
-  updates look unalike, at a cost to their push (not measured).
+  factor (Fung et al., 2020, "The Limitations of Federated Learning in Sybil Settings"; below),
+  computed on the row-clipped deltas. A bound per merchant cannot stop colluders: each fake
+  merchant gets its own bound, and k of them pushing one product the same way add up to k times
+  it, while honest shops' moves of that row point every which way. Colluders that push together
+  send updates far more alike than honest shops' (measured: README, "Attacks"), which FoolsGold
+  turns into weights near 0. It does nothing against one attacker (hence built on row_clip) or
+  against colluders that make their updates look unalike, at a cost to their push (not
+  measured). As in the paper, the factors scale each merchant's step and the mean keeps
+  row_clip's denominator, so no merchant's share grows when others are cut: FoolsGold's scale is
+  set by the most distinct merchant, and a lone attacker, unlike every honest shop, would
+  otherwise take the share of the honest shops it cuts. The similarity is taken after the row
+  clip, on what enters the mean (measured, both: README, "Attacks").
 - trimmed_mean: per coordinate, the `trim` share of largest and of smallest values is dropped and
   the rest averaged, unweighted (Yin et al., 2018).
 - median: the coordinate-wise median, unweighted (Yin et al., 2018).
@@ -77,7 +82,8 @@ def foolsgold_weights(deltas: Sequence[Mapping[str, torch.Tensor]]) -> torch.Ten
     [0, 1]. Unlike the paper, from this round's deltas rather than each merchant's sum over all
     rounds: the function stays pure, and a coordinator that samples merchants keeps no history.
     When every merchant has a twin (no factor left above 0) there is nothing to tell apart, and
-    every factor is 1.
+    every factor is 1. The factors scale steps (the paper's per-client learning rates); they are
+    not weights to renormalise.
     """
     flat = torch.stack([torch.cat([v.double().flatten() for v in d.values()]) for d in deltas])
     unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -128,10 +134,10 @@ def robust_delta(
     if rule in ("row_clip", "row_clip_foolsgold"):
         scales = _row_scales(deltas, clip_multiple)
         weights = _capped_weights(messages, clip_multiple)
+        total = float(weights.sum())
         if rule == "row_clip_foolsgold":  # judged on what enters the mean, each row clipped
             clipped = [{k: scales[k][i] * d[k].double() for k in d} for i, d in enumerate(deltas)]
-            weights = weights * foolsgold_weights(clipped)
-        total = float(weights.sum())
+            weights = weights * foolsgold_weights(clipped)  # over row_clip's total: see foolsgold_weights
         out = {}
         for k in deltas[0]:
             terms = (float(w) * s * d[k].double() for w, s, d in zip(weights, scales[k], deltas, strict=True))
