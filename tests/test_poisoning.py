@@ -16,7 +16,7 @@ from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import LocalConfig
-from fedrec.federated.robust import foolsgold_weights, robust_delta
+from fedrec.federated.robust import robust_delta
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, item_embeddings
 from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
@@ -98,77 +98,13 @@ def test_row_clip_stops_one_rows_push_that_norm_clip_lets_through():
     assert rows[3].norm() < 0.11  # row_clip: the row is held to about what honest shops moved it
 
 
-def test_foolsgold_weights_by_hand():
-    def delta(x: float, y: float) -> dict[str, torch.Tensor]:
-        return {"item_emb.weight": torch.tensor([[x, y]])}
-
-    # cosines: a-b 0.6, a-c -0.6, b-c 0.28; largest per merchant 0.6, 0.6, 0.28. Pardoning scales
-    # c's similarities by 0.28 / 0.6 (a and b are each more alike to someone else): c-b becomes
-    # 0.1307. 1 - largest: 0.4, 0.4, 0.8693; over the largest: 0.4601, 0.4601, 1 -> 0.99; then
-    # ln(a / (1 - a)) + 0.5 clipped to [0, 1]: 0.3401, 0.3401, 1.
-    got = foolsgold_weights([delta(1.0, 0.0), delta(0.6, 0.8), delta(-0.6, 0.8)])
-    torch.testing.assert_close(got, torch.tensor([0.3401, 0.3401, 1.0], dtype=torch.float64), atol=1e-4, rtol=0)
-    # twins (any length) get 0, a merchant unlike any other 1; with every merchant a twin, all 1
-    twins = foolsgold_weights([delta(1.0, 0.0), delta(5.0, 0.0), delta(0.0, 1.0)])
-    torch.testing.assert_close(twins, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(
-        foolsgold_weights([delta(1.0, 1.0), delta(2.0, 2.0)]), torch.ones(2, dtype=torch.float64)
-    )
-
-
-def test_row_clip_foolsgold_stops_colluders_that_row_clip_adds_up():
-    """Each of three colluders passes a per-merchant row bound; together they push the target's row
-    (row 2) three times as far, the same way, against what honest shops did to it. Their updates,
-    clipped, are alike, so FoolsGold weighs them 0 and the honest shops 1."""
-
-    def table(rows: list[list[float]]) -> dict[str, torch.Tensor]:
-        return merchant_sums({"item_emb.weight": torch.tensor(rows)}, 10, 1, torch.ones(3, dtype=torch.bool), 0.0,
-                             "fedavg", False)  # fmt: skip
-
-    honest = [
-        table([[1, 0], [0, 1], [0.1, 0]]),
-        table([[0, 1], [1, 0], [-0.1, 0]]),
-        table([[-1, 0], [0, -1], [0, -0.1]]),
-        table([[0, -1], [-1, 0], [0.1, 0]]),
-    ]
-    evil = [table([[0, 0], [0, 0], [0, 5]]) for _ in range(3)]
-    # row 2's norms 0.1 (honest) and 5 (colluders): median 0.1, so each colluder adds (0, 0.1)
-    clipped = [{"item_emb.weight": m["delta/item_emb.weight"] / m["n"]} for m in honest]
-    clipped += [{"item_emb.weight": torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.1]])}] * 3
-    torch.testing.assert_close(foolsgold_weights(clipped), torch.tensor([1.0] * 4 + [0.0] * 3, dtype=torch.float64))
-    rows = robust_delta([*honest, *evil], "row_clip")["item_emb.weight"]
-    sybil = robust_delta([*honest, *evil], "row_clip_foolsgold")["item_emb.weight"]
-    torch.testing.assert_close(rows[2], torch.tensor([0.1, -0.1 + 3 * 0.1]) * 10 / 70)
-    # the colluders' terms are gone; the denominator stays row_clip's (the honest shops' steps, not their mean)
-    torch.testing.assert_close(sybil[2], torch.tensor([0.1, -0.1]) * 10 / 70)
-    torch.testing.assert_close(sybil[:2], robust_delta(honest, "row_clip")["item_emb.weight"][:2] * 40 / 70)
-
-
-def test_row_clip_foolsgold_gives_a_lone_attacker_no_more_than_row_clip_does():
-    """Honest shops alike to each other get factors below 1 next to one merchant unlike all of them.
-    Renormalised, that would hand the lone attacker their share; as steps, it keeps row_clip's."""
-
-    def table(rows: list[list[float]]) -> dict[str, torch.Tensor]:
-        return merchant_sums({"item_emb.weight": torch.tensor(rows)}, 10, 1, torch.ones(2, dtype=torch.bool), 0.0,
-                             "fedavg", False)  # fmt: skip
-
-    honest = [table([[1, 0.1 * i], [0.1, 0]]) for i in range(4)]  # cosines 0.95 to 1 among them
-    evil = table([[0, 1], [0, 5]])  # row 1 is the target's
-    deltas = [{"item_emb.weight": m["delta/item_emb.weight"] / m["n"]} for m in [*honest, evil]]
-    assert foolsgold_weights(deltas)[:4].max() < 0.5 and foolsgold_weights(deltas)[4] == 1
-    rows = robust_delta([*honest, evil], "row_clip")["item_emb.weight"]
-    sybil = robust_delta([*honest, evil], "row_clip_foolsgold")["item_emb.weight"]
-    assert sybil[1, 1] <= rows[1, 1] + 1e-12  # the target's row moves no further than under row_clip
-    assert sybil[0].norm() < rows[0].norm()  # the honest shops' steps are the ones cut
-
-
 def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():
     honest = [message([1.0, 1.0], 10), message([1.2, 0.8], 10), message([0.9, 1.1], 10)]
     evil = message([-1000.0, 1000.0], 10_000)
     total = {k: sum(m[k] for m in [*honest, evil]) for k in evil}
     fedavg = total["delta/item_emb.weight"] / total["n"]
     assert fedavg[0, 0] < -900
-    for rule in ("median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"):
+    for rule in ("median", "trimmed_mean", "norm_clip", "row_clip"):
         got = robust_delta([*honest, evil], rule, trim=0.25)["item_emb.weight"]
         assert got.abs().max() < 2.5, rule
 
@@ -227,7 +163,7 @@ def promotion(tiny_dataset):
     attacker = fake_merchant(ds.n_items, target, popular, 50, 4, 0)
     poisoned = dataclasses.replace(ds, merchants=[*ds.merchants, attacker])
     out = {}
-    for rule in ("none", "median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"):
+    for rule in ("none", "median", "trimmed_mean", "norm_clip", "row_clip"):
         fed = FederationConfig(rounds=6, patience=0, robust=rule, trim=0.25)
         for label, data, tamper in (
             ("clean", ds, None),
@@ -244,7 +180,7 @@ def test_the_promotion_attack_succeeds_under_fedavg(promotion):
     assert promotion["none", "attacked"] > 0.2
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"])
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip", "row_clip"])
 def test_robust_aggregation_stops_the_promotion_attack(promotion, rule):
     assert promotion[rule, "attacked"] < 0.02
 
