@@ -239,8 +239,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= cfg.federation.trim < 0.5, "federation.trim must be in [0, 0.5)"),
         (
             cfg.federation.clip_multiple >= 1,
-            "federation.clip_multiple must be >= 1 (norm_clip's and row_clip's bounds, in multiples of the round's "
-            "medians)",
+            "federation.clip_multiple must be >= 1 (norm_clip's and the row_clip rules' bounds, in multiples of "
+            "the round's medians)",
         ),
         (
             cfg.federation.robust == "none" or cfg.federation.aggregation != "rowwise",

@@ -16,7 +16,7 @@ from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import LocalConfig
-from fedrec.federated.robust import robust_delta
+from fedrec.federated.robust import foolsgold_weights, robust_delta
 from fedrec.federated.simulation import FederationConfig, run_federated
 from fedrec.model import ModelConfig, item_embeddings
 from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
@@ -98,13 +98,78 @@ def test_row_clip_stops_one_rows_push_that_norm_clip_lets_through():
     assert rows[3].norm() < 0.11  # row_clip: the row is held to about what honest shops moved it
 
 
+def test_foolsgold_weights_by_hand():
+    def delta(*x: float) -> dict[str, torch.Tensor]:
+        return {"item_emb.weight": torch.tensor([x])}
+
+    # cosines: a-b 0.6, a-c -0.6, b-c 0.28, d and e orthogonal to all; largest per merchant 0.6, 0.6,
+    # 0.28, 0, 0. Pardoning scales c's similarities by 0.28 / 0.6 (a and b are each more alike to
+    # someone else): c-b becomes 0.1307. 1 - largest: 0.4, 0.4, 0.8693, 1, 1; over the median
+    # (0.8693): 0.4601, 0.4601, then 0.99 for the rest; ln(a / (1 - a)) + 0.5 clipped to [0, 1]:
+    # 0.3401, 0.3401, 1, 1, 1. (Without pardoning c's 1 - 0.28 would be the median: 0.7231 for a, b.)
+    abcde = [delta(1, 0, 0, 0), delta(0.6, 0.8, 0, 0), delta(-0.6, 0.8, 0, 0), delta(0, 0, 1, 0), delta(0, 0, 0, 1)]
+    want = torch.tensor([0.3401, 0.3401, 1.0, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(foolsgold_weights(abcde), want, atol=1e-4, rtol=0)
+    # twins (any length) get 0, merchants unlike any other 1
+    twins = foolsgold_weights([delta(1, 0, 0, 0), delta(5, 0, 0, 0), *abcde[2:]])
+    torch.testing.assert_close(twins, torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    # with half the merchants or more in twins, the median factor is 0: nothing to tell apart, all 1
+    most = foolsgold_weights([delta(1, 0, 0, 0), delta(5, 0, 0, 0), delta(0, 1, 0, 0)])
+    torch.testing.assert_close(most, torch.ones(3, dtype=torch.float64))
+
+
+def test_row_clip_foolsgold_stops_colluders_that_row_clip_adds_up():
+    """Each of three colluders passes a per-merchant row bound; together they push the target's row
+    (row 2) three times as far, the same way, against what honest shops did to it. Their updates,
+    clipped, are alike, so FoolsGold weighs them 0 and the honest shops 1."""
+
+    def table(rows: list[list[float]]) -> dict[str, torch.Tensor]:
+        return merchant_sums({"item_emb.weight": torch.tensor(rows)}, 10, 1, torch.ones(3, dtype=torch.bool), 0.0,
+                             "fedavg", False)  # fmt: skip
+
+    honest = [
+        table([[1, 0], [0, 1], [0.1, 0]]),
+        table([[0, 1], [1, 0], [-0.1, 0]]),
+        table([[-1, 0], [0, -1], [0, -0.1]]),
+        table([[0, -1], [-1, 0], [0.1, 0]]),
+    ]
+    evil = [table([[0, 0], [0, 0], [0, 5]]) for _ in range(3)]
+    # row 2's norms 0.1 (honest) and 5 (colluders): median 0.1, so each colluder adds (0, 0.1)
+    clipped = [{"item_emb.weight": m["delta/item_emb.weight"] / m["n"]} for m in honest]
+    clipped += [{"item_emb.weight": torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.1]])}] * 3
+    torch.testing.assert_close(foolsgold_weights(clipped), torch.tensor([1.0] * 4 + [0.0] * 3, dtype=torch.float64))
+    rows = robust_delta([*honest, *evil], "row_clip")["item_emb.weight"]
+    sybil = robust_delta([*honest, *evil], "row_clip_foolsgold")["item_emb.weight"]
+    torch.testing.assert_close(rows[2], torch.tensor([0.1, -0.1 + 3 * 0.1]) * 10 / 70)
+    # the colluders' terms are gone; the denominator stays row_clip's (the honest shops' steps, not their mean)
+    torch.testing.assert_close(sybil[2], torch.tensor([0.1, -0.1]) * 10 / 70)
+    torch.testing.assert_close(sybil[:2], robust_delta(honest, "row_clip")["item_emb.weight"][:2] * 40 / 70)
+
+
+def test_row_clip_foolsgold_cuts_no_honest_shop_next_to_a_lone_attacker():
+    """Honest shops alike to each other, next to one merchant unlike all of them: scaled to the most
+    distinct merchant (the paper), FoolsGold would cut every honest shop and leave the attacker's
+    push alone; scaled to the median merchant, nobody is cut, and the rule is row_clip."""
+
+    def table(rows: list[list[float]]) -> dict[str, torch.Tensor]:
+        return merchant_sums({"item_emb.weight": torch.tensor(rows)}, 10, 1, torch.ones(2, dtype=torch.bool), 0.0,
+                             "fedavg", False)  # fmt: skip
+
+    honest = [table([[1, 0.1 * i], [0.1, 0]]) for i in range(4)]  # cosines 0.95 to 1 among them
+    evil = table([[0, 1], [0, 5]])  # row 1 is the target's
+    deltas = [{"item_emb.weight": m["delta/item_emb.weight"] / m["n"]} for m in [*honest, evil]]
+    torch.testing.assert_close(foolsgold_weights(deltas), torch.ones(5, dtype=torch.float64))
+    rows = robust_delta([*honest, evil], "row_clip")["item_emb.weight"]
+    torch.testing.assert_close(robust_delta([*honest, evil], "row_clip_foolsgold")["item_emb.weight"], rows)
+
+
 def test_one_boosted_merchant_moves_fedavg_at_will_but_not_the_robust_rules():
     honest = [message([1.0, 1.0], 10), message([1.2, 0.8], 10), message([0.9, 1.1], 10)]
     evil = message([-1000.0, 1000.0], 10_000)
     total = {k: sum(m[k] for m in [*honest, evil]) for k in evil}
     fedavg = total["delta/item_emb.weight"] / total["n"]
     assert fedavg[0, 0] < -900
-    for rule in ("median", "trimmed_mean", "norm_clip", "row_clip"):
+    for rule in ("median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"):
         got = robust_delta([*honest, evil], rule, trim=0.25)["item_emb.weight"]
         assert got.abs().max() < 2.5, rule
 
@@ -163,7 +228,7 @@ def promotion(tiny_dataset):
     attacker = fake_merchant(ds.n_items, target, popular, 50, 4, 0)
     poisoned = dataclasses.replace(ds, merchants=[*ds.merchants, attacker])
     out = {}
-    for rule in ("none", "median", "trimmed_mean", "norm_clip", "row_clip"):
+    for rule in ("none", "median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"):
         fed = FederationConfig(rounds=6, patience=0, robust=rule, trim=0.25)
         for label, data, tamper in (
             ("clean", ds, None),
@@ -180,7 +245,7 @@ def test_the_promotion_attack_succeeds_under_fedavg(promotion):
     assert promotion["none", "attacked"] > 0.2
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip", "row_clip"])
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"])
 def test_robust_aggregation_stops_the_promotion_attack(promotion, rule):
     assert promotion[rule, "attacked"] < 0.02
 

@@ -526,8 +526,8 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert all(0.0 <= r["auc"] <= 1.0 and r["members"] > 0 and r["non_members"] > 0 for r in member.values())
     poison = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]
     # no robust rule: labelled by the rule it ran, the default auto = rowwise on this shop
-    assert set(poison["rules"]) == {"rowwise", "norm_clip", "row_clip", "trimmed_mean", "median"}
-    assert [r["secure_aggregation_compatible"] for r in poison["rules"].values()] == [True, False, False, False, False]
+    assert set(poison["rules"]) == {"rowwise", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median"}
+    assert [r["secure_aggregation_compatible"] for r in poison["rules"].values()] == [True, *[False] * 5]
     for r in poison["rules"].values():  # who wins is tested in tests/test_poisoning.py; here: the report's shape
         assert 0 <= r["target_exposure"] <= 1 and 0 <= r["clean_exposure"] <= 1 and 0 < r["recall@20"] < 1
     report = json.loads((tmp_path / "attack-report.json").read_text())
@@ -551,7 +551,9 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert result.exit_code == 0, result.output
     after = json.loads((tmp_path / "attack-report.json").read_text())
     rows = after["poisoning"]["rules"]
-    assert list(rows) == ["rowwise", "norm_clip", "row_clip", "trimmed_mean", "median", "norm_clip_x1000"]
+    assert list(rows) == [
+        "rowwise", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median", "norm_clip_x1000"
+    ]  # fmt: skip
     assert after["command"] == "fedrec attack-report --rules norm_clip"
     assert rows["rowwise"] == poison["rules"]["rowwise"]  # kept as it was, naming the first run
     assert rows["rowwise"]["command"] == report["commands"]["poisoning"] != after["command"]

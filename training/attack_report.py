@@ -25,11 +25,11 @@ who all bought one unpopular target product (and a few popular ones) crafts the 
 each aggregation rule (FedAvg, the sum form secure aggregation allows, and the robust rules of
 `fedrec.federated.robust`, which need to see every merchant's delta), the target's exposure (share
 of real test customers with it in their top-20) with and without the attacker, and the honest
-merchants' test recall@20; a new target and seed each time, mean over seeds. norm_clip and
-row_clip run once per bound (`--clip-multiples`, in multiples of the round's medians), and each clean run
-records its validation recall@20 too, so that a bound can be chosen without reading test labels
-(exposure reads none: it counts the target in customers' top-20 lists). `--rules` reruns some
-rules and keeps the others' rows.
+merchants' test recall@20; a new target and seed each time, mean over seeds. The clipping rules
+(norm_clip, row_clip, row_clip_foolsgold) run once per bound (`--clip-multiples`, in multiples of
+the round's medians), and each clean run records its validation recall@20 too, so that a bound
+can be chosen without reading test labels (exposure reads none: it counts the target in customers'
+top-20 lists). `--rules` reruns some rules and keeps the others' rows.
 """
 
 from __future__ import annotations
@@ -195,9 +195,9 @@ class PoisonConfig:
     popular: int = 50  # the filler is drawn from this many most-bought products
     boost: float = 100.0
     strength: float = 20.0  # the crafted target row's length, in units of the longest other row
-    rules: tuple[str, ...] = ("none", "norm_clip", "row_clip", "trimmed_mean", "median")
-    # norm_clip and row_clip run once per multiple of the round's medians (`federation.clip_multiple`);
-    # a row other than 1 is named <rule>_x<multiple>
+    rules: tuple[str, ...] = ("none", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median")
+    # the clipping rules (norm_clip, row_clip, row_clip_foolsgold) run once per multiple of the
+    # round's medians (`federation.clip_multiple`); a row other than 1 is named <rule>_x<multiple>
     clip_multiples: tuple[float, ...] = (1.0,)
     # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
     # same target along the same direction each round (one shared random stream).

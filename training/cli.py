@@ -179,11 +179,11 @@ def attack_report_cmd(
     rules: Annotated[
         str,
         typer.Option(help="Poisoning: comma-separated aggregation rules to run; the file keeps the other rules' rows."),
-    ] = "none,norm_clip,row_clip,trimmed_mean,median",
+    ] = "none,norm_clip,row_clip,row_clip_foolsgold,trimmed_mean,median",
     clip_multiples: Annotated[
         str | None,
         typer.Option(
-            help="Poisoning: norm_clip's and row_clip's bounds to run, in multiples of the round's medians (>= 1); "
+            help="Poisoning: the clipping rules' bounds to run, in multiples of the round's medians (>= 1); "
             "default: the configured federation.clip_multiple."
         ),
     ] = None,

@@ -87,7 +87,8 @@ class FederationConfig:
     # delta, so it is incompatible with secure aggregation. "none" is the sum form.
     robust: str = "none"
     trim: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
-    # norm_clip, row_clip: the bounds on a delta's (or a row's) norm and on weights, times the round's medians
+    # norm_clip, row_clip(_foolsgold): the bounds on a delta's (or a row's) norm and on weights, in
+    # multiples of the round's medians
     clip_multiple: float = 1.0
     # After early stopping has chosen the number of rounds on the validation slice, train again
     # from the same start on every purchase before the cut-off (the validation slice included) for
