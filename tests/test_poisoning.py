@@ -194,6 +194,34 @@ def test_colluders_push_the_same_direction_and_leave_honest_messages_alone():
     assert all(untouched[k] is honest[k] for k in honest)
 
 
+def test_camouflaged_colluders_push_the_same_row_but_look_unalike():
+    """An attacker that knows the similarity defence hides under noise of its own: every other row
+    gets noise of `camouflage` times its norm, so two colluders' updates are far less alike, while
+    the target's row is what it was."""
+    state = {"item_emb.weight": torch.randn(50, 8, generator=torch.Generator().manual_seed(0))}
+    trained = {"item_emb.weight": torch.randn(50, 8, generator=torch.Generator().manual_seed(1))}
+    msg = merchant_sums(trained, 5, 1, torch.ones(50, dtype=torch.bool), 0.0, "fedavg", False)
+    key = "delta/item_emb.weight"
+
+    def sent(camouflage: float) -> tuple[torch.Tensor, torch.Tensor]:
+        hooks = [promote(name, 2, np.array([0, 1]), 1.0, False, seed=7, camouflage=camouflage) for name in ("m1", "m2")]
+        both = colluding(hooks)
+        return both("m1", msg, state)[key], both("m2", msg, state)[key]
+
+    a, b = sent(0.0)
+    c, d = sent(2.0)
+    torch.testing.assert_close(c[2], a[2])  # the push is unchanged
+    torch.testing.assert_close(d[2], b[2])
+    others = torch.arange(50) != 2  # once the target's row is clipped, these are what the cosine sees
+
+    def cos(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(x[others].flatten(), y[others].flatten(), dim=0))
+
+    assert cos(a, b) > 0.99 and cos(c, d) < 0.5  # about 1 / (1 + 2^2) with camouflage 2
+    noise = (c - a)[others].norm(dim=1)
+    torch.testing.assert_close(noise, 2.0 * a[others].norm(dim=1))
+
+
 def test_bad_robust_settings_are_refused():
     with pytest.raises(ValueError, match="robust rule"):
         robust_delta([message([1.0], 1)], "mean")

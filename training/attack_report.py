@@ -202,6 +202,9 @@ class PoisonConfig:
     # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
     # same target along the same direction each round (one shared random stream).
     attackers: int = 1
+    # > 0: each attacker hides its update's likeness to the others' under noise of its own, this
+    # many times each row's norm (`promote`'s camouflage; against row_clip_foolsgold)
+    camouflage: float = 0.0
 
 
 def pick_target(counts: np.ndarray, seed: int) -> int:
@@ -229,6 +232,8 @@ def poisoning_report(
     n_fake = max(1, round(pc.fake_share * sum(m.n_users for m in honest)))
     out: dict = {"attackers": pc.attackers, "fake_customers": n_fake, "boost": pc.boost, "strength": pc.strength,
                  "filler": pc.filler, "rounds": pc.rounds, "seeds": list(pc.seeds), "rules": {}}  # fmt: skip
+    if pc.camouflage:  # only then, so that the sections of runs without it still compare (ATTACK_KEYS)
+        out["camouflage"] = pc.camouflage
     for rule, multiple in _rule_rows(pc):
         runs = []
         for seed in pc.seeds:
@@ -242,7 +247,19 @@ def poisoning_report(
             row = {"target": target, "target_purchases": int(counts[target])}
             poisoned = dataclasses.replace(dataset, merchants=[*honest, *fakes])
             attack = colluding(
-                [promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed) for f in fakes]
+                [
+                    promote(
+                        f.name,
+                        target,
+                        popular,
+                        pc.boost,
+                        fed.normalize_steps,
+                        pc.strength,
+                        seed,
+                        camouflage=pc.camouflage,
+                    )
+                    for f in fakes
+                ]  # fmt: skip
             )
             key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
@@ -322,4 +339,4 @@ def _same_attack(old: dict | None, new: dict) -> bool:
     return old is not None and all(old.get(k) == new.get(k) for k in ATTACK_KEYS)
 
 
-ATTACK_KEYS = ("attackers", "fake_customers", "boost", "strength", "filler", "rounds", "seeds")
+ATTACK_KEYS = ("attackers", "fake_customers", "boost", "strength", "filler", "rounds", "seeds", "camouflage")

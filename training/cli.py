@@ -166,6 +166,14 @@ def attack_report_cmd(
     colluders: Annotated[
         int, typer.Option(min=1, help="Poisoning: also run this many colluding fake merchants (1: skip).")
     ] = 3,
+    camouflage: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Poisoning: each fake merchant adds noise of its own to every row but the target's, this many "
+            "times the row's norm, so that colluders look unalike (0: off).",
+        ),
+    ] = 0.0,
     split_set: Annotated[
         list[str] | None,
         typer.Option(
@@ -238,6 +246,7 @@ def attack_report_cmd(
             seeds=tuple(range(seeds)),
             rules=robust_rules,
             clip_multiples=multiples,
+            camouflage=camouflage,
         )
         clean_runs: dict = {}  # the runs without an attacker are the same for both sections
         res["poisoning"] = poisoning_report(cfg, console, poison, clean_runs)

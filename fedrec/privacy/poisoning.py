@@ -15,6 +15,7 @@ Success is the target's exposure: the share of real customers whose top-k holds 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -62,6 +63,7 @@ def promote(
     strength: float = 20.0,
     seed: int = 0,
     table: str = ID_TABLE,
+    camouflage: float = 0.0,
 ) -> Tamper:
     """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
 
@@ -75,9 +77,15 @@ def promote(
     was learnt away (their customers did not buy it), while a new direction each round is scored
     high by part of the customers fitted to the last one (measured: `make attack-report`). With the merchant item bias
     on, popularity lives in each merchant's own bias, out of the attacker's reach.
+
+    `camouflage` > 0 is an attacker that knows a similarity defence (`row_clip_foolsgold`): to
+    every row of its delta but the target's it adds noise of its own (not shared with colluders),
+    `camouflage` times that row's norm, so that colluders' updates look unalike while their push
+    on the target's row stays the same.
     """
 
     rng = torch.Generator().manual_seed(seed)
+    own = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(attacker.encode()))
 
     def tamper(name: str, terms: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if name != attacker:
@@ -91,7 +99,11 @@ def promote(
         n, tau = terms[WEIGHT], terms[STEPS] / terms[WEIGHT]
         crafted = terms[DELTA + table].clone()
         crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
-        out = {k: (crafted if k == DELTA + table else v) * factor for k, v in terms.items()}
+        sent = {**terms, DELTA + table: crafted}
+        if camouflage > 0:
+            sent = {k: _camouflaged(v, camouflage, own, target if k == DELTA + table else None)
+                    if k.startswith(DELTA) else v for k, v in sent.items()}  # fmt: skip
+        out = {k: v * factor for k, v in sent.items()}
         if ROW_DELTA + table in terms:  # rowwise: its customers bought the target, so the row is its own
             by_row = terms[ROW_DELTA + table].clone()
             by_row[target] = crafted[target]
@@ -99,6 +111,17 @@ def promote(
         return out
 
     return tamper
+
+
+def _camouflaged(v: torch.Tensor, scale: float, rng: torch.Generator, keep: int | None) -> torch.Tensor:
+    """`v` plus noise whose every row has `scale` times that row's norm (a 1-D tensor is one row);
+    row `keep`, if any, unchanged."""
+    rows = v.reshape(1, -1) if v.dim() <= 1 else v.flatten(1)
+    noise = torch.randn(rows.shape, generator=rng, dtype=rows.dtype)
+    noise *= scale * rows.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if keep is not None:
+        noise[keep] = 0
+    return v + noise.reshape(v.shape)
 
 
 def colluding(hooks: list[Tamper]) -> Tamper:
