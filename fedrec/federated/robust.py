@@ -27,14 +27,15 @@ the operator chooses (`federation.robust`, in-process runtime; the networked run
   it, while honest shops' moves of that row point every which way. Colluders that push together
   send updates far more alike than honest shops' (measured: README, "Attacks"), which FoolsGold
   turns into weights near 0. It does nothing against one attacker (hence built on row_clip) or
-  against colluders that make their updates look unalike, at a cost to their push (not
-  measured). One change from the paper: its factors are scaled to the most distinct merchant,
-  and honest shops that are alike (similar regional stores) next to a lone attacker unlike all
-  of them were then cut, so the attacker's push dominated (measured: README, "Attacks"); here
-  they are scaled to the median merchant, so at least half keep a factor of 1. As in the paper,
-  the factors scale each merchant's step and the mean keeps row_clip's denominator, so no
-  merchant's share grows when others are cut. The similarity is taken after the row clip, on
-  what enters the mean. A coalition of half the merchants or more sets the median itself.
+  against colluders that make their updates look unalike: noise of their own on their other rows
+  evades it at no cost to their push on the target's row (measured: README, "Attacks"). One
+  change from the paper: its factors are scaled to the most distinct merchant, and honest shops
+  that are alike (similar regional stores) next to a lone attacker unlike all of them were then
+  cut, so the attacker's push dominated (measured: README, "Attacks"); here they are scaled to
+  the median merchant, so at least half keep a factor of 1. As in the paper, the factors scale
+  each merchant's step and the mean keeps row_clip's denominator, so no merchant's share grows
+  when others are cut. The similarity is taken after the row clip, on what enters the mean. A
+  coalition of half the merchants or more sets the median itself.
 - trimmed_mean: per coordinate, the `trim` share of largest and of smallest values is dropped and
   the rest averaged, unweighted (Yin et al., 2018).
 - median: the coordinate-wise median, unweighted (Yin et al., 2018).
