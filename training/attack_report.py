@@ -246,21 +246,11 @@ def poisoning_report(
             ]
             row = {"target": target, "target_purchases": int(counts[target])}
             poisoned = dataclasses.replace(dataset, merchants=[*honest, *fakes])
-            attack = colluding(
-                [
-                    promote(
-                        f.name,
-                        target,
-                        popular,
-                        pc.boost,
-                        fed.normalize_steps,
-                        pc.strength,
-                        seed,
-                        camouflage=pc.camouflage,
-                    )
-                    for f in fakes
-                ]  # fmt: skip
-            )
+            hooks = [
+                promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed, pc.camouflage)
+                for f in fakes
+            ]
+            attack = colluding(hooks)
             key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
                 if label == "clean" and key in clean_runs:

@@ -62,8 +62,8 @@ def promote(
     normalize_steps: bool,
     strength: float = 20.0,
     seed: int = 0,
-    table: str = ID_TABLE,
     camouflage: float = 0.0,
+    table: str = ID_TABLE,
 ) -> Tamper:
     """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
 
