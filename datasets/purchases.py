@@ -100,6 +100,18 @@ def _renamed(df: pl.DataFrame, columns: Mapping[str, str], path: Path) -> pl.Dat
     return df.rename({t: o for t, o in mapping.items() if t in df.columns})
 
 
+def _check_unique(df: pl.DataFrame, names: Sequence[str], path: Path) -> None:
+    """A column the loader reads must appear once in the header: polars keeps the first of two
+    and renames the second `<name>_duplicated_0`, so which one is read would be a silent guess."""
+    for name in names:
+        if f"{name}_duplicated_0" in df.columns and name in df.columns:
+            first, second = df.columns.index(name) + 1, df.columns.index(f"{name}_duplicated_0") + 1
+            raise DataError(
+                f"{path}: column {name!r} appears more than once in the header (columns {first} and {second}); "
+                f"rename or drop the extra one"
+            )
+
+
 def _separator_hint(df: pl.DataFrame, path: Path) -> str:
     """A header read as one column usually means another separator (Excel writes ';' in many locales)."""
     if df.width == 1:
@@ -180,6 +192,7 @@ def load(
     df = _read(path)
     if df.height == 0:
         raise DataError(f"{path}: file has a header but no rows")
+    _check_unique(df, (*shown.values(), *ITEM_META), path)
     missing = [shown[c] for c in REQUIRED if shown[c] not in df.columns]
     if missing:
         raise DataError(
@@ -248,6 +261,7 @@ def _with_catalogue(items: pl.DataFrame, path: Path, item_column: str = "item") 
     The catalogue's metadata wins where both describe a product. `item_column`: the purchase
     file's name for the product id, which the catalogue shares."""
     df = _read(path)
+    _check_unique(df, (item_column, *ITEM_META), path)
     if item_column not in df.columns:
         raise DataError(
             f"{path}: missing required column {item_column!r}; found {', '.join(map(repr, df.columns))}"

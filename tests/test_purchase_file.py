@@ -33,6 +33,13 @@ def write(tmp_path, name, text):
         ("extra.csv", "user,item,timestamp\nu,i,1\nu,j,2,x\n", {}, "row 2 (line 3) has 4 fields, the header 3"),
         ("extra.tsv", "user\titem\ttimestamp\nu\ti\t1\t\n", {}, "row 1 (line 2) has 4 fields, the header 3"),
         ("quote.csv", 'user,item,timestamp\nu,i,1\nu,i,2\nu,"j"k,3\n', {}, "row 3 (line 4): bad quoting"),
+        (
+            "twice.csv",
+            "user,item,timestamp,user\nu,i,1,v\n",
+            {},
+            "column 'user' appears more than once in the header (columns 1 and 4)",
+        ),
+        ("title.csv", "user,title,item,timestamp,title\nu,a,i,1,b\n", {}, "column 'title' appears more than once"),
     ],
 )
 def test_bad_files_name_file_column_and_row(tmp_path, name, text, kwargs, message):
@@ -184,6 +191,7 @@ def test_a_file_with_its_own_column_names_is_mapped(tmp_path):
         ("customer_id,sku,ordered_at,shop\nc,s,soon,a\n", "column 'ordered_at', row 1: 'soon' is neither"),
         ("customer_id,sku,ordered_at\nc,s,1\n", "no column 'shop' (the merchant column set)"),
         ("customer_id,user,sku,ordered_at,shop\nc,d,s,1,a\n", "column 'customer_id' is read as 'user', but"),
+        ("customer_id,sku,ordered_at,shop,sku\nc,s,1,a,t\n", "column 'sku' appears more than once in the header"),
     ],
 )
 def test_messages_name_the_files_own_columns(tmp_path, text, message):
@@ -195,6 +203,12 @@ def test_unknown_merchant_names_the_files_column(tmp_path):
     path = write(tmp_path, "own.csv", "customer_id,sku,ordered_at,shop\nc,s,1,zz\n")
     with pytest.raises(DataError, match="column 'shop', row 1: unknown merchant 'zz'"):
         load(path, merchants=["a"], columns=SHOP)
+
+
+def test_a_repeated_column_the_loader_does_not_read_is_kept_out_of_the_way(tmp_path):
+    """Only the columns read must be unique: two 'note' columns of an order export are ignored."""
+    log = load(write(tmp_path, "notes.csv", "user,note,item,timestamp,note\nu,x,i,1,y\nu,x,j,2,y\n"))
+    assert log.interactions["item"].to_list() == ["i", "j"]
 
 
 def test_parquet_round_trip(tiny_frames, tmp_path):
@@ -215,12 +229,13 @@ GOOD = "user,item,timestamp\nu1,a,1\nu1,b,2\n"
         ("item,title\na,x\n,y\n", "column 'item', row 2: value is empty"),
         ("item,price\na,1\nc,cheap\n", "column 'price', row 2: 'cheap' is not a number"),
         ("item,title\nc,x\nc,y\n", "rows 1 and 2 describe the same item 'c'"),
+        ("item,price,price\nc,1,2\n", "column 'price' appears more than once in the header (columns 2 and 3)"),
     ],
 )
 def test_bad_catalogue_files_name_file_column_and_row(tmp_path, catalogue, message):
     (tmp_path / "p.csv").write_text(GOOD)
     (tmp_path / "cat.csv").write_text(catalogue)
-    with pytest.raises(DataError, match="cat.csv: " + message):
+    with pytest.raises(DataError, match="cat.csv: " + re.escape(message)):
         load(tmp_path / "p.csv", catalogue=tmp_path / "cat.csv")
 
 
