@@ -260,6 +260,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.federation.val_every >= 1, "federation.val_every must be >= 1"),
         (cfg.federation.val_customers >= 0, "federation.val_customers must be >= 0 (0: all)"),
         (cfg.federation.val_scope in ("all", "round"), "federation.val_scope must be all or round"),
+        # numpy's and torch's generators take it (and the seeds derived from it) as 64-bit unsigned
+        (0 <= cfg.federation.seed < 2**32, "federation.seed must be an integer in [0, 2^32)"),
         (cfg.federation.workers >= 1, "federation.workers must be >= 1 (merchants trained at once, in-process)"),
         (
             cfg.federation.upload_precision in PRECISIONS,

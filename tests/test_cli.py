@@ -144,6 +144,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         ("federation.server.beta2=1", "federation.server.beta1 and beta2 must be in [0, 1)"),
         ("federation.patience=-1", "federation.patience must be >= 0"),
         ("data.min_positives=0", "data.min_positives must be >= 1"),
+        ("federation.seed=-1", "federation.seed must be an integer in [0, 2^32)"),
+        ("federation.seed=9223372036854775807", "federation.seed must be an integer in [0, 2^32)"),
         # the setting out of range is the one named, not a rule that combines it with another
         ("local.loss=xyz", "local.loss must be one of"),
         # candidates under a fixed temperature are not used, but a list that is not candidates is named
@@ -286,7 +288,9 @@ def test_generate_shop_refuses_paths_it_cannot_write_as_one_line(tmp_path):
         (tmp_path / "taken.csv", "taken.csv: is a folder"),
         (tmp_path / "afile" / "shop.csv", "shop.csv: cannot write"),
         (tmp_path / "shop.json", "shop.json: the generated shop is written as CSV"),
+        (tmp_path / "seed.csv", "--seed"),  # a negative seed once ended in numpy's ValueError
     ):
-        result = CliRunner().invoke(app, ["generate-shop", str(out)])
+        extra = ["--seed", "-1"] if out.name == "seed.csv" else []
+        result = CliRunner().invoke(app, ["generate-shop", str(out), *extra])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

@@ -441,7 +441,7 @@ def serve(
 @friendly
 def generate_shop(
     out: Annotated[Path, typer.Argument(help="Purchase file to write (CSV).")],
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Generator seed.")] = 1,
 ) -> None:
     """Write a generated sparse shop without product metadata (600 customers, 8 merchants), to check
     the defaults for a new shop's file on data nothing was tuned on."""
