@@ -251,6 +251,14 @@ def validation_rows(dataset: FederatedDataset, fed_cfg: FederationConfig) -> dic
     return {m.name: sample_customers(m.val, fed_cfg.val_customers, fed_cfg.seed) for m in dataset.merchants}
 
 
+def to_both(res: TrainResult, add: Callable[[TrainResult, bool], TrainResult]) -> TrainResult:
+    """`add` applied to the released model and to the early-stopped one it may replace. Its flag:
+    whether that model trained on the validation slice (the refit), so what `add` builds from the
+    merchants' data covers what that model saw, and nothing the early-stopped one is judged on."""
+    early = None if res.early_stopped is None else add(res.early_stopped, False)
+    return dataclasses.replace(add(res, res.refit_rounds > 0), early_stopped=early)
+
+
 def with_popularity_prior(
     dataset: FederatedDataset,
     features: ItemFeatures,
@@ -283,8 +291,7 @@ def with_popularity_prior(
             run, item_biases=popularity_prior.with_offsets(run.item_biases, offsets), popularity=chosen
         )
 
-    early = None if res.early_stopped is None else prior_added(res.early_stopped, False)
-    return dataclasses.replace(prior_added(res, res.refit_rounds > 0), early_stopped=early)
+    return to_both(res, prior_added)
 
 
 def with_content_match(
@@ -313,8 +320,7 @@ def with_content_match(
             judged.item_biases, features, model_cfg, validation_rows(dataset, fed_cfg),
         )  # fmt: skip
     if basis is None or chosen.weight == 0:
-        early = None if res.early_stopped is None else dataclasses.replace(res.early_stopped, content_match=chosen)
-        return dataclasses.replace(res, content_match=chosen, early_stopped=early)
+        return to_both(res, lambda run, _: dataclasses.replace(run, content_match=chosen))
 
     def match_added(run: TrainResult, with_validation: bool) -> TrainResult:
         state, users = content_choice.matched(
@@ -322,8 +328,7 @@ def with_content_match(
         )  # fmt: skip
         return dataclasses.replace(run, item_state=state, user_embeddings=users, content_match=chosen)
 
-    early = None if res.early_stopped is None else match_added(res.early_stopped, False)
-    return dataclasses.replace(match_added(res, res.refit_rounds > 0), early_stopped=early)
+    return to_both(res, match_added)
 
 
 def with_copurchase(
@@ -348,8 +353,7 @@ def with_copurchase(
         judged.item_biases, model_cfg, validation_rows(dataset, fed_cfg),
     )  # fmt: skip
     if chosen.weight == 0:
-        early = None if res.early_stopped is None else dataclasses.replace(res.early_stopped, copurchase=chosen)
-        return dataclasses.replace(res, copurchase=chosen, early_stopped=early)
+        return to_both(res, lambda run, _: dataclasses.replace(run, copurchase=chosen))
 
     def term_added(run: TrainResult, with_validation: bool) -> TrainResult:
         state, users = copurchase_choice.added(
@@ -358,8 +362,7 @@ def with_copurchase(
         )  # fmt: skip
         return dataclasses.replace(run, item_state=state, user_embeddings=users, copurchase=chosen)
 
-    early = None if res.early_stopped is None else term_added(res.early_stopped, False)
-    return dataclasses.replace(term_added(res, res.refit_rounds > 0), early_stopped=early)
+    return to_both(res, term_added)
 
 
 def with_served_weights(
