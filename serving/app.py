@@ -266,6 +266,7 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
             # the default w of u . v + w b (None: no merchant bias, so no popularity term)
             popularity_weight=served_weight_of(export, None) if export.merchant and export.merchant.index else None,
             index=export.kind,
+            similar_items=export.similar_items_rule,
             foldin={"method": settings.foldin_method, "reg": settings.foldin_reg},
         )
         return _json(info)
@@ -293,7 +294,8 @@ def create_app(settings: ServeSettings, holder: ExportHolder | None = None) -> F
     )
     async def similar_items(item_id: str, k: K = 10) -> Response:
         """Items closest to this item by cosine of the item vectors (the item itself left out);
-        `score` is the cosine."""
+        `score` is the cosine (on a large catalogue exported before the cosine index, the inner
+        product: `GET /v1/model` says which, under `similar_items`)."""
         export = ready()
         row = item_row(export, item_id)
         rows, scores = similar_items_of(export, row, k)

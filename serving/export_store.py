@@ -21,12 +21,15 @@ import polars as pl
 import scipy.sparse as sp
 
 from fedrec.errors import FedrecError
-from fedrec.serving.index import AnyIndex, build_index, id_map, index_kind, load_index
+from fedrec.serving.index import AnyIndex, build_index, id_map, index_kind, load_index, unit_rows
 
 EXPORT_FILES = ("model_card.json", "item_embeddings.npy", "index.faiss", "items.parquet")
 MERCHANT_FILES = ("user_embeddings.npy", "users.parquet", "purchased.npz")
 ITEM_BIAS_FILE = "item_bias.npy"  # optional: the merchant's own item bias (model.merchant_item_bias)
 SERVED_WEIGHT_FILE = "served_weight.json"  # optional, with the bias: its served popularity weight
+# Optional, beside an approximate index.faiss: the same kind of index over the unit-length vectors,
+# so similar items rank by cosine on a large catalogue too (exports before it rank by inner product).
+COSINE_INDEX_FILE = "cosine.faiss"
 SUPPORTED_FORMATS = (1,)
 VERSION_RE = re.compile(r"^v\d{4,}$")
 # Item metadata returned with every recommendation (whatever of these the export holds).
@@ -66,6 +69,7 @@ class LoadedExport:
     index: AnyIndex
     merchant: MerchantFiles | None = None
     kind: str = field(default="flat")
+    cosine_index: AnyIndex | None = None  # COSINE_INDEX_FILE, where the export has one
 
     @property
     def n_items(self) -> int:
@@ -114,8 +118,16 @@ class LoadedExport:
     @cached_property
     def unit_vectors(self) -> np.ndarray:
         """Item vectors scaled to length 1 (cosine similarity for similar items), built on first use."""
-        norms = np.linalg.norm(self.item_vectors, axis=1, keepdims=True)
-        return (self.item_vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+        return unit_rows(self.item_vectors)
+
+    @property
+    def similar_items_rule(self) -> str:
+        """How `GET /v1/items/{item}/similar` ranks on this export (shown by `GET /v1/model`)."""
+        if self.kind == "flat":
+            return "cosine (exact)"
+        if self.cosine_index is not None:
+            return f"cosine ({self.kind} index of the unit-length vectors, {COSINE_INDEX_FILE})"
+        return f"inner product ({self.kind}; an export without {COSINE_INDEX_FILE})"
 
     @cached_property
     def search_text(self) -> pl.Series:
@@ -244,6 +256,21 @@ def _check_index(index: AnyIndex, n_items: int, dim: int, path: Path) -> None:
         raise ExportError(f"{path}: id map does not number the catalogue rows 0..{n_items - 1}")
 
 
+def _read_cosine_index(path: Path, n_items: int, dim: int, kind: str) -> AnyIndex | None:
+    """The export's second index, over unit-length vectors, where it has one (never for a flat one:
+    cosine is then computed exactly); checked like index.faiss."""
+    if not path.exists():
+        return None
+    try:
+        index = load_index(path)
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0]})") from None
+    _check_index(index, n_items, dim, path)
+    if index_kind(index) != kind:
+        raise ExportError(f"{path}: a {index_kind(index)} index beside a {kind} index.faiss")
+    return index
+
+
 def _read_item_bias(path: Path, n_items: int) -> np.ndarray:
     try:
         bias = np.load(path, allow_pickle=False)
@@ -347,6 +374,7 @@ def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | 
             f"{directory / 'index.faiss'}: not a readable FAISS index ({str(exc).splitlines()[0]})"
         ) from None
     _check_index(index, n_items, dim, directory / "index.faiss")
+    cosine = _read_cosine_index(directory / COSINE_INDEX_FILE, n_items, dim, index_kind(index))
     merchant_files = None
     if merchant is not None:
         mdir = merchant_dir if merchant_dir is not None else default_merchant_dir(directory, merchant)
@@ -362,4 +390,5 @@ def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | 
         index=index,
         merchant=merchant_files,
         kind=index_kind(index),
+        cosine_index=cosine,
     )

@@ -108,6 +108,13 @@ class MipsIndex:
 
 AnyIndex = faiss.Index | MipsIndex
 
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (a zero row stays zero), float32: inner product between them is cosine."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
 LARGE_THRESHOLD = 100_000  # catalogues this large get ivfpq under index = "auto"
 KINDS = INDEX_KINDS  # one list: the config validates against it too
 

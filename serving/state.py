@@ -40,7 +40,7 @@ class ExportHolder:
         s = self.settings
         export = load_export(s.export_path, s.merchant, Path(s.merchant_dir) if s.merchant_dir else None)
         own = export.merchant.index if export.merchant is not None else None  # the [v, b] index
-        for index in (export.index, own):
+        for index in (export.index, export.cosine_index, own):
             if index is not None:
                 set_search_depth(index, nprobe=s.nprobe, ef_search=s.ef_search)
         return export

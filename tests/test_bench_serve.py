@@ -172,15 +172,17 @@ def test_search_depth_setting_reaches_the_shared_and_the_merchant_bias_index(tin
     assert len(set(rows) & set(np.argsort(-exact)[:5])) >= 4  # near-exact on a tiny catalogue
 
 
-def test_similar_items_on_an_hnsw_catalogue_are_by_inner_product_because_reranking_misses(tiny_bench):
-    """Why HNSW catalogues keep inner product for similar items: re-ranking the inner-product
-    graph's candidates by cosine finds few of the true cosine neighbours."""
+def test_similar_items_without_a_cosine_index_are_by_inner_product_because_reranking_misses(tiny_bench):
+    """An HNSW export without cosine.faiss (this benchmark's large exports; exports made before it)
+    ranks similar items by inner product; and why exports now carry that second index: re-ranking
+    the inner-product graph's candidates by cosine finds few of the true cosine neighbours."""
     from fedrec.serving.recommend import search, similar_items
 
     tiny_bench = replace(tiny_bench, large_index="hnsw")
     base = load_export(tiny_bench.export, "big")
     large = load_export(write_large_export(base, tiny_bench), "big")
-    assert large.kind == "hnsw"
+    assert large.kind == "hnsw" and large.cosine_index is None
+    assert large.similar_items_rule.startswith("inner product")
     unit = large.unit_vectors
     overlaps = []
     for row in (0, 7, 100, 2500):

@@ -424,3 +424,48 @@ def test_item_search_matches_ids_case_insensitively_and_counts_every_hit(client,
     assert found["total"] == expected
     everything = client.get("/v1/items", params={"limit": 5}).json()
     assert everything["total"] == items.height and len(everything["items"]) == 5
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
+def test_similar_items_on_an_approximate_export_rank_by_cosine_through_its_second_index(served_root, tmp_path, kind):
+    """An export whose index is approximate also holds cosine.faiss (the unit-length vectors), and
+    /similar ranks by cosine through it, not by the inner product that favours long vectors."""
+    from typer.testing import CliRunner
+
+    from fedrec.training.cli import app
+
+    root = shutil.copytree(served_root, tmp_path / "a" / "file")
+    csv = served_root.parent.parent / "purchases.csv"  # what the checkpoint trained on
+    settings = (f"data.path={csv}", f"output.artifacts_dir={root.parent}", f"output.index={kind}")
+    result = CliRunner().invoke(app, ["export", "--dataset", "file", *(x for s in settings for x in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    version = (root / "exports" / "LATEST").read_text().strip()
+    assert version == "v0003" and (root / "exports" / version / "cosine.faiss").is_file()
+    f = files(root, version)
+    with make_client(root) as c:
+        info = c.get("/v1/model").json()
+        assert info["index"] == kind and info["similar_items"].startswith(f"cosine ({kind} index")
+        overlap, differs_from_inner_product = [], 0
+        for row in range(0, len(f["items"]), 7):
+            r = c.get(f"/v1/items/{f['items'][row]}/similar", params={"k": 10})
+            assert r.status_code == 200, r.text
+            got = [f["items"].index(it["id"]) for it in r.json()["items"]]
+            cosine = cosine_to(f["V"], row)
+            assert row not in got and len(got) == 10
+            np.testing.assert_allclose([it["score"] for it in r.json()["items"]], cosine[got], rtol=1e-4, atol=1e-5)
+            overlap.append(len(set(got) & set(np.argsort(-cosine)[:10])) / 10)
+            raw = f["V"] @ f["V"][row]
+            raw[row] = -np.inf
+            differs_from_inner_product += set(got) != set(np.argsort(-raw)[:10])
+    assert np.mean(overlap) >= 0.9, overlap
+    assert differs_from_inner_product > 0
+
+
+def test_a_cosine_index_that_does_not_match_the_export_is_refused_by_name(served_root, tmp_path):
+    import faiss
+
+    root = shutil.copytree(served_root, tmp_path / "artifacts")
+    version = root / "exports" / "v0002"
+    faiss.write_index(faiss.IndexFlatIP(3), str(version / "cosine.faiss"))
+    with pytest.raises(ExportError, match=r"cosine\.faiss: index dimension 3 differs"):
+        load_export(version)

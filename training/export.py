@@ -1,7 +1,8 @@
 """The versioned export: what the coordinator publishes, and what each merchant keeps.
 
 artifacts/<dataset>/exports/vNNNN/      shared: no user data in here
-    item_embeddings.npy, index.faiss, items.parquet, item_tower.pt, model_card.json
+    item_embeddings.npy, index.faiss, items.parquet, item_tower.pt, model_card.json,
+    cosine.faiss (beside an approximate index: the unit-length vectors, for similar items)
 artifacts/<dataset>/exports/LATEST      name of the newest complete version
 artifacts/<dataset>/merchants/<m>/vNNNN/ private to merchant m
     user_embeddings.npy, users.parquet, purchased.npz, item_bias.npy (when the model has one)
@@ -24,8 +25,8 @@ from fedrec.data import FederatedDataset
 from fedrec.features import build_item_features
 from fedrec.federated.merchant_node import write_merchant_export
 from fedrec.model import catalogue_embeddings
-from fedrec.serving.export_store import next_version
-from fedrec.serving.index import build_index, index_kind, save_index
+from fedrec.serving.export_store import COSINE_INDEX_FILE, next_version
+from fedrec.serving.index import build_index, index_kind, save_index, unit_rows
 
 EXPORT_FORMAT = 1
 
@@ -45,6 +46,8 @@ def write_shared_export(
         np.save(tmp / "item_embeddings.npy", item_vectors.astype(np.float32))
         index = build_index(item_vectors, cfg.output.index)
         save_index(index, tmp / "index.faiss")
+        if index_kind(index) != "flat":  # similar items by cosine: a flat catalogue computes it exactly
+            save_index(build_index(unit_rows(item_vectors), index_kind(index)), tmp / COSINE_INDEX_FILE)
         items.with_row_index("item_index").write_parquet(tmp / "items.parquet")
         torch.save({"state_dict": item_state, "model_config": cfg.to_dict()["model"]}, tmp / "item_tower.pt")
         write_json(
