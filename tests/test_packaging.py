@@ -7,6 +7,7 @@ privacy) < `fedrec.datasets` < `fedrec.serving` < `fedrec.training` (which holds
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,18 @@ def test_wheel_holds_one_top_level_package(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(site))
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_names_a_heading():
+    """The contents line and any other '#...' link stay true when a heading is renamed."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a '#' line in a code block is no heading
+    anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", prose, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 10  # the contents line
+    assert [link for link in links if link not in anchors] == []
