@@ -294,3 +294,14 @@ def test_generate_shop_refuses_paths_it_cannot_write_as_one_line(tmp_path):
         result = CliRunner().invoke(app, ["generate-shop", str(out), *extra])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_weight_chosen_at_the_top_of_its_grid_is_pointed_out():
+    from fedrec.training.train import at_the_top
+
+    scores = {0.0: 0.30, 1.0: 0.31, 3.0: 0.32}
+    assert "the largest candidate" in at_the_top(3.0, scores, "model.content_match_weights")
+    assert "model.content_match_weights" in at_the_top(3.0, scores, "model.content_match_weights")
+    assert at_the_top(1.0, scores, "x") == ""  # inside the grid
+    assert at_the_top(2.0, {2.0: 0.3}, "x") == ""  # a fixed weight is no choice
+    assert at_the_top(0.0, {0.0: 0.3, 0.0001: 0.2}, "x") == ""

@@ -93,12 +93,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         console.print(
             f"popularity prior chosen on validation recall@20: weight {prior.weight:g}; among "
             + "; ".join(f"{w:g} ({v:.4f})" for w, v in prior.scores.items())
+            + at_the_top(prior.weight, prior.scores, "local.sampled_popularity_weights")
         )
     if result.content_match is not None and result.content_match.scores:
         match = result.content_match
         console.print(
             f"content match chosen on validation recall@20: weight {match.weight:g}; among "
             + "; ".join(f"{w:g} ({v:.4f})" for w, v in match.scores.items())
+            + at_the_top(match.weight, match.scores, "model.content_match_weights")
         )
     if result.copurchase is not None and result.copurchase.scores:
         term = result.copurchase
@@ -118,6 +120,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainedRun:
         served = served_biases(result.item_biases, result.served_weights)
         test["served"] = evaluate_test_all(dataset.merchants, result.user_embeddings, item_vecs, served)["overall"]
     return TrainedRun(cfg, dataset, features, result, test)
+
+
+def at_the_top(weight: float, scores: dict[float, float], setting: str) -> str:
+    """A note when validation took the largest of several candidate weights: the best may lie beyond
+    the grid, which the user can widen (a choice inside the grid needs no note)."""
+    if len(scores) < 2 or weight <= 0 or weight < max(scores):
+        return ""
+    return f" (the largest candidate: a larger weight may score higher; {setting} lists them)"
 
 
 def choice_entry(result: TrainResult) -> dict | None:
