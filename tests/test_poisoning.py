@@ -222,6 +222,36 @@ def test_camouflaged_colluders_push_the_same_row_but_look_unalike():
     torch.testing.assert_close(noise, 2.0 * a[others].norm(dim=1))
 
 
+def test_the_crafted_row_points_fresh_fixed_or_at_the_popular_products():
+    """'fresh' draws a new direction every round; 'fixed' keeps the first; 'popular' points at the
+    mean of the popular products' received rows (where most customers' vectors point)."""
+    popular = np.array([0, 1])
+    msg = merchant_sums({"item_emb.weight": torch.zeros(6, 4)}, 5, 1, torch.ones(6, dtype=torch.bool), 0.0,
+                        "fedavg", False)  # fmt: skip
+
+    def pushes(direction: str) -> list[torch.Tensor]:
+        hook = promote("m", 2, popular, 1.0, False, seed=7, direction=direction)
+        out = []
+        for rnd in range(3):  # the received table changes every round
+            state = {"item_emb.weight": torch.randn(6, 4, generator=torch.Generator().manual_seed(rnd))}
+            goal = hook("m", msg, state)["delta/item_emb.weight"][2] / 5 + state["item_emb.weight"][2]
+            out.append((goal / goal.norm(), state))
+        return out
+
+    def cos(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.dot(x, y))
+
+    fresh, fixed, toward = pushes("fresh"), pushes("fixed"), pushes("popular")
+    assert cos(fresh[0][0], fresh[1][0]) < 0.99 and cos(fresh[1][0], fresh[2][0]) < 0.99
+    assert cos(fixed[0][0], fixed[1][0]) > 0.9999 and cos(fixed[0][0], fixed[2][0]) > 0.9999
+    torch.testing.assert_close(fixed[0][0], fresh[0][0])  # the first round's draw, kept
+    for unit, state in toward:
+        mean = state["item_emb.weight"][popular].mean(dim=0)
+        assert cos(unit, mean / mean.norm()) > 0.9999
+    with pytest.raises(ValueError, match="direction 'up'"):
+        promote("m", 2, popular, 1.0, False, direction="up")
+
+
 def test_bad_robust_settings_are_refused():
     with pytest.raises(ValueError, match="robust rule"):
         robust_delta([message([1.0], 1)], "mean")

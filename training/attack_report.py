@@ -205,6 +205,9 @@ class PoisonConfig:
     # > 0: each attacker hides its update's likeness to the others' under noise of its own, this
     # many times each row's norm (`promote`'s camouflage; against row_clip_foolsgold)
     camouflage: float = 0.0
+    # where the crafted target row points each round (`promote`'s direction): "fresh" (a new random
+    # one), or, adapted to a row bound, "fixed" (one kept) or "popular" (the popular products' mean)
+    direction: str = "fresh"
 
 
 def pick_target(counts: np.ndarray, seed: int) -> int:
@@ -234,6 +237,8 @@ def poisoning_report(
                  "filler": pc.filler, "rounds": pc.rounds, "seeds": list(pc.seeds), "rules": {}}  # fmt: skip
     if pc.camouflage:  # only then, so that the sections of runs without it still compare (ATTACK_KEYS)
         out["camouflage"] = pc.camouflage
+    if pc.direction != "fresh":  # likewise
+        out["direction"] = pc.direction
     for rule, multiple in _rule_rows(pc):
         runs = []
         for seed in pc.seeds:
@@ -246,10 +251,8 @@ def poisoning_report(
             ]
             row = {"target": target, "target_purchases": int(counts[target])}
             poisoned = dataclasses.replace(dataset, merchants=[*honest, *fakes])
-            hooks = [
-                promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed, pc.camouflage)
-                for f in fakes
-            ]
+            hooks = [promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed,
+                             pc.camouflage, direction=pc.direction) for f in fakes]  # fmt: skip
             attack = colluding(hooks)
             key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
@@ -329,4 +332,5 @@ def _same_attack(old: dict | None, new: dict) -> bool:
     return old is not None and all(old.get(k) == new.get(k) for k in ATTACK_KEYS)
 
 
-ATTACK_KEYS = ("attackers", "fake_customers", "boost", "strength", "filler", "rounds", "seeds", "camouflage")
+ATTACK_KEYS = ("attackers", "fake_customers", "boost", "strength", "filler", "rounds", "seeds", "camouflage",
+               "direction")  # fmt: skip

@@ -174,6 +174,14 @@ def attack_report_cmd(
             "times the row's norm, so that colluders look unalike (0: off).",
         ),
     ] = 0.0,
+    direction: Annotated[
+        str,
+        typer.Option(
+            help="Poisoning: where the crafted target row points each round: fresh (a new random direction), "
+            "fixed (one kept every round) or popular (the popular products' mean); the last two are adapted "
+            "to a bound on each row."
+        ),
+    ] = "fresh",
     split_set: Annotated[
         list[str] | None,
         typer.Option(
@@ -202,6 +210,7 @@ def attack_report_cmd(
 
     from fedrec.config import parse_sets, with_overrides
     from fedrec.federated.robust import ROBUST_RULES
+    from fedrec.privacy.poisoning import DIRECTIONS
     from fedrec.training.attack_report import (
         PoisonConfig,
         leakage_report,
@@ -212,6 +221,8 @@ def attack_report_cmd(
 
     if not epsilon > 0:
         raise FedrecError(f"--epsilon {epsilon}: must be > 0")
+    if direction not in DIRECTIONS:
+        raise FedrecError(f"--direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
     cfg = _config(config, dataset, set_)
     split = None
     if split_set:
@@ -247,6 +258,7 @@ def attack_report_cmd(
             rules=robust_rules,
             clip_multiples=multiples,
             camouflage=camouflage,
+            direction=direction,
         )
         clean_runs: dict = {}  # the runs without an attacker are the same for both sections
         res["poisoning"] = poisoning_report(cfg, console, poison, clean_runs)

@@ -64,6 +64,7 @@ def promote(
     seed: int = 0,
     camouflage: float = 0.0,
     table: str = ID_TABLE,
+    direction: str = "fresh",
 ) -> Tamper:
     """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
 
@@ -82,7 +83,16 @@ def promote(
     every row of its delta but the target's it adds noise of its own (not shared with colluders),
     `camouflage` times that row's norm, so that colluders' updates look unalike while their push
     on the target's row stays the same.
+
+    `direction` is where the crafted row points: "fresh" (above), "fixed" (one random direction
+    drawn in the first round and kept, so a bounded push adds up round after round) or "popular"
+    (the mean of the received rows of the `popular` products each round: where most customers'
+    vectors point, so the target scores high for many of them). The last two are attacks adapted
+    to a bound on each row (`row_clip`): the bound cuts each round's step, not its persistence.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+    kept: list[torch.Tensor] = []  # "fixed": the direction drawn in the first round
 
     rng = torch.Generator().manual_seed(seed)
     own = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(attacker.encode()))
@@ -93,9 +103,15 @@ def promote(
         if "item_emb_q.weight" in state:  # compositional ids (fedrec/model.py)
             raise ValueError("the promotion attack crafts one product's own id row: compositional ids have none")
         rows = state[table]
-        direction = torch.randn(rows.shape[1], generator=rng)
+        if direction == "popular":
+            pointing = rows[torch.as_tensor(popular)].mean(dim=0)
+        elif direction == "fixed" and kept:
+            pointing = kept[0]
+        else:
+            pointing = torch.randn(rows.shape[1], generator=rng)
+            kept.append(pointing)
         others = torch.cat([rows[:target], rows[target + 1 :]]).norm(dim=1).max()
-        goal = strength * others * direction / direction.norm()
+        goal = strength * others * pointing / pointing.norm()
         n, tau = terms[WEIGHT], terms[STEPS] / terms[WEIGHT]
         crafted = terms[DELTA + table].clone()
         crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
@@ -111,6 +127,9 @@ def promote(
         return out
 
     return tamper
+
+
+DIRECTIONS = ("fresh", "fixed", "popular")  # where `promote`'s crafted target row points
 
 
 def _camouflaged(v: torch.Tensor, scale: float, rng: torch.Generator, keep: int | None) -> torch.Tensor:
