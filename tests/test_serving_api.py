@@ -459,6 +459,14 @@ def test_similar_items_on_an_approximate_export_rank_by_cosine_through_its_secon
             differs_from_inner_product += set(got) != set(np.argsort(-raw)[:10])
     assert np.mean(overlap) >= 0.9, overlap
     assert differs_from_inner_product > 0
+    # serve's --nprobe / --ef-search reach the cosine index as they reach the shared one
+    from fedrec.serving.index import search_depth
+
+    holder = ExportHolder(ServeSettings(export=str(root / "exports"), merchant=MERCHANT, watch_interval=0,
+                                        nprobe=5, ef_search=17))  # fmt: skip
+    assert holder.reload(False).error is None
+    knob = {"ef_search": 17} if kind == "hnsw" else {"nprobe": 5}
+    assert search_depth(holder.current.cosine_index) == search_depth(holder.current.index) == knob
 
 
 def test_a_cosine_index_that_does_not_match_the_export_is_refused_by_name(served_root, tmp_path):
