@@ -256,16 +256,22 @@ def _check_index(index: AnyIndex, n_items: int, dim: int, path: Path) -> None:
         raise ExportError(f"{path}: id map does not number the catalogue rows 0..{n_items - 1}")
 
 
-def _read_cosine_index(path: Path, n_items: int, dim: int, kind: str) -> AnyIndex | None:
-    """The export's second index, over unit-length vectors, where it has one (never for a flat one:
-    cosine is then computed exactly); checked like index.faiss."""
-    if not path.exists():
-        return None
+def _read_index(path: Path, n_items: int, dim: int) -> AnyIndex:
+    """An export's FAISS index, read and checked against the catalogue it serves."""
     try:
         index = load_index(path)
     except (RuntimeError, ValueError) as exc:
         raise ExportError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0]})") from None
     _check_index(index, n_items, dim, path)
+    return index
+
+
+def _read_cosine_index(path: Path, n_items: int, dim: int, kind: str) -> AnyIndex | None:
+    """The export's second index, over unit-length vectors, where it has one (never for a flat one:
+    cosine is then computed exactly); checked like index.faiss."""
+    if not path.exists():
+        return None
+    index = _read_index(path, n_items, dim)
     if index_kind(index) != kind:
         raise ExportError(f"{path}: a {index_kind(index)} index beside a {kind} index.faiss")
     return index
@@ -367,13 +373,7 @@ def load_export(export: Path, merchant: str | None = None, merchant_dir: Path | 
     item_ids = items["item"].cast(pl.String).to_list()
     item_rows = _check_unique(item_ids, directory / "items.parquet", "item")
     metadata = {c: items[c].to_list() for c in METADATA_COLUMNS if c in items.columns}
-    try:
-        index = load_index(directory / "index.faiss")
-    except (RuntimeError, ValueError) as exc:
-        raise ExportError(
-            f"{directory / 'index.faiss'}: not a readable FAISS index ({str(exc).splitlines()[0]})"
-        ) from None
-    _check_index(index, n_items, dim, directory / "index.faiss")
+    index = _read_index(directory / "index.faiss", n_items, dim)
     cosine = _read_cosine_index(directory / COSINE_INDEX_FILE, n_items, dim, index_kind(index))
     merchant_files = None
     if merchant is not None:
