@@ -109,7 +109,8 @@ def promote(
             pointing = kept[0]
         else:
             pointing = torch.randn(rows.shape[1], generator=rng)
-            kept.append(pointing)
+            if direction == "fixed":
+                kept.append(pointing)
         others = torch.cat([rows[:target], rows[target + 1 :]]).norm(dim=1).max()
         goal = strength * others * pointing / pointing.norm()
         n, tau = terms[WEIGHT], terms[STEPS] / terms[WEIGHT]
