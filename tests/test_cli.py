@@ -179,6 +179,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         (["privacy-report", "--epsilons", ","], "--epsilons ',': every budget must be > 0"),
         (["attack-report", "--clip-multiples", "nan"], "--clip-multiples 'nan': expected comma-separated numbers >= 1"),
         (["attack-report", "--direction", "up"], "--direction 'up': choose one of fresh, fixed, popular"),
+        (["attack-report", "--through", "mlp"], "--through 'mlp': choose one of id, tokens"),
+        (["attack-report", "--through", "tokens"], "--through tokens: this model has no content tower"),
     ):
         result = runner.invoke(app, flags)
         assert result.exit_code == 2, flags

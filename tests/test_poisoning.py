@@ -13,13 +13,13 @@ import torch
 from fedrec.config import load_config
 from fedrec.data import pooled
 from fedrec.errors import ConfigError
-from fedrec.features import build_item_features
+from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.aggregation import merchant_sums
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import foolsgold_weights, robust_delta
 from fedrec.federated.simulation import FederationConfig, run_federated
-from fedrec.model import ModelConfig, item_embeddings
-from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
+from fedrec.model import ItemTower, ModelConfig, item_embeddings
+from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote, pushed_token_rows
 from fedrec.training.attack_report import pick_target
 
 
@@ -332,3 +332,55 @@ def test_a_second_poisoning_report_reuses_the_clean_runs(tiny_csv, monkeypatch):
             assert {k: v for k, v in a.items() if k.startswith("clean")} == {
                 k: v for k, v in b.items() if k.startswith("clean")
             }
+
+
+def test_the_push_through_token_rows_moves_only_the_targets_tokens_along_the_crafted_row():
+    """`--through tokens`: the attacker also moves the target's content-token rows, each within
+    `strength` times the longest other token row, so that the target's content vector (under the
+    received tower) points where its crafted id row does; no other row of the token table changes,
+    and camouflage leaves them."""
+    cfg = ModelConfig(dim=8, feature_dim=8, hidden=16, hash_buckets=32)
+    tokens = torch.randint(0, 32, (10, 3), generator=torch.Generator().manual_seed(0))
+    tokens[2] = torch.tensor([5, 7, 32])  # 32 is padding: the target has tokens 5 and 7
+    torch.manual_seed(0)
+    state = {k: v.detach().clone() for k, v in ItemTower(10, cfg).state_dict().items()}
+    trained = {k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in state.items()}
+    msg = merchant_sums(trained, 5, 1, torch.ones(10, dtype=torch.bool), 0.0, "fedavg", False)
+    own = torch.tensor([5, 7])
+
+    def sent(through_tokens: bool, camouflage: float = 0.0) -> dict[str, torch.Tensor]:
+        hook = promote("m", 2, np.array([0, 1]), 1.0, False, seed=3, direction="fixed", camouflage=camouflage,
+                       tokens=own if through_tokens else None)  # fmt: skip
+        return hook("m", msg, state)
+
+    plain, pushed = sent(False), sent(True)
+    key = "delta/feat_emb.weight"
+    assert torch.nonzero((pushed[key] - plain[key]).norm(dim=1)).ravel().tolist() == [5, 7]
+    torch.testing.assert_close(pushed["delta/item_emb.weight"], plain["delta/item_emb.weight"])
+    goal = plain["delta/item_emb.weight"][2] / 5 + state["item_emb.weight"][2]  # the crafted id row
+    moved = pushed_token_rows(state, own, goal, strength=20.0)
+    torch.testing.assert_close(pushed[key][own], 5 * (moved - state["feat_emb.weight"][own]))  # weighted by n
+    others = torch.ones(33, dtype=torch.bool)
+    others[own] = False
+    assert moved.norm(dim=1).max() <= 20 * state["feat_emb.weight"][others].norm(dim=1).max() * (1 + 1e-5)
+
+    tower = ItemTower(10, dataclasses.replace(cfg, use_item_id=False))  # the content part alone
+    tower.load_state_dict({k: v for k, v in state.items() if not k.startswith("item_emb")})
+
+    def content_along(rows: torch.Tensor) -> float:
+        table = state["feat_emb.weight"].clone()
+        table[own] = rows
+        tower.feat_emb.weight.data = table
+        with torch.no_grad():
+            return float(tower(ItemFeatures(tokens, 32))[2] @ (goal / goal.norm()))
+
+    after = content_along(moved)
+    assert after > content_along(state["feat_emb.weight"][own]) + 0.3
+    bound = 20 * state["feat_emb.weight"][others].norm(dim=1).max()
+    rng = torch.Generator().manual_seed(2)
+    for _ in range(200):  # the climb beats any random pair of rows within the bound
+        rows = torch.randn(2, 8, generator=rng)
+        assert content_along(bound * rows / rows.norm(dim=1, keepdim=True)) < after
+    hidden = sent(True, camouflage=2.0)
+    torch.testing.assert_close(hidden[key][own], pushed[key][own])  # camouflage leaves the pushed rows
+    assert (hidden[key][others] - pushed[key][others]).norm() > 0

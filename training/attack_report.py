@@ -29,7 +29,9 @@ merchants' test recall@20; a new target and seed each time, mean over seeds. The
 (norm_clip, row_clip, row_clip_foolsgold) run once per bound (`--clip-multiples`, in multiples of
 the round's medians), and each clean run records its validation recall@20 too, so that a bound
 can be chosen without reading test labels (exposure reads none: it counts the target in customers'
-top-20 lists). `--rules` reruns some rules and keeps the others' rows.
+top-20 lists). `--rules` reruns some rules and keeps the others' rows. Attacks adapted to a bound on
+each row: `--direction fixed|popular` (where the crafted row points) and `--through tokens` (the
+target's content-token rows crafted too, so the push spreads over rows a row bound caps one by one).
 """
 
 from __future__ import annotations
@@ -208,6 +210,21 @@ class PoisonConfig:
     # where the crafted target row points each round (`promote`'s direction): "fresh" (a new random
     # one), or, adapted to a row bound, "fixed" (one kept) or "popular" (the popular products' mean)
     direction: str = "fresh"
+    # which of the target's rows the attacker crafts: "id" (its id row) or "tokens" (its id row and
+    # its content-token rows, `promote`'s tokens: a push a bound on each row bounds row by row)
+    through: str = "id"
+
+
+THROUGH = ("id", "tokens")  # PoisonConfig.through's choices
+
+
+def check_poisoning(cfg: RunConfig, pc: PoisonConfig) -> None:
+    """Refuse an attack the configured model cannot carry (before anything trains)."""
+    if pc.through not in THROUGH:
+        raise FedrecError(f"--through {pc.through!r}: choose one of {', '.join(THROUGH)}")
+    if pc.through == "tokens" and not cfg.model.use_content:
+        raise FedrecError("--through tokens: this model has no content tower, so no token rows to push "
+                          "(model.use_content = false)")  # fmt: skip
 
 
 def pick_target(counts: np.ndarray, seed: int) -> int:
@@ -225,6 +242,7 @@ def poisoning_report(
     `clean_runs` keeps the runs without an attacker, keyed by their settings: a second report on
     the same data (more colluders) reuses them instead of training the same model again.
     """
+    check_poisoning(cfg, pc)
     clean_runs = {} if clean_runs is None else clean_runs
     use_threads(cfg.threads)
     dataset = load_dataset(cfg.data, cfg.federation.seed)
@@ -239,6 +257,8 @@ def poisoning_report(
         out["camouflage"] = pc.camouflage
     if pc.direction != "fresh":  # likewise
         out["direction"] = pc.direction
+    if pc.through != "id":
+        out["through"] = pc.through
     for rule, multiple in _rule_rows(pc):
         runs = []
         for seed in pc.seeds:
@@ -251,8 +271,10 @@ def poisoning_report(
             ]
             row = {"target": target, "target_purchases": int(counts[target])}
             poisoned = dataclasses.replace(dataset, merchants=[*honest, *fakes])
+            tokens = features.tokens[target]
+            tokens = tokens[tokens != features.n_buckets] if pc.through == "tokens" else None
             hooks = [promote(f.name, target, popular, pc.boost, fed.normalize_steps, pc.strength, seed,
-                             pc.camouflage, direction=pc.direction) for f in fakes]  # fmt: skip
+                             pc.camouflage, direction=pc.direction, tokens=tokens) for f in fakes]  # fmt: skip
             attack = colluding(hooks)
             key = (repr(cfg), repr(fed), target)  # a clean run depends on the settings and the target only
             for label, ds, tamper in (("clean", dataset, None), ("attacked", poisoned, attack)):
@@ -333,4 +355,4 @@ def _same_attack(old: dict | None, new: dict) -> bool:
 
 
 ATTACK_KEYS = ("attackers", "fake_customers", "boost", "strength", "filler", "rounds", "seeds", "camouflage",
-               "direction")  # fmt: skip
+               "direction", "through")  # fmt: skip

@@ -182,6 +182,13 @@ def attack_report_cmd(
             "to a bound on each row."
         ),
     ] = "fresh",
+    through: Annotated[
+        str,
+        typer.Option(
+            help="Poisoning: the target's rows the attacker crafts: id (its id row) or tokens (its id row and its "
+            "content-token rows, adapted to a bound on each row)."
+        ),
+    ] = "id",
     split_set: Annotated[
         list[str] | None,
         typer.Option(
@@ -213,6 +220,7 @@ def attack_report_cmd(
     from fedrec.privacy.poisoning import DIRECTIONS
     from fedrec.training.attack_report import (
         PoisonConfig,
+        check_poisoning,
         leakage_report,
         membership_report,
         poisoning_report,
@@ -243,6 +251,16 @@ def attack_report_cmd(
             "--clip-multiples", clip_multiples, lambda m: m >= 1, "expected comma-separated numbers >= 1, e.g. 1,2,4"
         )
     )
+    poison = PoisonConfig(
+        rounds=poison_rounds,
+        seeds=tuple(range(seeds)),
+        rules=robust_rules,
+        clip_multiples=multiples,
+        camouflage=camouflage,
+        direction=direction,
+        through=through,
+    )
+    check_poisoning(cfg, poison)
     if "leakage" in chosen:
         res = leakage_report(cfg, epsilon, dp_rounds, console, split)
     else:  # the dataset's name, which says whether an earlier report's other sections can stay
@@ -252,14 +270,6 @@ def attack_report_cmd(
     if "membership" in chosen:
         res["membership"] = membership_report(cfg, epsilon, dp_rounds, console, split)
     if "poisoning" in chosen:
-        poison = PoisonConfig(
-            rounds=poison_rounds,
-            seeds=tuple(range(seeds)),
-            rules=robust_rules,
-            clip_multiples=multiples,
-            camouflage=camouflage,
-            direction=direction,
-        )
         clean_runs: dict = {}  # the runs without an attacker are the same for both sections
         res["poisoning"] = poisoning_report(cfg, console, poison, clean_runs)
         if colluders > 1:

@@ -25,6 +25,7 @@ import torch
 from fedrec.data import MerchantData
 from fedrec.evaluation import recommendation_lists
 from fedrec.federated.aggregation import DELTA, ROW_DELTA, STEPS, WEIGHT
+from fedrec.federated.token_rows import TABLE as TOKEN_TABLE
 from fedrec.model import ID_TABLE
 
 Tamper = Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -65,6 +66,7 @@ def promote(
     camouflage: float = 0.0,
     table: str = ID_TABLE,
     direction: str = "fresh",
+    tokens: torch.Tensor | None = None,
 ) -> Tamper:
     """A `run_federated` tamper hook: the attacker's message with a crafted target row, boosted.
 
@@ -89,6 +91,12 @@ def promote(
     (the mean of the received rows of the `popular` products each round: where most customers'
     vectors point, so the target scores high for many of them). The last two are attacks adapted
     to a bound on each row (`row_clip`): the bound cuts each round's step, not its persistence.
+
+    `tokens` (the target's token ids, padding excluded) is an attacker that also pushes through
+    the content tower: the target's token rows are moved so that its content vector points the same
+    way (`pushed_token_rows`), each row at most `strength` times the longest other token row. A
+    bound on each row then bounds each of these rows on its own, so the push adds up over them. A
+    token other products share moves them too.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
@@ -117,9 +125,17 @@ def promote(
         crafted = terms[DELTA + table].clone()
         crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
         sent = {**terms, DELTA + table: crafted}
+        keep = {DELTA + table: torch.tensor([target])}  # the rows camouflage leaves as they are
+        if tokens is not None:
+            token_ids = torch.unique(tokens)
+            moved = pushed_token_rows(state, tokens, pointing, strength)
+            by_token = terms[DELTA + TOKEN_TABLE].clone()
+            by_token[token_ids] = (n / tau if normalize_steps else n) * (moved - state[TOKEN_TABLE][token_ids])
+            sent[DELTA + TOKEN_TABLE] = by_token
+            keep[DELTA + TOKEN_TABLE] = token_ids
         if camouflage > 0:
-            sent = {k: _camouflaged(v, camouflage, own, target if k == DELTA + table else None)
-                    if k.startswith(DELTA) else v for k, v in sent.items()}  # fmt: skip
+            sent = {k: _camouflaged(v, camouflage, own, keep.get(k)) if k.startswith(DELTA) else v
+                    for k, v in sent.items()}  # fmt: skip
         out = {k: v * factor for k, v in sent.items()}
         if ROW_DELTA + table in terms:  # rowwise: its customers bought the target, so the row is its own
             by_row = terms[ROW_DELTA + table].clone()
@@ -133,9 +149,37 @@ def promote(
 DIRECTIONS = ("fresh", "fixed", "popular")  # where `promote`'s crafted target row points
 
 
-def _camouflaged(v: torch.Tensor, scale: float, rng: torch.Generator, keep: int | None) -> torch.Tensor:
+def pushed_token_rows(
+    state: dict[str, torch.Tensor], tokens: torch.Tensor, pointing: torch.Tensor, strength: float, steps: int = 50
+) -> torch.Tensor:
+    """The rows of `torch.unique(tokens)` moved so that the content vector they make (the tower's
+    MLP over their mean) has the largest component along `pointing`, each row within `strength`
+    times the longest other token row: projected gradient ascent from the received rows.
+
+    The MLP is not linear, so the attacker climbs rather than solves; it knows the received tower,
+    as every merchant does."""
+    table = state[TOKEN_TABLE]
+    rows, slots = torch.unique(tokens, return_inverse=True)
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[rows] = False
+    bound = strength * table[others].norm(dim=1).max()
+    unit = pointing / pointing.norm()
+    w1, b1, w2, b2 = (state[f"mlp.{k}"] for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
+    x = table[rows].clone()
+    with torch.enable_grad():
+        for _ in range(steps):
+            x.requires_grad_(True)
+            content = torch.relu(x[slots].mean(dim=0) @ w1.T + b1) @ w2.T + b2
+            (grad,) = torch.autograd.grad(content @ unit, x)
+            with torch.no_grad():
+                x = x + (bound / 10) * grad / grad.norm().clamp_min(1e-12)
+                x = x * torch.clamp(bound / x.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+    return x.detach()
+
+
+def _camouflaged(v: torch.Tensor, scale: float, rng: torch.Generator, keep: torch.Tensor | None) -> torch.Tensor:
     """`v` plus noise whose every row has `scale` times that row's norm (a 1-D tensor is one row);
-    row `keep`, if any, unchanged."""
+    the rows `keep`, if any, unchanged."""
     rows = v.reshape(1, -1) if v.dim() <= 1 else v.flatten(1)
     noise = torch.randn(rows.shape, generator=rng, dtype=rows.dtype)
     noise *= scale * rows.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True).clamp_min(1e-12)
