@@ -383,4 +383,6 @@ def test_the_push_through_token_rows_moves_only_the_targets_tokens_along_the_cra
         assert content_along(bound * rows / rows.norm(dim=1, keepdim=True)) < after
     hidden = sent(True, camouflage=2.0)
     torch.testing.assert_close(hidden[key][own], pushed[key][own])  # camouflage leaves the pushed rows
+    bare = promote("m", 2, np.array([0, 1]), 1.0, False, seed=3, direction="fixed", tokens=own[:0])("m", msg, state)
+    torch.testing.assert_close(bare, plain)  # a target without content tokens: only its id row is pushed
     assert (hidden[key][others] - pushed[key][others]).norm() > 0

@@ -126,7 +126,7 @@ def promote(
         crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
         sent = {**terms, DELTA + table: crafted}
         keep = {DELTA + table: torch.tensor([target])}  # the rows camouflage leaves as they are
-        if tokens is not None:
+        if tokens is not None and len(tokens):  # a product without content tokens has none to push
             token_ids = torch.unique(tokens)
             moved = pushed_token_rows(state, tokens, pointing, strength)
             by_token = terms[DELTA + TOKEN_TABLE].clone()
