@@ -243,6 +243,15 @@ def validate(cfg: RunConfig) -> RunConfig:
             "the round's medians)",
         ),
         (
+            cfg.federation.sum_clip == 0 or cfg.federation.sum_clip >= 1,
+            "federation.sum_clip must be 0 (off) or >= 1 (each row of the round's delta bounded at that many times "
+            "the median row)",
+        ),
+        (
+            cfg.federation.sum_clip == 0 or cfg.federation.robust == "none",
+            "federation.sum_clip bounds the round's sum; federation.robust bounds each merchant's update: choose one",
+        ),
+        (
             cfg.federation.robust == "none" or cfg.federation.aggregation != "rowwise",
             "federation.robust needs federation.aggregation = 'fedavg' or 'auto' (a robust rule reads whole deltas)",
         ),

@@ -180,6 +180,7 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         (["attack-report", "--clip-multiples", "nan"], "--clip-multiples 'nan': expected comma-separated numbers >= 1"),
         (["attack-report", "--direction", "up"], "--direction 'up': choose one of fresh, fixed, popular"),
         (["attack-report", "--through", "mlp"], "--through 'mlp': choose one of id, tokens"),
+        (["attack-report", "--sum-clips", "0.5"], "--sum-clips '0.5': expected comma-separated numbers >= 1"),
         (["attack-report", "--through", "tokens"], "--through tokens: this model has no content tower"),
     ):
         result = runner.invoke(app, flags)

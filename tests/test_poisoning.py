@@ -14,10 +14,11 @@ from fedrec.config import load_config
 from fedrec.data import pooled
 from fedrec.errors import ConfigError
 from fedrec.features import ItemFeatures, build_item_features
-from fedrec.federated.aggregation import merchant_sums
+from fedrec.federated.aggregation import delta_from_sums, merchant_sums
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import foolsgold_weights, robust_delta
 from fedrec.federated.simulation import FederationConfig, run_federated
+from fedrec.federated.sum_clip import clip_rows_of_sum
 from fedrec.model import ItemTower, ModelConfig, item_embeddings
 from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote, pushed_token_rows
 from fedrec.training.attack_report import pick_target
@@ -386,3 +387,41 @@ def test_the_push_through_token_rows_moves_only_the_targets_tokens_along_the_cra
     bare = promote("m", 2, np.array([0, 1]), 1.0, False, seed=3, direction="fixed", tokens=own[:0])("m", msg, state)
     torch.testing.assert_close(bare, plain)  # a target without content tokens: only its id row is pushed
     assert (hidden[key][others] - pushed[key][others]).norm() > 0
+
+
+def test_the_sum_clip_bounds_each_row_of_the_aggregate_by_its_tensors_median_moving_row():
+    """federation.sum_clip reads the round's sum only (what SecAgg+ leaves): each row of the averaged
+    delta at most m x the median norm of that tensor's nonzero rows; rows nobody moved stay out of
+    the median; 1-D tensors pass."""
+    delta = {
+        "item_emb.weight": torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0], [0.0, 0.0], [60.0, 80.0]]),
+        "mlp.0.bias": torch.tensor([100.0, 0.0]),
+    }
+    # nonzero row norms 5, 1, 2, 100 (the zero row left out) -> median 2 (torch's median of an even
+    # count is the lower middle one); m = 2 -> bound 4: rows 0 (5) and 4 (100) scaled to norm 4
+    got = clip_rows_of_sum(delta, 2.0)
+    want = torch.tensor([[2.4, 3.2], [0.0, 1.0], [0.0, 2.0], [0.0, 0.0], [2.4, 3.2]])
+    torch.testing.assert_close(got["item_emb.weight"], want)
+    assert got["mlp.0.bias"] is delta["mlp.0.bias"]
+    assert clip_rows_of_sum(delta, 100.0)["item_emb.weight"][4].norm() == 100  # the bound above every row
+    with pytest.raises(ValueError, match="multiple"):
+        clip_rows_of_sum(delta, 0.0)
+    # the sum form: a boosted promoter's row of the average is cut back; the honest rows are not
+    honest = [rows_message([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.1, 0.0]], 10) for _ in range(3)]
+    evil = rows_message([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 200.0]], 1000)
+    total = {k: sum(m[k] for m in [*honest, evil]) for k in evil}
+    plain = delta_from_sums(total, "fedavg", {}, False, 5.0, 0.0)["item_emb.weight"]
+    bounded = delta_from_sums(total, "fedavg", {}, False, 5.0, 0.0, sum_clip=2.0)["item_emb.weight"]
+    assert plain[3].norm() > 190 and bounded[3].norm() < 2 * plain[:3].norm(dim=1).median() + 1e-6
+    torch.testing.assert_close(bounded[:3], plain[:3])
+
+
+def test_the_sum_clip_is_refused_beside_a_robust_rule_or_the_exact_item_step():
+    with pytest.raises(ConfigError, match="federation.sum_clip must be 0"):
+        load_config(None, {"federation.sum_clip": 0.5})
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config(None, {"federation.sum_clip": 2, "federation.robust": "median"})
+    exact = {"local.loss": "ials", "local.ials_item_step": "exact", "model.use_content": False}
+    with pytest.raises(ConfigError, match="set federation.sum_clip = 0"):
+        load_config(None, {**exact, "federation.sum_clip": 2})
+    assert load_config(None, {"federation.sum_clip": 4}).federation.sum_clip == 4

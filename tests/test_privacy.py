@@ -507,7 +507,7 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
         "--split-set", "privacy.noise_split=3", "--split-set", "federation.server.name=fedadam",
         "--split-set", "federation.rounds=3",
     ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--sum-clips", "2"])
     assert result.exit_code == 0, result.output
     leak = json.loads((tmp_path / "attack-report.json").read_text())["leakage"]
     assert set(leak) == {"none", "secagg_sum", "dp", "dp_secagg", "dp_split", "dp_split_secagg"}
@@ -526,8 +526,10 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     assert all(0.0 <= r["auc"] <= 1.0 and r["members"] > 0 and r["non_members"] > 0 for r in member.values())
     poison = json.loads((tmp_path / "attack-report.json").read_text())["poisoning"]
     # no robust rule: labelled by the rule it ran, the default auto = rowwise on this shop
-    assert set(poison["rules"]) == {"rowwise", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median"}
-    assert [r["secure_aggregation_compatible"] for r in poison["rules"].values()] == [True, *[False] * 5]
+    assert set(poison["rules"]) == {"rowwise", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median",
+                                    "rowwise_sum_clip_x2"}  # fmt: skip
+    assert [r["secure_aggregation_compatible"] for r in poison["rules"].values()] == [True, *[False] * 5, True]
+    assert poison["rules"]["rowwise_sum_clip_x2"]["sum_clip"] == 2.0  # the sum form with its bound
     for r in poison["rules"].values():  # who wins is tested in tests/test_poisoning.py; here: the report's shape
         assert 0 <= r["target_exposure"] <= 1 and 0 <= r["clean_exposure"] <= 1 and 0 < r["recall@20"] < 1
     report = json.loads((tmp_path / "attack-report.json").read_text())
@@ -552,7 +554,8 @@ def test_attack_report_leaks_without_protection_and_not_with_dp(tmp_path, tiny_c
     after = json.loads((tmp_path / "attack-report.json").read_text())
     rows = after["poisoning"]["rules"]
     assert list(rows) == [
-        "rowwise", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median", "norm_clip_x1000"
+        "rowwise", "norm_clip", "row_clip", "row_clip_foolsgold", "trimmed_mean", "median", "rowwise_sum_clip_x2",
+        "norm_clip_x1000",
     ]  # fmt: skip
     assert after["command"] == "fedrec attack-report --rules norm_clip"
     assert rows["rowwise"] == poison["rules"]["rowwise"]  # kept as it was, naming the first run

@@ -201,6 +201,9 @@ class PoisonConfig:
     # the clipping rules (norm_clip, row_clip, row_clip_foolsgold) run once per multiple of the
     # round's medians (`federation.clip_multiple`); a row other than 1 is named <rule>_x<multiple>
     clip_multiples: tuple[float, ...] = (1.0,)
+    # rows of the configured sum-form rule with `federation.sum_clip` at each of these (the bound on
+    # the round's aggregate that secure aggregation allows); a row is named <rule>_sum_clip_x<m>
+    sum_clips: tuple[float, ...] = ()
     # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
     # same target along the same direction each round (one shared random stream).
     attackers: int = 1
@@ -259,11 +262,13 @@ def poisoning_report(
         out["direction"] = pc.direction
     if pc.through != "id":
         out["through"] = pc.through
-    for rule, multiple in _rule_rows(pc):
+    for rule, multiple, sum_clip in _rule_rows(pc):
         runs = []
         for seed in pc.seeds:
             target = pick_target(counts, seed)
-            fed = dataclasses.replace(cfg.federation, robust=rule, rounds=pc.rounds, seed=seed, clip_multiple=multiple)
+            fed = dataclasses.replace(
+                cfg.federation, robust=rule, rounds=pc.rounds, seed=seed, clip_multiple=multiple, sum_clip=sum_clip
+            )
             names = ["mallory", *(f"mallory{j}" for j in range(1, pc.attackers))]
             fakes = [
                 fake_merchant(dataset.n_items, target, popular, n_fake, pc.filler, 1000 * j + seed, name)
@@ -291,12 +296,14 @@ def poisoning_report(
                     clean_runs[key] = got
                 row |= got
             runs.append(row)
-            console.print(f"  poisoning, {rule} (multiple {multiple:g}), seed {seed}: {row}")
+            console.print(f"  poisoning, {rule} (multiple {multiple:g}, sum clip {sum_clip:g}), seed {seed}: {row}")
         # no robust rule: the configured aggregation as run (auto resolves to rowwise on a shop
         # with one id row per product), the rule that works under secure aggregation
         name = aggregation_rule(cfg, dataset.n_items) if rule == "none" else rule
         if rule in CLIPPING_RULES and multiple != 1:
             name = f"{rule}_x{multiple:g}"
+        if sum_clip:
+            name = f"{name}_sum_clip_x{sum_clip:g}"
         if rule == "trimmed_mean" and fed.trim != DEFAULT_TRIM:  # a rerun at another trim adds a row
             name = f"trimmed_mean_t{fed.trim:g}"
         mean = {
@@ -313,14 +320,17 @@ def poisoning_report(
             "secure_aggregation_compatible": rule == "none",
             **({"clip_multiple": multiple} if rule in CLIPPING_RULES else {}),
             **({"trim": fed.trim} if rule == "trimmed_mean" else {}),
+            **({"sum_clip": sum_clip} if sum_clip else {}),
             "runs": runs,
         }
     return out
 
 
-def _rule_rows(pc: PoisonConfig) -> list[tuple[str, float]]:
-    """(rule, clip multiple) for each row of the report: each clipping rule once per multiple."""
-    return [(rule, m) for rule in pc.rules for m in (pc.clip_multiples if rule in CLIPPING_RULES else (1.0,))]
+def _rule_rows(pc: PoisonConfig) -> list[tuple[str, float, float]]:
+    """(rule, clip multiple, sum clip) for each row of the report: each clipping rule once per
+    multiple, and the sum-form rule once more per sum clip."""
+    rows = [(rule, m, 0.0) for rule in pc.rules for m in (pc.clip_multiples if rule in CLIPPING_RULES else (1.0,))]
+    return rows + [("none", 1.0, c) for c in pc.sum_clips]
 
 
 SECTIONS = ("leakage", "membership", "poisoning", "poisoning_colluding")

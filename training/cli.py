@@ -210,6 +210,13 @@ def attack_report_cmd(
             "default: the configured federation.clip_multiple."
         ),
     ] = None,
+    sum_clips: Annotated[
+        str | None,
+        typer.Option(
+            help="Poisoning: also run the sum-form rule with federation.sum_clip at each of these (>= 1): each row "
+            "of the round's aggregate bounded, the one bound secure aggregation allows."
+        ),
+    ] = None,
 ) -> None:
     """Leakage (with and without SecAgg and DP), membership and poisoning attacks: results/attack-report.json."""
     import dataclasses
@@ -251,6 +258,8 @@ def attack_report_cmd(
             "--clip-multiples", clip_multiples, lambda m: m >= 1, "expected comma-separated numbers >= 1, e.g. 1,2,4"
         )
     )
+    at_least_1 = "expected comma-separated numbers >= 1, e.g. 2,4"
+    bounds = () if sum_clips is None else _comma_numbers("--sum-clips", sum_clips, lambda m: m >= 1, at_least_1)
     poison = PoisonConfig(
         rounds=poison_rounds,
         seeds=tuple(range(seeds)),
@@ -259,6 +268,7 @@ def attack_report_cmd(
         camouflage=camouflage,
         direction=direction,
         through=through,
+        sum_clips=bounds,
     )
     check_poisoning(cfg, poison)
     if "leakage" in chosen:

@@ -386,7 +386,7 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
         total, t0 = _answered(coord, "refit", ck.round + 1 + r, ck.refit_state, f"refit round {r}", refit_round=r)
         delta = delta_from_sums(
             total, aggregation_rule(cfg, n_items), ck.refit_state, fed.normalize_steps, cfg.local.ials_alpha,
-            cfg.local.user_solve_reg,
+            cfg.local.user_solve_reg, fed.sum_clip,
         )  # fmt: skip
         ck.refit_state = server.step(ck.refit_state, delta)
         ck.refit_m, ck.refit_v, ck.refit_round = server.m, server.v, r
@@ -483,8 +483,9 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             if rnd > 1 and val_prev > ck.best_val:
                 ck.best_val, ck.best_round, ck.best_state = val_prev, rnd - 1, ck.state
             delta = delta_from_sums(
-                total, rule, ck.state, fed.normalize_steps, cfg.local.ials_alpha, cfg.local.user_solve_reg
-            )
+                total, rule, ck.state, fed.normalize_steps, cfg.local.ials_alpha, cfg.local.user_solve_reg,
+                fed.sum_clip,
+            )  # fmt: skip
             ck.state = server.step(ck.state, delta)
             ck.m, ck.v, ck.round = server.m, server.v, rnd
             entry = {

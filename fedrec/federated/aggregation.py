@@ -36,6 +36,7 @@ import torch
 
 from fedrec.errors import ConfigError
 from fedrec.federated.ials_item_step import TABLE, item_step_delta, item_step_names
+from fedrec.federated.sum_clip import clip_rows_of_sum
 from fedrec.privacy import noisy_als
 
 AGGREGATIONS = ("fedavg", "rowwise")
@@ -187,15 +188,18 @@ def delta_from_sums(
     normalize_steps: bool,
     ials_alpha: float,
     reg: float,
+    sum_clip: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The round's delta under any rule, for both runtimes: sums divided by sums, or ALS's item step
     solved from the summed terms (a delta that lands the table on the solution). `ials_alpha` and
-    `reg` are the ials loss's (local.ials_alpha, local.user_solve_reg); only the als rules read them."""
+    `reg` are the ials loss's (local.ials_alpha, local.user_solve_reg); only the als rules read them.
+    `sum_clip` > 0 bounds each row of the averaged delta (`sum_clip.clip_rows_of_sum`)."""
     if rule == ALS:
         return item_step_delta(total, item_state, reg)
     if rule == ALS_DP:
         return noisy_als.noisy_item_step_delta(total, item_state, ials_alpha, reg)
-    return aggregate_sums(total, rule, normalize_steps)
+    delta = aggregate_sums(total, rule, normalize_steps)
+    return clip_rows_of_sum(delta, sum_clip) if sum_clip else delta
 
 
 def mean_loss(total: Mapping[str, torch.Tensor]) -> float:

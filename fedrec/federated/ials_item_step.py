@@ -84,6 +84,12 @@ def exact_step_problems(
             "solves from the sum of every merchant's terms: set federation.robust = 'none'",
         ),
         (
+            ("federation.sum_clip",),
+            fed.sum_clip == 0,
+            "lands the table on the solution, which a bound on the averaged rows would not: set "
+            "federation.sum_clip = 0",
+        ),
+        (
             ("federation.fraction",),
             fed.fraction == 1,
             "solves each product from every merchant that sold it; a round without some merchants would zero "

@@ -90,6 +90,10 @@ class FederationConfig:
     # norm_clip, row_clip(_foolsgold): the bounds on a delta's (or a row's) norm and on weights, in
     # multiples of the round's medians
     clip_multiple: float = 1.0
+    # > 0: each row of the round's averaged delta bounded at this many times the median moving row
+    # of its tensor (fedrec/federated/sum_clip.py). Reads the sum only, so it runs under secure
+    # aggregation, in both runtimes; 0: off.
+    sum_clip: float = 0.0
     # After early stopping has chosen the number of rounds on the validation slice, train again
     # from the same start on every purchase before the cut-off (the validation slice included) for
     # that many rounds, and release that model (`refit_federated`). The validation slice holds each
@@ -574,7 +578,7 @@ def _train(
         else:
             delta = delta_from_sums(
                 total, fed_cfg.aggregation, global_state, fed_cfg.normalize_steps, local_cfg.ials_alpha,
-                local_cfg.user_solve_reg,
+                local_cfg.user_solve_reg, fed_cfg.sum_clip,
             )  # fmt: skip
         global_state = server.step(global_state, delta)
         if fed_cfg.aggregation in ITEM_STEP_RULES:  # ALS's user step on the new table, at every merchant
