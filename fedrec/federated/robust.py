@@ -6,6 +6,8 @@ moves the shared tower wherever it likes (model replacement, Bagdasaryan et al.,
 here reads every merchant's own delta, so it needs the coordinator to see them: **none of them can
 run under secure aggregation**, which shows the coordinator only the sum. That is the trade-off
 the operator chooses (`federation.robust`, in-process runtime; the networked runtime refuses it).
+The one bound that reads the sum alone, and so runs under secure aggregation, is on the aggregate's
+rows: `sum_clip.py` (`federation.sum_clip`).
 
 - norm_clip: each merchant's delta is scaled down to at most `clip_multiple` times the round's
   median delta norm, and its weight capped at `clip_multiple` times the round's median n_k (Sun et
