@@ -251,14 +251,12 @@ def attack_report_cmd(
     # every flag is checked before the first report runs: a bad one fails at once, not after leakage
     chosen = _comma_choices("--parts", parts, ("leakage", "membership", "poisoning"))
     robust_rules = _comma_choices("--rules", rules, ROBUST_RULES)
+    at_least_1 = "expected comma-separated numbers >= 1, e.g. 1,2,4"
     multiples = (
         (cfg.federation.clip_multiple,)
         if clip_multiples is None
-        else _comma_numbers(
-            "--clip-multiples", clip_multiples, lambda m: m >= 1, "expected comma-separated numbers >= 1, e.g. 1,2,4"
-        )
+        else _comma_numbers("--clip-multiples", clip_multiples, lambda m: m >= 1, at_least_1)
     )
-    at_least_1 = "expected comma-separated numbers >= 1, e.g. 2,4"
     bounds = () if sum_clips is None else _comma_numbers("--sum-clips", sum_clips, lambda m: m >= 1, at_least_1)
     poison = PoisonConfig(
         rounds=poison_rounds,
