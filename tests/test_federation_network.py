@@ -230,6 +230,33 @@ def test_plaintext_run_leaks_what_secagg_hides(federation) -> None:
         assert abs(out["summary"]["test"]["recall@20"] - federation["secagg_recall"]) < 0.01
 
 
+# One SecAgg+ round, but the fixture's start-up and the two in-process runs make it a minute or
+# more: `-m slow`. In CI: the bound by hand and its refusals (tests/test_poisoning.py), in the
+# `delta_from_sums` that both runtimes call.
+@pytest.mark.slow
+def test_the_sum_clip_runs_under_secagg_like_in_process(federation) -> None:
+    """federation.sum_clip reads only the sum SecAgg+ decodes: the coordinator's tower after the
+    round is the in-process one with the same bound (up to SecAgg+'s quantisation), and the bound
+    binds (the unbounded tower is much further away)."""
+    out = _run(federation, "sumclip", "federation.sum_clip=2")
+    networked = torch.load(out["workdir"] / "checkpoint.pt", weights_only=False)["state"]
+    ds = federation["dataset"]
+
+    def in_process(bound: float) -> dict[str, torch.Tensor]:
+        sets = {"federation.rounds": 1, "federation.refit": False, "threads": 1, "federation.aggregation": "auto"}
+        cfg = load_config(default_config_path("synthetic"), {**sets, "federation.sum_clip": bound})
+        features = build_item_features(ds.items, cfg.model.hash_buckets)
+        return run_federated(ds, features, cfg.model, cfg.local, cfg.federation).item_state
+
+    bounded, plain = in_process(2.0), in_process(0.0)
+    for k, v in networked.items():  # the tower (the in-process state adds the content match's blocks)
+        gap = float((bounded[k] - v).abs().max())
+        assert gap < 1e-3, (k, gap)
+    # well above the tolerance (0.0056 on 2026-12-07): a coordinator that ignored the bound fails above
+    table = "item_emb.weight"
+    assert float((plain[table] - bounded[table]).abs().max()) > 3e-3
+
+
 def _in_process_test_recall(ds: FederatedDataset, cfg) -> float:  # noqa: ANN001
     """Test recall@20 of the same DP run in-process (the same seeds draw the same noise)."""
     features = build_item_features(ds.items, cfg.model.hash_buckets)
