@@ -61,7 +61,7 @@ from fedrec.model import ID_TABLE as TABLE
 from fedrec.model import init_item_bias, init_user_embeddings, initial_item_state, item_embeddings
 from fedrec.privacy.accountant import plan_mechanism
 from fedrec.privacy.attacks import auc, leakage_metrics, row_scores
-from fedrec.privacy.poisoning import colluding, exposure, fake_merchant, promote
+from fedrec.privacy.poisoning import DIRECTIONS, colluding, exposure, fake_merchant, promote
 from fedrec.serving.foldin import fold_in_many
 from fedrec.threads import use_threads
 from fedrec.training.data import load_dataset
@@ -222,7 +222,9 @@ THROUGH = ("id", "tokens")  # PoisonConfig.through's choices
 
 
 def check_poisoning(cfg: RunConfig, pc: PoisonConfig) -> None:
-    """Refuse an attack the configured model cannot carry (before anything trains)."""
+    """Refuse an attack that is not one, or that the configured model cannot carry (before anything trains)."""
+    if pc.direction not in DIRECTIONS:
+        raise FedrecError(f"--direction {pc.direction!r}: choose one of {', '.join(DIRECTIONS)}")
     if pc.through not in THROUGH:
         raise FedrecError(f"--through {pc.through!r}: choose one of {', '.join(THROUGH)}")
     if pc.through == "tokens" and not cfg.model.use_content:

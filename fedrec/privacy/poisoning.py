@@ -122,15 +122,16 @@ def promote(
         others = torch.cat([rows[:target], rows[target + 1 :]]).norm(dim=1).max()
         goal = strength * others * pointing / pointing.norm()
         n, tau = terms[WEIGHT], terms[STEPS] / terms[WEIGHT]
+        weight = n / tau if normalize_steps else n  # as an honest merchant pre-weights its delta
         crafted = terms[DELTA + table].clone()
-        crafted[target] = (n / tau if normalize_steps else n) * (goal - rows[target])
+        crafted[target] = weight * (goal - rows[target])
         sent = {**terms, DELTA + table: crafted}
         keep = {DELTA + table: torch.tensor([target])}  # the rows camouflage leaves as they are
         if tokens is not None and len(tokens):  # a product without content tokens has none to push
             token_ids = torch.unique(tokens)
             moved = pushed_token_rows(state, tokens, pointing, strength)
             by_token = terms[DELTA + TOKEN_TABLE].clone()
-            by_token[token_ids] = (n / tau if normalize_steps else n) * (moved - state[TOKEN_TABLE][token_ids])
+            by_token[token_ids] = weight * (moved - state[TOKEN_TABLE][token_ids])
             sent[DELTA + TOKEN_TABLE] = by_token
             keep[DELTA + TOKEN_TABLE] = token_ids
         if camouflage > 0:
