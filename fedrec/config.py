@@ -252,6 +252,15 @@ def validate(cfg: RunConfig) -> RunConfig:
             "federation.sum_clip bounds the round's sum; federation.robust bounds each merchant's update: choose one",
         ),
         (
+            cfg.federation.robust_groups == 0 or cfg.federation.robust_groups >= 3,
+            "federation.robust_groups must be 0 (off) or >= 3 (a robust rule over fewer group sums does not bound "
+            "one spoiled group)",
+        ),
+        (
+            cfg.federation.robust_groups == 0 or cfg.federation.robust != "none",
+            "federation.robust_groups groups the merchants for a robust rule: set federation.robust too",
+        ),
+        (
             cfg.federation.robust == "none" or cfg.federation.aggregation != "rowwise",
             "federation.robust needs federation.aggregation = 'fedavg' or 'auto' (a robust rule reads whole deltas)",
         ),

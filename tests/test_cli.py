@@ -182,6 +182,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         (["attack-report", "--through", "mlp"], "--through 'mlp': choose one of id, tokens"),
         (["attack-report", "--sum-clips", "0.5"], "--sum-clips '0.5': expected comma-separated numbers >= 1"),
         (["attack-report", "--through", "tokens"], "--through tokens: this model has no content tower"),
+        (["attack-report", "--groups", "2"], "--groups 2: groups the merchants for a robust rule"),
+        (["attack-report", "--rules", "none", "--groups", "3"], "--groups 3: groups the merchants for a robust rule"),
     ):
         result = runner.invoke(app, flags)
         assert result.exit_code == 2, flags

@@ -54,6 +54,7 @@ from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
+from fedrec.federated.groups import MIN_GROUPS
 from fedrec.federated.local import local_update
 from fedrec.federated.robust import CLIPPING_RULES
 from fedrec.federated.simulation import FederationConfig, run_federated
@@ -204,6 +205,9 @@ class PoisonConfig:
     # rows of the configured sum-form rule with `federation.sum_clip` at each of these (the bound on
     # the round's aggregate that secure aggregation allows); a row is named <rule>_sum_clip_x<m>
     sum_clips: tuple[float, ...] = ()
+    # >= 3: the robust rules read the sums of this many random groups of each round's merchants
+    # (`federation.robust_groups`, what one secure sum per group shows); a row is named <rule>_groups<G>
+    robust_groups: int = 0
     # Colluding fake merchants, each with its own `fake_share` of made-up customers; they push the
     # same target along the same direction each round (one shared random stream).
     attackers: int = 1
@@ -227,6 +231,9 @@ def check_poisoning(cfg: RunConfig, pc: PoisonConfig) -> None:
         raise FedrecError(f"--direction {pc.direction!r}: choose one of {', '.join(DIRECTIONS)}")
     if pc.through not in THROUGH:
         raise FedrecError(f"--through {pc.through!r}: choose one of {', '.join(THROUGH)}")
+    if pc.robust_groups and (pc.robust_groups < MIN_GROUPS or set(pc.rules) <= {"none"}):
+        raise FedrecError(f"--groups {pc.robust_groups}: groups the merchants for a robust rule; it needs one in "
+                          f"--rules and at least {MIN_GROUPS} groups (0: off)")  # fmt: skip
     if pc.through == "tokens" and not cfg.model.use_content:
         raise FedrecError("--through tokens: this model has no content tower, so no token rows to push "
                           "(model.use_content = false)")  # fmt: skip
@@ -269,7 +276,13 @@ def poisoning_report(
         for seed in pc.seeds:
             target = pick_target(counts, seed)
             fed = dataclasses.replace(
-                cfg.federation, robust=rule, rounds=pc.rounds, seed=seed, clip_multiple=multiple, sum_clip=sum_clip
+                cfg.federation,
+                robust=rule,
+                rounds=pc.rounds,
+                seed=seed,
+                clip_multiple=multiple,
+                sum_clip=sum_clip,
+                robust_groups=0 if rule == "none" else pc.robust_groups,
             )
             names = ["mallory", *(f"mallory{j}" for j in range(1, pc.attackers))]
             fakes = [
@@ -306,6 +319,8 @@ def poisoning_report(
             name = f"{rule}_x{multiple:g}"
         if sum_clip:
             name = f"{name}_sum_clip_x{sum_clip:g}"
+        if fed.robust_groups:
+            name = f"{name}_groups{fed.robust_groups}"
         if rule == "trimmed_mean" and fed.trim != DEFAULT_TRIM:  # a rerun at another trim adds a row
             name = f"trimmed_mean_t{fed.trim:g}"
         mean = {
@@ -319,7 +334,8 @@ def poisoning_report(
             "recall@20": mean["attacked_recall@20"],
             "clean_recall@20": mean["clean_recall@20"],
             "clean_val_recall@20": mean["clean_val_recall@20"],
-            "secure_aggregation_compatible": rule == "none",
+            "secure_aggregation_compatible": rule == "none" or fed.robust_groups > 0,
+            **({"robust_groups": fed.robust_groups} if fed.robust_groups else {}),
             **({"clip_multiple": multiple} if rule in CLIPPING_RULES else {}),
             **({"trim": fed.trim} if rule == "trimmed_mean" else {}),
             **({"sum_clip": sum_clip} if sum_clip else {}),

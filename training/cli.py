@@ -217,6 +217,14 @@ def attack_report_cmd(
             "of the round's aggregate bounded, the one bound secure aggregation allows."
         ),
     ] = None,
+    groups: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Poisoning: the robust rules read the sums of this many random groups of each round's merchants "
+            "(federation.robust_groups: one secure sum per group), not each merchant's update (0: off).",
+        ),
+    ] = 0,
 ) -> None:
     """Leakage (with and without SecAgg and DP), membership and poisoning attacks: results/attack-report.json."""
     import dataclasses
@@ -264,6 +272,7 @@ def attack_report_cmd(
         direction=direction,
         through=through,
         sum_clips=bounds,
+        robust_groups=groups,
     )
     check_poisoning(cfg, poison)
     if "leakage" in chosen:

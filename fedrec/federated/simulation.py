@@ -39,6 +39,7 @@ from fedrec.federated.aggregation import (
     sum_names,
 )
 from fedrec.federated.candidates import Candidate, candidates_of, unsupported
+from fedrec.federated.groups import check_groups, group_sums
 from fedrec.federated.local import LocalConfig, LocalResult, ials_user_step, local_update, round_vectors
 from fedrec.federated.messages import MerchantSums
 from fedrec.federated.robust import robust_delta
@@ -90,6 +91,10 @@ class FederationConfig:
     # norm_clip, row_clip(_foolsgold): the bounds on a delta's (or a row's) norm and on weights, in
     # multiples of the round's medians
     clip_multiple: float = 1.0
+    # >= 3: the robust rule reads the sums of this many random groups of the round's merchants (at
+    # least 3 a group), not each merchant's update, so it runs under secure aggregation of each group
+    # (fedrec/federated/groups.py); 0: it reads each merchant's update.
+    robust_groups: int = 0
     # > 0: each row of the round's averaged delta bounded at this many times the median moving row
     # of its tensor (fedrec/federated/sum_clip.py). Reads the sum only, so it runs under secure
     # aggregation, in both runtimes; 0: off.
@@ -511,6 +516,8 @@ def _train(
     """The round loop. `release_last`: no validation, the last round is the result (the refit)."""
     t0 = time.perf_counter()
     check_noise_split(dp, len(dataset.merchants), fed_cfg)
+    if fed_cfg.robust_groups and fed_cfg.robust != "none":
+        check_groups(merchants_per_round(len(dataset.merchants), fed_cfg), fed_cfg.robust_groups)
     rounds = fed_cfg.rounds if dp is None else rounds_within_budget(dp, fed_cfg.rounds)
     names = [m.name for m in dataset.merchants]
     rng = np.random.default_rng(fed_cfg.seed)
@@ -574,6 +581,8 @@ def _train(
                 kept.append(message.tensors)
             total = add_sums(total, message.tensors)
         if kept:
+            if fed_cfg.robust_groups:  # what one secure sum per group shows
+                kept = group_sums(kept, fed_cfg.robust_groups, fed_cfg.seed, rnd)
             delta = robust_delta(kept, fed_cfg.robust, fed_cfg.normalize_steps, fed_cfg.trim, fed_cfg.clip_multiple)
         else:
             delta = delta_from_sums(
