@@ -148,3 +148,24 @@ def test_row_clip_over_three_group_sums_stops_the_promotion_attack(nine_shops):
     assert got["sum", "clean"] < 0.02 and got["groups", "clean"] < 0.02
     assert got["sum", "attacked"] > 0.15  # the default rule (rowwise): 0.23 when written
     assert got["groups", "attacked"] < 0.02
+
+
+def test_the_leakage_report_attacks_the_sum_over_the_targets_group(nine_shops, tmp_path):
+    """What a secure sum per group leaves the coordinator: the sum over the target's group of round 1
+    (the groups the run would draw). It names the sold set better than the sum over all nine shops,
+    worse than the merchant's own update."""
+    from rich.console import Console
+
+    from fedrec.training.attack_report import leakage_report
+
+    purchases, products = generate(NINE)
+    path = tmp_path / "nine.csv"
+    purchases.join(products, on="item").write_csv(path)
+    sets = {"data.dataset": "file", "data.path": str(path), "model.dim": 8, "model.hash_buckets": 256,
+            "model.use_content": False, "threads": 1}  # fmt: skip
+    out = leakage_report(load_config(None, sets), 8.0, 20, Console(quiet=True), groups=3)["leakage"]
+    row = out["secagg_groups3"]
+    assert set(row["per_merchant"]) == {f"shop{i}" for i in range(9)}
+    assert out["none"]["auc"] > row["auc"] > out["secagg_sum"]["auc"]
+    with pytest.raises(ConfigError, match="needs at least 12 merchants a round"):
+        leakage_report(load_config(None, sets), 8.0, 20, Console(quiet=True), groups=4)

@@ -5,6 +5,8 @@ customer-level DP (the mechanism planned for `epsilon` over `dp_rounds` rounds).
 honest-but-curious coordinator ranks item rows by norm (`fedrec.privacy.attacks`) in:
 - `none`: the target merchant's own update (what it sees without secure aggregation);
 - `secagg_sum`: the sum over all merchants' terms (all SecAgg+ lets it decode);
+- with `--groups G`, `secagg_groups<G>`: the sum over the target's group of round 1, G random
+  groups of the merchants (`federation.robust_groups`: one secure sum per group);
 - `dp`: the target merchant's DP update;
 - `dp_secagg`: the sum of the DP updates;
 - with `--split-set` (`privacy.noise_split` = n): `dp_split`, one merchant's message carrying only
@@ -54,7 +56,7 @@ from fedrec.errors import FedrecError
 from fedrec.evaluation import evaluate_test_all
 from fedrec.features import build_item_features
 from fedrec.federated.aggregation import DELTA, merchant_sums
-from fedrec.federated.groups import MIN_GROUPS
+from fedrec.federated.groups import MIN_GROUPS, assign_groups, check_groups
 from fedrec.federated.local import local_update
 from fedrec.federated.robust import CLIPPING_RULES
 from fedrec.federated.simulation import FederationConfig, run_federated
@@ -69,16 +71,24 @@ from fedrec.training.data import load_dataset
 
 
 def leakage_report(
-    cfg: RunConfig, epsilon: float, dp_rounds: int, console: Console, split: RunConfig | None = None
+    cfg: RunConfig,
+    epsilon: float,
+    dp_rounds: int,
+    console: Console,
+    split: RunConfig | None = None,
+    groups: int = 0,
 ) -> dict:
     """The leakage attack on round 1's messages; with `split` (the split-noise run's config, its
     budget already `epsilon` and its `federation.rounds` the schedule), also on the split-noise
-    messages and their sum."""
+    messages and their sum; with `groups`, also on the sum over the target's group of round 1
+    (`federation.robust_groups`: what one secure sum per group shows)."""
     use_threads(cfg.threads)
     seed = cfg.federation.seed
     dataset = load_dataset(cfg.data, seed)
     if not cfg.model.use_item_id:
         raise FedrecError("the leakage attack reads the item-id table: model.use_item_id must be on")
+    if groups:  # before any update is computed
+        check_groups(len(dataset.merchants), groups)
     features = build_item_features(dataset.items, cfg.model.hash_buckets)
     mech = plan_mechanism(dataclasses.replace(cfg.privacy, epsilon=epsilon), dp_rounds, cfg.local.epochs)
     # (setting, run config, mechanism): each message the coordinator could receive in round 1
@@ -109,11 +119,23 @@ def leakage_report(
     seen = {"none": "none", "secagg_sum": "none", "dp": "dp", "dp_secagg": "dp"}  # report row -> setting
     if split is not None:
         seen |= {"dp_split": "dp_split", "dp_split_secagg": "dp_split"}
+    group_sum: dict[str, np.ndarray] = {}  # merchant -> the sum over its group (unprotected updates)
+    if groups:
+        names = [m.name for m in dataset.merchants]
+        for idx in assign_groups(len(names), groups, seed, 1):
+            total = sum(own["none"][names[i]] for i in idx)
+            group_sum |= {names[i]: total for i in idx}
+        seen[f"secagg_groups{groups}"] = "none"
     per: dict[str, dict[str, dict]] = {k: {} for k in seen}
     for m in dataset.merchants:
         sold = np.asarray(m.train.sum(axis=0)).ravel() > 0
         for row, setting in seen.items():
-            table = sums[setting] if row == "secagg_sum" or row.endswith("_secagg") else own[setting][m.name]
+            if row.startswith("secagg_groups"):
+                table = group_sum[m.name]
+            elif row == "secagg_sum" or row.endswith("_secagg"):
+                table = sums[setting]
+            else:
+                table = own[setting][m.name]
             per[row][m.name] = leakage_metrics(row_scores(table), sold)
     out = {}
     for setting, rows in per.items():

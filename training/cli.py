@@ -276,7 +276,7 @@ def attack_report_cmd(
     )
     check_poisoning(cfg, poison)
     if "leakage" in chosen:
-        res = leakage_report(cfg, epsilon, dp_rounds, console, split)
+        res = leakage_report(cfg, epsilon, dp_rounds, console, split, groups)
     else:  # the dataset's name, which says whether an earlier report's other sections can stay
         from fedrec.training.data import load_dataset
 
