@@ -20,6 +20,7 @@ import yaml
 from fedrec.errors import ConfigError
 from fedrec.federated.aggregation import RULES, resolve_rule
 from fedrec.federated.candidates import flat_overrides
+from fedrec.federated.groups import MIN_GROUP
 from fedrec.federated.ials_item_step import exact_step_problems
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import ROBUST_RULES
@@ -441,8 +442,18 @@ def check_networked(cfg: RunConfig) -> RunConfig:
     ServerApp, so a run never starts only to fail (or silently differ) on the coordinator."""
     if cfg.federation.upload_precision != "float32":  # SecAgg+ quantises to its own range
         raise ConfigError("federation.upload_precision: the networked runtime sends float32 only")
-    if cfg.federation.robust != "none":  # each robust rule reads every merchant's own delta: not a sum
-        raise ConfigError("federation.robust: the networked runtime aggregates sums only; robust rules are in-process")
+    fed = cfg.federation
+    if fed.robust != "none" and not fed.robust_groups:  # it would read every merchant's own delta: not a sum
+        raise ConfigError(
+            "federation.robust: the networked runtime aggregates sums only; a robust rule runs there over the "
+            "sums of random groups of merchants (federation.robust_groups >= 3)"
+        )
+    if fed.robust_groups and cfg.network.min_merchants < MIN_GROUP * fed.robust_groups:
+        raise ConfigError(
+            f"federation.robust_groups = {fed.robust_groups} needs network.min_merchants >= "
+            f"{MIN_GROUP * fed.robust_groups} ({MIN_GROUP} merchants a group), so that no round starts that cannot "
+            "fill its groups"
+        )
     if cfg.local.temperature == 0:
         raise ConfigError(
             "local.temperature = 0 (settings chosen on validation among local.candidates, or the temperatures) runs "

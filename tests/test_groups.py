@@ -169,3 +169,14 @@ def test_the_leakage_report_attacks_the_sum_over_the_targets_group(nine_shops, t
     assert out["none"]["auc"] > row["auc"] > out["secagg_sum"]["auc"]
     with pytest.raises(ConfigError, match="needs at least 12 merchants a round"):
         leakage_report(load_config(None, sets), 8.0, 20, Console(quiet=True), groups=4)
+
+
+def test_the_networked_runtime_runs_a_robust_rule_only_over_groups_it_can_fill():
+    from fedrec.config import check_networked
+
+    with pytest.raises(ConfigError, match="over the sums of random groups"):
+        check_networked(load_config(None, {"federation.robust": "row_clip"}))
+    grouped = {"federation.robust": "row_clip", "federation.robust_groups": 3}
+    with pytest.raises(ConfigError, match="needs network.min_merchants >= 9"):
+        check_networked(load_config(None, grouped))
+    check_networked(load_config(None, {**grouped, "network.min_merchants": 9}))

@@ -48,9 +48,11 @@ from fedrec.content_match import basis_rows, content_basis
 from fedrec.errors import FedrecError
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated import content_choice, popularity_prior
-from fedrec.federated.aggregation import delta_from_sums, mean_loss
+from fedrec.federated.aggregation import delta_from_sums, mean_loss, sum_all
+from fedrec.federated.groups import MIN_GROUP, MIN_GROUPS, assign_groups
 from fedrec.federated.merchant_node import split_catalogue
 from fedrec.federated.protocol import stage_format, state_to_arrays
+from fedrec.federated.robust import robust_delta
 from fedrec.federated.server_opt import ServerOptimizer
 from fedrec.federated.simulation import refits, trains_on_validation
 from fedrec.federated.wire import (
@@ -83,6 +85,7 @@ class SumsStrategy(Strategy):
         self.fraction, self.min_merchants, self.secagg, self.wait_s = fraction, min_merchants, secagg, wait_s
         self.max_merchants = max_merchants  # SecAgg+: quantization_range x merchants must stay below 2**32
         self.config: dict = {}
+        self.group: list | None = None  # with federation.robust_groups: this exchange's merchants, sampled already
         self.fmt: WireFormat | None = None
         self.total: list[np.ndarray] | None = None
         self.contributors = 0
@@ -91,6 +94,11 @@ class SumsStrategy(Strategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        clients = self.group if self.group is not None else self.sample(client_manager)
+        return [(c, FitIns(parameters, dict(self.config))) for c in clients]
+
+    def sample(self, client_manager) -> list:  # noqa: ANN001
+        """The round's merchants: a `fraction` of those connected, at least `min_merchants` (else none)."""
         if not client_manager.wait_for(self.min_merchants, timeout=int(self.wait_s)):
             log.error(
                 "round refused: %d merchant(s) connected, at least %d needed (network.min_merchants)%s",
@@ -101,8 +109,7 @@ class SumsStrategy(Strategy):
             return []
         available = client_manager.num_available()
         k = min(available, self.max_merchants, max(self.min_merchants, math.ceil(self.fraction * available)))
-        clients = client_manager.sample(k, min_num_clients=self.min_merchants)
-        return [(c, FitIns(parameters, dict(self.config))) for c in clients]
+        return client_manager.sample(k, min_num_clients=self.min_merchants)
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         for f in failures:
@@ -352,6 +359,68 @@ class Coordinator:
             return None
         return from_wire(self.strategy.total, fmt)
 
+    def exchange_groups(
+        self, stage: str, rnd: int, state: dict[str, torch.Tensor], **extra: object
+    ) -> list[dict] | None:
+        """`federation.robust_groups`: the round's merchants split into random groups
+        (`groups.assign_groups`, ordered by node id), one exchange each, so that under SecAgg+ the
+        coordinator decodes one sum per group and no merchant's own reply; the groups' totals, or
+        None when fewer than `groups.MIN_GROUPS` of them answered."""
+        strategy, fed = self.strategy, self.cfg.federation
+        clients = sorted(strategy.sample(self.context.client_manager), key=lambda c: c.node_id)
+        if len(clients) < MIN_GROUP * fed.robust_groups:
+            log.error(
+                "round %s: %d merchant(s), %d groups of %d need more", rnd, len(clients), fed.robust_groups, MIN_GROUP
+            )
+            return None
+        totals, contributors = [], 0
+        try:
+            for idx in assign_groups(len(clients), fed.robust_groups, fed.seed, rnd):
+                strategy.group = [clients[i] for i in idx]
+                total = self.exchange(stage, rnd, state, **extra)
+                if total is None:
+                    log.warning("round %s: a group of %d merchants did not answer; left out", rnd, len(idx))
+                    continue
+                totals.append(total)
+                contributors += strategy.contributors
+        finally:
+            strategy.group = None
+        strategy.contributors = contributors
+        if len(totals) < MIN_GROUPS:
+            log.error("round %s: %d group sum(s), at least %d needed", rnd, len(totals), MIN_GROUPS)
+            return None
+        return totals
+
+    def train_exchange(
+        self, stage: str, rnd: int, state: dict[str, torch.Tensor], **extra: object
+    ) -> list[dict] | None:
+        """A training exchange: one total (the sum form), or one per group (`exchange_groups`)."""
+        if self.cfg.federation.robust_groups:
+            return self.exchange_groups(stage, rnd, state, **extra)
+        total = self.exchange(stage, rnd, state, **extra)
+        return None if total is None else [total]
+
+    def round_delta(self, totals: list[dict], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The round's delta from its totals, as in-process: `delta_from_sums` of the one total, or
+        the robust rule over the group sums."""
+        cfg, fed = self.cfg, self.cfg.federation
+        if fed.robust_groups:
+            return robust_delta(totals, fed.robust, fed.normalize_steps, fed.trim, fed.clip_multiple)
+        return delta_from_sums(
+            totals[0], aggregation_rule(cfg, self.n_items), state, fed.normalize_steps, cfg.local.ials_alpha,
+            cfg.local.user_solve_reg, fed.sum_clip,
+        )  # fmt: skip
+
+
+def _what_coordinator_sees(secagg: bool, groups: int) -> str:
+    if not secagg:
+        return "each merchant's update (no secure aggregation)"
+    if groups:
+        return (
+            f"only sums over groups of a round's merchants ({groups} random groups a round, at least {MIN_GROUP} each)"
+        )
+    return "only sums over a round's merchants"
+
 
 def _val(total: dict) -> float:
     users = float(total[VAL_USERS])
@@ -360,15 +429,16 @@ def _val(total: dict) -> float:
 
 def _answered(
     coord: Coordinator, stage: str, rnd: int, state: dict[str, torch.Tensor], what: str, **extra: object
-) -> tuple[dict, float]:
-    """The exchange's total, retried while too few merchants answer, up to
-    `network.max_failed_rounds` attempts in a row; and when the answered attempt started."""
+) -> tuple[dict, dict[str, torch.Tensor], float]:
+    """A training exchange's total and the round's delta, retried while too few merchants (or
+    groups) answer, up to `network.max_failed_rounds` attempts in a row; and when the answered
+    attempt started."""
     attempts = max(1, coord.cfg.network.max_failed_rounds)  # 0 stops at the first failure, as 1 does
     for _ in range(attempts):
         t0 = time.perf_counter()
-        total = coord.exchange(stage, rnd, state, **extra)
-        if total is not None:
-            return total, t0
+        totals = coord.train_exchange(stage, rnd, state, **extra)
+        if totals is not None:
+            return sum_all(totals), coord.round_delta(totals, state), t0
     raise FedrecError(f"{what} failed {attempts} times in a row; stopping (see the log above)")
 
 
@@ -383,11 +453,9 @@ def _refit(coord: Coordinator, ck: Checkpoint, ck_path: Path, n_items: int) -> d
     server = ServerOptimizer(fed.server, ck.refit_m, ck.refit_v)
     while ck.refit_round < ck.best_round:
         r = ck.refit_round + 1
-        total, t0 = _answered(coord, "refit", ck.round + 1 + r, ck.refit_state, f"refit round {r}", refit_round=r)
-        delta = delta_from_sums(
-            total, aggregation_rule(cfg, n_items), ck.refit_state, fed.normalize_steps, cfg.local.ials_alpha,
-            cfg.local.user_solve_reg, fed.sum_clip,
-        )  # fmt: skip
+        total, delta, t0 = _answered(
+            coord, "refit", ck.round + 1 + r, ck.refit_state, f"refit round {r}", refit_round=r
+        )
         ck.refit_state = server.step(ck.refit_state, delta)
         ck.refit_m, ck.refit_v, ck.refit_round = server.m, server.v, r
         entry = {"round": r, "merchants": coord.strategy.contributors, "loss": mean_loss(total)}
@@ -478,14 +546,10 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
         rule = aggregation_rule(cfg, features.n_items)
         while not ck.stopped and ck.round < max_rounds:
             rnd = ck.round + 1
-            total, t0 = _answered(coord, "train", rnd, ck.state, f"round {rnd}", best_round=ck.best_round)
+            total, delta, t0 = _answered(coord, "train", rnd, ck.state, f"round {rnd}", best_round=ck.best_round)
             val_prev = _val(total)  # the received model's, i.e. round rnd - 1's
             if rnd > 1 and val_prev > ck.best_val:
                 ck.best_val, ck.best_round, ck.best_state = val_prev, rnd - 1, ck.state
-            delta = delta_from_sums(
-                total, rule, ck.state, fed.normalize_steps, cfg.local.ials_alpha, cfg.local.user_solve_reg,
-                fed.sum_clip,
-            )  # fmt: skip
             ck.state = server.step(ck.state, delta)
             ck.m, ck.v, ck.round = server.m, server.v, rnd
             entry = {
@@ -574,9 +638,7 @@ def run_coordinator(grid, context: Context, cfg: RunConfig, workdir: Path, catal
             "privacy": {
                 "shared": "item tower only (item-id embeddings, content-token embeddings, MLP)",
                 "user_embeddings": "kept by each merchant on its own node; never sent",
-                "coordinator_sees": "only sums over a round's merchants"
-                if net.secagg
-                else "each merchant's update (no secure aggregation)",
+                "coordinator_sees": _what_coordinator_sees(net.secagg, fed.robust_groups),
                 "secure_aggregation": (
                     {
                         "protocol": "SecAgg+ (Flower)",
