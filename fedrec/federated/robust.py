@@ -4,10 +4,11 @@ FedAvg trusts every merchant twice: its delta, and its weight n_k (nobody can ch
 purchases a merchant trained on). One fake merchant that claims a large n_k, or scales its delta,
 moves the shared tower wherever it likes (model replacement, Bagdasaryan et al., 2020). Each rule
 here reads every merchant's own delta, so it needs the coordinator to see them: **none of them can
-run under secure aggregation**, which shows the coordinator only the sum. That is the trade-off
-the operator chooses (`federation.robust`, in-process runtime; the networked runtime refuses it).
-The one bound that reads the sum alone, and so runs under secure aggregation, is on the aggregate's
-rows: `sum_clip.py` (`federation.sum_clip`).
+run under secure aggregation over the whole round**, which shows the coordinator only the sum.
+Two ways round it: run the rule over the sums of random groups of merchants, one secure sum per
+group (`groups.py`, `federation.robust_groups`, both runtimes; each group sum then shows more than
+the round's sum), or bound the aggregate's rows, reading the sum alone (`sum_clip.py`,
+`federation.sum_clip`). Without groups the networked runtime refuses `federation.robust`.
 
 - norm_clip: each merchant's delta is scaled down to at most `clip_multiple` times the round's
   median delta norm, and its weight capped at `clip_multiple` times the round's median n_k (Sun et

@@ -85,7 +85,7 @@ class FederationConfig:
     val_scope: str = "all"
     upload_precision: str = "float32"  # or float16: fedrec/federated/upload.py
     # Robust aggregation against poisoning (fedrec/federated/robust.py): reads every merchant's own
-    # delta, so it is incompatible with secure aggregation. "none" is the sum form.
+    # delta, which secure aggregation hides, unless `robust_groups` (below). "none" is the sum form.
     robust: str = "none"
     trim: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
     # norm_clip, row_clip(_foolsgold): the bounds on a delta's (or a row's) norm and on weights, in
