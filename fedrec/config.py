@@ -20,7 +20,7 @@ import yaml
 from fedrec.errors import ConfigError
 from fedrec.federated.aggregation import RULES, resolve_rule
 from fedrec.federated.candidates import flat_overrides
-from fedrec.federated.groups import MIN_GROUP
+from fedrec.federated.groups import MIN_GROUP, MIN_GROUPS
 from fedrec.federated.ials_item_step import exact_step_problems
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import ROBUST_RULES
@@ -253,9 +253,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             "federation.sum_clip bounds the round's sum; federation.robust bounds each merchant's update: choose one",
         ),
         (
-            cfg.federation.robust_groups == 0 or cfg.federation.robust_groups >= 3,
-            "federation.robust_groups must be 0 (off) or >= 3 (a robust rule over fewer group sums does not bound "
-            "one spoiled group)",
+            cfg.federation.robust_groups == 0 or cfg.federation.robust_groups >= MIN_GROUPS,
+            f"federation.robust_groups must be 0 (off) or >= {MIN_GROUPS} (a robust rule over fewer group sums "
+            "does not bound one spoiled group)",
         ),
         (
             cfg.federation.robust_groups == 0 or cfg.federation.robust != "none",
