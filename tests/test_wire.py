@@ -297,20 +297,61 @@ def test_an_exchange_is_retried_until_answered_and_stops_after_max_failed_rounds
     def coordinator(answers: list):
         calls = []
 
-        def exchange(stage, rnd, state, **extra):
+        def train_exchange(stage, rnd, state, **extra):  # the round's totals: one, or one per group
             calls.append((stage, rnd, extra))
             return answers.pop(0)
 
-        cfg = load_config(None, {"network.max_failed_rounds": 3})
-        return SimpleNamespace(cfg=cfg, exchange=exchange), calls
+        def round_delta(totals, state):
+            return {"delta/x": sum(t["n"] for t in totals)}
 
-    coord, calls = coordinator([None, None, {"n": 1.0}])
-    total, _ = _answered(coord, "refit", 7, {}, "refit round 2", refit_round=2)
-    assert total == {"n": 1.0} and calls == [("refit", 7, {"refit_round": 2})] * 3
-    coord, calls = coordinator([None, None, None, {"n": 1.0}])
+        cfg = load_config(None, {"network.max_failed_rounds": 3})
+        return SimpleNamespace(cfg=cfg, train_exchange=train_exchange, round_delta=round_delta), calls
+
+    n = {"n": torch.tensor(1.0)}
+    coord, calls = coordinator([None, None, [n, {"n": torch.tensor(2.0)}]])
+    total, delta, _ = _answered(coord, "refit", 7, {}, "refit round 2", refit_round=2)
+    assert calls == [("refit", 7, {"refit_round": 2})] * 3
+    assert float(total["n"]) == 3.0 and float(delta["delta/x"]) == 3.0  # the groups' sum, and their delta
+    coord, calls = coordinator([None, None, None, [n]])
     with pytest.raises(FedrecError, match="round 4 failed 3 times in a row"):
         _answered(coord, "train", 4, {}, "round 4")
     assert len(calls) == 3
+
+
+def test_a_grouped_exchange_sends_each_group_its_own_exchange_and_needs_three_answers() -> None:
+    """`federation.robust_groups` on the coordinator: the round's merchants ordered by node id and
+    split as `assign_groups` says, one exchange (one SecAgg+ run) per group, the groups' totals
+    back; a group that fails is left out, and fewer than three group sums refuse the round."""
+    from types import SimpleNamespace
+
+    from fedrec.federated.groups import assign_groups
+    from fedrec.training.flower_server import Coordinator
+
+    nodes = [50, 10, 40, 20, 30, 60, 90, 80, 70]
+    cfg = load_config(None, {"federation.robust": "median", "federation.robust_groups": 3, "network.min_merchants": 9})
+    want = [[sorted(nodes)[i] for i in idx] for idx in assign_groups(9, 3, cfg.federation.seed, 4)]
+
+    def coordinator(failing: set[int]):
+        strategy = SimpleNamespace(
+            group=None, contributors=0, sample=lambda _: [SimpleNamespace(node_id=n) for n in nodes]
+        )
+        coord = Coordinator(None, SimpleNamespace(client_manager=None), strategy, None, cfg, 5, "key")
+        sent = []
+
+        def exchange(stage, rnd, state, **extra):
+            sent.append([c.node_id for c in strategy.group])
+            strategy.contributors = len(strategy.group)
+            return None if len(sent) in failing else {"n": torch.tensor(float(len(sent)))}
+
+        coord.exchange = exchange
+        return coord, strategy, sent
+
+    coord, strategy, sent = coordinator(set())
+    totals = coord.train_exchange("train", 4, {})
+    assert sent == want and [float(t["n"]) for t in totals] == [1.0, 2.0, 3.0]
+    assert strategy.group is None and strategy.contributors == 9
+    coord, strategy, sent = coordinator({2})
+    assert coord.train_exchange("train", 4, {}) is None and len(sent) == 3 and strategy.group is None
 
 
 class _SlowLink:
