@@ -12,19 +12,18 @@ import pytest
 import torch
 
 from fedrec.config import load_config
-from fedrec.data import PurchaseLog, pooled
+from fedrec.data import PurchaseLog
 from fedrec.datasets.protocol import temporal_split
 from fedrec.datasets.synthetic import SyntheticConfig, generate
 from fedrec.errors import ConfigError
 from fedrec.features import build_item_features
-from fedrec.federated.aggregation import add_sums, aggregate_sums, merchant_sums
+from fedrec.federated.aggregation import add_sums, aggregate_sums, merchant_sums, sum_all
 from fedrec.federated.groups import assign_groups, check_groups, group_sums
 from fedrec.federated.local import LocalConfig
 from fedrec.federated.robust import robust_delta
 from fedrec.federated.simulation import FederationConfig, run_federated
-from fedrec.model import ModelConfig, item_embeddings
-from fedrec.privacy.poisoning import exposure, fake_merchant, promote
-from fedrec.training.attack_report import pick_target
+from fedrec.model import ModelConfig
+from tests.test_poisoning import promotion_exposures
 
 TABLE = "item_emb.weight"
 
@@ -67,7 +66,7 @@ def test_row_clip_over_group_sums_bounds_one_boosted_merchant_that_the_sum_lets_
     honest = [message((0.1 * torch.randn(2, 4, generator=gen)).tolist(), 50) for _ in range(8)]
     attacker = message([[10.0, 10.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]], 5000)
     msgs = [*honest, attacker]
-    fedavg = aggregate_sums(add_sums(add_sums(None, msgs[0]), _sum(msgs[1:])), "fedavg")[TABLE]
+    fedavg = aggregate_sums(sum_all(msgs), "fedavg")[TABLE]
     assert fedavg[0].norm() > 15  # the attacker's row, almost whole
     groups = group_sums(msgs, 3, seed=0, rnd=1)
     grouped = robust_delta(groups, "row_clip")[TABLE]
@@ -76,13 +75,6 @@ def test_row_clip_over_group_sums_bounds_one_boosted_merchant_that_the_sum_lets_
     assert grouped[0].norm() < 0.2
     median = robust_delta(groups, "median")[TABLE]
     assert median[0].abs().max() < 0.2  # the median of three group means drops the spoiled one
-
-
-def _sum(msgs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    total = None
-    for m in msgs:
-        total = add_sums(total, m)
-    return total
 
 
 def test_groups_are_refused_when_a_round_cannot_fill_them_or_without_a_robust_rule():
@@ -125,26 +117,13 @@ def test_too_few_merchants_for_the_groups_fail_before_training(nine_shops):
 def test_row_clip_over_three_group_sums_stops_the_promotion_attack(nine_shops):
     """The crafted row is 100x the longest other (20x on the tiny shop): among nine similar shops
     one fake merchant needs the longer push to reach customers under the sum."""
-    ds = nine_shops
-    model = ModelConfig(dim=16, use_content=False, merchant_item_bias=True)
-    features = build_item_features(ds.items, model.hash_buckets)
-    counts = np.asarray(pooled(ds).full_train.sum(axis=0)).ravel()
-    popular = np.argsort(-counts, kind="stable")[:20]
-    target = pick_target(counts, 0)
-    attacker = fake_merchant(ds.n_items, target, popular, 60, 4, 0)
-    poisoned = dataclasses.replace(ds, merchants=[*ds.merchants, attacker])
-    got = {}
-    for name, fed in (
-        ("sum", FederationConfig(rounds=6, patience=0)),
-        ("groups", FederationConfig(rounds=6, patience=0, robust="row_clip", robust_groups=3)),
-    ):
-        for label, data, tamper in (
-            ("clean", ds, None),
-            ("attacked", poisoned, promote(attacker.name, target, popular, 100.0, fed.normalize_steps, 100.0, 0)),
-        ):
-            res = run_federated(data, features, model, LocalConfig(), fed, tamper=tamper)
-            vecs = item_embeddings(res.item_state, features, model)
-            got[name, label] = exposure(ds.merchants, res.user_embeddings, vecs, res.item_biases, target)
+    feds = {
+        "sum": FederationConfig(rounds=6, patience=0),
+        "groups": FederationConfig(rounds=6, patience=0, robust="row_clip", robust_groups=3),
+    }
+    got = promotion_exposures(
+        nine_shops, ModelConfig(dim=16, use_content=False, merchant_item_bias=True), feds, 60, 100.0
+    )
     assert got["sum", "clean"] < 0.02 and got["groups", "clean"] < 0.02
     assert got["sum", "attacked"] > 0.15  # the default rule (rowwise): 0.23 when written
     assert got["groups", "attacked"] < 0.02

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedrec.config import load_config
-from fedrec.data import pooled
+from fedrec.data import FederatedDataset, pooled
 from fedrec.errors import ConfigError
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated.aggregation import delta_from_sums, merchant_sums
@@ -275,28 +275,37 @@ def test_the_fake_merchant_bought_the_target_and_popular_products_only(tiny_data
     assert fake.val.nnz == 0 and fake.test.nnz == 0  # never validated or scored
 
 
-@pytest.fixture(scope="module")
-def promotion(tiny_dataset):
-    """Target exposure with and without the attacker, for FedAvg and each robust rule."""
-    ds = tiny_dataset
-    model = ModelConfig(dim=16, use_content=False, merchant_item_bias=True)
+def promotion_exposures(
+    ds: FederatedDataset, model: ModelConfig, feds: dict[str, FederationConfig], customers: int, strength: float
+) -> dict[tuple[str, str], float]:
+    """Target exposure with and without one fake merchant (`customers` made-up customers, its
+    crafted row `strength` x the longest other) promoting an unpopular product, per named config."""
     features = build_item_features(ds.items, model.hash_buckets)
     counts = np.asarray(pooled(ds).full_train.sum(axis=0)).ravel()
     popular = np.argsort(-counts, kind="stable")[:20]
     target = pick_target(counts, 0)
-    attacker = fake_merchant(ds.n_items, target, popular, 50, 4, 0)
+    attacker = fake_merchant(ds.n_items, target, popular, customers, 4, 0)
     poisoned = dataclasses.replace(ds, merchants=[*ds.merchants, attacker])
     out = {}
-    for rule in ("none", "median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold"):
-        fed = FederationConfig(rounds=6, patience=0, robust=rule, trim=0.25)
+    for name, fed in feds.items():
         for label, data, tamper in (
             ("clean", ds, None),
-            ("attacked", poisoned, promote(attacker.name, target, popular, 100.0, fed.normalize_steps, 20.0, 0)),
+            ("attacked", poisoned, promote(attacker.name, target, popular, 100.0, fed.normalize_steps, strength, 0)),
         ):
             res = run_federated(data, features, model, LocalConfig(), fed, tamper=tamper)
             vecs = item_embeddings(res.item_state, features, model)
-            out[rule, label] = exposure(ds.merchants, res.user_embeddings, vecs, res.item_biases, target)
+            out[name, label] = exposure(ds.merchants, res.user_embeddings, vecs, res.item_biases, target)
     return out
+
+
+@pytest.fixture(scope="module")
+def promotion(tiny_dataset):
+    """Target exposure with and without the attacker, for FedAvg and each robust rule."""
+    rules = ("none", "median", "trimmed_mean", "norm_clip", "row_clip", "row_clip_foolsgold")
+    feds = {rule: FederationConfig(rounds=6, patience=0, robust=rule, trim=0.25) for rule in rules}
+    return promotion_exposures(
+        tiny_dataset, ModelConfig(dim=16, use_content=False, merchant_item_bias=True), feds, 50, 20.0
+    )
 
 
 def test_the_promotion_attack_succeeds_under_fedavg(promotion):

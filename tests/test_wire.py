@@ -331,9 +331,9 @@ def test_a_grouped_exchange_sends_each_group_its_own_exchange_and_needs_three_an
     cfg = load_config(None, {"federation.robust": "median", "federation.robust_groups": 3, "network.min_merchants": 9})
     want = [[sorted(nodes)[i] for i in idx] for idx in assign_groups(9, 3, cfg.federation.seed, 4)]
 
-    def coordinator(failing: set[int]):
+    def coordinator(failing: set[int], sampled: list[int] = nodes):
         strategy = SimpleNamespace(
-            group=None, contributors=0, sample=lambda _: [SimpleNamespace(node_id=n) for n in nodes]
+            group=None, contributors=0, sample=lambda _: [SimpleNamespace(node_id=n) for n in sampled]
         )
         coord = Coordinator(None, SimpleNamespace(client_manager=None), strategy, None, cfg, 5, "key")
         sent = []
@@ -352,6 +352,8 @@ def test_a_grouped_exchange_sends_each_group_its_own_exchange_and_needs_three_an
     assert strategy.group is None and strategy.contributors == 9
     coord, strategy, sent = coordinator({2})
     assert coord.train_exchange("train", 4, {}) is None and len(sent) == 3 and strategy.group is None
+    coord, strategy, sent = coordinator(set(), nodes[:8])  # too few sampled to fill 3 groups of 3: refused
+    assert coord.train_exchange("train", 4, {}) is None and sent == []
 
 
 class _SlowLink:

@@ -45,7 +45,7 @@ from fedrec import served_weight
 from fedrec.atomic import write_with
 from fedrec.config import RunConfig, aggregation_rule, check_networked, load_config
 from fedrec.content_match import basis_rows, content_basis
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.features import ItemFeatures, build_item_features
 from fedrec.federated import content_choice, popularity_prior
 from fedrec.federated.aggregation import delta_from_sums, mean_loss, sum_all
@@ -368,14 +368,14 @@ class Coordinator:
         None when fewer than `groups.MIN_GROUPS` of them answered."""
         strategy, fed = self.strategy, self.cfg.federation
         clients = sorted(strategy.sample(self.context.client_manager), key=lambda c: c.node_id)
-        if len(clients) < MIN_GROUP * fed.robust_groups:
-            log.error(
-                "round %s: %d merchant(s), %d groups of %d need more", rnd, len(clients), fed.robust_groups, MIN_GROUP
-            )
+        try:
+            groups = assign_groups(len(clients), fed.robust_groups, fed.seed, rnd)
+        except ConfigError as exc:  # too few merchants answered the sampling to fill the groups
+            log.error("round %s refused: %s", rnd, exc)
             return None
         totals, contributors = [], 0
         try:
-            for idx in assign_groups(len(clients), fed.robust_groups, fed.seed, rnd):
+            for idx in groups:
                 strategy.group = [clients[i] for i in idx]
                 total = self.exchange(stage, rnd, state, **extra)
                 if total is None:
